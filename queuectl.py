@@ -1,0 +1,1952 @@
+#!/usr/bin/env python3
+"""queuectl: a durable background job queue for shell commands, in one file.
+
+Jobs live in a SQLite database; a supervisor runs a pool of worker processes that
+claim jobs, run them through /bin/sh with a timeout, retry failures with exponential
+backoff and move exhausted jobs to a dead letter queue (DLQ).
+
+Usage:
+    queuectl enqueue '{"id": "job1", "command": "sleep 2"}'
+    queuectl worker start --count 4         (foreground; --detach for background)
+    queuectl worker stop
+    queuectl status [--json] [--check]
+    queuectl list [--state S] | show ID | dlq list | dlq retry ID... | delete ID...
+    queuectl config show | config get KEY | config set KEY VALUE
+    queuectl stats [--json]
+
+Exit codes:
+    0  success
+    1  runtime error: unknown job, job in the wrong state, workers already running,
+       unusable database
+    2  usage or validation error: bad option, bad JSON, bad job field, unknown state
+       or config key, bad config value
+    3  status --check: dead jobs in the DLQ
+    4  status --check: runnable jobs are waiting but no workers are running
+    5  status --check: the oldest runnable job has waited longer than --max-age
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+
+__version__ = "1.0.0"
+
+PROG = "queuectl"
+
+
+####
+# Constants ####
+####
+
+ENV_DB = "QUEUECTL_DB"
+DB_FILENAME = "queuectl.db"
+PID_SUFFIX = ".pid"        # <db>.pid: the supervisor's PID file and lock
+LOG_SUFFIX = ".log"        # <db>.log: where a --detach'ed supervisor logs
+
+PENDING = "pending"
+PROCESSING = "processing"
+COMPLETED = "completed"
+FAILED = "failed"          # failed, waiting for its retry
+DEAD = "dead"              # in the DLQ
+STATES = (PENDING, PROCESSING, COMPLETED, FAILED, DEAD)
+RUNNABLE = (PENDING, FAILED)
+
+# What ended an attempt (attempts.outcome).
+RUNNING = "running"
+INTERRUPTED = "interrupted"  # stopped by a cold shutdown; does not use up an attempt
+OUTCOMES = (RUNNING, COMPLETED, FAILED, INTERRUPTED)
+WORKER_LOST = "worker lost"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CHECK_DEAD = 3
+EXIT_CHECK_NO_WORKERS = 4
+EXIT_CHECK_STALE = 5
+
+# name: (default, parse function, help). Values are validated by their parser.
+CONFIG_DEFAULTS = {
+    "max_retries": 3,
+    "backoff_base": 2,
+    "backoff_max": 3600,
+    "job_timeout": 300,
+    "output_limit": 65536,
+    "lease_timeout": 15,
+}
+
+BUSY_TIMEOUT_S = 10.0      # SQLite's own wait for a lock, per statement
+BUSY_DEADLINE_S = 60.0     # after that, whole transactions are retried until this
+IDLE_POLL_S = 0.05         # how often an idle worker looks for a change to the database
+IDLE_RECHECK_S = 1.0       # an idle worker claims and reclaims at least this often
+TICK_S = 0.1               # how often a running job is checked (timeout, stop, lease)
+KILL_GRACE_S = 2.0         # between SIGTERM and SIGKILL for a job's process group
+COLD_STOP_GRACE_S = 10.0   # how long a cold-stopped worker may take before SIGKILL
+RESTART_DELAY_S = 1.0      # before restarting a worker that crashed right after start
+DETACH_WAIT_S = 15.0       # how long --detach waits for the workers to come up
+ID_MAX_LEN = 128
+INT_LIMIT = 2 ** 31        # priorities and retries stay well inside SQLite's int64
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+APPLICATION_ID = 0x51435444  # "QCTD": marks a SQLite file as a queuectl database
+
+# MIGRATIONS[n] takes a database from schema version n to n + 1 (version 0 is a new,
+# empty file). Each runs in one transaction with the version bump; append, never edit.
+MIGRATIONS = (
+    (
+        """CREATE TABLE jobs (
+            id           TEXT PRIMARY KEY,
+            command      TEXT NOT NULL CHECK (command <> ''),
+            cwd          TEXT NOT NULL,
+            state        TEXT NOT NULL CHECK (state IN ('pending', 'processing',
+                                              'completed', 'failed', 'dead')),
+            priority     INTEGER NOT NULL DEFAULT 0,
+            attempts     INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            max_retries  INTEGER CHECK (max_retries >= 0),   -- NULL: follow config
+            timeout_s    REAL CHECK (timeout_s > 0),         -- NULL: follow config
+            run_at       TEXT NOT NULL,      -- not before; for a failed job, its retry
+            created_at   TEXT NOT NULL,
+            updated_at   TEXT NOT NULL,
+            last_error   TEXT,
+            claim_token  TEXT,               -- set while processing: the claim's owner
+            worker_pid   INTEGER,
+            lease_until  TEXT                -- a claim not renewed by then is lost
+        )""",
+        """CREATE INDEX jobs_runnable ON jobs (priority DESC, run_at, created_at)
+           WHERE state IN ('pending', 'failed')""",
+        "CREATE INDEX jobs_leases ON jobs (lease_until) WHERE state = 'processing'",
+        "CREATE INDEX jobs_state_created ON jobs (state, created_at)",
+        "CREATE INDEX jobs_created ON jobs (created_at)",
+        """CREATE TABLE attempts (
+            id             INTEGER PRIMARY KEY,
+            job_id         TEXT NOT NULL,
+            number         INTEGER NOT NULL,
+            claim_token    TEXT NOT NULL UNIQUE,
+            worker_pid     INTEGER NOT NULL,
+            started_at     TEXT NOT NULL,
+            finished_at    TEXT,
+            outcome        TEXT NOT NULL CHECK (outcome IN ('running', 'completed',
+                                                'failed', 'interrupted')),
+            exit_code      INTEGER,
+            reason         TEXT,
+            duration_s     REAL,
+            stdout         TEXT,
+            stderr         TEXT,
+            stdout_dropped INTEGER NOT NULL DEFAULT 0,
+            stderr_dropped INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX attempts_job ON attempts (job_id, id)",
+        "CREATE INDEX attempts_finished ON attempts (outcome, finished_at)",
+        "CREATE INDEX attempts_duration ON attempts (outcome, duration_s)",
+        "CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+####
+# Errors ####
+####
+
+class QueueError(Exception):
+    """A failure to report to the user in one line, with an exit code."""
+
+    code = EXIT_ERROR
+
+
+class UsageError(QueueError):
+    """Bad input: a bad option, JSON document, job field or config value."""
+
+    code = EXIT_USAGE
+
+
+####
+# Helpers ####
+####
+
+def now_utc():
+    return datetime.now(timezone.utc)
+
+
+def iso(dt):
+    """Format an aware datetime as fixed-width UTC ISO-8601 with a Z suffix."""
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def parse_iso(text):
+    """Parse a time written by iso()."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def parse_user_time(text):
+    """Parse an ISO-8601 time given by a user; it must carry Z or an offset."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("expected an ISO-8601 time such as 2026-11-24T10:00:00Z")
+    value = text.strip()
+    if value[-1] in "zZ":              # fromisoformat accepts Z only from 3.11
+        value = value[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"not an ISO-8601 time: {text!r}") from None
+    if dt.tzinfo is None:
+        raise ValueError(f"time has no zone (add Z or an offset like +02:00): {text!r}")
+    return dt.astimezone(timezone.utc)
+
+
+def backoff_delay(failures, base, maximum):
+    """Seconds to wait after failed attempt number `failures`: min(base ** k, max)."""
+    if failures <= 0:
+        return 0.0
+    if base <= 1:
+        return float(min(base, maximum))
+    # Compare exponents so a large k cannot overflow a float.
+    if maximum <= 0 or failures * math.log(base) >= math.log(maximum):
+        return float(max(maximum, 0))
+    return float(base ** failures)
+
+
+def format_duration(seconds):
+    """Render seconds for people: 0.4s, 12s, 3m05s, 2h10m, 3d4h."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def config_key(name):
+    """Return the canonical config key for NAME (max-retries == max_retries)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in CONFIG_DEFAULTS:
+        known = ", ".join(CONFIG_DEFAULTS)
+        raise UsageError(f"unknown config key {name!r} (known: {known})")
+    return key
+
+
+def parse_config_value(key, text):
+    """Validate TEXT as a value for config KEY and return it as a number."""
+    rules = {
+        "max_retries": (int, 0, "a whole number >= 0"),
+        "backoff_base": (float, 1, "a number >= 1"),
+        "backoff_max": (float, 0, "a number of seconds >= 0"),
+        "job_timeout": (float, None, "a number of seconds > 0"),
+        "output_limit": (int, 0, "a whole number of bytes >= 0"),
+        "lease_timeout": (float, 1, "a number of seconds >= 1"),
+    }
+    kind, minimum, wanted = rules[key]
+    try:
+        value = kind(str(text).strip())
+    except ValueError:
+        raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})") from None
+    if kind is float:
+        if not math.isfinite(value):
+            raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
+        if value == int(value):
+            value = int(value)
+    too_small = value <= 0 if minimum is None else value < minimum
+    if too_small or value >= INT_LIMIT:
+        raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
+    return value
+
+
+JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout")
+
+
+def validate_job(doc, now=None):
+    """Check one job document and return the values to store, or raise UsageError."""
+    if not isinstance(doc, dict):
+        raise UsageError("a job must be a JSON object like "
+                         "{\"command\": \"echo hi\"}")
+    unknown = sorted(set(doc) - set(JOB_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown field {unknown[0]!r} "
+                         f"(known: {', '.join(JOB_FIELDS)})")
+    now = now or now_utc()
+    command = doc.get("command")
+    if command is None:
+        raise UsageError("missing field 'command'")
+    if not isinstance(command, str) or not command.strip():
+        raise UsageError("field 'command' must be a non-empty string")
+    job = {"id": None, "command": command, "max_retries": None, "priority": 0,
+           "run_at": iso(now), "timeout_s": None}
+    if "id" in doc:
+        job["id"] = validate_job_id(doc["id"])
+    if "max_retries" in doc:
+        value = doc["max_retries"]
+        if not is_int(value) or not 0 <= value < INT_LIMIT:
+            raise UsageError("field 'max_retries' must be a whole number >= 0")
+        job["max_retries"] = value
+    if "priority" in doc:
+        value = doc["priority"]
+        if not is_int(value) or abs(value) >= INT_LIMIT:
+            raise UsageError("field 'priority' must be a whole number "
+                             "(higher runs first)")
+        job["priority"] = value
+    if "run_at" in doc and "delay" in doc:
+        raise UsageError("give either 'run_at' or 'delay', not both")
+    if "run_at" in doc:
+        try:
+            job["run_at"] = iso(parse_user_time(doc["run_at"]))
+        except ValueError as e:
+            raise UsageError(f"field 'run_at': {e}") from None
+    if "delay" in doc:
+        value = doc["delay"]
+        if not is_number(value) or not 0 <= value < INT_LIMIT:
+            raise UsageError("field 'delay' must be a number of seconds >= 0")
+        job["run_at"] = iso(now + timedelta(seconds=value))
+    if "timeout" in doc:
+        value = doc["timeout"]
+        if not is_number(value) or not 0 < value < INT_LIMIT:
+            raise UsageError("field 'timeout' must be a number of seconds > 0")
+        job["timeout_s"] = value
+    return job
+
+
+def validate_job_id(value):
+    if not isinstance(value, str) or not value:
+        raise UsageError("field 'id' must be a non-empty string")
+    if len(value) > ID_MAX_LEN:
+        raise UsageError(f"field 'id' is longer than {ID_MAX_LEN} characters")
+    if value.startswith("-") or any(c.isspace() or not c.isprintable() for c in value):
+        raise UsageError("field 'id' must not start with '-' or contain spaces or "
+                         "control characters")
+    return value
+
+
+def new_job_id():
+    return secrets.token_hex(5)
+
+
+def default_db_path(environ=None):
+    """Return $QUEUECTL_DB, else the XDG data directory's queuectl.db."""
+    environ = os.environ if environ is None else environ
+    if environ.get(ENV_DB):
+        return environ[ENV_DB]
+    data_home = environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data_home, "queuectl", DB_FILENAME)
+
+
+def log(message):
+    """Write one timestamped line to stderr in a single write (workers share it)."""
+    line = f"{iso(now_utc())} {message}\n".encode("utf-8", "replace")
+    try:
+        os.write(sys.stderr.fileno(), line)
+    except (OSError, ValueError):
+        pass  # a closed or full log must not stop the queue
+
+
+####
+# Store ####
+####
+
+@dataclasses.dataclass
+class Claim:
+    """A job a worker has claimed, with the settings in force when it did."""
+
+    id: str
+    command: str
+    cwd: str
+    token: str
+    attempt: int
+    max_retries: int
+    timeout_s: float
+    output_limit: int
+    lease_s: float
+
+
+def _sqlite_message(error, path):
+    """Turn a sqlite3 error into one line a user can act on."""
+    text = str(error)
+    lowered = text.lower()
+    if "readonly" in lowered or "read-only" in lowered:
+        return f"database is read-only: {path}"
+    if "disk is full" in lowered or "database or disk is full" in lowered:
+        return f"database or disk is full: {path}"
+    if "not a database" in lowered or "malformed" in lowered:
+        return f"not a queuectl database, or corrupt: {path}"
+    if "unable to open" in lowered:
+        return f"cannot open database: {path}"
+    if "locked" in lowered or "busy" in lowered:
+        return f"database is busy (still locked after {BUSY_DEADLINE_S:.0f}s): {path}"
+    if "disk i/o" in lowered:
+        return f"disk I/O error on database: {path}"
+    return f"database error ({text}): {path}"
+
+
+def _is_busy(error):
+    return isinstance(error, sqlite3.OperationalError) and (
+        "locked" in str(error) or "busy" in str(error))
+
+
+class Store:
+    """The job database; the only code that holds SQL or knows sqlite3."""
+
+    def __init__(self, path, create=True):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.conn = None
+        self._check_file(create)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S,
+                                        isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            # Know whose file it is before writing a byte to it (WAL mode writes).
+            version = self._version(self.conn)
+            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise QueueError(f"cannot switch database to WAL mode: {self.path}")
+            # In WAL, NORMAL may lose the last commits on power loss; FULL does not.
+            self.conn.execute("PRAGMA synchronous=FULL")
+            if version < SCHEMA_VERSION:
+                self._write(self._migrate, "EXCLUSIVE")
+        except sqlite3.Error as e:
+            self.close()
+            raise QueueError(_sqlite_message(e, self.path)) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    # -- opening ---------------------------------------------------------------
+
+    def _check_file(self, create):
+        """Refuse directories and foreign files; create a new database owner-only."""
+        path = self.path
+        if os.path.isdir(path):
+            raise QueueError(f"database path is a directory: {path}")
+        try:
+            with open(path, "rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except FileNotFoundError:
+            if not create:
+                raise QueueError(f"no database at {path} (enqueue a job or start "
+                                 f"workers to create it, or pass --db)") from None
+            self._create_file()
+            return
+        except OSError as e:
+            raise QueueError(f"cannot read database {path}: {e.strerror}") from None
+        if header and header != SQLITE_HEADER:
+            raise QueueError(f"not a queuectl database (not a SQLite file): {path}")
+
+    def _create_file(self):
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass  # another process created it first; it is checked when opened
+        except OSError as e:
+            raise QueueError(f"cannot create database {self.path}: "
+                             f"{e.strerror}") from None
+
+    def _version(self, conn):
+        """Return the schema version of a queuectl file (0: new); refuse others."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if app_id != 0 or tables:
+                raise QueueError(f"not a queuectl database (a SQLite database of "
+                                 f"another program): {self.path}")
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise QueueError(f"database schema version {version} is newer than this "
+                             f"queuectl understands ({SCHEMA_VERSION}); upgrade "
+                             f"queuectl: {self.path}")
+        return version
+
+    def _migrate(self, conn):
+        """Bring a new or older database up to SCHEMA_VERSION (in one transaction)."""
+        version = self._version(conn)     # again, now under the write lock
+        for steps in MIGRATIONS[version:]:
+            for statement in steps:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- transactions -------------------------------------------------------------
+
+    def _run(self, body, begin):
+        """Run body(conn) in one transaction, retrying while the database is busy."""
+        deadline = time.monotonic() + BUSY_DEADLINE_S
+        delay = 0.01
+        while True:
+            try:
+                self.conn.execute(begin)
+                try:
+                    result = body(self.conn)
+                    self.conn.execute("COMMIT")
+                    return result
+                except BaseException:
+                    if self.conn.in_transaction:   # SQLite may have rolled back already
+                        self.conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                if _is_busy(e) and time.monotonic() < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                    continue
+                raise QueueError(_sqlite_message(e, self.path)) from None
+
+    def _write(self, body, mode="IMMEDIATE"):
+        return self._run(body, "BEGIN " + mode)
+
+    def _read(self, body):
+        return self._run(body, "BEGIN DEFERRED")
+
+    def data_version(self):
+        """Return a number that changes whenever another connection commits."""
+        try:
+            return self.conn.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error as e:
+            raise QueueError(_sqlite_message(e, self.path)) from None
+
+    # -- config -------------------------------------------------------------------
+
+    @staticmethod
+    def _config(conn):
+        values = dict(CONFIG_DEFAULTS)
+        for row in conn.execute("SELECT key, value FROM config"):
+            if row["key"] in values:
+                values[row["key"]] = parse_config_value(row["key"], row["value"])
+        return values
+
+    def config(self):
+        return self._read(self._config)
+
+    def set_config(self, key, value):
+        def body(conn):
+            conn.execute("DELETE FROM config WHERE key = ?", (key,))
+            conn.execute("INSERT INTO config (key, value) VALUES (?, ?)",
+                         (key, str(value)))
+        self._write(body)
+
+    # -- jobs: adding, reading, deleting -----------------------------------------
+
+    def enqueue(self, jobs, cwd, now=None):
+        """Insert validated jobs in one transaction and return their ids."""
+        stamp = iso(now or now_utc())
+
+        def body(conn):
+            ids = []
+            for job in jobs:
+                job_id = job["id"]
+                for _ in range(100):
+                    candidate = job_id or new_job_id()
+                    try:
+                        conn.execute(
+                            "INSERT INTO jobs (id, command, cwd, state, priority, "
+                            "max_retries, timeout_s, run_at, created_at, updated_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (candidate, job["command"], cwd, PENDING, job["priority"],
+                             job["max_retries"], job["timeout_s"], job["run_at"],
+                             stamp, stamp))
+                        break
+                    except sqlite3.IntegrityError:
+                        if job_id:
+                            raise QueueError(f"duplicate job id: {job_id}") from None
+                ids.append(candidate)
+            return ids
+        return self._write(body)
+
+    def get_job(self, job_id):
+        """Return the job, its attempts and the output of its last run."""
+        def body(conn):
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise QueueError(f"no such job: {job_id}")
+            attempts = conn.execute(
+                "SELECT * FROM attempts WHERE job_id = ? ORDER BY id",
+                (job_id,)).fetchall()
+            return job_dict(row, self._config(conn)), [dict(a) for a in attempts]
+        return self._read(body)
+
+    def list_jobs(self, state=None, limit=None):
+        def body(conn):
+            sql = "SELECT * FROM jobs"
+            params = []
+            if state:
+                sql += " WHERE state = ?"
+                params.append(state)
+            sql += " ORDER BY created_at DESC, rowid DESC"
+            if limit:
+                sql += " LIMIT ?"
+                params.append(limit)
+            config = self._config(conn)
+            return [job_dict(row, config) for row in conn.execute(sql, params)]
+        return self._read(body)
+
+    def _require_jobs(self, conn, job_ids, allowed, action):
+        """Check every id exists and is in an allowed state; raise on the first not."""
+        for job_id in job_ids:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+            if row is None:
+                raise QueueError(f"no such job: {job_id}")
+            if row["state"] not in allowed:
+                raise QueueError(f"cannot {action} job {job_id}: it is {row['state']}")
+
+    def delete(self, job_ids):
+        def body(conn):
+            self._require_jobs(conn, job_ids, set(STATES) - {PROCESSING}, "delete")
+            for job_id in job_ids:
+                conn.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
+                conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        self._write(body)
+
+    def retry_dead(self, job_ids=None, now=None):
+        """Put dead jobs (all of them if job_ids is None) back to pending, attempts 0."""
+        stamp = iso(now or now_utc())
+
+        def body(conn):
+            ids = job_ids
+            if ids is None:
+                ids = [r["id"] for r in conn.execute(
+                    "SELECT id FROM jobs WHERE state = ? ORDER BY created_at, rowid",
+                    (DEAD,))]
+            self._require_jobs(conn, ids, {DEAD}, "retry")
+            for job_id in ids:
+                conn.execute(
+                    "UPDATE jobs SET state = ?, attempts = 0, run_at = ?, "
+                    "updated_at = ? WHERE id = ? AND state = ?",
+                    (PENDING, stamp, stamp, job_id, DEAD))
+            return ids
+        return self._write(body)
+
+    # -- status and stats ---------------------------------------------------------
+
+    def status(self, now=None):
+        stamp = iso(now or now_utc())
+
+        def body(conn):
+            counts = dict.fromkeys(STATES, 0)
+            for row in conn.execute("SELECT state, count(*) AS n FROM jobs "
+                                    "GROUP BY state"):
+                counts[row["state"]] = row["n"]
+            oldest = conn.execute(
+                "SELECT min(run_at) FROM jobs WHERE state IN (?, ?) AND run_at <= ?",
+                (*RUNNABLE, stamp)).fetchone()[0]
+            running = {row["worker_pid"]: dict(row) for row in conn.execute(
+                "SELECT id, worker_pid, command, updated_at FROM jobs "
+                "WHERE state = ?", (PROCESSING,))}
+            return counts, oldest, running
+        return self._read(body)
+
+    def stats(self, now=None):
+        now = now or now_utc()
+
+        def percentile(conn, count, fraction):
+            if not count:
+                return None
+            offset = min(count - 1, max(0, math.ceil(fraction * count) - 1))
+            return conn.execute(
+                "SELECT duration_s FROM attempts WHERE outcome = ? "
+                "ORDER BY duration_s LIMIT 1 OFFSET ?",
+                (COMPLETED, offset)).fetchone()[0]
+
+        def finished_since(conn, seconds):
+            return conn.execute(
+                "SELECT count(*) FROM attempts WHERE outcome = ? AND finished_at >= ?",
+                (COMPLETED, iso(now - timedelta(seconds=seconds)))).fetchone()[0]
+
+        def body(conn):
+            counts = dict.fromkeys(STATES, 0)
+            for row in conn.execute("SELECT state, count(*) AS n FROM jobs "
+                                    "GROUP BY state"):
+                counts[row["state"]] = row["n"]
+            runs, average = conn.execute(
+                "SELECT count(*), avg(duration_s) FROM attempts WHERE outcome = ?",
+                (COMPLETED,)).fetchone()
+            failed_attempts = conn.execute(
+                "SELECT count(*) FROM attempts WHERE outcome = ?",
+                (FAILED,)).fetchone()[0]
+            ended = counts[COMPLETED] + counts[DEAD]
+            return {
+                "jobs": counts,
+                "completed": counts[COMPLETED],
+                "failed_attempts": failed_attempts,
+                "dead": counts[DEAD],
+                "success_rate": counts[COMPLETED] / ended if ended else None,
+                "run_time_avg_s": average,
+                "run_time_p50_s": percentile(conn, runs, 0.50),
+                "run_time_p95_s": percentile(conn, runs, 0.95),
+                "completed_last_minute": finished_since(conn, 60),
+                "completed_last_hour": finished_since(conn, 3600),
+            }
+        return self._read(body)
+
+    # -- the claim protocol ----------------------------------------------------------
+
+    def has_runnable(self, now=None):
+        """Cheaply tell whether a claim could succeed (no lock taken)."""
+        stamp = iso(now or now_utc())
+        try:
+            return self.conn.execute(
+                "SELECT 1 FROM jobs WHERE state IN (?, ?) AND run_at <= ? LIMIT 1",
+                (*RUNNABLE, stamp)).fetchone() is not None
+        except sqlite3.Error as e:
+            raise QueueError(_sqlite_message(e, self.path)) from None
+
+    def next_run_at(self):
+        """Return when the next waiting job becomes runnable, or None."""
+        def body(conn):
+            return conn.execute("SELECT min(run_at) FROM jobs WHERE state IN (?, ?)",
+                                RUNNABLE).fetchone()[0]
+        value = self._read(body)
+        return parse_iso(value) if value else None
+
+    def claim(self, worker_pid, now=None):
+        """Take the best runnable job for worker_pid, or return None.
+
+        One EXCLUSIVE transaction selects the job and moves it to processing with a
+        fresh claim token, so no two workers can ever hold the same job.
+        """
+        now = now or now_utc()
+        stamp = iso(now)
+
+        def body(conn):
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE state IN (?, ?) AND run_at <= ? "
+                "ORDER BY priority DESC, run_at, created_at, rowid LIMIT 1",
+                (*RUNNABLE, stamp)).fetchone()
+            if row is None:
+                return None
+            config = self._config(conn)
+            token = secrets.token_hex(16)
+            lease = iso(now + timedelta(seconds=config["lease_timeout"]))
+            attempt = row["attempts"] + 1
+            updated = conn.execute(
+                "UPDATE jobs SET state = ?, attempts = ?, claim_token = ?, "
+                "worker_pid = ?, lease_until = ?, updated_at = ? "
+                "WHERE id = ? AND state = ?",
+                (PROCESSING, attempt, token, worker_pid, lease, stamp,
+                 row["id"], row["state"])).rowcount
+            if updated != 1:
+                return None
+            conn.execute(
+                "INSERT INTO attempts (job_id, number, claim_token, worker_pid, "
+                "started_at, outcome) VALUES (?, ?, ?, ?, ?, ?)",
+                (row["id"], attempt, token, worker_pid, stamp, RUNNING))
+            return Claim(
+                id=row["id"], command=row["command"], cwd=row["cwd"], token=token,
+                attempt=attempt,
+                max_retries=_effective(row["max_retries"], config["max_retries"]),
+                timeout_s=_effective(row["timeout_s"], config["job_timeout"]),
+                output_limit=config["output_limit"],
+                lease_s=config["lease_timeout"])
+        return self._write(body, "EXCLUSIVE")
+
+    def renew(self, job_id, token, now=None):
+        """Extend a claim's lease; False if the claim was taken away."""
+        now = now or now_utc()
+
+        def body(conn):
+            lease_s = self._config(conn)["lease_timeout"]
+            return conn.execute(
+                "UPDATE jobs SET lease_until = ? "
+                "WHERE id = ? AND claim_token = ? AND state = ?",
+                (iso(now + timedelta(seconds=lease_s)), job_id, token,
+                 PROCESSING)).rowcount == 1
+        return self._write(body)
+
+    def finish(self, job_id, token, result, now=None):
+        """End an attempt with a RunResult; return the job's new state, or None if
+        the claim was taken away meanwhile (then nothing is written)."""
+        now = now or now_utc()
+
+        def body(conn):
+            return self._end_attempt(conn, job_id, token, now, result)
+        return self._write(body)
+
+    def fence(self, job_id, token, reason=WORKER_LOST, only_expired=False, now=None):
+        """Take a claim away from a lost worker and fail its attempt with REASON."""
+        now = now or now_utc()
+        result = RunResult(exit_code=None, reason=reason)
+
+        def body(conn):
+            if only_expired:
+                row = conn.execute(
+                    "SELECT 1 FROM jobs WHERE id = ? AND claim_token = ? AND "
+                    "lease_until < ?", (job_id, token, iso(now))).fetchone()
+                if row is None:
+                    return None
+            return self._end_attempt(conn, job_id, token, now, result)
+        return self._write(body)
+
+    def requeue(self, job_id, token, reason, now=None):
+        """Give a claimed job back as pending without using up an attempt."""
+        stamp = iso(now or now_utc())
+
+        def body(conn):
+            updated = conn.execute(
+                "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), "
+                "claim_token = NULL, worker_pid = NULL, lease_until = NULL, "
+                "updated_at = ? WHERE id = ? AND claim_token = ? AND state = ?",
+                (PENDING, stamp, job_id, token, PROCESSING)).rowcount
+            if updated:
+                conn.execute(
+                    "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ? "
+                    "WHERE claim_token = ?", (INTERRUPTED, reason, stamp, token))
+            return updated == 1
+        return self._write(body)
+
+    def _end_attempt(self, conn, job_id, token, now, result):
+        row = conn.execute(
+            "SELECT * FROM jobs WHERE id = ? AND claim_token = ? AND state = ?",
+            (job_id, token, PROCESSING)).fetchone()
+        if row is None:
+            return None      # fenced: someone else owns this job now
+        stamp = iso(now)
+        config = self._config(conn)
+        if result.ok:
+            state, run_at, error = COMPLETED, row["run_at"], None
+        else:
+            error = result.reason
+            max_retries = _effective(row["max_retries"], config["max_retries"])
+            if row["attempts"] > max_retries:
+                state, run_at = DEAD, row["run_at"]
+            else:
+                delay = backoff_delay(row["attempts"], config["backoff_base"],
+                                      config["backoff_max"])
+                state, run_at = FAILED, iso(now + timedelta(seconds=delay))
+        conn.execute(
+            "UPDATE jobs SET state = ?, run_at = ?, last_error = ?, claim_token = NULL, "
+            "worker_pid = NULL, lease_until = NULL, updated_at = ? "
+            "WHERE id = ? AND claim_token = ?",
+            (state, run_at, error, stamp, job_id, token))
+        started = conn.execute("SELECT started_at FROM attempts WHERE claim_token = ?",
+                               (token,)).fetchone()
+        duration = result.duration_s
+        if duration is None and started is not None:
+            duration = max(0.0, (now - parse_iso(started[0])).total_seconds())
+        conn.execute(
+            "UPDATE attempts SET outcome = ?, finished_at = ?, exit_code = ?, "
+            "reason = ?, duration_s = ?, stdout = ?, stderr = ?, stdout_dropped = ?, "
+            "stderr_dropped = ? WHERE claim_token = ?",
+            (COMPLETED if result.ok else FAILED, stamp, result.exit_code, error,
+             duration, result.stdout, result.stderr, result.stdout_dropped,
+             result.stderr_dropped, token))
+        return state
+
+    def expired_claims(self, now=None):
+        """Return (job id, token) of claims whose lease has run out."""
+        stamp = iso(now or now_utc())
+
+        def body(conn):
+            return [(r["id"], r["claim_token"]) for r in conn.execute(
+                "SELECT id, claim_token FROM jobs WHERE state = ? AND lease_until < ?",
+                (PROCESSING, stamp))]
+        return self._read(body)
+
+    def claims_of(self, worker_pid):
+        """Return (job id, token) of the claims held by a worker process."""
+        def body(conn):
+            return [(r["id"], r["claim_token"]) for r in conn.execute(
+                "SELECT id, claim_token FROM jobs WHERE state = ? AND worker_pid = ?",
+                (PROCESSING, worker_pid))]
+        return self._read(body)
+
+
+def _effective(value, default):
+    return default if value is None else value
+
+
+def job_dict(row, config):
+    """Return the public JSON form of a jobs row."""
+    state = row["state"]
+    return {
+        "id": row["id"],
+        "command": row["command"],
+        "state": state,
+        "attempts": row["attempts"],
+        "max_retries": _effective(row["max_retries"], config["max_retries"]),
+        "priority": row["priority"],
+        "run_at": row["run_at"],
+        "timeout": _effective(row["timeout_s"], config["job_timeout"]),
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "next_retry_at": row["run_at"] if state == FAILED else None,
+        "last_error": row["last_error"],
+        "worker_pid": row["worker_pid"] if state == PROCESSING else None,
+        "lease_until": row["lease_until"] if state == PROCESSING else None,
+        "cwd": row["cwd"],
+    }
+
+
+####
+# Running a job ####
+####
+
+@dataclasses.dataclass
+class RunResult:
+    """How one run of a command ended."""
+
+    exit_code: "int | None"
+    reason: "str | None" = None     # why it failed; None when it succeeded
+    stdout: str = ""
+    stderr: str = ""
+    stdout_dropped: int = 0          # bytes cut from the head to keep output_limit
+    stderr_dropped: int = 0
+    duration_s: "float | None" = None
+    aborted: "str | None" = None     # set when should_abort() stopped the run
+
+    @property
+    def ok(self):
+        return self.exit_code == 0 and self.reason is None
+
+
+def describe_exit(returncode):
+    """Say why a shell exit status is a failure: 'exit 1', 'killed by SIGKILL'."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    if returncode == 127:
+        return "exit 127 (command not found)"
+    if returncode == 126:
+        return "exit 126 (command not executable)"
+    return f"exit {returncode}"
+
+
+def _read_tail(f, limit):
+    """Return (text, dropped bytes) of the last LIMIT bytes written to file F."""
+    size = f.seek(0, os.SEEK_END)
+    start = max(0, size - limit)
+    f.seek(start)
+    data = f.read(limit) if limit else b""
+    return data.decode("utf-8", "replace"), start
+
+
+def kill_group(proc, grace_s=KILL_GRACE_S):
+    """SIGTERM a child's process group, SIGKILL it after GRACE_S, reap the child.
+
+    The group id stays ours while any member lives, and the leader is ours until
+    reaped, so this never signals an unrelated process.
+    """
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if wait_s is not None:
+            try:
+                proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                pass
+    proc.wait()
+
+
+def run_command(command, cwd, timeout_s, output_limit, env=None, should_abort=None):
+    """Run COMMAND through /bin/sh in its own process group and return a RunResult.
+
+    should_abort() is called every TICK_S; a non-empty string it returns kills the
+    group and ends the run with that reason in RunResult.aborted.
+    """
+    started = time.monotonic()
+    if not os.path.isdir(cwd):
+        return RunResult(exit_code=None, duration_s=0.0,
+                         reason=f"cannot start: directory {cwd} does not exist")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True)
+        except OSError as e:
+            return RunResult(exit_code=None, duration_s=0.0,
+                             reason=f"cannot start: {e.strerror}: {e.filename or cwd}")
+        reason = aborted = None
+        deadline = started + timeout_s
+        while True:
+            try:
+                returncode = proc.wait(timeout=min(TICK_S, max(0.0, deadline
+                                                               - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() >= deadline:
+                reason = f"timeout after {timeout_s:g}s"
+            elif should_abort is not None:
+                aborted = should_abort()
+            if reason or aborted:
+                kill_group(proc)
+                returncode = proc.returncode
+                break
+        duration = time.monotonic() - started
+        stdout, stdout_dropped = _read_tail(out, output_limit)
+        stderr, stderr_dropped = _read_tail(err, output_limit)
+    if reason is None and aborted is None and returncode != 0:
+        reason = describe_exit(returncode)
+    if aborted:
+        reason = aborted
+    return RunResult(exit_code=returncode, reason=reason, stdout=stdout, stderr=stderr,
+                     stdout_dropped=stdout_dropped, stderr_dropped=stderr_dropped,
+                     duration_s=duration, aborted=aborted)
+
+
+CLAIM_ENV = "QUEUECTL_CLAIM"   # marks every process of a run, to find orphans later
+
+
+def _processes_of_claim(token):
+    """Return the pids whose environment carries this claim's marker (Linux /proc)."""
+    marker = f"{CLAIM_ENV}={token}".encode()
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue   # gone, or not ours to read
+    return found
+
+
+def kill_orphans(token, grace_s=KILL_GRACE_S):
+    """Kill what is left of a lost claim's command; return how many processes.
+
+    A process is only signalled after its environment proved that it belongs to
+    this claim, so a reused pid is never hit.
+    """
+    pids = _processes_of_claim(token)
+    if not pids:
+        return 0
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.killpg(os.getpgid(pid), sig)
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline:
+            pids = _processes_of_claim(token)
+            if pids:
+                time.sleep(0.05)
+        if not pids:
+            break
+    return len(pids)
+
+
+####
+# Workers ####
+####
+
+WARM, COLD = 1, 2
+COLD_SIGNAL = signal.SIGUSR1    # supervisor to worker: kill your job and stop now
+ABORT_COLD = "interrupted by a cold stop"
+ABORT_LOST = "claim lost"
+
+
+class StopFlag:
+    """Counts stop signals: the first asks for a warm stop, the second a cold one."""
+
+    def __init__(self):
+        self.level = 0
+
+    def handle(self, signum, frame):
+        self.level = COLD if signum == COLD_SIGNAL else self.level + 1
+
+
+def recover_claim(store, job_id, token, who, reason=WORKER_LOST, only_expired=False):
+    """Kill a lost claim's leftover processes, then fail its attempt. Log it."""
+    kill_orphans(token)
+    state = store.fence(job_id, token, reason=reason, only_expired=only_expired)
+    if state:
+        log(f"{who}: job {job_id} {reason}; now {state}")
+    return state
+
+
+def reclaim_expired(store, who):
+    """Recover every job whose lease ran out; return how many."""
+    count = 0
+    for job_id, token in store.expired_claims():
+        if recover_claim(store, job_id, token, who, only_expired=True):
+            count += 1
+    return count
+
+
+class Worker:
+    """One worker process: claims jobs and runs them until told to stop."""
+
+    def __init__(self, store, index, stop, parent_pid):
+        self.store = store
+        self.index = index
+        self.stop = stop
+        self.parent_pid = parent_pid
+        self.pid = os.getpid()
+        self.name = f"worker {index} (pid {self.pid})"
+        self.next_reclaim = 0.0
+
+    def orphaned(self):
+        return os.getppid() != self.parent_pid
+
+    def loop(self):
+        log(f"{self.name}: started")
+        while not self.stop.level:
+            if self.orphaned():
+                log(f"{self.name}: supervisor is gone; stopping")
+                break
+            if time.monotonic() >= self.next_reclaim:
+                reclaim_expired(self.store, self.name)
+                self.next_reclaim = time.monotonic() + IDLE_RECHECK_S
+            claim = self.store.claim(self.pid) if self.store.has_runnable() else None
+            if claim is None:
+                self.idle()
+            else:
+                self.run(claim)
+        log(f"{self.name}: stopped")
+
+    def idle(self):
+        """Sleep until the database changes, a delayed job is due, or a stop."""
+        due = self.store.next_run_at()
+        version = self.store.data_version()
+        wake = time.monotonic() + IDLE_RECHECK_S
+        if due is not None:
+            wake = min(wake, time.monotonic() + (due - now_utc()).total_seconds())
+        while not self.stop.level and time.monotonic() < wake:
+            time.sleep(IDLE_POLL_S)
+            if self.store.data_version() != version or self.orphaned():
+                return
+
+    def run(self, claim):
+        log(f"{self.name}: job {claim.id} started (attempt {claim.attempt} of "
+            f"{claim.max_retries + 1}): {claim.command}")
+        env = dict(os.environ, QUEUECTL_JOB_ID=claim.id,
+                   QUEUECTL_ATTEMPT=str(claim.attempt), **{CLAIM_ENV: claim.token})
+        heartbeat = Heartbeat(self.store, claim)
+
+        def should_abort():
+            if self.stop.level >= COLD:
+                return ABORT_COLD
+            if not heartbeat.beat():
+                return ABORT_LOST
+            return None
+
+        result = run_command(claim.command, claim.cwd, claim.timeout_s,
+                             claim.output_limit, env=env, should_abort=should_abort)
+        if result.aborted == ABORT_LOST:
+            log(f"{self.name}: job {claim.id} was taken over by another worker; "
+                f"its result is dropped")
+        elif result.aborted:
+            if self.store.requeue(claim.id, claim.token, result.aborted):
+                log(f"{self.name}: job {claim.id} interrupted; back to pending")
+        else:
+            state = self.store.finish(claim.id, claim.token, result)
+            if state is None:
+                log(f"{self.name}: job {claim.id} was taken over by another worker; "
+                    f"its result is dropped")
+            elif state == COMPLETED:
+                log(f"{self.name}: job {claim.id} completed in "
+                    f"{format_duration(result.duration_s)}")
+            else:
+                log(f"{self.name}: job {claim.id} failed ({result.reason}); now {state}")
+
+
+class Heartbeat:
+    """Renews a claim's lease every third of the lease while its command runs."""
+
+    def __init__(self, store, claim):
+        self.store = store
+        self.claim = claim
+        self.interval_s = claim.lease_s / 3
+        self.next_at = time.monotonic() + self.interval_s
+
+    def beat(self):
+        """Renew if due; return False once the claim has been taken away."""
+        if time.monotonic() < self.next_at:
+            return True
+        try:
+            alive = self.store.renew(self.claim.id, self.claim.token)
+        except QueueError as e:
+            log(f"job {self.claim.id}: could not renew lease: {e}")
+            alive = True     # try again at the next beat; the lease has slack
+        self.next_at = time.monotonic() + self.interval_s
+        return alive
+
+
+def run_worker(db_path, index, parent_pid):
+    """Entry point of a worker process (a plain function, for spawn and fork)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor relays Ctrl-C
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop.handle)
+    signal.signal(COLD_SIGNAL, stop.handle)
+    store = None
+    try:
+        store = Store(db_path, create=False)
+        Worker(store, index, stop, parent_pid).loop()
+    except QueueError as e:
+        log(f"worker {index} (pid {os.getpid()}): error: {e}")
+        sys.exit(EXIT_ERROR)
+    finally:
+        if store is not None:
+            store.close()
+
+
+class PidFile:
+    """The supervisor's PID file beside the database, locked while it runs.
+
+    The exclusive flock, not the pid written in the file, answers "is it running?":
+    a stale file from a crash holds no lock, whatever process now has its pid.
+    Line 1 is the supervisor pid, line 2 the worker pids.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def acquire(self):
+        """Lock and claim the file, or raise QueueError if a supervisor holds it."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                pid, _ = self._parse(self.path)
+                # A reader holds a brief shared lock; only a live pid is conclusive.
+                if time.monotonic() > deadline or (pid and _pid_alive(pid)):
+                    raise QueueError(f"workers are already running on this database "
+                                     f"(supervisor pid {pid or '?'})") from None
+                time.sleep(0.05)
+                continue
+            # The file may have been unlinked by an exiting supervisor after we
+            # opened it; then our lock guards nothing, so start over.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                self.write([])
+                return
+            os.close(fd)
+
+    def write(self, worker_pids):
+        data = f"{os.getpid()}\n{' '.join(map(str, worker_pids))}\n".encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def _parse(path):
+        try:
+            with open(path) as f:
+                lines = f.read().split("\n")
+            pid = int(lines[0])
+            workers = [int(p) for p in lines[1].split()] if len(lines) > 1 else []
+            return pid, workers
+        except (OSError, ValueError):
+            return None, []
+
+    @classmethod
+    def running(cls, path):
+        """Return (supervisor pid, worker pids) if a live supervisor holds PATH."""
+        for _ in range(50):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return None                      # nobody holds it: stale or absent
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+            pid, workers = cls._parse(path)
+            if pid:
+                return pid, workers
+            time.sleep(0.02)                     # locked, pid not written yet
+        return None
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def pid_path(db_path):
+    return db_path + PID_SUFFIX
+
+
+class Supervisor:
+    """Runs COUNT worker processes, replaces crashed ones, and stops them on signals.
+
+    First SIGINT/SIGTERM: warm stop (workers finish their jobs). Second: cold stop
+    (workers kill their jobs and put them back as pending).
+    """
+
+    def __init__(self, db_path, count):
+        self.db_path = db_path
+        self.count = count
+        self.stop = StopFlag()
+        self.relayed = 0
+        self.workers = {}        # index -> Process
+        self.started_at = {}     # index -> monotonic start time
+        # spawn: a worker shares no connection, lock or thread with this process.
+        self.context = multiprocessing.get_context("spawn")
+        self.pidfile = PidFile(pid_path(db_path))
+        self.store = None
+
+    def run(self):
+        self.pidfile.acquire()
+        try:
+            signal.signal(signal.SIGTERM, self.stop.handle)
+            signal.signal(signal.SIGINT, self.stop.handle)
+            self.store = Store(self.db_path)
+            recovered = reclaim_expired(self.store, "supervisor")
+            if recovered:
+                log(f"supervisor: recovered {recovered} job(s) of lost workers")
+            log(f"supervisor (pid {os.getpid()}): starting {self.count} worker(s) "
+                f"on {self.db_path}")
+            for index in range(1, self.count + 1):
+                self.start_worker(index)
+            self.pidfile.write([p.pid for p in self.workers.values()])
+            self.watch()
+        finally:
+            self.kill_all()
+            if self.store is not None:
+                self.store.close()
+            self.pidfile.release()
+        log("supervisor: stopped")
+        return EXIT_OK
+
+    def start_worker(self, index):
+        proc = self.context.Process(target=run_worker, name=f"queuectl-worker-{index}",
+                                    args=(self.db_path, index, os.getpid()))
+        proc.start()
+        self.workers[index] = proc
+        self.started_at[index] = time.monotonic()
+
+    def watch(self):
+        cold_deadline = None
+        while self.workers:
+            if self.stop.level > self.relayed:
+                self.relay_stop()
+                if self.stop.level >= COLD and cold_deadline is None:
+                    cold_deadline = time.monotonic() + COLD_STOP_GRACE_S
+            if cold_deadline is not None and time.monotonic() > cold_deadline:
+                log("supervisor: workers did not stop in time; killing them")
+                self.kill_all()
+                return
+            sentinels = {p.sentinel: i for i, p in self.workers.items()}
+            for ready in multiprocessing.connection.wait(list(sentinels), timeout=0.2):
+                self.worker_exited(sentinels[ready])
+
+    def relay_stop(self):
+        self.relayed = self.stop.level
+        if self.stop.level == WARM:
+            log("supervisor: stopping; running jobs finish first "
+                "(signal again to kill them)")
+            sig = signal.SIGTERM
+        else:
+            log("supervisor: cold stop; killing running jobs and putting them back")
+            sig = COLD_SIGNAL
+        for proc in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+
+    def worker_exited(self, index):
+        proc = self.workers.pop(index)
+        proc.join()
+        # Whatever it held is lost: recover it now rather than wait for the lease.
+        try:
+            self.recover(proc.pid)
+        except QueueError as e:
+            log(f"supervisor: could not recover the jobs of pid {proc.pid} ({e}); "
+                f"their leases will expire")
+        if self.stop.level:
+            return
+        log(f"supervisor: worker {index} (pid {proc.pid}) exited with code "
+            f"{proc.exitcode}; starting a new one")
+        if time.monotonic() - self.started_at[index] < RESTART_DELAY_S:
+            time.sleep(RESTART_DELAY_S)     # do not spin on a worker that cannot start
+        self.start_worker(index)
+        self.pidfile.write([p.pid for p in self.workers.values()])
+
+    def recover(self, worker_pid):
+        """Recover the claims of a worker that exited: lost, or given back on a
+        cold stop."""
+        for job_id, token in self.store.claims_of(worker_pid):
+            if self.stop.level >= COLD:
+                kill_orphans(token)
+                if self.store.requeue(job_id, token, ABORT_COLD):
+                    log(f"supervisor: job {job_id} interrupted; back to pending")
+            else:
+                recover_claim(self.store, job_id, token, "supervisor")
+
+    def kill_all(self):
+        """SIGKILL every worker still alive and give its jobs back (cold stop)."""
+        self.stop.level = max(self.stop.level, COLD)
+        for index, proc in list(self.workers.items()):
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+            del self.workers[index]
+            if self.store is not None:
+                self.recover(proc.pid)
+
+
+def start_detached(db_path, count, log_path):
+    """Start a supervisor in the background; return (pid, worker pids) once up."""
+    script = os.path.abspath(__file__)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        offset = os.lseek(fd, 0, os.SEEK_END)
+        # A new session and no inherited stdout: the caller's shell never waits on us.
+        proc = subprocess.Popen(
+            [sys.executable, script, "--db", db_path, "worker", "start",
+             "--count", str(count)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
+            start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + DETACH_WAIT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise QueueError(_last_error_line(log_path, offset)
+                             or f"supervisor exited with code {proc.returncode}")
+        running = PidFile.running(pid_path(db_path))
+        if running and running[0] == proc.pid and len(running[1]) == count:
+            return running
+        time.sleep(0.05)
+    raise QueueError(f"workers did not start within {DETACH_WAIT_S:.0f}s; "
+                     f"see {log_path}")
+
+
+def _last_error_line(log_path, offset):
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return None
+    if not lines:
+        return None
+    return lines[-1].split("error: ", 1)[-1]
+
+
+####
+# Commands ####
+####
+
+def open_store(args, create=False):
+    return Store(args.db, create=create)
+
+
+def print_json(value):
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def cmd_enqueue(args):
+    now = now_utc()
+    if args.job == "-":
+        jobs = []
+        for number, line in enumerate(sys.stdin, 1):
+            if line.strip():
+                try:
+                    jobs.append(validate_job(_parse_json(line), now))
+                except UsageError as e:
+                    raise UsageError(f"line {number}: {e}") from None
+        seen = set()
+        for job in jobs:
+            if job["id"] in seen:
+                raise QueueError(f"duplicate job id: {job['id']}")
+            if job["id"]:
+                seen.add(job["id"])
+        if not jobs:
+            raise UsageError("no jobs on standard input")
+    else:
+        jobs = [validate_job(_parse_json(args.job), now)]
+    store = open_store(args, create=True)
+    try:
+        ids = store.enqueue(jobs, os.getcwd(), now)
+    finally:
+        store.close()
+    for job_id in ids:
+        print(job_id)
+
+
+def _parse_json(text):
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"invalid JSON: {e}") from None
+
+
+def cmd_worker_start(args):
+    db_path = os.path.abspath(os.path.expanduser(args.db))
+    Store(db_path).close()         # create or check the database before forking
+    if args.detach:
+        log_path = db_path + LOG_SUFFIX
+        running = PidFile.running(pid_path(db_path))
+        if running:
+            raise QueueError(f"workers are already running on this database "
+                             f"(supervisor pid {running[0]})")
+        pid, workers = start_detached(db_path, args.count, log_path)
+        print(f"started {len(workers)} worker(s) in the background "
+              f"(supervisor pid {pid}); log: {log_path}")
+        return EXIT_OK
+    return Supervisor(db_path, args.count).run()
+
+
+def cmd_worker_stop(args):
+    db_path = os.path.abspath(os.path.expanduser(args.db))
+    path = pid_path(db_path)
+    running = PidFile.running(path)
+    if not running:
+        print("no workers running")
+        return EXIT_OK
+    pid = running[0]
+    _signal_supervisor(pid)
+    print(f"asked supervisor {pid} to stop; waiting for running jobs to finish",
+          file=sys.stderr)
+    if _wait_stopped(path, args.timeout):
+        print(f"stopped workers (supervisor pid {pid}); running jobs finished")
+        return EXIT_OK
+    interrupted = []
+    if os.path.exists(db_path):
+        store = Store(db_path, create=False)
+        try:
+            interrupted = sorted(p["id"] for p in store.list_jobs(PROCESSING))
+        finally:
+            store.close()
+    if PidFile.running(path):
+        _signal_supervisor(pid)               # the second signal: a cold stop
+    if not _wait_stopped(path, COLD_STOP_GRACE_S + KILL_GRACE_S + 10):
+        raise QueueError(f"supervisor {pid} did not stop")
+    listed = f" ({', '.join(interrupted)})" if interrupted else ""
+    print(f"stopped workers (supervisor pid {pid}) after {args.timeout:g}s: "
+          f"killed {len(interrupted)} running job(s){listed} and put them back as "
+          f"pending")
+    return EXIT_OK
+
+
+def _signal_supervisor(pid):
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass                                  # it exited meanwhile
+    except PermissionError:
+        raise QueueError(f"not allowed to signal supervisor pid {pid}") from None
+
+
+def _wait_stopped(path, timeout_s):
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while PidFile.running(path):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def cmd_status(args):
+    store = open_store(args)
+    try:
+        counts, oldest, running = store.status()
+    finally:
+        store.close()
+    now = now_utc()
+    oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
+    supervisor = PidFile.running(pid_path(store.path))
+    worker_pids = supervisor[1] if supervisor else []
+    workers = []
+    for pid in worker_pids:
+        job = running.get(pid)
+        workers.append({"pid": pid, "job_id": job["id"] if job else None,
+                        "command": job["command"] if job else None})
+    problems = []
+    runnable = oldest is not None
+    if runnable and not workers:
+        problems.append((EXIT_CHECK_NO_WORKERS, "jobs are waiting but no workers "
+                                                "are running"))
+    if oldest_age is not None and args.max_age is not None and oldest_age > args.max_age:
+        problems.append((EXIT_CHECK_STALE, f"oldest runnable job has waited "
+                                           f"{format_duration(oldest_age)} "
+                                           f"(more than {args.max_age:g}s)"))
+    if counts[DEAD] > args.max_dead:
+        problems.append((EXIT_CHECK_DEAD, f"{counts[DEAD]} dead job(s) in the DLQ"))
+    report = {
+        "db": store.path,
+        "counts": counts,
+        "dlq": counts[DEAD],
+        "oldest_runnable_age_s": oldest_age,
+        "supervisor_pid": supervisor[0] if supervisor else None,
+        "workers": workers,
+        "healthy": not problems,
+        "problems": [text for _, text in problems],
+    }
+    if args.json:
+        print_json(report)
+    else:
+        print(f"database: {store.path}")
+        print("jobs:     " + ", ".join(f"{s} {counts[s]}" for s in STATES))
+        print(f"oldest runnable job waiting: {format_duration(oldest_age)}")
+        print(f"dlq:      {counts[DEAD]}")
+        if supervisor:
+            print(f"workers:  {len(workers)} (supervisor pid {supervisor[0]})")
+            for w in workers:
+                doing = f"job {w['job_id']}: {w['command']}" if w["job_id"] else "idle"
+                print(f"  pid {w['pid']}: {doing}")
+        else:
+            print("workers:  none running")
+        if args.check:
+            for _, text in problems:
+                print(f"problem:  {text}")
+    if args.check and problems:
+        return problems[0][0]      # the most urgent: no workers, stale, dead
+    return EXIT_OK
+
+
+def cmd_list(args):
+    store = open_store(args)
+    try:
+        jobs = store.list_jobs(args.state, args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print_json(jobs)
+    else:
+        print_job_table(jobs)
+
+
+def print_job_table(jobs):
+    if not jobs:
+        print("no jobs", file=sys.stderr)
+        return
+    rows = [("ID", "STATE", "TRIES", "PRIO", "UPDATED", "LAST ERROR", "COMMAND")]
+    for job in jobs:
+        rows.append((job["id"], job["state"],
+                     f"{job['attempts']}/{job['max_retries'] + 1}",
+                     str(job["priority"]), job["updated_at"][:19] + "Z",
+                     _clip(job["last_error"] or "-", 24), _clip(job["command"], 50)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        print("  ".join(cells + [row[-1]]))
+
+
+def _clip(text, width):
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def cmd_show(args):
+    store = open_store(args)
+    try:
+        job, attempts = store.get_job(args.id)
+    finally:
+        store.close()
+    history = [{
+        "number": a["number"], "worker_pid": a["worker_pid"],
+        "started_at": a["started_at"], "finished_at": a["finished_at"],
+        "outcome": a["outcome"], "exit_code": a["exit_code"], "reason": a["reason"],
+        "duration_s": a["duration_s"]} for a in attempts]
+    last = next((a for a in reversed(attempts) if a["outcome"] != RUNNING), None)
+    output = None
+    if last is not None:
+        output = {"stdout": last["stdout"] or "", "stderr": last["stderr"] or "",
+                  "stdout_dropped_bytes": last["stdout_dropped"],
+                  "stderr_dropped_bytes": last["stderr_dropped"]}
+    if args.json:
+        print_json(dict(job, history=history, output=output))
+        return
+    for key, value in job.items():
+        print(f"{key + ':':15}{'-' if value is None else value}")
+    print("history:")
+    if not history:
+        print("  (not run yet)")
+    for h in history:
+        how = h["outcome"]
+        if h["reason"]:
+            how += f" ({h['reason']})"
+        elif h["exit_code"] is not None:
+            how += f" (exit {h['exit_code']})"
+        print(f"  attempt {h['number']}: {h['started_at']} -> "
+              f"{h['finished_at'] or '...'}  {how}  worker pid {h['worker_pid']}")
+    if output is not None:
+        for stream in ("stdout", "stderr"):
+            dropped = output[f"{stream}_dropped_bytes"]
+            note = f" (first {dropped} bytes dropped)" if dropped else ""
+            print(f"{stream} of the last attempt{note}:")
+            text = output[stream]
+            print(text if text.endswith("\n") or not text else text + "\n", end="")
+
+
+def cmd_dlq_list(args):
+    args.state, args.limit = DEAD, None
+    return cmd_list(args)
+
+
+def cmd_dlq_retry(args):
+    if bool(args.ids) == bool(args.all):
+        raise UsageError("give job ids or --all, not both or neither")
+    store = open_store(args)
+    try:
+        ids = store.retry_dead(None if args.all else _unique(args.ids))
+    finally:
+        store.close()
+    if not ids:
+        print("the DLQ is empty", file=sys.stderr)
+    for job_id in ids:
+        print(f"{job_id}: back to pending")
+
+
+def _unique(items):
+    return list(dict.fromkeys(items))
+
+
+def cmd_delete(args):
+    store = open_store(args)
+    try:
+        store.delete(_unique(args.ids))
+    finally:
+        store.close()
+    for job_id in _unique(args.ids):
+        print(f"{job_id}: deleted")
+
+
+def cmd_config_show(args):
+    store = open_store(args)
+    try:
+        values = store.config()
+    finally:
+        store.close()
+    if args.json:
+        print_json(values)
+    else:
+        for key, value in values.items():
+            print(f"{key} = {value}")
+
+
+def cmd_config_get(args):
+    key = config_key(args.key)
+    store = open_store(args)
+    try:
+        print(store.config()[key])
+    finally:
+        store.close()
+
+
+def cmd_config_set(args):
+    key = config_key(args.key)
+    value = parse_config_value(key, args.value)
+    store = open_store(args, create=True)
+    try:
+        store.set_config(key, value)
+    finally:
+        store.close()
+    print(f"{key} = {value}")
+
+
+def cmd_stats(args):
+    store = open_store(args)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    if args.json:
+        print_json(stats)
+        return
+    rate = stats["success_rate"]
+    print(f"completed:        {stats['completed']}")
+    print(f"failed attempts:  {stats['failed_attempts']}")
+    print(f"dead:             {stats['dead']}")
+    print(f"success rate:     {'-' if rate is None else f'{rate:.1%}'}")
+    print(f"run time:         avg {format_duration(stats['run_time_avg_s'])}, "
+          f"p50 {format_duration(stats['run_time_p50_s'])}, "
+          f"p95 {format_duration(stats['run_time_p95_s'])}")
+    print(f"throughput:       {stats['completed_last_minute']} in the last minute, "
+          f"{stats['completed_last_hour']} in the last hour")
+
+
+####
+# Command line ####
+####
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line, like every other error here."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} "
+                              f"(see '{self.prog} --help')\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
+    return value
+
+
+def build_parser():
+    common = Parser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH",
+                        help=f"database file (default: ${ENV_DB}, else "
+                             f"$XDG_DATA_HOME/queuectl/{DB_FILENAME})")
+    json_opt = Parser(add_help=False)
+    json_opt.add_argument("--json", action="store_true",
+                          help="print one JSON document")
+
+    parser = Parser(prog=PROG, description="A durable background job queue for "
+                                           "shell commands.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--db", default=None, metavar="PATH",
+                        help=f"database file (default: ${ENV_DB}, else "
+                             f"$XDG_DATA_HOME/queuectl/{DB_FILENAME})")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=Parser)
+
+    def command(parent, name, func, help_text, parents=()):
+        sub = parent.add_parser(name, help=help_text, description=help_text,
+                                parents=[common, *parents])
+        sub.set_defaults(func=func)
+        return sub
+
+    sub = command(commands, "enqueue", cmd_enqueue, "add a job (or, with -, one per "
+                                                    "line from stdin)")
+    sub.add_argument("job", metavar="JSON",
+                     help='job as JSON, e.g. \'{"command": "sleep 2"}\', or - for stdin')
+
+    worker = commands.add_parser("worker", help="start or stop workers",
+                                 description="start or stop workers")
+    actions = worker.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                    parser_class=Parser)
+    sub = command(actions, "start", cmd_worker_start, "run workers until stopped")
+    sub.add_argument("--count", type=positive_int, default=1, metavar="N",
+                     help="number of worker processes (default 1)")
+    sub.add_argument("--detach", action="store_true",
+                     help="run in the background; return once the workers are up")
+    sub = command(actions, "stop", cmd_worker_stop, "stop the workers gracefully")
+    sub.add_argument("--timeout", type=non_negative_float, default=None, metavar="S",
+                     help="after S seconds, kill running jobs and put them back "
+                          "(default: wait for them)")
+
+    sub = command(commands, "status", cmd_status, "show queue health", [json_opt])
+    sub.add_argument("--check", action="store_true",
+                     help="exit 3/4/5 when the queue needs attention (for cron)")
+    sub.add_argument("--max-age", type=non_negative_float, default=None, metavar="S",
+                     help="with --check: problem if a runnable job waited over S s")
+    sub.add_argument("--max-dead", type=int, default=0, metavar="N",
+                     help="with --check: problem if the DLQ holds more than N (0)")
+
+    sub = command(commands, "list", cmd_list, "list jobs, newest first", [json_opt])
+    sub.add_argument("--state", choices=STATES, help="only jobs in this state")
+    sub.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                     help="at most N jobs")
+
+    sub = command(commands, "show", cmd_show, "show one job whole", [json_opt])
+    sub.add_argument("id", metavar="ID")
+
+    dlq = commands.add_parser("dlq", help="the dead letter queue",
+                              description="the dead letter queue")
+    actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                 parser_class=Parser)
+    command(actions, "list", cmd_dlq_list, "list dead jobs", [json_opt])
+    sub = command(actions, "retry", cmd_dlq_retry, "put dead jobs back to pending")
+    sub.add_argument("ids", nargs="*", metavar="ID")
+    sub.add_argument("--all", action="store_true", help="every dead job")
+
+    sub = command(commands, "delete", cmd_delete, "delete jobs that are not running")
+    sub.add_argument("ids", nargs="+", metavar="ID")
+
+    config = commands.add_parser("config", help="show or change settings",
+                                 description="show or change settings")
+    actions = config.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                    parser_class=Parser)
+    command(actions, "show", cmd_config_show, "show every setting", [json_opt])
+    sub = command(actions, "get", cmd_config_get, "print one setting's value")
+    sub.add_argument("key", metavar="KEY")
+    sub = command(actions, "set", cmd_config_set, "change a setting")
+    sub.add_argument("key", metavar="KEY")
+    sub.add_argument("value", metavar="VALUE")
+
+    command(commands, "stats", cmd_stats, "show throughput and run times", [json_opt])
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.db = os.path.abspath(os.path.expanduser(args.db or default_db_path()))
+    try:
+        return args.func(args) or EXIT_OK
+    except QueueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (queuectl list | head): not an error of ours.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
