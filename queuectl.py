@@ -63,7 +63,6 @@ COMPLETED = "completed"
 FAILED = "failed"          # failed, waiting for its retry
 DEAD = "dead"              # in the DLQ
 STATES = (PENDING, PROCESSING, COMPLETED, FAILED, DEAD)
-RUNNABLE = (PENDING, FAILED)
 
 # What ended an attempt (attempts.outcome).
 RUNNING = "running"
@@ -125,7 +124,11 @@ MIGRATIONS = (
             worker_pid   INTEGER,
             lease_until  TEXT                -- a claim not renewed by then is lost
         )""",
+        # The claim order, and when the next job is due; queries name these indexes
+        # with INDEXED BY (and literal states, so they match the partial WHERE).
         """CREATE INDEX jobs_runnable ON jobs (priority DESC, run_at, created_at)
+           WHERE state IN ('pending', 'failed')""",
+        """CREATE INDEX jobs_due ON jobs (run_at)
            WHERE state IN ('pending', 'failed')""",
         "CREATE INDEX jobs_leases ON jobs (lease_until) WHERE state = 'processing'",
         "CREATE INDEX jobs_state_created ON jobs (state, created_at)",
@@ -658,11 +661,12 @@ class Store:
                                     "GROUP BY state"):
                 counts[row["state"]] = row["n"]
             oldest = conn.execute(
-                "SELECT min(run_at) FROM jobs WHERE state IN (?, ?) AND run_at <= ?",
-                (*RUNNABLE, stamp)).fetchone()[0]
+                "SELECT min(run_at) FROM jobs INDEXED BY jobs_due "
+                "WHERE state IN ('pending', 'failed') AND run_at <= ?",
+                (stamp,)).fetchone()[0]
             running = {row["worker_pid"]: dict(row) for row in conn.execute(
                 "SELECT id, worker_pid, command, updated_at FROM jobs "
-                "WHERE state = ?", (PROCESSING,))}
+                "INDEXED BY jobs_leases WHERE state = 'processing'")}
             return counts, oldest, running
         return self._read(body)
 
@@ -716,16 +720,18 @@ class Store:
         stamp = iso(now or now_utc())
         try:
             return self.conn.execute(
-                "SELECT 1 FROM jobs WHERE state IN (?, ?) AND run_at <= ? LIMIT 1",
-                (*RUNNABLE, stamp)).fetchone() is not None
+                "SELECT 1 FROM jobs INDEXED BY jobs_due "
+                "WHERE state IN ('pending', 'failed') AND run_at <= ? LIMIT 1",
+                (stamp,)).fetchone() is not None
         except sqlite3.Error as e:
             raise QueueError(_sqlite_message(e, self.path)) from None
 
     def next_run_at(self):
         """Return when the next waiting job becomes runnable, or None."""
         def body(conn):
-            return conn.execute("SELECT min(run_at) FROM jobs WHERE state IN (?, ?)",
-                                RUNNABLE).fetchone()[0]
+            return conn.execute(
+                "SELECT min(run_at) FROM jobs INDEXED BY jobs_due "
+                "WHERE state IN ('pending', 'failed')").fetchone()[0]
         value = self._read(body)
         return parse_iso(value) if value else None
 
@@ -740,9 +746,10 @@ class Store:
 
         def body(conn):
             row = conn.execute(
-                "SELECT * FROM jobs WHERE state IN (?, ?) AND run_at <= ? "
+                "SELECT * FROM jobs INDEXED BY jobs_runnable "
+                "WHERE state IN ('pending', 'failed') AND run_at <= ? "
                 "ORDER BY priority DESC, run_at, created_at, rowid LIMIT 1",
-                (*RUNNABLE, stamp)).fetchone()
+                (stamp,)).fetchone()
             if row is None:
                 return None
             config = self._config(conn)
@@ -868,16 +875,16 @@ class Store:
 
         def body(conn):
             return [(r["id"], r["claim_token"]) for r in conn.execute(
-                "SELECT id, claim_token FROM jobs WHERE state = ? AND lease_until < ?",
-                (PROCESSING, stamp))]
+                "SELECT id, claim_token FROM jobs INDEXED BY jobs_leases "
+                "WHERE state = 'processing' AND lease_until < ?", (stamp,))]
         return self._read(body)
 
     def claims_of(self, worker_pid):
         """Return (job id, token) of the claims held by a worker process."""
         def body(conn):
             return [(r["id"], r["claim_token"]) for r in conn.execute(
-                "SELECT id, claim_token FROM jobs WHERE state = ? AND worker_pid = ?",
-                (PROCESSING, worker_pid))]
+                "SELECT id, claim_token FROM jobs INDEXED BY jobs_leases "
+                "WHERE state = 'processing' AND worker_pid = ?", (worker_pid,))]
         return self._read(body)
 
 
@@ -1511,9 +1518,13 @@ def cmd_enqueue(args):
             raise UsageError("no jobs on standard input")
     else:
         jobs = [validate_job(_parse_json(args.job), now)]
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        raise QueueError("the current directory no longer exists") from None
     store = open_store(args, create=True)
     try:
-        ids = store.enqueue(jobs, os.getcwd(), now)
+        ids = store.enqueue(jobs, cwd, now)
     finally:
         store.close()
     for job_id in ids:
