@@ -34,6 +34,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import secrets
 import signal
 import sqlite3
@@ -194,19 +195,37 @@ def parse_iso(text):
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
 
 
+USER_TIME = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
+    r"(?:([zZ])|([+-])(\d{2}):?(\d{2}))?")
+
+
 def parse_user_time(text):
-    """Parse an ISO-8601 time given by a user; it must carry Z or an offset."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("expected an ISO-8601 time such as 2026-11-24T10:00:00Z")
-    value = text.strip()
-    if value[-1] in "zZ":              # fromisoformat accepts Z only from 3.11
-        value = value[:-1] + "+00:00"
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"not an ISO-8601 time: {text!r}") from None
-    if dt.tzinfo is None:
+    """Parse an ISO-8601 time given by a user; it must carry Z or an offset.
+
+    A pattern of our own, not fromisoformat: that rejects Z before 3.11 and accepts
+    other forms on newer Pythons, and a job file must mean the same on all of them.
+    """
+    match = USER_TIME.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"not an ISO-8601 time such as 2026-11-24T10:00:00Z: "
+                         f"{text!r}")
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = \
+        match.groups()
+    if not zulu and not sign:
         raise ValueError(f"time has no zone (add Z or an offset like +02:00): {text!r}")
+    offset = timedelta(0)
+    if sign:
+        offset = timedelta(hours=int(off_h), minutes=int(off_m))
+        if offset >= timedelta(hours=24):
+            raise ValueError(f"bad zone offset: {text!r}")
+        offset = -offset if sign == "-" else offset
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        dt = datetime(int(year), int(month), int(day), int(hour), int(minute),
+                      int(second or 0), micro, tzinfo=timezone(offset))
+    except ValueError as e:
+        raise ValueError(f"not a valid time ({e}): {text!r}") from None
     return dt.astimezone(timezone.utc)
 
 
@@ -354,8 +373,9 @@ def default_db_path(environ=None):
     environ = os.environ if environ is None else environ
     if environ.get(ENV_DB):
         return environ[ENV_DB]
-    data_home = environ.get("XDG_DATA_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "share")
+    data_home = environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(data_home):      # the XDG spec: ignore relative values
+        data_home = os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(data_home, "queuectl", DB_FILENAME)
 
 
@@ -422,15 +442,15 @@ class Store:
             self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S,
                                         isolation_level=None)
             self.conn.row_factory = sqlite3.Row
-            # Know whose file it is before writing a byte to it (WAL mode writes).
-            version = self._version(self.conn)
+            # In WAL, NORMAL may lose the last commits on power loss; FULL does not.
+            self.conn.execute("PRAGMA synchronous=FULL")
+            # Know whose file it is, and migrate it, before switching it to WAL: a
+            # refused or failed open must leave the file as it was.
+            if self._version(self.conn) < SCHEMA_VERSION:
+                self._write(self._migrate, "EXCLUSIVE")
             mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise QueueError(f"cannot switch database to WAL mode: {self.path}")
-            # In WAL, NORMAL may lose the last commits on power loss; FULL does not.
-            self.conn.execute("PRAGMA synchronous=FULL")
-            if version < SCHEMA_VERSION:
-                self._write(self._migrate, "EXCLUSIVE")
         except sqlite3.Error as e:
             self.close()
             raise QueueError(_sqlite_message(e, self.path)) from None
@@ -1943,7 +1963,10 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.db == "":
+        parser.error("argument --db: expected a file path, got ''")
     args.db = os.path.abspath(os.path.expanduser(args.db or default_db_path()))
     try:
         return args.func(args) or EXIT_OK

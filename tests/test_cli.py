@@ -1,0 +1,742 @@
+"""The command line, mostly in-process: output, validation, errors, exit codes."""
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import unittest
+from datetime import timedelta
+
+from tests.support import ROOT, QUEUECTL, QueueTestCase, queuectl
+
+PY39 = "/root/.pyenv/versions/3.9.18/bin/python3"
+JOB_FIELDS = {"id", "command", "state", "attempts", "max_retries", "priority", "run_at",
+              "timeout", "created_at", "updated_at", "next_retry_at", "last_error",
+              "worker_pid"}
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+class CliTestCase(QueueTestCase):
+
+    def store(self):
+        """A real Store on the test database, closed at cleanup."""
+        store = queuectl.Store(self.db)
+        self.addCleanup(store.close)
+        return store
+
+    def run_next(self, ok=True, duration_s=0.5, pid=4321):
+        """Claim the best runnable job and finish it; return (job id, new state)."""
+        store = self.store()
+        claim = store.claim(pid)
+        self.assertIsNotNone(claim, "nothing to claim")
+        result = queuectl.RunResult(exit_code=0 if ok else 1,
+                                    reason=None if ok else "exit 1",
+                                    stdout="out\n", duration_s=duration_s)
+        state = store.finish(claim.id, claim.token, result)
+        store.close()
+        return claim.id, state
+
+    def make_dead(self, job_id):
+        self.enqueue(id=job_id, command="false", max_retries=0, priority=100)
+        self.assertEqual(self.run_next(ok=False), (job_id, "dead"))
+
+    def make_completed(self, job_id):
+        self.enqueue(id=job_id, command="true", priority=100)
+        self.assertEqual(self.run_next(ok=True), (job_id, "completed"))
+
+    def json_out(self, *argv):
+        """Run, assert success, and parse the whole of stdout as one JSON document."""
+        return json.loads(self.ok(*argv))
+
+    def main_raw(self, *argv):
+        """Run queuectl.main with exactly ARGV (no --db added); return (code, out, err)."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = queuectl.main(list(argv))
+            except SystemExit as e:
+                code = e.code
+        return code, out.getvalue(), err.getvalue()
+
+    def snapshot(self, path):
+        if os.path.isdir(path):
+            return ("dir", sorted(os.listdir(path)))
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                return ("file", f.read())
+        return None
+
+    def tree(self):
+        """Every path under the test directory."""
+        return sorted(os.path.join(top, name) for top, dirs, files in os.walk(self.dir)
+                      for name in dirs + files)
+
+    def assertFailsOnPath(self, code, path, *argv):
+        """Like assertFailsCleanly, for a database PATH that is not a usable DB."""
+        before = self.snapshot(path)
+        tree = self.tree()
+        got, out, err = self.cli(*argv, "--db", path)
+        self.assertEqual(got, code, f"exit code of {argv}: stderr={err!r}")
+        self.assertEqual(out, "")
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertTrue(err.startswith("queuectl"), err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(self.snapshot(path), before, "database path changed")
+        self.assertEqual(self.tree(), tree, "files created or removed")
+        return err
+
+
+class EnqueueTest(CliTestCase):
+
+    def test_prints_only_the_id(self):
+        """enqueue prints the job id and nothing else."""
+        out = self.ok("enqueue", '{"id": "job1", "command": "echo hi"}')
+        self.assertEqual(out, "job1\n")
+        job = self.job("job1")
+        self.assertEqual((job["command"], job["state"], job["attempts"]),
+                         ("echo hi", "pending", 0))
+
+    def test_generated_ids_short_and_unique(self):
+        """Jobs without an id get short, distinct, usable ids."""
+        ids = [self.enqueue(command="true") for _ in range(5)]
+        ids += self.ok("enqueue", "-", stdin='{"command": "true"}\n' * 40).split()
+        self.assertEqual(len(set(ids)), 45)
+        for job_id in ids:
+            self.assertRegex(job_id, r"^[0-9A-Za-z_-]{4,16}$")
+        self.assertEqual(self.job(ids[-1])["id"], ids[-1])
+
+    def test_stdin_batch(self):
+        """enqueue - adds every line at once, prints one id per line, skips blanks."""
+        stdin = ('{"id": "a", "command": "echo a"}\n\n   \n'
+                 '{"command": "echo b"}\n{"id": "c", "command": "echo c"}')
+        lines = self.ok("enqueue", "-", stdin=stdin).splitlines()
+        self.assertEqual(len(lines), 3)
+        self.assertEqual((lines[0], lines[2]), ("a", "c"))
+        jobs = self.json_out("list", "--json")
+        self.assertEqual(sorted(j["id"] for j in jobs), sorted(lines))
+        self.assertEqual(len({j["created_at"] for j in jobs}), 1, "one batch, one time")
+        self.assertEqual(self.job(lines[1])["command"], "echo b")
+
+    def test_stdin_bad_line_refuses_batch(self):
+        """One bad line refuses the whole batch, naming the line; nothing is added."""
+        self.enqueue(id="existing", command="true")
+        stdin = ('{"id": "n1", "command": "true"}\n\n'
+                 '{"id": "n2", "command": ""}\n{"id": "n3", "command": "true"}\n')
+        err = self.assertFailsCleanly(2, "enqueue", "-", stdin=stdin)
+        self.assertIn("line 3", err)
+        err = self.assertFailsCleanly(2, "enqueue", "-",
+                                      stdin='{"command": "true"}\n{"command": "x"}\n{oops\n')
+        self.assertIn("line 3", err)
+        self.assertEqual([j["id"] for j in self.json_out("list", "--json")], ["existing"])
+
+    def test_stdin_bad_line_creates_no_database(self):
+        """A refused batch does not create the database."""
+        self.assertFailsCleanly(2, "enqueue", "-", stdin='{"command": "true"}\n[1]\n')
+        self.assertFalse(os.path.exists(self.db))
+
+    def test_stdin_empty(self):
+        """enqueue - with no jobs on stdin is a usage error."""
+        err = self.assertFailsCleanly(2, "enqueue", "-", stdin="\n  \n")
+        self.assertIn("no jobs", err)
+
+    def test_stdin_duplicate_within_batch(self):
+        """Two lines with the same id refuse the batch with exit 1."""
+        self.enqueue(id="existing", command="true")
+        stdin = '{"id": "d", "command": "true"}\n{"id": "d", "command": "true"}\n'
+        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=stdin)
+        self.assertIn("duplicate", err)
+
+    def test_stdin_duplicate_of_existing(self):
+        """A batch clashing with a stored id adds none of its jobs."""
+        self.enqueue(id="existing", command="true")
+        stdin = ('{"id": "new1", "command": "true"}\n{"command": "true"}\n'
+                 '{"id": "existing", "command": "true"}\n')
+        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=stdin)
+        self.assertIn("duplicate job id: existing", err)
+
+    def test_duplicate_id(self):
+        """Enqueuing an id that exists fails with exit 1 and changes nothing."""
+        self.enqueue(id="job1", command="true")
+        err = self.assertFailsCleanly(1, "enqueue", '{"id": "job1", "command": "ls"}')
+        self.assertIn("job1", err)
+        self.assertEqual(self.job("job1")["command"], "true")
+
+    def test_all_fields(self):
+        """Every job field is stored and shown; run_at offsets become UTC."""
+        self.enqueue(id="full", command="echo x", max_retries=5, priority=-3, timeout=2.5,
+                     run_at="2030-01-01T02:00:00+02:00")
+        job = self.job("full")
+        self.assertEqual((job["max_retries"], job["priority"], job["timeout"],
+                          job["run_at"]), (5, -3, 2.5, "2030-01-01T00:00:00.000Z"))
+        self.assertEqual(job["cwd"], os.getcwd())
+
+
+class UsageErrorTest(CliTestCase):
+    """Bad input: exit 2, one stderr line, database unchanged."""
+
+    def setUp(self):
+        super().setUp()
+        self.enqueue(id="existing", command="true")
+
+    def bad_jobs(self, docs):
+        for doc in docs:
+            text = doc if isinstance(doc, str) else json.dumps(doc)
+            with self.subTest(job=text):
+                self.assertFailsCleanly(2, "enqueue", text)
+                self.assertFailsCleanly(2, "enqueue", "-", stdin=text + "\n")
+
+    def test_invalid_json(self):
+        """Text that is not JSON is refused."""
+        self.bad_jobs(["{", "not json", "", "{'command': 'ls'}", '{"command": "ls",}'])
+
+    def test_not_an_object(self):
+        """JSON that is not an object is refused."""
+        self.bad_jobs(["[1]", '"x"', "5", "null", "true", '["ls"]'])
+
+    def test_command_missing_or_empty(self):
+        """A job needs a non-empty string command."""
+        self.bad_jobs([{}, {"id": "x"}, {"command": ""}, {"command": "  "},
+                       {"command": None}, {"command": 5}, {"command": ["ls"]}])
+
+    def test_bad_field_types(self):
+        """Each field with a wrong type or range is refused."""
+        self.bad_jobs([
+            {"command": "true", "id": 5}, {"command": "true", "id": ""},
+            {"command": "true", "id": "a b"}, {"command": "true", "id": "-x"},
+            {"command": "true", "id": "x" * 129}, {"command": "true", "id": None},
+            {"command": "true", "max_retries": -1}, {"command": "true", "max_retries": 1.5},
+            {"command": "true", "max_retries": True}, {"command": "true", "max_retries": "3"},
+            {"command": "true", "priority": 1.5}, {"command": "true", "priority": "high"},
+            {"command": "true", "priority": False}, {"command": "true", "priority": 2 ** 40},
+            {"command": "true", "run_at": 5}, {"command": "true", "run_at": "soon"},
+            {"command": "true", "delay": -1}, {"command": "true", "delay": "5"},
+            {"command": "true", "delay": True},
+            {"command": "true", "timeout": 0}, {"command": "true", "timeout": -2},
+            {"command": "true", "timeout": "5"}, {"command": "true", "timeout": False},
+            '{"command": "true", "delay": NaN}', '{"command": "true", "timeout": Infinity}',
+        ])
+
+    def test_unknown_field(self):
+        """An unknown field is refused and named."""
+        err = self.assertFailsCleanly(2, "enqueue", '{"command": "true", "retries": 3}')
+        self.assertIn("retries", err)
+
+    def test_naive_run_at(self):
+        """A run_at with no zone is refused."""
+        err = self.assertFailsCleanly(
+            2, "enqueue", '{"command": "true", "run_at": "2030-01-01T00:00:00"}')
+        self.assertIn("run_at", err)
+
+    def test_run_at_and_delay(self):
+        """run_at and delay together are refused."""
+        self.assertFailsCleanly(2, "enqueue", json.dumps(
+            {"command": "true", "run_at": "2030-01-01T00:00:00Z", "delay": 5}))
+
+    def test_unknown_state(self):
+        """list --state with an unknown state is refused."""
+        err = self.assertFailsCleanly(2, "list", "--state", "bogus")
+        self.assertIn("bogus", err)
+        self.assertFailsCleanly(2, "list", "--limit", "0")
+        self.assertFailsCleanly(2, "list", "--limit", "x")
+
+    def test_unknown_config_key(self):
+        """An unknown config key is refused for get and set."""
+        self.assertFailsCleanly(2, "config", "get", "bogus")
+        self.assertFailsCleanly(2, "config", "set", "bogus", "1")
+        self.assertFailsCleanly(2, "config", "bogus")
+
+    def test_bad_config_value(self):
+        """A bad config value is refused and the old value kept."""
+        for key, value in (("max_retries", "-1"), ("max-retries", "1.5"),
+                           ("job_timeout", "abc"), ("job_timeout", "0"),
+                           ("backoff_base", "0.5"), ("backoff_max", "-1"),
+                           ("output_limit", "-1"), ("lease_timeout", "0"),
+                           ("max_retries", "")):
+            with self.subTest(key=key, value=value):
+                err = self.assertFailsCleanly(2, "config", "set", key, value)
+                self.assertIn(key.replace("-", "_"), err)
+        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
+
+    def test_worker_count_zero(self):
+        """worker start --count must be at least 1."""
+        self.assertFailsCleanly(2, "worker", "start", "--count", "0")
+        self.assertFailsCleanly(2, "worker", "start", "--count", "-1")
+        self.assertFailsCleanly(2, "worker", "start", "--count", "two")
+        self.assertFailsCleanly(2, "worker", "stop", "--timeout", "-1")
+
+    def test_unknown_command(self):
+        """An unknown or missing command is a usage error."""
+        self.assertFailsCleanly(2, "bogus")
+        self.assertFailsCleanly(2)
+        self.assertFailsCleanly(2, "dlq")
+        self.assertFailsCleanly(2, "dlq", "bogus")
+        self.assertFailsCleanly(2, "worker", "restart")
+
+    def test_unknown_option(self):
+        """An unknown option is a usage error."""
+        self.assertFailsCleanly(2, "list", "--bogus")
+        self.assertFailsCleanly(2, "--bogus", "status")
+        self.assertFailsCleanly(2, "status", "--json", "--nope")
+        self.assertFailsCleanly(2, "enqueue", '{"command": "true"}', "--force")
+        self.assertFailsCleanly(2, "show")
+
+    def test_dlq_retry_needs_ids_or_all(self):
+        """dlq retry with neither ids nor --all, or both, is a usage error."""
+        self.make_dead("d1")
+        self.assertFailsCleanly(2, "dlq", "retry")
+        self.assertFailsCleanly(2, "dlq", "retry", "d1", "--all")
+
+
+class RuntimeErrorTest(CliTestCase):
+    """Runtime errors: exit 1, one stderr line, database unchanged."""
+
+    def test_unknown_job(self):
+        """show, delete and dlq retry of an unknown id fail."""
+        self.enqueue(id="j1", command="true")
+        for argv in (("show", "nope"), ("show", "nope", "--json"), ("delete", "nope"),
+                     ("delete", "j1", "nope"), ("dlq", "retry", "nope")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(1, *argv)
+                self.assertIn("nope", err)
+        self.assertEqual(self.state("j1"), "pending")
+
+    def test_dlq_retry_pending_job(self):
+        """dlq retry of a job that is not dead fails and names its state."""
+        self.enqueue(id="p1", command="true")
+        self.make_dead("d1")
+        err = self.assertFailsCleanly(1, "dlq", "retry", "d1", "p1")
+        self.assertIn("pending", err)
+        self.assertEqual(self.state("d1"), "dead")
+
+    def test_delete_processing_job(self):
+        """A job that is running cannot be deleted."""
+        self.enqueue(id="busy", command="sleep 100")
+        claim = self.store().claim(9999)
+        self.assertEqual(claim.id, "busy")
+        err = self.assertFailsCleanly(1, "delete", "busy")
+        self.assertIn("processing", err)
+        self.assertEqual(self.state("busy"), "processing")
+
+    def test_missing_database(self):
+        """Reading commands on a missing database fail and create no file."""
+        for argv in (("status",), ("status", "--check"), ("list",), ("list", "--json"),
+                     ("show", "x"), ("stats",), ("dlq", "list"), ("dlq", "retry", "--all"),
+                     ("delete", "x"), ("config", "show"), ("config", "get", "max_retries")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(1, *argv)
+                self.assertIn(self.db, err)
+                self.assertEqual(os.listdir(self.dir), [])
+
+    def test_missing_database_in_missing_directory(self):
+        """A missing directory is not created by reading commands."""
+        path = os.path.join(self.dir, "sub", "q.db")
+        self.assertFailsOnPath(1, path, "status")
+        self.assertFalse(os.path.exists(os.path.dirname(path)))
+
+    def test_database_path_is_directory(self):
+        """A directory as the database path fails cleanly, for reads and writes."""
+        path = os.path.join(self.dir, "adir")
+        os.mkdir(path)
+        for argv in (("status",), ("list",), ("enqueue", '{"command": "true"}'),
+                     ("config", "set", "max_retries", "1")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsOnPath(1, path, *argv)
+                self.assertIn("directory", err)
+
+    def test_text_file_as_database(self):
+        """A text file as the database is refused and left unchanged."""
+        path = os.path.join(self.dir, "notes.txt")
+        with open(path, "w") as f:
+            f.write("shopping list\n")
+        for argv in (("status",), ("list", "--json"), ("enqueue", '{"command": "true"}'),
+                     ("config", "set", "max_retries", "1"), ("show", "x")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsOnPath(1, path, *argv)
+                self.assertIn("not a queuectl database", err)
+
+    def test_foreign_sqlite_database(self):
+        """Another program's SQLite file is refused and left unchanged."""
+        path = os.path.join(self.dir, "app.sqlite")
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE jobs (x)")
+        conn.commit()
+        conn.close()
+        for argv in (("status",), ("enqueue", '{"command": "true"}')):
+            with self.subTest(argv=argv):
+                self.assertFailsOnPath(1, path, *argv)
+
+
+class ListShowTest(CliTestCase):
+
+    def test_list_newest_first(self):
+        """list shows the newest job first, in text and JSON."""
+        for job_id in ("a", "b", "c"):
+            self.enqueue(id=job_id, command=f"echo {job_id}")
+        self.assertEqual([j["id"] for j in self.json_out("list", "--json")],
+                         ["c", "b", "a"])
+        lines = self.ok("list").splitlines()
+        self.assertTrue(lines[0].startswith("ID"), lines)
+        self.assertEqual([line.split()[0] for line in lines[1:]], ["c", "b", "a"])
+
+    def test_list_state_and_limit(self):
+        """--state filters and --limit caps the list."""
+        for job_id in ("a", "b", "c", "d"):
+            self.enqueue(id=job_id, command="true")
+        self.make_completed("done")
+        self.assertEqual([j["id"] for j in self.json_out("list", "--state", "completed",
+                                                         "--json")], ["done"])
+        self.assertEqual([j["id"] for j in self.json_out("list", "--state", "pending",
+                                                         "--limit", "2", "--json")],
+                         ["d", "c"])
+        self.assertEqual([j["id"] for j in self.json_out("list", "--limit", "1",
+                                                         "--json")], ["done"])
+        self.assertEqual(self.json_out("list", "--state", "dead", "--json"), [])
+
+    def test_json_lists_are_one_array(self):
+        """list --json and dlq list --json print one array, [] when empty."""
+        self.ok("config", "set", "max_retries", "3")      # creates an empty database
+        self.assertEqual(self.json_out("list", "--json"), [])
+        self.assertEqual(self.json_out("dlq", "list", "--json"), [])
+        self.enqueue(id="p", command="true")
+        self.make_dead("d")
+        self.assertEqual([j["id"] for j in self.json_out("dlq", "list", "--json")], ["d"])
+        jobs = self.json_out("list", "--json")
+        self.assertIsInstance(jobs, list)
+        self.assertEqual(len(jobs), 2)
+
+    def test_job_fields(self):
+        """Job objects carry every documented field; times end in Z."""
+        self.enqueue(id="p", command="true")
+        self.enqueue(id="f", command="false", max_retries=2, priority=50)
+        self.assertEqual(self.run_next(ok=False), ("f", "failed"))
+        for job in (self.job("p"), self.job("f"), *self.json_out("list", "--json")):
+            with self.subTest(job=job["id"]):
+                self.assertLessEqual(JOB_FIELDS, set(job))
+                for key in ("run_at", "created_at", "updated_at"):
+                    self.assertRegex(job[key], ISO_Z)
+        failed = self.job("f")
+        self.assertEqual((failed["state"], failed["attempts"], failed["last_error"],
+                          failed["next_retry_at"], failed["worker_pid"]),
+                         ("failed", 1, "exit 1", failed["run_at"], None))
+        self.assertRegex(failed["next_retry_at"], ISO_Z)
+        pending = self.job("p")
+        self.assertEqual((pending["max_retries"], pending["timeout"],
+                          pending["next_retry_at"], pending["last_error"]),
+                         (3, 300, None, None))
+
+    def test_show_processing_job(self):
+        """show of a running job names its worker pid."""
+        self.enqueue(id="busy", command="sleep 100")
+        self.store().claim(31337)
+        job = self.job("busy")
+        self.assertEqual((job["state"], job["worker_pid"], job["attempts"]),
+                         ("processing", 31337, 1))
+
+    def test_show_history_and_output(self):
+        """show --json includes the attempts and the last output; text shows them too."""
+        self.enqueue(id="j", command="echo out")
+        self.run_next(ok=True)
+        job = self.job("j")
+        self.assertEqual([h["outcome"] for h in job["history"]], ["completed"])
+        self.assertEqual(job["output"]["stdout"], "out\n")
+        text = self.ok("show", "j")
+        self.assertIn("attempt 1:", text)
+        self.assertIn("out", text)
+
+    def test_json_objects(self):
+        """show, status, stats and config show --json each print one object."""
+        self.enqueue(id="j", command="true")
+        for argv in (("show", "j", "--json"), ("status", "--json"), ("stats", "--json"),
+                     ("config", "show", "--json")):
+            with self.subTest(argv=argv):
+                self.assertIsInstance(self.json_out(*argv), dict)
+
+
+class DbOptionTest(CliTestCase):
+
+    def test_db_before_and_after_subcommand(self):
+        """--db works before the subcommand and after it."""
+        before = os.path.join(self.dir, "before.db")
+        after = os.path.join(self.dir, "after.db")
+        code, out, err = self.main_raw("--db", before, "enqueue",
+                                       '{"id": "b", "command": "true"}')
+        self.assertEqual((code, out, err), (0, "b\n", ""))
+        code, out, err = self.main_raw("enqueue", '{"id": "a", "command": "true"}',
+                                       "--db", after)
+        self.assertEqual((code, out, err), (0, "a\n", ""))
+        for path, job_id in ((before, "b"), (after, "a")):
+            for argv in (("--db", path, "list", "--json"), ("list", "--json", "--db", path),
+                         ("dlq", "list", "--db", path, "--json"),
+                         ("--db", path, "show", job_id, "--json")):
+                with self.subTest(argv=argv):
+                    code, out, err = self.main_raw(*argv)
+                    self.assertEqual((code, err), (0, ""))
+                    doc = json.loads(out)
+                    if isinstance(doc, dict):
+                        self.assertEqual(doc["id"], job_id)
+                    elif argv[0] != "dlq":
+                        self.assertEqual([j["id"] for j in doc], [job_id])
+        code, out, err = self.main_raw("config", "get", "max_retries", "--db", after)
+        self.assertEqual((code, out, err), (0, "3\n", ""))
+        self.assertFalse(os.path.exists(self.db))
+
+    def test_db_env_var(self):
+        """Without --db, $QUEUECTL_DB names the database (subprocess)."""
+        result = self.run_cli("enqueue", '{"id": "envjob", "command": "true"}')
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, "envjob\n", ""))
+        self.assertTrue(os.path.exists(self.db))
+        result = self.run_cli("show", "envjob", "--json")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(json.loads(result.stdout)["id"], "envjob")
+        result = self.run_cli("status", "--json")
+        self.assertEqual(json.loads(result.stdout)["db"], self.db)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "queuectl.db")))
+
+
+class ConfigTest(CliTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.store().close()
+
+    def test_show_defaults(self):
+        """config show lists every key with its default."""
+        want = {"max_retries": 3, "backoff_base": 2, "backoff_max": 3600,
+                "job_timeout": 300, "output_limit": 65536, "lease_timeout": 15}
+        self.assertEqual(self.json_out("config", "show", "--json"), want)
+        text = self.ok("config", "show")
+        for key, value in want.items():
+            self.assertIn(f"{key} = {value}", text)
+        self.assertEqual(len(text.splitlines()), len(want))
+
+    def test_get_prints_only_the_value(self):
+        """config get prints just the value, for either spelling."""
+        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
+        self.assertEqual(self.ok("config", "get", "max-retries"), "3\n")
+        self.assertEqual(self.ok("config", "get", "lease-timeout"), "15\n")
+
+    def test_set_both_spellings(self):
+        """config set accepts dashes or underscores and the value sticks."""
+        self.ok("config", "set", "max-retries", "5")
+        self.assertEqual(self.ok("config", "get", "max_retries"), "5\n")
+        self.ok("config", "set", "max_retries", "0")
+        self.assertEqual(self.ok("config", "get", "max-retries"), "0\n")
+        self.ok("config", "set", "backoff-base", "1.5")
+        self.assertEqual(self.ok("config", "get", "backoff_base"), "1.5\n")
+        self.ok("config", "set", "job_timeout", "2.0")
+        self.assertEqual(self.ok("config", "get", "job_timeout"), "2\n")
+        shown = self.json_out("config", "show", "--json")
+        self.assertEqual((shown["max_retries"], shown["backoff_base"],
+                          shown["job_timeout"]), (0, 1.5, 2))
+
+    def test_config_applies_to_jobs_without_own_value(self):
+        """Jobs without max_retries or timeout follow the config."""
+        self.enqueue(id="j", command="true")
+        self.enqueue(id="own", command="true", max_retries=1, timeout=9)
+        self.ok("config", "set", "max_retries", "7")
+        self.ok("config", "set", "job_timeout", "42")
+        self.assertEqual((self.job("j")["max_retries"], self.job("j")["timeout"]), (7, 42))
+        self.assertEqual((self.job("own")["max_retries"], self.job("own")["timeout"]),
+                         (1, 9))
+
+
+class DlqDeleteTest(CliTestCase):
+
+    def test_dlq_retry_all(self):
+        """dlq retry --all puts every dead job back to pending with attempts 0."""
+        self.make_dead("d1")
+        self.make_dead("d2")
+        self.enqueue(id="p", command="true")
+        out = self.ok("dlq", "retry", "--all")
+        self.assertEqual(sorted(out.splitlines()),
+                         ["d1: back to pending", "d2: back to pending"])
+        for job_id in ("d1", "d2"):
+            job = self.job(job_id)
+            self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertEqual(self.json_out("dlq", "list", "--json"), [])
+
+    def test_dlq_retry_ids(self):
+        """dlq retry ID retries only that job."""
+        self.make_dead("d1")
+        self.make_dead("d2")
+        self.assertEqual(self.ok("dlq", "retry", "d2"), "d2: back to pending\n")
+        self.assertEqual((self.state("d1"), self.state("d2")), ("dead", "pending"))
+
+    def test_delete(self):
+        """delete removes jobs and their history."""
+        self.enqueue(id="a", command="true")
+        self.enqueue(id="b", command="true")
+        self.make_completed("c")
+        self.make_dead("d")
+        out = self.ok("delete", "a", "c", "d")
+        self.assertEqual(out.splitlines(), ["a: deleted", "c: deleted", "d: deleted"])
+        self.assertEqual([j["id"] for j in self.json_out("list", "--json")], ["b"])
+        self.assertEqual(self.rows()["attempts"], [])
+        self.assertFailsCleanly(1, "show", "a")
+
+
+class StatusTest(CliTestCase):
+
+    def test_status_text(self):
+        """status shows every state's count (zeros too), the DLQ, the db and the wait."""
+        past = queuectl.iso(queuectl.now_utc() - timedelta(seconds=90))
+        self.enqueue(id="old", command="true", run_at=past)
+        self.make_dead("d")
+        text = self.ok("status")
+        self.assertIn(self.db, text)
+        self.assertIn("pending 1, processing 0, completed 0, failed 0, dead 1", text)
+        self.assertRegex(text, r"dlq:\s+1")
+        self.assertRegex(text, r"oldest runnable job waiting: 1m[3-5]\ds")
+        self.assertIn("none running", text)
+
+    def test_status_json(self):
+        """status --json has the counts, dlq size, db path and oldest age."""
+        past = queuectl.iso(queuectl.now_utc() - timedelta(seconds=90))
+        self.enqueue(id="old", command="true", run_at=past)
+        self.enqueue(id="later", command="true", delay=3600)
+        status = self.json_out("status", "--json")
+        self.assertEqual(status["counts"], {"pending": 2, "processing": 0, "completed": 0,
+                                            "failed": 0, "dead": 0})
+        self.assertEqual((status["dlq"], status["db"], status["workers"]),
+                         (0, self.db, []))
+        self.assertGreaterEqual(status["oldest_runnable_age_s"], 90)
+        self.assertLess(status["oldest_runnable_age_s"], 150)
+
+    def test_status_empty(self):
+        """status of an empty queue shows zeros and no wait."""
+        self.store().close()
+        status = self.json_out("status", "--json")
+        self.assertEqual(set(status["counts"].values()), {0})
+        self.assertIsNone(status["oldest_runnable_age_s"])
+        self.assertEqual(self.cli("status", "--check")[0], 0)
+
+    def test_check_no_workers(self):
+        """status --check exits 4 when jobs wait and no worker runs."""
+        self.enqueue(id="p", command="true")
+        code, out, err = self.cli("status", "--check")
+        self.assertEqual((code, err), (queuectl.EXIT_CHECK_NO_WORKERS, ""))
+        self.assertEqual(code, 4)
+        self.assertIn("no workers", out)
+        self.make_dead("d")
+        self.assertEqual(self.cli("status", "--check")[0], 4, "no workers comes first")
+        self.assertEqual(self.cli("status")[0], 0, "without --check, always 0")
+
+    def test_check_dead(self):
+        """status --check exits 3 when dead jobs exist and nothing is runnable."""
+        self.make_dead("d")
+        self.make_completed("c")
+        self.enqueue(id="later", command="true", delay=3600)
+        code, out, err = self.cli("status", "--check")
+        self.assertEqual((code, err), (queuectl.EXIT_CHECK_DEAD, ""))
+        self.assertEqual(code, 3)
+        self.assertIn("dead", out)
+        self.assertEqual(self.cli("status", "--check", "--max-dead", "1")[0], 0)
+
+    def test_check_healthy(self):
+        """status --check exits 0 when every job completed."""
+        self.make_completed("c1")
+        self.make_completed("c2")
+        code, out, err = self.cli("status", "--check")
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(self.json_out("status", "--json", "--check")["healthy"])
+
+    def test_check_codes_distinct(self):
+        """The --check codes differ from success, runtime and usage errors."""
+        codes = {queuectl.EXIT_CHECK_DEAD, queuectl.EXIT_CHECK_NO_WORKERS,
+                 queuectl.EXIT_CHECK_STALE}
+        self.assertEqual(len(codes), 3)
+        self.assertFalse(codes & {0, 1, 2})
+
+
+class StatsTest(CliTestCase):
+
+    def test_stats_json(self):
+        """stats --json reports counts, success rate, run times and throughput."""
+        for job_id in ("a", "b", "c"):
+            self.enqueue(id=job_id, command="true")
+        for duration in (1.0, 3.0, 2.0):
+            self.run_next(ok=True, duration_s=duration)
+        self.enqueue(id="f", command="false", max_retries=1)
+        self.run_next(ok=False, duration_s=5.0)
+        store = self.store()
+        store.conn.execute("UPDATE jobs SET run_at = ? WHERE id = 'f'",
+                           (queuectl.iso(queuectl.now_utc()),))
+        self.run_next(ok=False, duration_s=5.0)
+        stats = self.json_out("stats", "--json")
+        for key in ("completed", "failed_attempts", "dead", "success_rate",
+                    "run_time_avg_s", "run_time_p50_s", "run_time_p95_s",
+                    "completed_last_minute", "completed_last_hour"):
+            self.assertIn(key, stats)
+        self.assertEqual((stats["completed"], stats["failed_attempts"], stats["dead"]),
+                         (3, 2, 1))
+        self.assertAlmostEqual(stats["success_rate"], 0.75)
+        self.assertAlmostEqual(stats["run_time_avg_s"], 2.0)
+        self.assertEqual((stats["run_time_p50_s"], stats["run_time_p95_s"]), (2.0, 3.0))
+        self.assertEqual((stats["completed_last_minute"], stats["completed_last_hour"]),
+                         (3, 3))
+        text = self.ok("stats")
+        self.assertIn("75.0%", text)
+
+    def test_stats_empty(self):
+        """stats of an empty queue has zeros and no rates."""
+        self.store().close()
+        stats = self.json_out("stats", "--json")
+        self.assertEqual((stats["completed"], stats["failed_attempts"], stats["dead"]),
+                         (0, 0, 0))
+        self.assertIsNone(stats["success_rate"])
+        self.assertIsNone(stats["run_time_p50_s"])
+
+
+class ExecutableTest(CliTestCase):
+    """The script as users run it: from a fresh clone, directly, and under 3.9."""
+
+    def clone(self):
+        dest = os.path.join(self.dir, "clone")
+        subprocess.run(["git", "clone", "-q", ROOT, dest], check=True, timeout=30,
+                       capture_output=True)
+        return dest
+
+    @unittest.skipUnless(shutil.which("git"), "git not installed")
+    def test_runs_directly_from_a_clone(self):
+        """./queuectl.py runs from a fresh clone via its shebang and run bit."""
+        dest = self.clone()
+        script = os.path.join(dest, "queuectl.py")
+        self.assertTrue(os.access(script, os.X_OK), "queuectl.py is not executable")
+        missing = os.path.join(self.dir, "missing.db")
+        result = subprocess.run(["./queuectl.py", "--db", missing, "status"], cwd=dest,
+                                env=self.env, capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertTrue(result.stderr.startswith("queuectl: error: "), result.stderr)
+        self.assertFalse(os.path.exists(missing))
+        result = subprocess.run(["./queuectl.py", "--help"], cwd=dest, env=self.env,
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertTrue(result.stdout.startswith("usage: queuectl "), result.stdout)
+
+    @unittest.skipUnless(os.path.exists(PY39), "Python 3.9 not installed")
+    def test_python39_run_at_z(self):
+        """Under Python 3.9 a run_at ending in Z is accepted and stored as UTC."""
+        job = json.dumps({"id": "z", "command": "true", "run_at": "2030-05-06T07:08:09Z"})
+        for argv, want_out in ((("enqueue", job), "z\n"), (("show", "z", "--json"), None)):
+            result = subprocess.run([PY39, QUEUECTL, *argv], env=self.env, cwd=self.dir,
+                                    capture_output=True, text=True, timeout=30)
+            self.assertEqual((result.returncode, result.stderr), (0, ""), argv)
+            if want_out:
+                self.assertEqual(result.stdout, want_out)
+        self.assertEqual(json.loads(result.stdout)["run_at"], "2030-05-06T07:08:09.000Z")
+
+    def test_version(self):
+        """--version prints the program name and version."""
+        code, out, err = self.cli("--version")
+        self.assertEqual((code, out.strip()), (0, f"queuectl {queuectl.__version__}"))
+
+
+if __name__ == "__main__":
+    unittest.main()

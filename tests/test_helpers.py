@@ -1,0 +1,348 @@
+"""Pure helper functions, tested directly: time, backoff, config values, job validation."""
+
+import os
+import signal
+import unittest
+from datetime import datetime, timedelta, timezone
+from unittest import mock
+
+from tests.support import queuectl
+
+UTC = timezone.utc
+NOW = datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=UTC)
+
+
+class BackoffDelayTest(unittest.TestCase):
+
+    def test_powers_of_base(self):
+        """With base 2 the delays after failures 1, 2, 3 are 2, 4, 8 seconds."""
+        self.assertEqual([queuectl.backoff_delay(k, 2, 3600) for k in (1, 2, 3)],
+                         [2.0, 4.0, 8.0])
+
+    def test_capped_by_maximum(self):
+        """The delay never exceeds the maximum."""
+        self.assertEqual(queuectl.backoff_delay(11, 2, 3600), 2048.0)
+        self.assertEqual(queuectl.backoff_delay(12, 2, 3600), 3600.0)
+        self.assertEqual(queuectl.backoff_delay(3, 10, 50), 50.0)
+
+    def test_huge_exponent_does_not_overflow(self):
+        """A huge failure count returns the maximum instead of overflowing."""
+        for k in (1100, 10 ** 6, 10 ** 12):
+            self.assertEqual(queuectl.backoff_delay(k, 2, 3600), 3600.0)
+            self.assertEqual(queuectl.backoff_delay(k, 2.5, 2 ** 31 - 1), 2 ** 31 - 1)
+        self.assertEqual(queuectl.backoff_delay(10 ** 6, 1.5, 1e300), 1e300)
+
+    def test_base_one(self):
+        """Base 1 waits one second after every failure."""
+        for k in (1, 2, 50, 10 ** 9):
+            self.assertEqual(queuectl.backoff_delay(k, 1, 3600), 1.0)
+
+    def test_float_base_and_edges(self):
+        """A fractional base works; no failures or a zero maximum means no wait."""
+        self.assertAlmostEqual(queuectl.backoff_delay(2, 1.5, 100), 2.25)
+        self.assertEqual(queuectl.backoff_delay(0, 2, 3600), 0.0)
+        self.assertEqual(queuectl.backoff_delay(3, 2, 0), 0.0)
+        self.assertIsInstance(queuectl.backoff_delay(3, 2, 3600), float)
+
+
+class TimeTest(unittest.TestCase):
+
+    def test_parse_user_time_z_suffix(self):
+        """A trailing 'Z' or 'z' means UTC (also on Python 3.9)."""
+        want = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
+        self.assertEqual(queuectl.parse_user_time("2026-11-24T10:00:00Z"), want)
+        self.assertEqual(queuectl.parse_user_time("2026-11-24T10:00:00z"), want)
+        self.assertEqual(queuectl.parse_user_time(" 2026-11-24T10:00:00Z\n"), want)
+        self.assertEqual(queuectl.parse_user_time("2026-11-24T10:00:00.250Z"),
+                         want + timedelta(milliseconds=250))
+
+    def test_parse_user_time_offsets(self):
+        """An explicit offset is honoured and the result is converted to UTC."""
+        got = queuectl.parse_user_time("2026-11-24T10:00:00+02:00")
+        self.assertEqual(got, datetime(2026, 11, 24, 8, 0, tzinfo=UTC))
+        self.assertEqual(got.utcoffset(), timedelta(0))
+        self.assertEqual(queuectl.parse_user_time("2026-11-24T10:00:00-05:30"),
+                         datetime(2026, 11, 24, 15, 30, tzinfo=UTC))
+        self.assertEqual(queuectl.parse_user_time("2026-11-24T10:00:00+00:00"),
+                         datetime(2026, 11, 24, 10, 0, tzinfo=UTC))
+
+    def test_parse_user_time_rejects_naive_and_garbage(self):
+        """Times with no zone, garbage, empty strings and non-strings are rejected."""
+        for bad in ("2026-11-24T10:00:00", "2026-11-24", "tomorrow", "", "   ",
+                    "Z", "2026-13-01T00:00:00Z", "2026-11-24T25:00:00Z", None, 5,
+                    1.5, ["2026-11-24T10:00:00Z"]):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                queuectl.parse_user_time(bad)
+
+    def test_parse_user_time_naive_message(self):
+        """The error for a naive time tells the user to add a zone."""
+        with self.assertRaises(ValueError) as cm:
+            queuectl.parse_user_time("2026-11-24T10:00:00")
+        self.assertIn("zone", str(cm.exception))
+
+    def test_iso_fixed_width_z(self):
+        """iso() writes fixed-width UTC with milliseconds and a 'Z'."""
+        self.assertEqual(queuectl.iso(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+                         "2026-01-02T03:04:05.000Z")
+        self.assertEqual(queuectl.iso(datetime(2026, 1, 2, 3, 4, 5, 999999, tzinfo=UTC)),
+                         "2026-01-02T03:04:05.999Z")
+        plus2 = timezone(timedelta(hours=2))
+        self.assertEqual(queuectl.iso(datetime(2026, 1, 1, 1, 0, tzinfo=plus2)),
+                         "2025-12-31T23:00:00.000Z")
+        for dt in (NOW, datetime(2000, 1, 1, tzinfo=UTC), queuectl.now_utc()):
+            text = queuectl.iso(dt)
+            self.assertEqual(len(text), 24, text)
+            self.assertTrue(text.endswith("Z"), text)
+
+    def test_iso_round_trip(self):
+        """parse_iso(iso(dt)) gives dt back, to the millisecond, aware in UTC."""
+        for dt in (NOW, datetime(1999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)):
+            back = queuectl.parse_iso(queuectl.iso(dt))
+            self.assertEqual(back, dt)
+            self.assertEqual(back.tzinfo, UTC)
+        self.assertEqual(queuectl.iso(queuectl.parse_iso("2026-11-24T10:00:00.123Z")),
+                         "2026-11-24T10:00:00.123Z")
+
+    def test_iso_sorts_like_time(self):
+        """iso() strings compare as text in time order (the claim query relies on it)."""
+        times = [NOW + timedelta(seconds=s) for s in (-86400 * 400, -1, -0.001, 0,
+                                                      0.001, 9, 10, 3600 * 30)]
+        self.assertEqual(sorted(queuectl.iso(t) for t in times),
+                         [queuectl.iso(t) for t in times])
+
+    def test_format_duration(self):
+        """Durations render for people; None renders as '-'."""
+        self.assertEqual(queuectl.format_duration(None), "-")
+        self.assertEqual(queuectl.format_duration(0.4), "0.4s")
+        self.assertEqual(queuectl.format_duration(12), "12s")
+        self.assertEqual(queuectl.format_duration(185), "3m05s")
+        self.assertEqual(queuectl.format_duration(7800), "2h10m")
+
+
+class ConfigTest(unittest.TestCase):
+
+    def test_config_key_spellings(self):
+        """Dashes and underscores name the same key."""
+        for key in queuectl.CONFIG_DEFAULTS:
+            self.assertEqual(queuectl.config_key(key), key)
+            self.assertEqual(queuectl.config_key(key.replace("_", "-")), key)
+        self.assertEqual(queuectl.config_key("max-retries"), "max_retries")
+        self.assertEqual(queuectl.config_key("max_retries"), "max_retries")
+
+    def test_config_key_unknown(self):
+        """An unknown key is a UsageError (exit 2) that lists the known keys."""
+        for bad in ("bogus", "", "max retries", "maxretries"):
+            with self.subTest(bad=bad), self.assertRaises(queuectl.UsageError) as cm:
+                queuectl.config_key(bad)
+            self.assertEqual(cm.exception.code, 2)
+            self.assertIn("max_retries", str(cm.exception))
+
+    def test_defaults(self):
+        """The documented defaults."""
+        self.assertEqual(queuectl.CONFIG_DEFAULTS, {
+            "max_retries": 3, "backoff_base": 2, "backoff_max": 3600,
+            "job_timeout": 300, "output_limit": 65536, "lease_timeout": 15})
+
+    def test_parse_config_value_good(self):
+        """Good values parse to numbers; whole floats become ints."""
+        good = [("max_retries", "0", 0), ("max_retries", " 5 ", 5),
+                ("backoff_base", "1", 1), ("backoff_base", "1.5", 1.5),
+                ("backoff_base", "2.0", 2), ("backoff_max", "0", 0),
+                ("backoff_max", "90.5", 90.5), ("job_timeout", "0.5", 0.5),
+                ("job_timeout", "300", 300), ("output_limit", "0", 0),
+                ("output_limit", "1024", 1024), ("lease_timeout", "1", 1),
+                ("lease_timeout", "2.5", 2.5)]
+        for key, text, want in good:
+            with self.subTest(key=key, text=text):
+                got = queuectl.parse_config_value(key, text)
+                self.assertEqual(got, want)
+                self.assertIs(type(got), type(want))
+
+    def test_parse_config_value_bad(self):
+        """Bad values are UsageErrors naming the key."""
+        bad = [("max_retries", "-1"), ("max_retries", "1.5"), ("max_retries", "abc"),
+               ("max_retries", ""), ("max_retries", str(2 ** 31)),
+               ("backoff_base", "0.5"), ("backoff_base", "0"), ("backoff_base", "nan"),
+               ("backoff_base", "inf"), ("backoff_base", "1e400"),
+               ("backoff_max", "-1"), ("backoff_max", "x"),
+               ("job_timeout", "0"), ("job_timeout", "-5"), ("job_timeout", "abc"),
+               ("job_timeout", "1e-400"), ("job_timeout", "nan"),
+               ("output_limit", "-1"), ("output_limit", "1.5"),
+               ("lease_timeout", "0.5"), ("lease_timeout", "0"), ("lease_timeout", "y")]
+        for key, text in bad:
+            with self.subTest(key=key, text=text):
+                with self.assertRaises(queuectl.UsageError) as cm:
+                    queuectl.parse_config_value(key, text)
+                self.assertIn(key, str(cm.exception))
+
+
+class ValidateJobTest(unittest.TestCase):
+
+    def valid(self, **doc):
+        doc.setdefault("command", "echo hi")
+        return queuectl.validate_job(doc, NOW)
+
+    def invalid(self, doc, fragment=None):
+        with self.assertRaises(queuectl.UsageError) as cm:
+            queuectl.validate_job(doc, NOW)
+        if fragment:
+            self.assertIn(fragment, str(cm.exception))
+        return str(cm.exception)
+
+    def test_minimal_job_defaults(self):
+        """A bare command gets no id, priority 0, run_at now and config-following limits."""
+        self.assertEqual(self.valid(), {
+            "id": None, "command": "echo hi", "max_retries": None, "priority": 0,
+            "run_at": queuectl.iso(NOW), "timeout_s": None})
+
+    def test_full_job(self):
+        """Every field is carried over."""
+        job = self.valid(id="job-1", max_retries=0, priority=-7, timeout=2.5,
+                         run_at="2030-01-01T02:00:00+02:00")
+        self.assertEqual(job, {
+            "id": "job-1", "command": "echo hi", "max_retries": 0, "priority": -7,
+            "run_at": "2030-01-01T00:00:00.000Z", "timeout_s": 2.5})
+
+    def test_not_an_object(self):
+        """A document that is not a JSON object is refused."""
+        for doc in ([1], "x", 5, None, ["command"], True):
+            with self.subTest(doc=doc):
+                self.invalid(doc, "object")
+
+    def test_command(self):
+        """command must be present, a string, and not blank."""
+        self.invalid({}, "missing field 'command'")
+        self.invalid({"command": None}, "command")
+        for bad in ("", "   ", 5, ["ls"], {"a": 1}, True):
+            with self.subTest(command=bad):
+                self.invalid({"command": bad}, "command")
+
+    def test_id(self):
+        """id is a non-empty printable string without spaces, not starting with '-'."""
+        self.assertEqual(self.valid(id="a.b_c:1")["id"], "a.b_c:1")
+        self.assertEqual(self.valid(id="x" * 128)["id"], "x" * 128)
+        for bad in ("", 5, None, True, ["a"], "a b", "-x", "a\tb", "a\nb", "a\x00b",
+                    "x" * 129):
+            with self.subTest(id=bad):
+                self.invalid({"command": "true", "id": bad}, "'id'")
+
+    def test_max_retries(self):
+        """max_retries is a whole number >= 0 (not a bool or a float)."""
+        self.assertEqual(self.valid(max_retries=0)["max_retries"], 0)
+        self.assertEqual(self.valid(max_retries=10)["max_retries"], 10)
+        for bad in (True, False, -1, 1.5, 2.0, "3", None, 2 ** 31, float("inf")):
+            with self.subTest(max_retries=bad):
+                self.invalid({"command": "true", "max_retries": bad}, "max_retries")
+
+    def test_priority(self):
+        """priority is a whole number, negative allowed."""
+        self.assertEqual(self.valid(priority=-5)["priority"], -5)
+        self.assertEqual(self.valid(priority=2 ** 31 - 1)["priority"], 2 ** 31 - 1)
+        for bad in (True, 1.5, "1", None, 2 ** 31, -2 ** 31, float("nan")):
+            with self.subTest(priority=bad):
+                self.invalid({"command": "true", "priority": bad}, "priority")
+
+    def test_run_at(self):
+        """run_at needs a zone; it is stored as UTC with a 'Z'."""
+        self.assertEqual(self.valid(run_at="2030-01-01T00:00:00Z")["run_at"],
+                         "2030-01-01T00:00:00.000Z")
+        self.assertEqual(self.valid(run_at="2030-01-01T00:00:00z")["run_at"],
+                         "2030-01-01T00:00:00.000Z")
+        for bad in ("2030-01-01T00:00:00", "2030-01-01", "soon", "", 5, None, True):
+            with self.subTest(run_at=bad):
+                self.invalid({"command": "true", "run_at": bad}, "run_at")
+
+    def test_delay(self):
+        """delay is seconds >= 0 from now."""
+        self.assertEqual(self.valid(delay=10)["run_at"],
+                         queuectl.iso(NOW + timedelta(seconds=10)))
+        self.assertEqual(self.valid(delay=0.5)["run_at"],
+                         queuectl.iso(NOW + timedelta(seconds=0.5)))
+        self.assertEqual(self.valid(delay=0)["run_at"], queuectl.iso(NOW))
+        for bad in (-1, "5", True, None, float("nan"), float("inf"), 2 ** 31):
+            with self.subTest(delay=bad):
+                self.invalid({"command": "true", "delay": bad}, "delay")
+
+    def test_run_at_and_delay_together(self):
+        """run_at and delay are mutually exclusive."""
+        self.invalid({"command": "true", "delay": 1, "run_at": "2030-01-01T00:00:00Z"},
+                     "not both")
+
+    def test_timeout(self):
+        """timeout is a number of seconds > 0."""
+        self.assertEqual(self.valid(timeout=0.25)["timeout_s"], 0.25)
+        self.assertEqual(self.valid(timeout=60)["timeout_s"], 60)
+        for bad in (0, -1, 0.0, "5", True, None, float("nan"), float("inf")):
+            with self.subTest(timeout=bad):
+                self.invalid({"command": "true", "timeout": bad}, "timeout")
+
+    def test_unknown_field(self):
+        """An unknown field is refused by name."""
+        self.invalid({"command": "true", "retries": 3}, "'retries'")
+        self.invalid({"command": "true", "state": "dead"}, "'state'")
+
+    def test_new_job_id(self):
+        """Generated ids are short hex strings and differ."""
+        ids = {queuectl.new_job_id() for _ in range(200)}
+        self.assertEqual(len(ids), 200)
+        for job_id in ids:
+            self.assertLessEqual(len(job_id), 16)
+            self.assertEqual(queuectl.validate_job_id(job_id), job_id)
+
+
+class DefaultDbPathTest(unittest.TestCase):
+
+    def test_env_var_wins(self):
+        """$QUEUECTL_DB is used as given."""
+        self.assertEqual(queuectl.default_db_path({"QUEUECTL_DB": "/x/q.db",
+                                                   "XDG_DATA_HOME": "/xdg"}), "/x/q.db")
+
+    def test_xdg_data_home(self):
+        """Without $QUEUECTL_DB (or with it empty), $XDG_DATA_HOME/queuectl is used."""
+        want = os.path.join("/xdg", "queuectl", "queuectl.db")
+        self.assertEqual(queuectl.default_db_path({"XDG_DATA_HOME": "/xdg"}), want)
+        self.assertEqual(queuectl.default_db_path({"QUEUECTL_DB": "",
+                                                   "XDG_DATA_HOME": "/xdg"}), want)
+
+    def test_home_fallback(self):
+        """With neither variable set, ~/.local/share/queuectl/queuectl.db is used."""
+        with mock.patch.dict(os.environ, {"HOME": "/home/someone"}):
+            for environ in ({}, {"XDG_DATA_HOME": ""}, {"QUEUECTL_DB": ""}):
+                with self.subTest(environ=environ):
+                    self.assertEqual(queuectl.default_db_path(environ),
+                                     "/home/someone/.local/share/queuectl/queuectl.db")
+
+    def test_never_relative_to_cwd(self):
+        """The default is absolute; a relative $XDG_DATA_HOME is ignored (XDG spec)."""
+        with mock.patch.dict(os.environ, {"HOME": "/home/someone"}):
+            for environ in ({}, {"XDG_DATA_HOME": ""}, {"XDG_DATA_HOME": "relative"},
+                            {"XDG_DATA_HOME": "./data"}):
+                with self.subTest(environ=environ):
+                    path = queuectl.default_db_path(environ)
+                    self.assertTrue(os.path.isabs(path), path)
+                    self.assertEqual(os.path.basename(path), "queuectl.db")
+
+    def test_reads_os_environ_by_default(self):
+        """Called with no argument it reads os.environ."""
+        with mock.patch.dict(os.environ, {"QUEUECTL_DB": "/from/env.db"}):
+            self.assertEqual(queuectl.default_db_path(), "/from/env.db")
+
+
+class DescribeExitTest(unittest.TestCase):
+
+    def test_exit_codes(self):
+        """Plain exit statuses, with notes for 126 and 127."""
+        self.assertEqual(queuectl.describe_exit(1), "exit 1")
+        self.assertEqual(queuectl.describe_exit(3), "exit 3")
+        self.assertEqual(queuectl.describe_exit(127), "exit 127 (command not found)")
+        self.assertEqual(queuectl.describe_exit(126), "exit 126 (command not executable)")
+
+    def test_signals(self):
+        """Negative statuses name the signal, or its number if it has no name."""
+        self.assertEqual(queuectl.describe_exit(-signal.SIGKILL), "killed by SIGKILL")
+        self.assertEqual(queuectl.describe_exit(-signal.SIGTERM), "killed by SIGTERM")
+        self.assertEqual(queuectl.describe_exit(-999), "killed by signal 999")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,497 @@
+"""The Store on a real temporary database: claims, fencing, retries, schema, limits."""
+
+import os
+import sqlite3
+import stat
+import unittest
+from datetime import datetime, timedelta, timezone
+from unittest import mock
+
+from tests.support import QueueTestCase, queuectl
+
+T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=timezone.utc)
+OK = queuectl.RunResult(exit_code=0, duration_s=0.5)
+
+
+def failed(reason="exit 1", **kw):
+    return queuectl.RunResult(exit_code=1, reason=reason, **kw)
+
+
+def at(seconds):
+    return T0 + timedelta(seconds=seconds)
+
+
+class StoreTestCase(QueueTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.store = self.open()
+
+    def open(self, path=None, create=True):
+        store = queuectl.Store(path or self.db, create=create)
+        self.addCleanup(store.close)
+        return store
+
+    def add(self, now=T0, **doc):
+        """Enqueue one job created at NOW; return its id."""
+        doc.setdefault("command", "true")
+        job = queuectl.validate_job(doc, now)
+        return self.store.enqueue([job], self.dir, now)[0]
+
+    def raw(self, sql, params=()):
+        return self.store.conn.execute(sql, params).fetchall()
+
+    def get(self, job_id):
+        return self.store.get_job(job_id)[0]
+
+    def dump(self):
+        return {t: [tuple(r) for r in self.raw(f"SELECT * FROM {t} ORDER BY 1")]
+                for t in ("jobs", "attempts", "config")}
+
+
+class ClaimTest(StoreTestCase):
+
+    def test_claim_order(self):
+        """Claims go by priority (high first), then run_at, then age."""
+        self.add(id="C", priority=5, run_at="2026-11-24T09:59:50Z", now=at(-5))
+        self.add(id="D", priority=0, run_at="2026-11-24T09:40:00Z", now=at(-2000))
+        self.add(id="B", priority=5, run_at="2026-11-24T09:59:50Z", now=at(-20))
+        self.add(id="E", priority=9, run_at="2026-11-24T09:59:59Z", now=at(0))
+        self.add(id="A", priority=5, run_at="2026-11-24T09:58:20Z", now=at(-50))
+        self.add(id="F", priority=-1, run_at="2026-11-24T09:00:00Z", now=at(-9000))
+        order = [self.store.claim(100 + i, now=T0).id for i in range(6)]
+        self.assertEqual(order, ["E", "A", "B", "C", "D", "F"])
+        self.assertIsNone(self.store.claim(200, now=T0))
+
+    def test_future_run_at_not_claimed(self):
+        """A job whose run_at is in the future waits until then."""
+        job_id = self.add(delay=60)
+        self.assertIsNone(self.store.claim(1, now=at(59.9)))
+        self.assertFalse(self.store.has_runnable(now=at(59.9)))
+        self.assertEqual(self.get(job_id)["state"], queuectl.PENDING)
+        self.assertEqual(self.store.next_run_at(), at(60))
+        claim = self.store.claim(1, now=at(60))
+        self.assertEqual(claim.id, job_id)
+
+    def test_claim_sets_processing_with_token(self):
+        """A claim moves the job to processing with a token, a lease and an attempt."""
+        job_id = self.add(max_retries=4, timeout=7)
+        claim = self.store.claim(4242, now=T0)
+        self.assertEqual((claim.id, claim.attempt, claim.max_retries, claim.timeout_s),
+                         (job_id, 1, 4, 7))
+        self.assertEqual(claim.cwd, self.dir)
+        self.assertGreaterEqual(len(claim.token), 16)
+        row = self.raw("SELECT state, claim_token, worker_pid, lease_until, attempts "
+                       "FROM jobs WHERE id = ?", (job_id,))[0]
+        self.assertEqual(tuple(row), (queuectl.PROCESSING, claim.token, 4242,
+                                      queuectl.iso(at(15)), 1))
+        job, attempts = self.store.get_job(job_id)
+        self.assertEqual((job["state"], job["worker_pid"]), (queuectl.PROCESSING, 4242))
+        self.assertEqual([(a["number"], a["outcome"], a["worker_pid"]) for a in attempts],
+                         [(1, queuectl.RUNNING, 4242)])
+        self.assertIsNone(self.store.claim(4243, now=T0))
+
+    def test_claim_uses_config_defaults(self):
+        """A job without its own limits follows the config at claim time."""
+        self.add()
+        self.store.set_config("max_retries", 7)
+        self.store.set_config("job_timeout", 12.5)
+        self.store.set_config("lease_timeout", 30)
+        claim = self.store.claim(1, now=T0)
+        self.assertEqual((claim.max_retries, claim.timeout_s, claim.lease_s), (7, 12.5, 30))
+        self.assertEqual(self.raw("SELECT lease_until FROM jobs")[0][0],
+                         queuectl.iso(at(30)))
+
+    def test_two_connections_never_share_a_claim(self):
+        """Two stores on one file claim different jobs, then nothing."""
+        other = self.open()
+        self.add(id="a")
+        self.add(id="b")
+        first = self.store.claim(1, now=T0)
+        second = other.claim(2, now=T0)
+        self.assertEqual({first.id, second.id}, {"a", "b"})
+        self.assertIsNone(other.claim(3, now=T0))
+
+
+class FencingTest(StoreTestCase):
+
+    def test_stale_token_finish_writes_nothing(self):
+        """A lost claim's finish returns None and leaves the new claimant's job alone."""
+        job_id = self.add()
+        old = self.store.claim(111, now=T0)
+        self.assertEqual(self.store.fence(job_id, old.token, now=at(20)), queuectl.FAILED)
+        new = self.store.claim(222, now=at(30))
+        self.assertEqual((new.id, new.attempt), (job_id, 2))
+        self.assertNotEqual(new.token, old.token)
+        before = self.dump()
+        self.assertIsNone(self.store.finish(job_id, old.token, OK, now=at(31)))
+        self.assertIsNone(self.store.finish(job_id, old.token, failed(), now=at(31)))
+        self.assertEqual(self.dump(), before)
+        job, attempts = self.store.get_job(job_id)
+        self.assertEqual((job["state"], job["worker_pid"], job["attempts"]),
+                         (queuectl.PROCESSING, 222, 2))
+        self.assertEqual([(a["worker_pid"], a["outcome"], a["reason"]) for a in attempts],
+                         [(111, queuectl.FAILED, queuectl.WORKER_LOST),
+                          (222, queuectl.RUNNING, None)])
+        self.assertEqual(self.store.finish(job_id, new.token, OK, now=at(32)),
+                         queuectl.COMPLETED)
+
+    def test_stale_token_renew_and_requeue(self):
+        """renew and requeue with a stale token return False and change nothing."""
+        job_id = self.add()
+        old = self.store.claim(111, now=T0)
+        self.store.fence(job_id, old.token, now=at(1))
+        new = self.store.claim(222, now=at(10))
+        before = self.dump()
+        self.assertFalse(self.store.renew(job_id, old.token, now=at(11)))
+        self.assertFalse(self.store.requeue(job_id, old.token, "stop", now=at(11)))
+        self.assertIsNone(self.store.fence(job_id, old.token, now=at(11)))
+        self.assertEqual(self.dump(), before)
+        self.assertTrue(self.store.renew(job_id, new.token, now=at(11)))
+        self.assertEqual(self.raw("SELECT lease_until FROM jobs")[0][0],
+                         queuectl.iso(at(26)))
+
+    def test_fence_only_expired(self):
+        """fence(only_expired=True) leaves a live lease alone."""
+        job_id = self.add()
+        claim = self.store.claim(1, now=T0)
+        self.assertIsNone(self.store.fence(job_id, claim.token, only_expired=True,
+                                           now=at(10)))
+        self.assertEqual(self.get(job_id)["state"], queuectl.PROCESSING)
+        self.assertEqual(self.store.fence(job_id, claim.token, only_expired=True,
+                                          now=at(16)), queuectl.FAILED)
+
+    def test_requeue_restores_attempts(self):
+        """requeue gives the job back as pending without using up an attempt."""
+        job_id = self.add()
+        claim = self.store.claim(1, now=T0)
+        self.assertEqual(self.get(job_id)["attempts"], 1)
+        self.assertTrue(self.store.requeue(job_id, claim.token, "cold stop", now=at(1)))
+        job, attempts = self.store.get_job(job_id)
+        self.assertEqual((job["state"], job["attempts"], job["worker_pid"]),
+                         (queuectl.PENDING, 0, None))
+        self.assertEqual([(a["outcome"], a["reason"]) for a in attempts],
+                         [(queuectl.INTERRUPTED, "cold stop")])
+        again = self.store.claim(2, now=at(2))
+        self.assertEqual((again.id, again.attempt), (job_id, 1))
+
+    def test_expired_claims(self):
+        """expired_claims lists claims whose lease is in the past, and only those."""
+        a = self.add(id="a")
+        self.add(id="b")
+        ca = self.store.claim(1, now=T0)
+        cb = self.store.claim(2, now=at(10))
+        self.assertEqual(self.store.expired_claims(now=at(14)), [])
+        self.assertEqual(self.store.expired_claims(now=at(16)), [(a, ca.token)])
+        self.assertEqual(sorted(self.store.expired_claims(now=at(30))),
+                         sorted([(a, ca.token), ("b", cb.token)]))
+        self.assertTrue(self.store.renew(a, ca.token, now=at(20)))
+        self.assertEqual(self.store.expired_claims(now=at(30)), [("b", cb.token)])
+        self.assertEqual(self.store.claims_of(1), [(a, ca.token)])
+
+
+class RetryTest(StoreTestCase):
+
+    def test_backoff_then_dead(self):
+        """Failures wait base**k seconds; after max_retries + 1 attempts the job is dead."""
+        job_id = self.add(max_retries=2)
+        now = T0
+        for k, delay in ((1, 2), (2, 4)):
+            claim = self.store.claim(1, now=now)
+            self.assertEqual(claim.attempt, k)
+            self.assertEqual(self.store.finish(job_id, claim.token, failed(f"exit {k}"),
+                                               now=now), queuectl.FAILED)
+            job = self.get(job_id)
+            want = queuectl.iso(now + timedelta(seconds=delay))
+            self.assertEqual((job["state"], job["attempts"], job["run_at"],
+                              job["next_retry_at"], job["last_error"]),
+                             (queuectl.FAILED, k, want, want, f"exit {k}"))
+            self.assertIsNone(self.store.claim(1, now=now + timedelta(seconds=delay - 0.01)))
+            now += timedelta(seconds=delay)
+        claim = self.store.claim(1, now=now)
+        self.assertEqual(claim.attempt, 3)
+        self.assertEqual(self.store.finish(job_id, claim.token, failed("exit 9"), now=now),
+                         queuectl.DEAD)
+        job = self.get(job_id)
+        self.assertEqual((job["state"], job["attempts"], job["last_error"],
+                          job["next_retry_at"]), (queuectl.DEAD, 3, "exit 9", None))
+        self.assertIsNone(self.store.claim(1, now=now + timedelta(days=365)))
+
+    def test_backoff_follows_config(self):
+        """backoff_base and backoff_max from the config set the delay."""
+        self.store.set_config("backoff_base", 3)
+        self.store.set_config("backoff_max", 5)
+        job_id = self.add(max_retries=5)
+        claim = self.store.claim(1, now=T0)
+        self.store.finish(job_id, claim.token, failed(), now=T0)
+        self.assertEqual(self.get(job_id)["run_at"], queuectl.iso(at(3)))
+        claim = self.store.claim(1, now=at(3))
+        self.store.finish(job_id, claim.token, failed(), now=at(3))
+        self.assertEqual(self.get(job_id)["run_at"], queuectl.iso(at(8)))
+
+    def test_max_retries_zero_dies_at_once(self):
+        """max_retries 0 means one attempt, then the DLQ."""
+        job_id = self.add(max_retries=0)
+        claim = self.store.claim(1, now=T0)
+        self.assertEqual(self.store.finish(job_id, claim.token, failed(), now=T0),
+                         queuectl.DEAD)
+
+    def test_success_completes(self):
+        """A successful result completes the job and clears the error."""
+        job_id = self.add(max_retries=3)
+        claim = self.store.claim(1, now=T0)
+        self.store.finish(job_id, claim.token, failed(), now=T0)
+        claim = self.store.claim(1, now=at(2))
+        self.assertEqual(self.store.finish(job_id, claim.token, OK, now=at(3)),
+                         queuectl.COMPLETED)
+        job = self.get(job_id)
+        self.assertEqual((job["state"], job["attempts"], job["last_error"],
+                          job["next_retry_at"], job["worker_pid"]),
+                         (queuectl.COMPLETED, 2, None, None, None))
+
+    def test_output_stored_per_attempt(self):
+        """Each attempt keeps its own exit code, output, duration and times."""
+        job_id = self.add(max_retries=3)
+        claim = self.store.claim(7, now=T0)
+        self.store.finish(job_id, claim.token,
+                          failed("exit 3", stdout="one\n", stderr="bad\n",
+                                 stdout_dropped=5), now=at(1))
+        claim = self.store.claim(8, now=at(3))
+        self.store.finish(job_id, claim.token,
+                          queuectl.RunResult(exit_code=0, stdout="two\n"), now=at(5.5))
+        _, attempts = self.store.get_job(job_id)
+        self.assertEqual(
+            [(a["number"], a["worker_pid"], a["outcome"], a["exit_code"], a["reason"],
+              a["stdout"], a["stderr"], a["stdout_dropped"], a["started_at"],
+              a["finished_at"], a["duration_s"]) for a in attempts],
+            [(1, 7, queuectl.FAILED, 1, "exit 3", "one\n", "bad\n", 5,
+              queuectl.iso(T0), queuectl.iso(at(1)), 1.0),
+             (2, 8, queuectl.COMPLETED, 0, None, "two\n", "", 0,
+              queuectl.iso(at(3)), queuectl.iso(at(5.5)), 2.5)])
+
+    def test_retry_dead_resets(self):
+        """retry_dead puts dead jobs back to pending with attempts 0."""
+        job_id = self.add(max_retries=0)
+        claim = self.store.claim(1, now=T0)
+        self.store.finish(job_id, claim.token, failed(), now=T0)
+        self.assertEqual(self.store.retry_dead(now=at(5)), [job_id])
+        job = self.get(job_id)
+        self.assertEqual((job["state"], job["attempts"], job["run_at"]),
+                         (queuectl.PENDING, 0, queuectl.iso(at(5))))
+        self.assertEqual(self.store.retry_dead(), [])
+
+
+class EnqueueTest(StoreTestCase):
+
+    def test_batch_is_atomic(self):
+        """A duplicate id anywhere in a batch rolls back the whole batch."""
+        self.add(id="x")
+        before = self.dump()
+        jobs = [queuectl.validate_job({"command": "true", "id": i}, T0)
+                for i in ("y", "z", "x")]
+        with self.assertRaises(queuectl.QueueError) as cm:
+            self.store.enqueue(jobs, self.dir, T0)
+        self.assertIn("duplicate job id: x", str(cm.exception))
+        self.assertEqual(self.dump(), before)
+
+    def test_generated_ids_unique(self):
+        """Jobs without ids get distinct generated ids."""
+        jobs = [queuectl.validate_job({"command": "true"}, T0) for _ in range(100)]
+        ids = self.store.enqueue(jobs, self.dir, T0)
+        self.assertEqual(len(set(ids)), 100)
+        self.assertEqual(len(self.store.list_jobs()), 100)
+
+
+class SchemaTest(StoreTestCase):
+
+    def pragma(self, name, path=None):
+        conn = sqlite3.connect(path or self.db)
+        try:
+            return conn.execute(f"PRAGMA {name}").fetchone()[0]
+        finally:
+            conn.close()
+
+    def read(self, path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    def test_new_database_is_marked(self):
+        """A new database carries the schema version and queuectl's application id."""
+        self.assertEqual(self.pragma("user_version"), queuectl.SCHEMA_VERSION)
+        self.assertEqual(self.pragma("application_id"), queuectl.APPLICATION_ID)
+        self.assertEqual(self.pragma("journal_mode"), "wal")
+
+    def test_reopen_keeps_data(self):
+        """Opening an existing database again keeps its jobs and config."""
+        job_id = self.add()
+        self.store.set_config("max_retries", 9)
+        self.store.close()
+        again = self.open(create=False)
+        self.assertEqual(again.get_job(job_id)[0]["max_retries"], 9)
+
+    def test_newer_version_refused_unchanged(self):
+        """A database from a newer queuectl is refused and not touched."""
+        self.store.close()
+        conn = sqlite3.connect(self.db)
+        conn.execute(f"PRAGMA user_version = {queuectl.SCHEMA_VERSION + 1}")
+        conn.close()
+        before = self.read(self.db)
+        with self.assertRaises(queuectl.QueueError) as cm:
+            queuectl.Store(self.db)
+        self.assertIn("newer", str(cm.exception))
+        self.assertEqual(self.read(self.db), before)
+        self.assertEqual(self.pragma("user_version"), queuectl.SCHEMA_VERSION + 1)
+
+    def test_foreign_sqlite_refused_unchanged(self):
+        """Another program's SQLite database is refused and not touched."""
+        path = os.path.join(self.dir, "other.sqlite")
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+        conn.commit()
+        conn.close()
+        before = self.read(path)
+        for create in (True, False):
+            with self.assertRaises(queuectl.QueueError) as cm:
+                queuectl.Store(path, create=create)
+            self.assertIn("not a queuectl database", str(cm.exception))
+        self.assertEqual(self.read(path), before)
+        self.assertEqual(self.pragma("journal_mode", path), "delete")
+
+    def test_text_file_refused_unchanged(self):
+        """A file that is not SQLite at all is refused and not touched."""
+        path = os.path.join(self.dir, "notes.txt")
+        with open(path, "w") as f:
+            f.write("my precious notes\n")
+        with self.assertRaises(queuectl.QueueError) as cm:
+            queuectl.Store(path)
+        self.assertIn("not a queuectl database", str(cm.exception))
+        self.assertEqual(self.read(path), b"my precious notes\n")
+        self.assertEqual([n for n in os.listdir(self.dir) if n.startswith("notes")],
+                         ["notes.txt"])
+
+    def version_zero_files(self):
+        """Yield (name, path) of an empty file and of an empty-schema SQLite file."""
+        empty = os.path.join(self.dir, "empty.db")
+        open(empty, "wb").close()
+        yield "empty file", empty
+        blank = os.path.join(self.dir, "blank.db")
+        conn = sqlite3.connect(blank)
+        conn.execute("CREATE TABLE t (a)")
+        conn.execute("DROP TABLE t")
+        conn.commit()
+        conn.close()
+        yield "empty-schema SQLite file", blank
+
+    def failing_migration(self):
+        bad = (("CREATE TABLE jobs (id TEXT)", "THIS IS NOT SQL"),)
+        return mock.patch.object(queuectl, "MIGRATIONS", bad)
+
+    def test_failed_migration_leaves_no_schema(self):
+        """A migration that fails half-way is rolled back: still version 0, no tables."""
+        for name, path in self.version_zero_files():
+            with self.subTest(name), self.failing_migration():
+                with self.assertRaises(queuectl.QueueError):
+                    queuectl.Store(path)
+                self.assertEqual(self.pragma("user_version", path), 0)
+                self.assertEqual(self.pragma("application_id", path), 0)
+                conn = sqlite3.connect(path)
+                try:
+                    tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
+                finally:
+                    conn.close()
+                self.assertEqual(tables, [])
+
+    def test_failed_migration_leaves_file_unchanged(self):
+        """A migration that fails leaves a version-0 file byte for byte as it was."""
+        for name, path in self.version_zero_files():
+            before = self.read(path)
+            with self.subTest(name), self.failing_migration():
+                with self.assertRaises(queuectl.QueueError):
+                    queuectl.Store(path)
+                after = self.read(path)
+                self.assertTrue(after == before,
+                                f"file changed: {len(before)} -> {len(after)} bytes, "
+                                f"header bytes 18-19 {before[18:20]!r} -> "
+                                f"{after[18:20]!r} (2, 2: WAL mode)")
+
+    def test_file_mode_0600(self):
+        """A new database file is readable and writable by its owner only."""
+        self.assertEqual(stat.S_IMODE(os.stat(self.db).st_mode), 0o600)
+        old = os.umask(0)
+        try:
+            path = os.path.join(self.dir, "sub", "open.db")
+            self.open(path)
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def test_missing_database_not_created(self):
+        """create=False refuses a missing database and creates nothing."""
+        path = os.path.join(self.dir, "nope", "missing.db")
+        with self.assertRaises(queuectl.QueueError) as cm:
+            queuectl.Store(path, create=False)
+        self.assertIn("no database", str(cm.exception))
+        self.assertFalse(os.path.exists(os.path.dirname(path)))
+
+    def test_directory_refused(self):
+        """A directory is not a database."""
+        with self.assertRaises(queuectl.QueueError) as cm:
+            queuectl.Store(self.dir)
+        self.assertIn("directory", str(cm.exception))
+
+    def test_full_database(self):
+        """When the database is full, enqueue fails with 'full' and keeps old jobs."""
+        ids = [self.add(id=f"job{i}") for i in range(5)]
+        before = self.dump()
+        pages = self.store.conn.execute("PRAGMA page_count").fetchone()[0]
+        self.store.conn.execute(f"PRAGMA max_page_count = {pages}")
+        jobs = [queuectl.validate_job({"command": "x" * 20000}, T0) for _ in range(5)]
+        with self.assertRaises(queuectl.QueueError) as cm:
+            self.store.enqueue(jobs, self.dir, T0)
+        self.assertIn("full", str(cm.exception))
+        self.assertFalse(self.store.conn.in_transaction)
+        self.assertEqual(self.dump(), before)
+        self.assertEqual(sorted(j["id"] for j in self.store.list_jobs()), ids)
+        other = self.open()
+        self.assertEqual(sorted(j["id"] for j in other.list_jobs()), ids)
+
+
+class StatsTest(StoreTestCase):
+
+    def test_stats_and_status(self):
+        """stats counts runs and percentiles; status counts states and the oldest job."""
+        now = queuectl.now_utc()
+        for i, duration in enumerate((1.0, 3.0, 2.0)):
+            self.add(id=f"ok{i}", now=now - timedelta(hours=2))
+        self.add(id="bad", max_retries=0, now=now - timedelta(hours=2))
+        for i, duration in enumerate((1.0, 3.0, 2.0)):
+            claim = self.store.claim(1, now=now - timedelta(hours=1))
+            when = now - timedelta(minutes=30) if i == 2 else now
+            self.store.finish(claim.id, claim.token,
+                              queuectl.RunResult(exit_code=0, duration_s=duration),
+                              now=when)
+        claim = self.store.claim(1, now=now)
+        self.store.finish(claim.id, claim.token, failed(duration_s=9.0), now=now)
+        stats = self.store.stats(now=now + timedelta(seconds=1))
+        self.assertEqual(stats["completed"], 3)
+        self.assertEqual(stats["failed_attempts"], 1)
+        self.assertEqual(stats["dead"], 1)
+        self.assertAlmostEqual(stats["success_rate"], 0.75)
+        self.assertAlmostEqual(stats["run_time_avg_s"], 2.0)
+        self.assertEqual(stats["run_time_p50_s"], 2.0)
+        self.assertEqual(stats["run_time_p95_s"], 3.0)
+        self.assertEqual(stats["completed_last_minute"], 2)
+        self.assertEqual(stats["completed_last_hour"], 3)
+        pending = self.add(id="later", now=now - timedelta(seconds=90))
+        self.store.conn.execute("UPDATE jobs SET run_at = ? WHERE id = ?",
+                                (queuectl.iso(now - timedelta(seconds=90)), pending))
+        counts, oldest, running = self.store.status(now=now)
+        self.assertEqual(counts, {"pending": 1, "processing": 0, "completed": 3,
+                                  "failed": 0, "dead": 1})
+        self.assertEqual(oldest, queuectl.iso(now - timedelta(seconds=90)))
+        self.assertEqual(running, {})
+
+
+if __name__ == "__main__":
+    unittest.main()
