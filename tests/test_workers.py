@@ -1,0 +1,404 @@
+"""End-to-end tests of workers: real supervisor and worker processes on a temp DB."""
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import unittest
+from datetime import datetime, timedelta, timezone
+
+from tests.support import QUEUECTL, QueueTestCase, pid_alive, queuectl, wait_until
+
+parse_iso = queuectl.parse_iso
+
+
+def group_members(pgid):
+    """Pids of the live (non-zombie) processes in process group PGID."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def seconds_between(earlier, later):
+    return (parse_iso(later) - parse_iso(earlier)).total_seconds()
+
+
+class WorkerTestCase(QueueTestCase):
+    """Helpers shared by the worker tests."""
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def read(self, name):
+        try:
+            with open(self.path(name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def jobs(self, state=None):
+        argv = ["list", "--json"] + (["--state", state] if state else [])
+        return json.loads(self.ok(*argv))
+
+    def count(self, state):
+        return len(self.jobs(state))
+
+    def stop_workers(self, proc, *extra, timeout=30):
+        """Run `worker stop` as a process; assert the supervisor exits with 0."""
+        result = self.run_cli("worker", "stop", *extra, timeout=timeout)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(proc.wait(timeout=10), 0, self.log_text(proc))
+        return result
+
+    def kill_stray(self, pid, needle):
+        """Cleanup: SIGKILL PID if it still runs a command containing NEEDLE."""
+        if pid_alive(pid) and needle in cmdline(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def kill_detached(self):
+        """Cleanup: SIGKILL a detached supervisor (its own process group) if it runs."""
+        running = queuectl.PidFile.running(self.db + ".pid")
+        if running:
+            self.kill_group_cleanup(running[0])
+
+    def kill_group_cleanup(self, pgid):
+        """Cleanup: SIGKILL what is left of process group PGID (a detached run)."""
+        if group_members(pgid):
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+class TestWorkers(WorkerTestCase):
+
+    def test_job_completes_and_output_is_captured(self):
+        """A job completes and show --json holds its stdout and stderr."""
+        self.start_workers(1)
+        job_id = self.enqueue(command="echo to-out; echo to-err >&2")
+        job = self.wait_state(job_id, "completed")
+        self.assertEqual(job["attempts"], 1)
+        self.assertIsNone(job["last_error"])
+        self.assertEqual(job["output"]["stdout"], "to-out\n")
+        self.assertEqual(job["output"]["stderr"], "to-err\n")
+        self.assertEqual(job["output"]["stdout_dropped_bytes"], 0)
+        self.assertEqual(len(job["history"]), 1)
+        self.assertEqual(job["history"][0]["outcome"], "completed")
+        self.assertEqual(job["history"][0]["exit_code"], 0)
+
+    def test_failing_job_backs_off_goes_dead_and_dlq_retry_reruns_it(self):
+        """A failing job retries after min(base**k, max), dies, and dlq retry reruns it."""
+        base, maximum, retries = 1.5, 2, 2
+        self.ok("config", "set", "backoff_base", str(base))
+        self.ok("config", "set", "backoff_max", str(maximum))
+        flag = self.path("flag")
+        proc = self.start_workers(1)
+        job_id = self.enqueue(command=f"test -e {shlex.quote(flag)} || exit 1",
+                              max_retries=retries)
+        job = self.wait_state(job_id, "dead", timeout=20)
+        self.assertEqual(job["attempts"], retries + 1)
+        self.assertEqual(job["last_error"], "exit 1")
+        self.assertIsNone(job["next_retry_at"])
+        history = job["history"]
+        self.assertEqual([h["outcome"] for h in history], ["failed"] * (retries + 1))
+        self.assertEqual([h["number"] for h in history], list(range(1, retries + 2)))
+        for k in range(1, retries + 1):
+            delay = min(base ** k, maximum)
+            gap = seconds_between(history[k - 1]["finished_at"], history[k]["started_at"])
+            self.assertGreaterEqual(gap, delay - 0.001, f"gap after attempt {k}")
+            self.assertLess(gap, delay + 1.5, f"gap after attempt {k}")
+
+        # Stop the workers so the job can be seen pending before it runs again.
+        self.stop_workers(proc)
+        code, out, err = self.cli("dlq", "retry", job_id)
+        self.assertEqual((code, out, err), (0, f"{job_id}: back to pending\n", ""))
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertIsNone(job["next_retry_at"])
+
+        open(flag, "w").close()
+        self.start_workers(1)
+        job = self.wait_state(job_id, "completed")
+        self.assertEqual(job["attempts"], 1)
+        self.assertIsNone(job["last_error"])
+        self.assertEqual([h["outcome"] for h in job["history"]],
+                         ["failed"] * (retries + 1) + ["completed"])
+        self.assertEqual(job["history"][-1]["number"], 1)
+
+    def test_four_workers_run_200_jobs_each_exactly_once(self):
+        """Four workers run 200 jobs; every job runs exactly once."""
+        out_file = shlex.quote(self.path("out"))
+        ids = [f"job-{n:03d}" for n in range(200)]
+        lines = "".join(json.dumps({"id": i, "command": f"echo {i} >> {out_file}"}) + "\n"
+                        for i in ids)
+        self.assertEqual(self.ok("enqueue", "-", stdin=lines).split(), ids)
+        self.start_workers(4)
+        wait_until(lambda: self.count("completed") == 200, 40, "200 completed jobs")
+        written = self.read("out").splitlines()
+        self.assertEqual(len(written), 200)
+        self.assertEqual(sorted(written), ids)
+        self.assertEqual({j["attempts"] for j in self.jobs()}, {1})
+
+    def test_missing_command_fails_cleanly(self):
+        """A command that does not exist fails with exit 127, no traceback."""
+        proc = self.start_workers(1)
+        job_id = self.enqueue(command="queuectl-no-such-command-xyz", max_retries=0)
+        job = self.wait_state(job_id, "dead")
+        self.assertIn("127", job["last_error"])
+        self.assertEqual(job["attempts"], 1)
+        self.assertEqual(job["history"][0]["exit_code"], 127)
+        self.assertIn("not found", job["output"]["stderr"])
+        wait_until(lambda: job_id in self.log_text(proc), 5, "the job in the worker log")
+        self.assertNotIn("Traceback", self.log_text(proc))
+
+    def test_jobs_survive_a_restart_of_the_workers(self):
+        """Pending jobs stay queued across worker stop and start, and all complete."""
+        out_file = shlex.quote(self.path("out"))
+        ids = [f"r{n}" for n in range(10)]
+        commands = {i: f"sleep 0.3; echo {i} >> {out_file}" for i in ids}
+        lines = "".join(json.dumps({"id": i, "command": c}) + "\n"
+                        for i, c in commands.items())
+        self.ok("enqueue", "-", stdin=lines)
+        proc = self.start_workers(2)
+        wait_until(lambda: self.count("completed") >= 2, 20, "two completed jobs")
+        result = self.stop_workers(proc)
+        self.assertIn("stopped", result.stdout)
+
+        jobs = self.jobs()
+        states = [j["state"] for j in jobs]
+        self.assertEqual(set(states) - {"completed", "pending"}, set(), states)
+        self.assertGreater(states.count("pending"), 0, "every job ran before the stop")
+        self.assertEqual({j["attempts"] for j in jobs if j["state"] == "pending"}, {0})
+        self.assertEqual(len(jobs), 10)
+
+        self.start_workers(2)
+        wait_until(lambda: self.count("completed") == 10, 20, "all 10 jobs completed")
+        self.assertEqual(sorted(self.read("out").split()), sorted(ids))
+        self.assertEqual({j["attempts"] for j in self.jobs()}, {1})
+
+    def test_timeout_kills_the_jobs_grandchild(self):
+        """A timed-out job's background grandchild is killed with it."""
+        pidfile = self.path("grandchild.pid")
+        inner = f"sleep 60 & echo $! > {shlex.quote(pidfile)}; wait"
+        self.start_workers(1)
+        job_id = self.enqueue(command=f"sh -c {shlex.quote(inner)}", timeout=1,
+                              max_retries=0)
+        pid = int(wait_until(lambda: self.read("grandchild.pid").strip(), 10,
+                             "the grandchild's pid file"))
+        self.addCleanup(self.kill_stray, pid, "sleep")
+        job = self.wait_state(job_id, "dead", timeout=10)
+        self.assertEqual(job["last_error"], "timeout after 1s")
+        self.assertLess(job["history"][0]["duration_s"], 1 + queuectl.KILL_GRACE_S + 1)
+        wait_until(lambda: not pid_alive(pid), 5, f"grandchild {pid} to be gone")
+
+    def test_priority_then_run_at_then_age_order(self):
+        """One worker runs queued jobs by priority, then run_at, then age."""
+        out_file = shlex.quote(self.path("out"))
+        past = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")
+        specs = [("old0", {}), ("low", {"priority": -5}), ("new0", {}),
+                 ("past0", {"run_at": past}), ("high", {"priority": 10}),
+                 ("mid", {"priority": 5})]
+        for name, extra in specs:
+            self.enqueue(id=name, command=f"echo {name} >> {out_file}", **extra)
+        self.start_workers(1)
+        wait_until(lambda: self.count("completed") == len(specs), 20, "all jobs completed")
+        self.assertEqual(self.read("out").split(),
+                         ["high", "mid", "past0", "old0", "new0", "low"])
+
+    def test_delayed_jobs_do_not_start_before_run_at(self):
+        """Jobs with delay or a future run_at (Z or offset) start at their time."""
+        self.start_workers(1)
+        soon = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+        given = {
+            "zulu": soon.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "plus0": soon.isoformat(),
+            "plus2": soon.astimezone(timezone(timedelta(hours=2))).isoformat(),
+        }
+        self.assertTrue(given["plus0"].endswith("+00:00"))
+        for name, run_at in given.items():
+            self.enqueue(id=name, command="true", run_at=run_at, priority=1)
+        self.enqueue(id="delayed", command="true", delay=2, priority=1)
+        # A due job of lower priority: a claim happens while the others must wait.
+        self.wait_state(self.enqueue(command="true"), "completed")
+        for name in [*given, "delayed"]:
+            job = self.wait_state(name, "completed", timeout=10)
+            started = job["history"][0]["started_at"]
+            self.assertGreaterEqual(started, job["run_at"], f"{name} started early")
+            self.assertLess(seconds_between(job["run_at"], started), 1.5, name)
+            if name == "delayed":
+                wanted = parse_iso(job["created_at"]) + timedelta(seconds=2)
+            else:
+                wanted = soon
+            self.assertLess(abs((parse_iso(job["run_at"]) - wanted).total_seconds()),
+                            0.002, f"run_at of {name}")
+
+    def test_graceful_stop_waits_for_the_running_job(self):
+        """worker stop returns only after the running job completed."""
+        proc = self.start_workers(1)
+        done = shlex.quote(self.path("f"))
+        job_id = self.enqueue(command=f"sleep 1.5; echo done >> {done}")
+        self.wait_state(job_id, "processing", timeout=10)
+        result = self.run_cli("worker", "stop", timeout=30)
+        job = self.job(job_id)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(job["state"], "completed")
+        self.assertEqual(job["attempts"], 1)
+        self.assertEqual(self.read("f"), "done\n")
+        self.assertIn("stopped", result.stdout)
+        self.assertEqual(len(result.stdout.splitlines()), 1, result.stdout)
+        self.assertEqual(proc.wait(timeout=10), 0, self.log_text(proc))
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertNotIn("Traceback", self.log_text(proc))
+
+    def test_stop_timeout_kills_the_job_and_gives_it_back(self):
+        """worker stop --timeout 1 kills a running job and requeues it unused."""
+        proc = self.start_workers(1)
+        pgid_file = shlex.quote(self.path("pgid"))
+        job_id = self.enqueue(command=f"echo $$ > {pgid_file}; sleep 30")
+        self.wait_state(job_id, "processing", timeout=10)
+        pgid = int(wait_until(lambda: self.read("pgid").strip(), 10, "the job's pgid"))
+        self.addCleanup(self.kill_group_cleanup, pgid)
+        self.assertTrue(group_members(pgid))
+        started = time.monotonic()
+        result = self.stop_workers(proc, "--timeout", "1")
+        self.assertLess(time.monotonic() - started, 15)
+        self.assertIn("stopped", result.stdout)
+        self.assertIn(f"killed 1 running job(s) ({job_id})", result.stdout)
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertEqual(job["history"][-1]["outcome"], "interrupted")
+        self.assertIsNotNone(job["history"][-1]["finished_at"])
+        wait_until(lambda: not group_members(pgid), 5, f"process group {pgid} to be gone")
+
+    def test_second_supervisor_is_refused(self):
+        """A second worker start on a busy database exits 1; the first keeps working."""
+        proc = self.start_workers(1)
+        workers = self.worker_pids(proc.pid, 1)
+        result = self.run_cli("worker", "start", timeout=20)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("already running", result.stderr)
+        self.assertIn(str(proc.pid), result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIsNone(proc.poll())
+        self.assertEqual(self.worker_pids(proc.pid, 1), workers)
+        job_id = self.enqueue(command="true")
+        self.wait_state(job_id, "completed")
+
+    def test_stale_pid_file_of_a_live_process_is_replaced(self):
+        """An unlocked PID file naming a live unrelated process does not block start."""
+        with open(self.db + ".pid", "w") as f:
+            f.write(f"{os.getpid()}\n\n")
+        proc = self.start_workers(1)
+        with open(self.db + ".pid") as f:
+            self.assertEqual(f.readline().strip(), str(proc.pid))
+        job_id = self.enqueue(command="true")
+        self.wait_state(job_id, "completed")
+
+    def test_stale_pid_file_of_a_dead_process_is_replaced(self):
+        """A PID file left by a dead process does not block worker start."""
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait(timeout=10)
+        with open(self.db + ".pid", "w") as f:
+            f.write(f"{dead.pid}\n{dead.pid}\n")
+        proc = self.start_workers(2)
+        with open(self.db + ".pid") as f:
+            self.assertEqual(f.readline().strip(), str(proc.pid))
+        job_id = self.enqueue(command="true")
+        self.wait_state(job_id, "completed")
+
+    def test_detach_returns_promptly_and_stop_removes_the_pid_file(self):
+        """worker start --detach returns at once, even inside $(...); stop ends it."""
+        script = 'x=$("$PY" "$QUEUECTL" worker start --detach --count 2) && echo "$x"'
+        env = dict(self.env, PY=sys.executable, QUEUECTL=QUEUECTL)
+        self.addCleanup(self.kill_detached)
+        started = time.monotonic()
+        result = subprocess.run(["sh", "-c", script], env=env, cwd=self.dir,
+                                capture_output=True, text=True, timeout=25)
+        elapsed = time.monotonic() - started
+        match = re.search(r"supervisor pid (\d+)", result.stdout)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIsNotNone(match, result.stdout)
+        self.assertIn("started 2 worker(s)", result.stdout)
+        self.assertLess(elapsed, 10)
+        pid = int(match.group(1))
+        self.assertTrue(pid_alive(pid))
+        self.assertEqual(len(self.worker_pids(pid, 2) or []), 2)
+
+        ids = [self.enqueue(command="echo hi") for _ in range(3)]
+        for job_id in ids:
+            self.assertEqual(self.wait_state(job_id, "completed")["output"]["stdout"],
+                             "hi\n")
+
+        stop = self.run_cli("worker", "stop", timeout=30)
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertIn(f"stopped workers (supervisor pid {pid})", stop.stdout)
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+        wait_until(lambda: not pid_alive(pid), 10, "the detached supervisor to exit")
+        wait_until(lambda: not group_members(pid), 10, "the detached workers to exit")
+        with open(self.db + ".log") as f:
+            self.assertNotIn("Traceback", f.read())
+
+    def test_idle_worker_starts_a_new_job_promptly(self):
+        """An idle worker starts a newly enqueued job well before its idle recheck."""
+        self.start_workers(1)
+        first = self.enqueue(command="true")
+        self.wait_state(first, "completed")
+        # The scenario, not a wait: the worker has just gone idle; let it sit a while.
+        # Its periodic recheck (IDLE_RECHECK_S = 1s) is then ~0.75s away, so only a
+        # wake-up on the enqueue itself starts the job within 0.5s.
+        time.sleep(0.25)
+        job_id = self.enqueue(command="true")
+        job = self.wait_state(job_id, "completed")
+        self.assertLess(seconds_between(job["created_at"], job["history"][0]["started_at"]),
+                        0.5)
+
+    def test_stop_with_no_workers_running(self):
+        """worker stop with nothing running says so and exits 0."""
+        result = self.run_cli("worker", "stop")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, "no workers running\n", ""))
+        with open(self.db + ".pid", "w") as f:      # stale: nobody holds its lock
+            f.write(f"{os.getpid()}\n\n")
+        result = self.run_cli("worker", "stop")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, "no workers running\n", ""))
+
+    def test_running_workers_see_config_changes(self):
+        """A job_timeout set while workers run applies to the next job."""
+        self.start_workers(1)
+        first = self.enqueue(command="true")
+        self.wait_state(first, "completed")
+        self.assertEqual(self.ok("config", "set", "job_timeout", "1"), "job_timeout = 1\n")
+        job_id = self.enqueue(command="sleep 5", max_retries=0)
+        job = self.wait_state(job_id, "dead", timeout=10)
+        self.assertEqual(job["last_error"], "timeout after 1s")
+        self.assertEqual(job["timeout"], 1)
+        self.assertLess(job["history"][0]["duration_s"], 1 + queuectl.KILL_GRACE_S + 1)
+
+
+if __name__ == "__main__":
+    unittest.main()
