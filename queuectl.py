@@ -34,6 +34,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import re
 import secrets
 import signal
@@ -88,8 +89,12 @@ CONFIG_DEFAULTS = {
     "lease_timeout": 15,
 }
 
-BUSY_TIMEOUT_S = 10.0      # SQLite's own wait for a lock, per statement
-BUSY_DEADLINE_S = 60.0     # after that, whole transactions are retried until this
+# SQLite's own busy handler sleeps up to 100 ms between tries, so under heavy load a
+# waiting writer can starve for seconds. So SQLite waits only briefly, and _run
+# retries the transaction after a short random pause, up to BUSY_DEADLINE_S.
+BUSY_TIMEOUT_S = 0.02
+BUSY_RETRY_MAX_S = 0.005
+BUSY_DEADLINE_S = 60.0
 IDLE_POLL_S = 0.05         # how often an idle worker looks for a change to the database
 IDLE_RECHECK_S = 1.0       # an idle worker claims and reclaims at least this often
 TICK_S = 0.1               # how often a running job is checked (timeout, stop, lease)
@@ -418,6 +423,10 @@ def _sqlite_message(error, path):
     if "not a database" in lowered or "malformed" in lowered:
         return f"not a queuectl database, or corrupt: {path}"
     if "unable to open" in lowered:
+        folder = os.path.dirname(path)
+        if not os.access(folder, os.W_OK):
+            # WAL needs its -wal and -shm files beside the database.
+            return f"database is read-only (cannot write in {folder}): {path}"
         return f"cannot open database: {path}"
     if "locked" in lowered or "busy" in lowered:
         return f"database is busy (still locked after {BUSY_DEADLINE_S:.0f}s): {path}"
@@ -439,16 +448,17 @@ class Store:
         self.conn = None
         self._check_file(create)
         try:
-            self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S,
-                                        isolation_level=None)
+            self.conn = self._retrying(lambda: sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None))
             self.conn.row_factory = sqlite3.Row
             # In WAL, NORMAL may lose the last commits on power loss; FULL does not.
             self.conn.execute("PRAGMA synchronous=FULL")
             # Know whose file it is, and migrate it, before switching it to WAL: a
             # refused or failed open must leave the file as it was.
-            if self._version(self.conn) < SCHEMA_VERSION:
+            if self._retrying(lambda: self._version(self.conn)) < SCHEMA_VERSION:
                 self._write(self._migrate, "EXCLUSIVE")
-            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = self._retrying(lambda: self.conn.execute(
+                "PRAGMA journal_mode=WAL").fetchone()[0])
             if mode.lower() != "wal":
                 raise QueueError(f"cannot switch database to WAL mode: {self.path}")
         except sqlite3.Error as e:
@@ -523,27 +533,31 @@ class Store:
 
     # -- transactions -------------------------------------------------------------
 
-    def _run(self, body, begin):
-        """Run body(conn) in one transaction, retrying while the database is busy."""
+    def _retrying(self, action):
+        """Return action(), retried while the database is busy; map sqlite3 errors."""
         deadline = time.monotonic() + BUSY_DEADLINE_S
-        delay = 0.01
         while True:
             try:
-                self.conn.execute(begin)
-                try:
-                    result = body(self.conn)
-                    self.conn.execute("COMMIT")
-                    return result
-                except BaseException:
-                    if self.conn.in_transaction:   # SQLite may have rolled back already
-                        self.conn.execute("ROLLBACK")
-                    raise
+                return action()
             except sqlite3.Error as e:
                 if _is_busy(e) and time.monotonic() < deadline:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.5)
+                    time.sleep(random.uniform(0, BUSY_RETRY_MAX_S))
                     continue
                 raise QueueError(_sqlite_message(e, self.path)) from None
+
+    def _run(self, body, begin):
+        """Run body(conn) in one transaction, retried as a whole while busy."""
+        def transaction():
+            self.conn.execute(begin)
+            try:
+                result = body(self.conn)
+                self.conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if self.conn.in_transaction:   # SQLite may have rolled back already
+                    self.conn.execute("ROLLBACK")
+                raise
+        return self._retrying(transaction)
 
     def _write(self, body, mode="IMMEDIATE"):
         return self._run(body, "BEGIN " + mode)
@@ -553,10 +567,8 @@ class Store:
 
     def data_version(self):
         """Return a number that changes whenever another connection commits."""
-        try:
-            return self.conn.execute("PRAGMA data_version").fetchone()[0]
-        except sqlite3.Error as e:
-            raise QueueError(_sqlite_message(e, self.path)) from None
+        return self._retrying(
+            lambda: self.conn.execute("PRAGMA data_version").fetchone()[0])
 
     # -- config -------------------------------------------------------------------
 
@@ -738,13 +750,10 @@ class Store:
     def has_runnable(self, now=None):
         """Cheaply tell whether a claim could succeed (no lock taken)."""
         stamp = iso(now or now_utc())
-        try:
-            return self.conn.execute(
-                "SELECT 1 FROM jobs INDEXED BY jobs_due "
-                "WHERE state IN ('pending', 'failed') AND run_at <= ? LIMIT 1",
-                (stamp,)).fetchone() is not None
-        except sqlite3.Error as e:
-            raise QueueError(_sqlite_message(e, self.path)) from None
+        return self._retrying(lambda: self.conn.execute(
+            "SELECT 1 FROM jobs INDEXED BY jobs_due "
+            "WHERE state IN ('pending', 'failed') AND run_at <= ? LIMIT 1",
+            (stamp,)).fetchone() is not None)
 
     def next_run_at(self):
         """Return when the next waiting job becomes runnable, or None."""
@@ -761,10 +770,9 @@ class Store:
         One EXCLUSIVE transaction selects the job and moves it to processing with a
         fresh claim token, so no two workers can ever hold the same job.
         """
-        now = now or now_utc()
-        stamp = iso(now)
-
         def body(conn):
+            at = now or now_utc()    # read the clock once the lock is ours
+            stamp = iso(at)
             row = conn.execute(
                 "SELECT * FROM jobs INDEXED BY jobs_runnable "
                 "WHERE state IN ('pending', 'failed') AND run_at <= ? "
@@ -774,7 +782,7 @@ class Store:
                 return None
             config = self._config(conn)
             token = secrets.token_hex(16)
-            lease = iso(now + timedelta(seconds=config["lease_timeout"]))
+            lease = iso(at + timedelta(seconds=config["lease_timeout"]))
             attempt = row["attempts"] + 1
             updated = conn.execute(
                 "UPDATE jobs SET state = ?, attempts = ?, claim_token = ?, "
@@ -799,46 +807,42 @@ class Store:
 
     def renew(self, job_id, token, now=None):
         """Extend a claim's lease; False if the claim was taken away."""
-        now = now or now_utc()
-
         def body(conn):
             lease_s = self._config(conn)["lease_timeout"]
+            at = now or now_utc()
             return conn.execute(
                 "UPDATE jobs SET lease_until = ? "
                 "WHERE id = ? AND claim_token = ? AND state = ?",
-                (iso(now + timedelta(seconds=lease_s)), job_id, token,
+                (iso(at + timedelta(seconds=lease_s)), job_id, token,
                  PROCESSING)).rowcount == 1
         return self._write(body)
 
     def finish(self, job_id, token, result, now=None):
         """End an attempt with a RunResult; return the job's new state, or None if
         the claim was taken away meanwhile (then nothing is written)."""
-        now = now or now_utc()
-
         def body(conn):
-            return self._end_attempt(conn, job_id, token, now, result)
+            return self._end_attempt(conn, job_id, token, now or now_utc(), result)
         return self._write(body)
 
     def fence(self, job_id, token, reason=WORKER_LOST, only_expired=False, now=None):
         """Take a claim away from a lost worker and fail its attempt with REASON."""
-        now = now or now_utc()
         result = RunResult(exit_code=None, reason=reason)
 
         def body(conn):
+            at = now or now_utc()
             if only_expired:
                 row = conn.execute(
                     "SELECT 1 FROM jobs WHERE id = ? AND claim_token = ? AND "
-                    "lease_until < ?", (job_id, token, iso(now))).fetchone()
+                    "lease_until < ?", (job_id, token, iso(at))).fetchone()
                 if row is None:
                     return None
-            return self._end_attempt(conn, job_id, token, now, result)
+            return self._end_attempt(conn, job_id, token, at, result)
         return self._write(body)
 
     def requeue(self, job_id, token, reason, now=None):
         """Give a claimed job back as pending without using up an attempt."""
-        stamp = iso(now or now_utc())
-
         def body(conn):
+            stamp = iso(now or now_utc())
             updated = conn.execute(
                 "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), "
                 "claim_token = NULL, worker_pid = NULL, lease_until = NULL, "

@@ -1,0 +1,635 @@
+"""Fault injection with real processes: kills, freezes, races, bad files, full disks."""
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+import unittest
+
+from tests.support import ROOT, QueueTestCase, pid_alive, queuectl, wait_until
+
+q = shlex.quote
+
+# One enqueuer process: "batch" runs `queuectl enqueue -` processes with batches of
+# varied size; "single" runs one-job enqueues in-process (each its own connection and
+# transaction), with every 50th one as a real `queuectl enqueue JSON` process.
+ENQUEUER = r'''
+import json, shlex, subprocess, sys
+root, mode, count, record = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+sys.path.insert(0, root)
+import queuectl
+script = root + "/queuectl.py"
+command = "echo $QUEUECTL_JOB_ID >> " + shlex.quote(record)
+
+def job(i):
+    return json.dumps({"command": command, "priority": i % 3})
+
+def run(argv, stdin=None):
+    r = subprocess.run([sys.executable, script] + argv, input=stdin,
+                       capture_output=True, text=True, timeout=120)
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
+    if r.returncode:
+        sys.exit(r.returncode)
+
+done = 0
+if mode == "batch":
+    sizes = [50, 1, 17, 100, 3]
+    while done < count:
+        n = min(sizes[0], count - done)
+        sizes = sizes[1:] + sizes[:1]
+        run(["enqueue", "-"], "".join(job(done + k) + "\n" for k in range(n)))
+        done += n
+else:
+    for i in range(count):
+        if i % 50 == 0:
+            run(["enqueue", job(i)])
+        else:
+            code = queuectl.main(["enqueue", job(i)])
+            if code:
+                sys.exit(code)
+        sys.stdout.flush()
+'''
+
+
+def lines(path):
+    """The lines of a file, or [] if it does not exist yet."""
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def proc_fields(pid):
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def group_members(pgid):
+    """Live (non-zombie) processes in process group PGID."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = proc_fields(entry)
+            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+                found.append(int(entry))
+    return found
+
+
+def processes_with_env(marker):
+    """Pids of processes whose environment holds the exact entry MARKER (bytes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def outcomes(job):
+    """(number, outcome, reason) of each attempt in a job's history."""
+    return [(h["number"], h["outcome"], h["reason"]) for h in job["history"]]
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class ReliabilityTestCase(QueueTestCase):
+    """QueueTestCase that also kills every process left running on its database."""
+
+    def setUp(self):
+        super().setUp()
+        # Registered before any supervisor, so it runs after their cleanups: it
+        # catches job commands, which live in their own sessions.
+        self.addCleanup(self.kill_leftovers)
+        self.ok("config", "set", "lease_timeout", "1")
+        self.ok("config", "set", "backoff_base", "1")
+
+    def leftovers(self):
+        """Live processes (workers, supervisors, job commands) of this test's database."""
+        marker = f"{queuectl.ENV_DB}={self.db}".encode()
+        return [p for p in processes_with_env(marker) if pid_alive(p)]
+
+    def kill_leftovers(self):
+        for pid in self.leftovers():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def processing(self):
+        """{job id: worker pid} of the jobs being processed."""
+        return {j["id"]: j["worker_pid"] for j in json.loads(
+            self.ok("list", "--state", "processing", "--json"))}
+
+    def history(self, job_id):
+        return self.job(job_id)["history"]
+
+    def assertCleanLog(self, proc):
+        text = self.log_text(proc)
+        for bad in ("Traceback", "database is locked", "database is busy",
+                    "could not renew", "error:"):
+            self.assertNotIn(bad, text)
+
+    def freeze(self, pid):
+        """SIGSTOP PID at a moment it holds no write lock on the database."""
+        for _ in range(50):
+            os.kill(pid, signal.SIGSTOP)
+            wait_until(lambda: (proc_fields(pid) or ["?"])[0] == "T", 5,
+                       f"pid {pid} to stop")
+            conn = sqlite3.connect(self.db, timeout=2.0, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+                return
+            except sqlite3.OperationalError:
+                os.kill(pid, signal.SIGCONT)     # caught mid-write: try again
+            finally:
+                conn.close()
+        self.fail(f"pid {pid} always held the database write lock")
+
+
+class WorkerDeathTest(ReliabilityTestCase):
+
+    def test_kill_9_worker_mid_job_fails_attempt_and_reruns_once(self):
+        """kill -9 a busy worker: attempt is worker lost, its group dies, reruns once."""
+        # A long lease: only the supervisor, not lease expiry, can recover in time.
+        self.ok("config", "set", "lease_timeout", "60")
+        starts, done = self.path("starts"), self.path("done")
+        job_id = self.enqueue(command=f"echo $$ >> {q(starts)}; sleep 2; "
+                                      f"echo ok >> {q(done)}")
+        sup = self.start_workers(1)
+        wait_until(lambda: len(lines(starts)) == 1, 20, "the job to start")
+        shell = int(lines(starts)[0])
+        worker = self.job(job_id)["worker_pid"]
+        self.assertEqual(self.worker_pids(sup.pid), [worker])
+
+        os.kill(worker, signal.SIGKILL)
+        first = wait_until(lambda: (self.history(job_id)[0]["outcome"] == "failed"
+                                    and self.history(job_id)[0]), 10,
+                           "the supervisor to fail the lost attempt")
+        self.assertEqual(first["reason"], queuectl.WORKER_LOST)
+        self.assertEqual(first["worker_pid"], worker)
+        wait_until(lambda: not group_members(shell), 5,
+                   "the lost attempt's process group to die")
+        self.assertFalse(pid_alive(shell))
+
+        job = self.wait_state(job_id, "completed", 20)
+        self.assertEqual(lines(done), ["ok"])
+        self.assertEqual(len(lines(starts)), 2)
+        self.assertEqual(job["attempts"], 2)
+        self.assertEqual(outcomes(job), [(1, "failed", queuectl.WORKER_LOST),
+                                         (2, "completed", None)])
+        replacement = job["history"][1]["worker_pid"]
+        self.assertNotEqual(replacement, worker)
+        self.assertEqual(self.worker_pids(sup.pid), [replacement])
+        self.assertIsNone(sup.poll())
+        self.assertIn(f"supervisor: job {job_id} worker lost", self.log_text(sup))
+        self.assertNotIn("Traceback", self.log_text(sup))
+
+    def test_job_that_kills_its_worker_every_time_ends_dead(self):
+        """A job running `kill -9 $PPID` with max_retries 1 dies after 2 lost workers."""
+        job_id = self.enqueue(command="kill -9 $PPID", max_retries=1)
+        sup = self.start_workers(1)
+        job = self.wait_state(job_id, "dead", 20)
+        self.assertEqual(job["attempts"], 2)
+        self.assertEqual(job["last_error"], queuectl.WORKER_LOST)
+        self.assertEqual(outcomes(job), [(1, "failed", queuectl.WORKER_LOST),
+                                         (2, "failed", queuectl.WORKER_LOST)])
+        killed = [h["worker_pid"] for h in job["history"]]
+        self.assertNotEqual(killed[0], killed[1])
+        # The supervisor survives and keeps a fresh worker.
+        wait_until(lambda: set(self.worker_pids(sup.pid, 1) or killed) - set(killed), 10,
+                   "a replacement worker")
+        self.assertFalse(any(pid_alive(p) for p in killed))
+        self.assertIsNone(sup.poll())
+        self.assertNotIn("Traceback", self.log_text(sup))
+
+    def test_kill_9_supervisor_orphans_finish_and_restart_recovers(self):
+        """kill -9 the supervisor: orphans finish and exit; a restart runs the rest."""
+        starts, done = self.path("starts"), self.path("done")
+        ids = [self.enqueue(command=f"echo $QUEUECTL_JOB_ID >> {q(starts)}; sleep 1; "
+                                    f"echo $QUEUECTL_JOB_ID >> {q(done)}")
+               for _ in range(6)]
+        first = self.start_workers(2)
+        old_workers = self.worker_pids(first.pid, 2)
+        running = wait_until(lambda: len(self.processing()) == 2 and self.processing(),
+                             20, "both workers to be running a job")
+
+        os.kill(first.pid, signal.SIGKILL)
+        self.assertEqual(first.wait(timeout=10), -signal.SIGKILL)
+        # Restart at once, as a service manager would, while the orphans still work.
+        second = self.start_workers(2)
+
+        wait_until(lambda: not any(pid_alive(p) for p in old_workers), 15,
+                   "the orphaned workers to exit")
+        wait_until(lambda: self.log_text(first).count("supervisor is gone; stopping")
+                   == 2, 5, "both orphans to log that they stop")
+        for job_id, worker in running.items():
+            job = self.wait_state(job_id, "completed", 10)
+            self.assertEqual(job["attempts"], 1, job_id)
+            self.assertEqual(job["history"][0]["worker_pid"], worker)
+
+        for job_id in ids:
+            self.wait_state(job_id, "completed", 20)
+        self.assertEqual(sorted(lines(done)), sorted(ids))
+        self.assertEqual(sorted(lines(starts)), sorted(ids))
+        jobs = json.loads(self.ok("list", "--json"))
+        self.assertEqual({j["state"] for j in jobs}, {"completed"})
+        self.assertEqual({j["attempts"] for j in jobs}, {1})
+        self.assertIsNone(second.poll())
+        self.assertFalse(set(self.worker_pids(second.pid, 2)) & set(old_workers))
+        self.assertNotIn("Traceback", self.log_text(first) + self.log_text(second))
+
+
+class FrozenWorkerTest(ReliabilityTestCase):
+
+    def test_sigstopped_worker_past_lease_loses_job_and_writes_nothing(self):
+        """A worker frozen past its lease loses its job and, resumed, writes nothing."""
+        starts, done = self.path("starts"), self.path("done")
+        job_id = self.enqueue(command=f"echo $$ >> {q(starts)}; sleep 3; "
+                                      f"echo $QUEUECTL_ATTEMPT >> {q(done)}")
+        sup = self.start_workers(2)
+        wait_until(lambda: len(lines(starts)) == 1, 20, "the job to start")
+        stale = self.job(job_id)["worker_pid"]
+        (other,) = set(self.worker_pids(sup.pid, 2)) - {stale}
+        self.addCleanup(lambda: pid_alive(stale) and os.kill(stale, signal.SIGCONT))
+        self.freeze(stale)
+
+        def reclaimed():
+            history = self.history(job_id)
+            return (len(history) == 2 and history[0]["outcome"] == "failed"
+                    and history[1]["outcome"] == "running" and history)
+        history = wait_until(reclaimed, 15, "another worker to reclaim the job")
+        lost = history[0]
+        self.assertEqual((lost["reason"], lost["worker_pid"]),
+                         (queuectl.WORKER_LOST, stale))
+        self.assertEqual(history[1]["worker_pid"], other)
+        self.assertFalse(group_members(int(lines(starts)[0])),
+                         "the frozen worker's command still runs")
+
+        os.kill(stale, signal.SIGCONT)
+        wait_until(lambda: f"(pid {stale}): job {job_id} was taken over" in
+                   self.log_text(sup), 10, "the resumed worker to drop its result")
+        job = self.wait_state(job_id, "completed", 15)
+        self.assertEqual(job["attempts"], 2)
+        self.assertEqual(len(job["history"]), 2)
+        self.assertEqual(job["history"][0], lost)     # untouched by the stale worker
+        self.assertEqual((job["history"][1]["outcome"], job["history"][1]["worker_pid"]),
+                         ("completed", other))
+        self.assertEqual(lines(done), ["2"])
+        self.assertEqual(len(lines(starts)), 2)
+        self.assertIsNone(sup.poll())
+        self.assertEqual(sorted(self.worker_pids(sup.pid, 2)), sorted([stale, other]))
+        self.assertNotIn("Traceback", self.log_text(sup))
+
+
+class ConcurrencyTest(ReliabilityTestCase):
+
+    def race(self, total, enqueuers=8, workers=8, timeout=120):
+        """ENQUEUERS processes add TOTAL jobs while WORKERS run them; each runs once.
+
+        The lease stays at 1 s (the shortest allowed): a worker that is alive and
+        well must not lose a job to a lease that ran out while it waited for a lock.
+        """
+        record = self.path("ran")
+        script = self.path("enqueuer.py")
+        with open(script, "w") as f:
+            f.write(ENQUEUER)
+        sup = self.start_workers(workers)
+        started = time.monotonic()
+        procs = []
+        for n in range(enqueuers):
+            count = total // enqueuers + (1 if n < total % enqueuers else 0)
+            out = open(self.path(f"enqueuer-{n}.out"), "w+")
+            err = open(self.path(f"enqueuer-{n}.err"), "w+")
+            self.addCleanup(out.close)
+            self.addCleanup(err.close)
+            proc = subprocess.Popen(
+                [sys.executable, script, ROOT, "batch" if n % 2 else "single",
+                 str(count), record], env=self.env, cwd=self.dir,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            self.addCleanup(lambda p=proc: p.poll() is None and (p.kill(), p.wait()))
+            procs.append((proc, out, err))
+        ids = []
+        for proc, out, err in procs:
+            self.assertEqual(proc.wait(timeout=timeout), 0)
+            out.seek(0)
+            err.seek(0)
+            self.assertEqual(err.read(), "", "an enqueuer wrote to stderr")
+            ids += out.read().split()
+        self.assertEqual(len(ids), total)
+        self.assertEqual(len(set(ids)), total, "enqueue returned a duplicate id")
+
+        def finished():
+            counts = json.loads(self.ok("status", "--json"))["counts"]
+            return counts["completed"] == total or counts["dead"] or counts["failed"]
+        wait_until(finished, timeout, f"{total} jobs to complete")
+        elapsed = time.monotonic() - started
+
+        ran = lines(record)
+        twice = sorted(i for i, n in collections.Counter(ran).items() if n > 1)
+        self.assertEqual(len(ran), total, "a job ran twice or not at all: " + "; ".join(
+            json.dumps(self.history(i)) for i in twice[:3]))
+        self.assertEqual(set(ran), set(ids))
+        listed = self.run_cli("list", "--json", timeout=60)
+        self.assertEqual((listed.returncode, listed.stderr), (0, ""))
+        jobs = json.loads(listed.stdout)
+        self.assertEqual({j["id"] for j in jobs}, set(ids))
+        self.assertEqual({(j["state"], j["attempts"]) for j in jobs}, {("completed", 1)})
+
+        os.kill(sup.pid, signal.SIGTERM)
+        self.assertEqual(sup.wait(timeout=30), 0)
+        self.assertCleanLog(sup)
+        return elapsed
+
+    def test_8_enqueuers_8_workers_2000_jobs_each_run_once(self):
+        """8 enqueuer processes race 8 workers over 2,000 jobs: each runs once."""
+        self.race(2000)
+
+    @unittest.skipUnless(os.environ.get("QUEUECTL_SOAK") == "1", "set QUEUECTL_SOAK=1")
+    def test_soak_8_enqueuers_8_workers_20000_jobs_each_run_once(self):
+        """Soak: 8 enqueuers race 8 workers over 20,000 jobs: each runs exactly once."""
+        self.race(20000, timeout=900)
+
+
+class BadEnvironmentTest(ReliabilityTestCase):
+
+    def assertRefused(self, db, argv, contains=None):
+        """Run queuectl on DB: exit 1, one 'queuectl: error:' line, nothing on stdout."""
+        result = self.run_cli("--db", db, *argv, timeout=20)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertTrue(result.stderr.startswith("queuectl: error: "), result.stderr)
+        if contains:
+            self.assertIn(contains, result.stderr.lower())
+        return result.stderr
+
+    def snapshot(self, path):
+        """The bytes of PATH (or listing of a directory) and the files beside it."""
+        folder = os.path.dirname(path)
+        if os.path.isdir(path):
+            content = sorted(os.listdir(path))
+        else:
+            content = sha256(path)
+        return content, sorted(os.listdir(folder))
+
+    def make_queue_db(self, path):
+        result = self.run_cli("--db", path, "enqueue", '{"command": "true"}')
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        return result.stdout.strip()
+
+    def test_foreign_and_broken_files_are_refused_unchanged(self):
+        """Text, corrupt, foreign, newer and directory databases: one line, no change."""
+        cases = {}
+
+        def case(name):
+            folder = self.path(name)
+            os.mkdir(folder)
+            cases[name] = os.path.join(folder, "q.db")
+            return cases[name]
+
+        with open(case("text"), "w") as f:
+            f.write("just some notes\nnot a database\n")
+        with open(case("corrupt"), "wb") as f:
+            f.write(queuectl.SQLITE_HEADER + os.urandom(8192))
+        damaged = case("damaged-pages")
+        self.make_queue_db(damaged)
+        with open(damaged, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(4096)
+            f.write(b"\xab" * (size - 4096))
+        conn = sqlite3.connect(case("foreign"))
+        conn.execute("CREATE TABLE foo (x)")
+        conn.execute("INSERT INTO foo VALUES (1)")
+        conn.commit()
+        conn.close()
+        newer = case("newer-schema")
+        self.make_queue_db(newer)
+        conn = sqlite3.connect(newer)
+        conn.execute("PRAGMA user_version = 99")
+        conn.commit()
+        conn.close()
+        os.mkdir(case("directory"))
+
+        for name, db in cases.items():
+            for argv in (["enqueue", '{"command": "true"}'], ["config", "set",
+                         "max_retries", "1"], ["worker", "start"], ["status"]):
+                with self.subTest(file=name, command=argv[0]):
+                    before = self.snapshot(db)
+                    self.assertRefused(db, argv)
+                    self.assertEqual(self.snapshot(db), before, "the file changed")
+                    self.assertFalse(os.path.exists(db + ".pid"))
+
+    def mount_tmpfs(self, size):
+        """Mount a fresh tmpfs of SIZE in the temp dir (unmounted at cleanup)."""
+        if os.geteuid() != 0:
+            self.skipTest("mounting a tmpfs needs root")
+        folder = self.path(f"mnt-{time.monotonic_ns()}")
+        os.mkdir(folder)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+                                 "tmpfs", folder], capture_output=True, text=True,
+                                timeout=10)
+        if result.returncode:
+            self.skipTest(f"cannot mount a tmpfs: {result.stderr.strip()}")
+        self.addCleanup(self.unmount, folder)
+        return folder
+
+    def unmount(self, folder):
+        result = subprocess.run(["umount", folder], capture_output=True, timeout=10)
+        if result.returncode:
+            subprocess.run(["umount", "-l", folder], capture_output=True, timeout=10)
+
+    def test_read_only_filesystem_gives_one_clear_line(self):
+        """A read-only filesystem: enqueue says read-only in one line, no change."""
+        folder = self.mount_tmpfs("1m")
+        db = os.path.join(folder, "q.db")
+        job_id = self.make_queue_db(db)
+        subprocess.run(["mount", "-o", "remount,ro", folder], check=True, timeout=10)
+        before = sha256(db)
+        self.assertRefused(db, ["enqueue", '{"command": "true"}'], contains="read-only")
+        status = self.run_cli("--db", db, "status", timeout=20)
+        self.assertNotIn("Traceback", status.stderr)
+        if status.returncode == 0:
+            self.assertEqual(status.stderr, "")
+            self.assertIn("pending 1", status.stdout)
+        else:
+            self.assertEqual(status.returncode, 1)
+            self.assertEqual(len(status.stderr.splitlines()), 1, status.stderr)
+            self.assertTrue(status.stderr.startswith("queuectl: error: "))
+        self.assertEqual(sha256(db), before)
+        self.assertTrue(job_id)
+
+    def test_full_disk_fails_in_one_line_and_keeps_acknowledged_jobs(self):
+        """A full disk: enqueue fails in one line saying full; acknowledged jobs stay."""
+        folder = self.mount_tmpfs("256k")
+        db = os.path.join(folder, "q.db")
+        acknowledged = {}
+        for n in range(200):
+            command = f"echo {n} " + "x" * 20000
+            result = self.run_cli("--db", db, "enqueue", json.dumps({"command": command}),
+                                  timeout=20)
+            if result.returncode:
+                break
+            self.assertEqual(result.stderr, "")
+            acknowledged[result.stdout.strip()] = command
+        else:
+            self.fail("the 256k filesystem never filled up")
+        self.assertTrue(acknowledged, "the first enqueue already failed")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, "")
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertTrue(result.stderr.startswith("queuectl: error: "), result.stderr)
+        self.assertIn("full", result.stderr)
+        # Still full: a small job is refused the same way, and nothing is lost.
+        self.assertRefused(db, ["enqueue", '{"command": "true"}'], contains="full")
+        listed = self.run_cli("--db", db, "list", "--json", timeout=20)
+        self.assertEqual((listed.returncode, listed.stderr), (0, ""))
+        jobs = json.loads(listed.stdout)
+        self.assertEqual({j["id"]: j["command"] for j in jobs}, acknowledged)
+        self.assertEqual({j["state"] for j in jobs}, {"pending"})
+
+
+class FilesTest(ReliabilityTestCase):
+
+    def test_database_pid_and_log_files_are_owner_only(self):
+        """Database, WAL, PID and detached log files are 0600, even under umask 0."""
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        nested = os.path.join(self.dir, "new", "sub", "q.db")
+        result = self.run_cli("--db", nested, "enqueue", '{"command": "true"}')
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(nested)).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(nested).st_mode), 0o600)
+
+        for suffix in ("", "-wal", "-shm"):   # made by setUp's config: create it anew
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.db + suffix)
+        job_id = self.enqueue(command="true")
+        sup = self.start_workers(1)
+        self.wait_state(job_id, "completed")
+        for suffix in ("", "-wal", "-shm", ".pid"):
+            with self.subTest(file="queue.db" + suffix):
+                mode = stat.S_IMODE(os.stat(self.db + suffix).st_mode)
+                self.assertEqual(mode, 0o600, oct(mode))
+        os.kill(sup.pid, signal.SIGTERM)
+        self.assertEqual(sup.wait(timeout=20), 0)
+
+        result = self.run_cli("worker", "start", "--detach")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(stat.S_IMODE(os.stat(self.db + ".log").st_mode), 0o600)
+        result = self.run_cli("worker", "stop")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("stopped"), result.stdout)
+
+    def test_stale_pid_file_naming_live_process_is_not_trusted(self):
+        """A stale PID file naming a live stranger: stop spares it; start replaces it."""
+        self.enqueue(command="true")
+        bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: bystander.poll() is None and (bystander.kill(),
+                                                               bystander.wait()))
+        pidfile = self.db + ".pid"
+        with open(pidfile, "w") as f:
+            f.write(f"{bystander.pid}\n{bystander.pid}\n")
+
+        result = self.run_cli("worker", "stop")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, "no workers running\n", ""))
+        status = json.loads(self.ok("status", "--json"))
+        self.assertEqual((status["supervisor_pid"], status["workers"]), (None, []))
+        self.assertIsNone(bystander.poll(), "worker stop signalled an unrelated process")
+
+        sup = self.start_workers(1)
+        with open(pidfile) as f:
+            self.assertEqual(int(f.readline()), sup.pid)
+        result = self.run_cli("worker", "stop")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("stopped"), result.stdout)
+        self.assertEqual(sup.wait(timeout=20), 0)
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertIsNone(bystander.poll(), "an unrelated process was signalled")
+
+
+class ShutdownTest(ReliabilityTestCase):
+
+    def test_sigterm_lets_running_job_finish_then_exits_clean(self):
+        """First SIGTERM: the job finishes, no new one starts, exit 0, nothing left."""
+        starts, done = self.path("starts"), self.path("done")
+        running = self.enqueue(command=f"echo $$ >> {q(starts)}; sleep 1; "
+                                       f"echo ok >> {q(done)}", priority=1)
+        waiting = self.enqueue(command=f"echo late >> {q(done)}")
+        sup = self.start_workers(1)
+        workers = self.worker_pids(sup.pid, 1)
+        wait_until(lambda: lines(starts), 20, "the job to start")
+
+        os.kill(sup.pid, signal.SIGTERM)
+        self.assertEqual(sup.wait(timeout=20), 0)
+        self.assertEqual(lines(done), ["ok"])
+        self.assertEqual(self.state(running), "completed")
+        job = self.job(waiting)
+        self.assertEqual((job["state"], job["attempts"], job["history"]),
+                         ("pending", 0, []))
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+        wait_until(lambda: not any(pid_alive(p) for p in workers), 5, "workers to exit")
+        self.assertFalse(group_members(int(lines(starts)[0])))
+        wait_until(lambda: not self.leftovers(), 5, "no process left on the database")
+        self.assertCleanLog(sup)
+
+    def test_second_sigterm_kills_job_and_gives_it_back(self):
+        """Second SIGTERM: the job's group dies, job pending with 0 attempts, exit 0."""
+        starts = self.path("starts")
+        job_id = self.enqueue(command=f"echo $$ >> {q(starts)}; sleep 30")
+        sup = self.start_workers(1)
+        workers = self.worker_pids(sup.pid, 1)
+        wait_until(lambda: lines(starts), 20, "the job to start")
+        group = int(lines(starts)[0])
+        self.assertTrue(group_members(group))
+
+        os.kill(sup.pid, signal.SIGTERM)
+        wait_until(lambda: "running jobs finish first" in self.log_text(sup), 10,
+                   "the supervisor to begin a warm stop")
+        self.assertIsNone(sup.poll())
+        self.assertEqual(self.state(job_id), "processing")
+        started = time.monotonic()
+        os.kill(sup.pid, signal.SIGTERM)
+        self.assertEqual(sup.wait(timeout=20), 0)
+        self.assertLess(time.monotonic() - started, queuectl.COLD_STOP_GRACE_S,
+                        "the cold stop needed the SIGKILL fallback")
+
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertEqual([h["outcome"] for h in job["history"]], ["interrupted"])
+        self.assertFalse(group_members(group), "the job's processes survived")
+        self.assertFalse(any(pid_alive(p) for p in workers), "a worker survived")
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertFalse(self.leftovers())
+        self.assertNotIn("did not stop in time", self.log_text(sup))
+        self.assertCleanLog(sup)
+
+
+if __name__ == "__main__":
+    unittest.main()
