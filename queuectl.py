@@ -72,6 +72,17 @@ INTERRUPTED = "interrupted"  # stopped by a cold shutdown; does not use up an at
 OUTCOMES = (RUNNING, COMPLETED, FAILED, INTERRUPTED)
 WORKER_LOST = "worker lost"
 
+# Stop signals. To a supervisor: SIGINT and SIGTERM step up (the first is a warm
+# stop, the second cold); WARM_SIGNAL (from `worker stop`) asks for a warm stop and
+# COLD_SIGNAL for a cold one, however often they come. To a worker: SIGTERM is a
+# warm stop, COLD_SIGNAL a cold one.
+WARM, COLD = 1, 2
+WARM_SIGNAL = signal.SIGUSR2
+COLD_SIGNAL = signal.SIGUSR1
+ABORT_COLD = "interrupted by a cold stop"
+ABORT_LOST = "claim lost"
+CLAIM_ENV = "QUEUECTL_CLAIM"   # marks every process of a run, to find orphans later
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -103,6 +114,7 @@ COLD_STOP_GRACE_S = 10.0   # how long a cold-stopped worker may take before SIGK
 RESTART_DELAY_S = 1.0      # before restarting a worker that crashed right after start
 DETACH_WAIT_S = 15.0       # how long --detach waits for the workers to come up
 ID_MAX_LEN = 128
+MAX_WORKERS = 256
 INT_LIMIT = 2 ** 31        # priorities and retries stay well inside SQLite's int64
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -221,25 +233,23 @@ def parse_user_time(text):
         raise ValueError(f"time has no zone (add Z or an offset like +02:00): {text!r}")
     offset = timedelta(0)
     if sign:
-        offset = timedelta(hours=int(off_h), minutes=int(off_m))
-        if offset >= timedelta(hours=24):
+        if int(off_h) > 23 or int(off_m) > 59:
             raise ValueError(f"bad zone offset: {text!r}")
+        offset = timedelta(hours=int(off_h), minutes=int(off_m))
         offset = -offset if sign == "-" else offset
     micro = int((fraction or "0")[:6].ljust(6, "0"))
     try:
         dt = datetime(int(year), int(month), int(day), int(hour), int(minute),
                       int(second or 0), micro, tzinfo=timezone(offset))
-    except ValueError as e:
+        return dt.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as e:
         raise ValueError(f"not a valid time ({e}): {text!r}") from None
-    return dt.astimezone(timezone.utc)
 
 
 def backoff_delay(failures, base, maximum):
     """Seconds to wait after failed attempt number `failures`: min(base ** k, max)."""
     if failures <= 0:
         return 0.0
-    if base <= 1:
-        return float(min(base, maximum))
     # Compare exponents so a large k cannot overflow a float.
     if maximum <= 0 or failures * math.log(base) >= math.log(maximum):
         return float(max(maximum, 0))
@@ -323,6 +333,7 @@ def validate_job(doc, now=None):
         raise UsageError("missing field 'command'")
     if not isinstance(command, str) or not command.strip():
         raise UsageError("field 'command' must be a non-empty string")
+    check_text(command, "field 'command'")
     job = {"id": None, "command": command, "max_retries": None, "priority": 0,
            "run_at": iso(now), "timeout_s": None}
     if "id" in doc:
@@ -358,9 +369,20 @@ def validate_job(doc, now=None):
     return job
 
 
+def check_text(text, what):
+    """Refuse text that cannot be stored or passed to a shell: NUL, bad UTF-8."""
+    if "\0" in text:
+        raise UsageError(f"{what} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 text") from None
+
+
 def validate_job_id(value):
     if not isinstance(value, str) or not value:
         raise UsageError("field 'id' must be a non-empty string")
+    check_text(value, "field 'id'")
     if len(value) > ID_MAX_LEN:
         raise UsageError(f"field 'id' is longer than {ID_MAX_LEN} characters")
     if value.startswith("-") or any(c.isspace() or not c.isprintable() for c in value):
@@ -371,6 +393,13 @@ def validate_job_id(value):
 
 def new_job_id():
     return secrets.token_hex(5)
+
+
+def current_dir():
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise QueueError("the current directory no longer exists") from None
 
 
 def default_db_path(environ=None):
@@ -386,6 +415,7 @@ def default_db_path(environ=None):
 
 def log(message):
     """Write one timestamped line to stderr in a single write (workers share it)."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     line = f"{iso(now_utc())} {message}\n".encode("utf-8", "replace")
     try:
         os.write(sys.stderr.fileno(), line)
@@ -473,6 +503,12 @@ class Store:
             self.conn.close()
             self.conn = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     # -- opening ---------------------------------------------------------------
 
     def _check_file(self, create):
@@ -480,6 +516,8 @@ class Store:
         path = self.path
         if os.path.isdir(path):
             raise QueueError(f"database path is a directory: {path}")
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise QueueError(f"database path is not a regular file: {path}")
         try:
             with open(path, "rb") as f:
                 header = f.read(len(SQLITE_HEADER))
@@ -584,11 +622,8 @@ class Store:
         return self._read(self._config)
 
     def set_config(self, key, value):
-        def body(conn):
-            conn.execute("DELETE FROM config WHERE key = ?", (key,))
-            conn.execute("INSERT INTO config (key, value) VALUES (?, ?)",
-                         (key, str(value)))
-        self._write(body)
+        self._write(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, str(value))))
 
     # -- jobs: adding, reading, deleting -----------------------------------------
 
@@ -684,14 +719,18 @@ class Store:
 
     # -- status and stats ---------------------------------------------------------
 
+    @staticmethod
+    def _counts(conn):
+        counts = dict.fromkeys(STATES, 0)
+        for row in conn.execute("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
     def status(self, now=None):
         stamp = iso(now or now_utc())
 
         def body(conn):
-            counts = dict.fromkeys(STATES, 0)
-            for row in conn.execute("SELECT state, count(*) AS n FROM jobs "
-                                    "GROUP BY state"):
-                counts[row["state"]] = row["n"]
+            counts = self._counts(conn)
             oldest = conn.execute(
                 "SELECT min(run_at) FROM jobs INDEXED BY jobs_due "
                 "WHERE state IN ('pending', 'failed') AND run_at <= ?",
@@ -720,10 +759,7 @@ class Store:
                 (COMPLETED, iso(now - timedelta(seconds=seconds)))).fetchone()[0]
 
         def body(conn):
-            counts = dict.fromkeys(STATES, 0)
-            for row in conn.execute("SELECT state, count(*) AS n FROM jobs "
-                                    "GROUP BY state"):
-                counts[row["state"]] = row["n"]
+            counts = self._counts(conn)
             runs, average = conn.execute(
                 "SELECT count(*), avg(duration_s) FROM attempts WHERE outcome = ?",
                 (COMPLETED,)).fetchone()
@@ -805,10 +841,9 @@ class Store:
                 lease_s=config["lease_timeout"])
         return self._write(body, "EXCLUSIVE")
 
-    def renew(self, job_id, token, now=None):
-        """Extend a claim's lease; False if the claim was taken away."""
+    def renew(self, job_id, token, lease_s, now=None):
+        """Extend a claim's lease by LEASE_S; False if the claim was taken away."""
         def body(conn):
-            lease_s = self._config(conn)["lease_timeout"]
             at = now or now_utc()
             return conn.execute(
                 "UPDATE jobs SET lease_until = ? "
@@ -824,19 +859,33 @@ class Store:
             return self._end_attempt(conn, job_id, token, now or now_utc(), result)
         return self._write(body)
 
-    def fence(self, job_id, token, reason=WORKER_LOST, only_expired=False, now=None):
-        """Take a claim away from a lost worker and fail its attempt with REASON."""
+    def take_over(self, job_id, token, new_token, worker_pid, only_expired=False,
+                  now=None):
+        """Move a claim to NEW_TOKEN (held by WORKER_PID) if TOKEN still holds it
+        (and, with ONLY_EXPIRED, its lease has run out); return whether it did."""
+        def body(conn):
+            at = now or now_utc()
+            lease_s = self._config(conn)["lease_timeout"]
+            sql = ("UPDATE jobs SET claim_token = ?, worker_pid = ?, lease_until = ? "
+                   "WHERE id = ? AND claim_token = ? AND state = 'processing'")
+            params = [new_token, worker_pid, iso(at + timedelta(seconds=lease_s)),
+                      job_id, token]
+            if only_expired:
+                sql += " AND lease_until < ?"
+                params.append(iso(at))
+            if conn.execute(sql, params).rowcount != 1:
+                return False
+            conn.execute("UPDATE attempts SET claim_token = ? WHERE claim_token = ?",
+                         (new_token, token))
+            return True
+        return self._write(body)
+
+    def fence(self, job_id, token, reason, now=None):
+        """End a claimed attempt as failed with REASON (the run's result is lost)."""
         result = RunResult(exit_code=None, reason=reason)
 
         def body(conn):
-            at = now or now_utc()
-            if only_expired:
-                row = conn.execute(
-                    "SELECT 1 FROM jobs WHERE id = ? AND claim_token = ? AND "
-                    "lease_until < ?", (job_id, token, iso(at))).fetchone()
-                if row is None:
-                    return None
-            return self._end_attempt(conn, job_id, token, at, result)
+            return self._end_attempt(conn, job_id, token, now or now_utc(), result)
         return self._write(body)
 
     def requeue(self, job_id, token, reason, now=None):
@@ -984,22 +1033,31 @@ def _read_tail(f, limit):
     return data.decode("utf-8", "replace"), start
 
 
-def kill_group(proc, grace_s=KILL_GRACE_S):
-    """SIGTERM a child's process group, SIGKILL it after GRACE_S, reap the child.
+def _signal_group(pgid, sig):
+    """Send SIG to a process group; return False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass          # a member changed user (setuid); the rest were signalled
+    return True
 
-    The group id stays ours while any member lives, and the leader is ours until
-    reaped, so this never signals an unrelated process.
+
+def kill_group(proc, grace_s=KILL_GRACE_S):
+    """End a command's process group: SIGTERM, then SIGKILL after GRACE_S; reap it.
+
+    Called on timeout and stop, and after every run, so that nothing a job started
+    outlives it. Never hits an unrelated process: the group's id stays taken while
+    the shell is unreaped or any member of the group lives.
     """
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if wait_s is not None:
-            try:
-                proc.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                pass
+    if _signal_group(proc.pid, signal.SIGTERM):
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _signal_group(proc.pid, 0):
+                break
+            time.sleep(0.02)
+        _signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -1018,6 +1076,9 @@ def run_command(command, cwd, timeout_s, output_limit, env=None, should_abort=No
             proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
+        except ValueError as e:       # e.g. a NUL byte: cannot be an argument
+            return RunResult(exit_code=None, duration_s=0.0,
+                             reason=f"cannot start: {e}")
         except OSError as e:
             return RunResult(exit_code=None, duration_s=0.0,
                              reason=f"cannot start: {e.strerror}: {e.filename or cwd}")
@@ -1025,8 +1086,7 @@ def run_command(command, cwd, timeout_s, output_limit, env=None, should_abort=No
         deadline = started + timeout_s
         while True:
             try:
-                returncode = proc.wait(timeout=min(TICK_S, max(0.0, deadline
-                                                               - time.monotonic())))
+                proc.wait(timeout=min(TICK_S, max(0.0, deadline - time.monotonic())))
                 break
             except subprocess.TimeoutExpired:
                 pass
@@ -1035,10 +1095,10 @@ def run_command(command, cwd, timeout_s, output_limit, env=None, should_abort=No
             elif should_abort is not None:
                 aborted = should_abort()
             if reason or aborted:
-                kill_group(proc)
-                returncode = proc.returncode
                 break
         duration = time.monotonic() - started
+        kill_group(proc)      # the whole job on timeout or stop; leftovers otherwise
+        returncode = proc.returncode
         stdout, stdout_dropped = _read_tail(out, output_limit)
         stderr, stderr_dropped = _read_tail(err, output_limit)
     if reason is None and aborted is None and returncode != 0:
@@ -1048,9 +1108,6 @@ def run_command(command, cwd, timeout_s, output_limit, env=None, should_abort=No
     return RunResult(exit_code=returncode, reason=reason, stdout=stdout, stderr=stderr,
                      stdout_dropped=stdout_dropped, stderr_dropped=stderr_dropped,
                      duration_s=duration, aborted=aborted)
-
-
-CLAIM_ENV = "QUEUECTL_CLAIM"   # marks every process of a run, to find orphans later
 
 
 def _processes_of_claim(token):
@@ -1102,28 +1159,41 @@ def kill_orphans(token, grace_s=KILL_GRACE_S):
 # Workers ####
 ####
 
-WARM, COLD = 1, 2
-COLD_SIGNAL = signal.SIGUSR1    # supervisor to worker: kill your job and stop now
-ABORT_COLD = "interrupted by a cold stop"
-ABORT_LOST = "claim lost"
-
-
 class StopFlag:
-    """Counts stop signals: the first asks for a warm stop, the second a cold one."""
+    """Turns stop signals into a level: 0 run, WARM finish jobs, COLD kill them.
 
-    def __init__(self):
+    COUNTED signals (a supervisor's SIGINT and SIGTERM) step up one level each, so
+    a second Ctrl-C is a cold stop. Any other stop signal sets its own level, so a
+    repeat of it, or one that reaches a whole process group, changes nothing.
+    """
+
+    def __init__(self, counted=()):
         self.level = 0
+        self.counted = counted
 
     def handle(self, signum, frame):
-        self.level = COLD if signum == COLD_SIGNAL else self.level + 1
+        if signum == COLD_SIGNAL:
+            self.level = COLD
+        elif signum in self.counted:
+            self.level = min(self.level + 1, COLD)
+        else:
+            self.level = max(self.level, WARM)
 
 
-def recover_claim(store, job_id, token, who, reason=WORKER_LOST, only_expired=False):
-    """Kill a lost claim's leftover processes, then fail its attempt. Log it."""
-    kill_orphans(token)
-    state = store.fence(job_id, token, reason=reason, only_expired=only_expired)
+def recover_claim(store, job_id, token, who, only_expired=False):
+    """Take a lost claim over, kill its leftover processes, fail it as worker lost.
+
+    Taking over first (a compare-and-set that swaps the token) means a claim that
+    was renewed meanwhile is left alone, and nothing else can touch the job while
+    its old processes are killed. Return the job's new state, or None.
+    """
+    new_token = secrets.token_hex(16)
+    if not store.take_over(job_id, token, new_token, os.getpid(), only_expired):
+        return None
+    kill_orphans(token)       # its processes carry the old token in their environment
+    state = store.fence(job_id, new_token, WORKER_LOST)
     if state:
-        log(f"{who}: job {job_id} {reason}; now {state}")
+        log(f"{who}: job {job_id} {WORKER_LOST}; now {state}")
     return state
 
 
@@ -1160,17 +1230,20 @@ class Worker:
             if time.monotonic() >= self.next_reclaim:
                 reclaim_expired(self.store, self.name)
                 self.next_reclaim = time.monotonic() + IDLE_RECHECK_S
+            # Read the version before looking, so a job enqueued after the look
+            # still wakes us.
+            version = self.store.data_version()
             claim = self.store.claim(self.pid) if self.store.has_runnable() else None
             if claim is None:
-                self.idle()
+                self.idle(version)
             else:
                 self.run(claim)
         log(f"{self.name}: stopped")
 
-    def idle(self):
-        """Sleep until the database changes, a delayed job is due, or a stop."""
+    def idle(self, version):
+        """Sleep until the database changes from VERSION, a delayed job is due,
+        or a stop."""
         due = self.store.next_run_at()
-        version = self.store.data_version()
         wake = time.monotonic() + IDLE_RECHECK_S
         if due is not None:
             wake = min(wake, time.monotonic() + (due - now_utc()).total_seconds())
@@ -1195,22 +1268,21 @@ class Worker:
 
         result = run_command(claim.command, claim.cwd, claim.timeout_s,
                              claim.output_limit, env=env, should_abort=should_abort)
-        if result.aborted == ABORT_LOST:
-            log(f"{self.name}: job {claim.id} was taken over by another worker; "
-                f"its result is dropped")
-        elif result.aborted:
+        if result.aborted == ABORT_COLD:
             if self.store.requeue(claim.id, claim.token, result.aborted):
                 log(f"{self.name}: job {claim.id} interrupted; back to pending")
-        else:
+            return
+        state = None
+        if result.aborted != ABORT_LOST:
             state = self.store.finish(claim.id, claim.token, result)
-            if state is None:
-                log(f"{self.name}: job {claim.id} was taken over by another worker; "
-                    f"its result is dropped")
-            elif state == COMPLETED:
-                log(f"{self.name}: job {claim.id} completed in "
-                    f"{format_duration(result.duration_s)}")
-            else:
-                log(f"{self.name}: job {claim.id} failed ({result.reason}); now {state}")
+        if state is None:
+            log(f"{self.name}: job {claim.id} was taken over (its lease ran out); "
+                f"this run's result is dropped")
+        elif state == COMPLETED:
+            log(f"{self.name}: job {claim.id} completed in "
+                f"{format_duration(result.duration_s)}")
+        else:
+            log(f"{self.name}: job {claim.id} failed: {result.reason}; now {state}")
 
 
 class Heartbeat:
@@ -1227,7 +1299,8 @@ class Heartbeat:
         if time.monotonic() < self.next_at:
             return True
         try:
-            alive = self.store.renew(self.claim.id, self.claim.token)
+            alive = self.store.renew(self.claim.id, self.claim.token,
+                                     self.claim.lease_s)
         except QueueError as e:
             log(f"job {self.claim.id}: could not renew lease: {e}")
             alive = True     # try again at the next beat; the lease has slack
@@ -1237,7 +1310,9 @@ class Heartbeat:
 
 def run_worker(db_path, index, parent_pid):
     """Entry point of a worker process (a plain function, for spawn and fork)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the supervisor relays Ctrl-C
+    # The supervisor relays Ctrl-C. A handler, not SIG_IGN, so the commands this
+    # worker starts get the default SIGINT back when they exec.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop.handle)
     signal.signal(COLD_SIGNAL, stop.handle)
@@ -1267,19 +1342,20 @@ class PidFile:
 
     def acquire(self):
         """Lock and claim the file, or raise QueueError if a supervisor holds it."""
-        deadline = time.monotonic() + 1.0
+        # A reader (status, worker stop) holds a shared lock for a moment, so a
+        # held lock is only conclusive once it has stayed held a little while.
+        deadline = time.monotonic() + 0.5
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = _open_owner_only(self.path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                pid, _ = self._parse(self.path)
-                # A reader holds a brief shared lock; only a live pid is conclusive.
-                if time.monotonic() > deadline or (pid and _pid_alive(pid)):
+                if time.monotonic() > deadline:
+                    pid, _ = self._parse(self.path)
                     raise QueueError(f"workers are already running on this database "
                                      f"(supervisor pid {pid or '?'})") from None
-                time.sleep(0.05)
+                time.sleep(0.02)
                 continue
             # The file may have been unlinked by an exiting supervisor after we
             # opened it; then our lock guards nothing, so start over.
@@ -1324,6 +1400,8 @@ class PidFile:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 return None
+            except OSError as e:
+                raise QueueError(f"cannot read PID file {path}: {e.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -1339,14 +1417,12 @@ class PidFile:
         return None
 
 
-def _pid_alive(pid):
+def _open_owner_only(path, flags):
+    """Open (creating 0600) a file of ours beside the database, or raise QueueError."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise QueueError(f"cannot open {path}: {e.strerror}") from None
 
 
 def pid_path(db_path):
@@ -1363,7 +1439,7 @@ class Supervisor:
     def __init__(self, db_path, count):
         self.db_path = db_path
         self.count = count
-        self.stop = StopFlag()
+        self.stop = StopFlag(counted=(signal.SIGINT, signal.SIGTERM))
         self.relayed = 0
         self.workers = {}        # index -> Process
         self.started_at = {}     # index -> monotonic start time
@@ -1375,8 +1451,9 @@ class Supervisor:
     def run(self):
         self.pidfile.acquire()
         try:
-            signal.signal(signal.SIGTERM, self.stop.handle)
-            signal.signal(signal.SIGINT, self.stop.handle)
+            for sig in (signal.SIGTERM, signal.SIGINT, WARM_SIGNAL, COLD_SIGNAL):
+                signal.signal(sig, self.stop.handle)
+            os.chdir("/")    # hold no directory busy; every path used is absolute
             self.store = Store(self.db_path)
             recovered = reclaim_expired(self.store, "supervisor")
             if recovered:
@@ -1388,23 +1465,39 @@ class Supervisor:
             self.pidfile.write([p.pid for p in self.workers.values()])
             self.watch()
         finally:
-            self.kill_all()
-            if self.store is not None:
-                self.store.close()
-            self.pidfile.release()
+            try:
+                self.kill_all()
+            finally:
+                if self.store is not None:
+                    self.store.close()
+                self.pidfile.release()
         log("supervisor: stopped")
         return EXIT_OK
 
     def start_worker(self, index):
         proc = self.context.Process(target=run_worker, name=f"queuectl-worker-{index}",
                                     args=(self.db_path, index, os.getpid()))
-        proc.start()
+        # An ignored SIGINT survives exec: a Ctrl-C while the worker is still
+        # starting cannot kill it with a KeyboardInterrupt traceback.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         self.workers[index] = proc
         self.started_at[index] = time.monotonic()
 
     def watch(self):
         cold_deadline = None
+        next_reclaim = 0.0
         while self.workers:
+            # Workers reclaim only between jobs; this bounds the wait when all are busy.
+            if not self.stop.level and time.monotonic() >= next_reclaim:
+                try:
+                    reclaim_expired(self.store, "supervisor")
+                except QueueError as e:
+                    log(f"supervisor: could not check leases: {e}")
+                next_reclaim = time.monotonic() + IDLE_RECHECK_S
             if self.stop.level > self.relayed:
                 self.relay_stop()
                 if self.stop.level >= COLD and cold_deadline is None:
@@ -1421,7 +1514,7 @@ class Supervisor:
         self.relayed = self.stop.level
         if self.stop.level == WARM:
             log("supervisor: stopping; running jobs finish first "
-                "(signal again to kill them)")
+                "(Ctrl-C or SIGTERM again to kill them)")
             sig = signal.SIGTERM
         else:
             log("supervisor: cold stop; killing running jobs and putting them back")
@@ -1468,13 +1561,17 @@ class Supervisor:
             proc.join()
             del self.workers[index]
             if self.store is not None:
-                self.recover(proc.pid)
+                try:
+                    self.recover(proc.pid)
+                except QueueError as e:
+                    log(f"supervisor: could not give back the jobs of pid {proc.pid} "
+                        f"({e}); their leases will expire")
 
 
 def start_detached(db_path, count, log_path):
     """Start a supervisor in the background; return (pid, worker pids) once up."""
     script = os.path.abspath(__file__)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = _open_owner_only(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         offset = os.lseek(fd, 0, os.SEEK_END)
         # A new session and no inherited stdout: the caller's shell never waits on us.
@@ -1494,6 +1591,9 @@ def start_detached(db_path, count, log_path):
         if running and running[0] == proc.pid and len(running[1]) == count:
             return running
         time.sleep(0.05)
+    # Half started is worse than not started: stop it (warm: it runs no job yet).
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
     raise QueueError(f"workers did not start within {DETACH_WAIT_S:.0f}s; "
                      f"see {log_path}")
 
@@ -1526,31 +1626,23 @@ def cmd_enqueue(args):
     now = now_utc()
     if args.job == "-":
         jobs = []
-        for number, line in enumerate(sys.stdin, 1):
-            if line.strip():
-                try:
+        for number, raw in enumerate(sys.stdin.buffer, 1):
+            try:
+                line = raw.decode("utf-8")
+                if line.strip():
                     jobs.append(validate_job(_parse_json(line), now))
-                except UsageError as e:
-                    raise UsageError(f"line {number}: {e}") from None
-        seen = set()
-        for job in jobs:
-            if job["id"] in seen:
-                raise QueueError(f"duplicate job id: {job['id']}")
-            if job["id"]:
-                seen.add(job["id"])
+            except UnicodeDecodeError:
+                raise UsageError(f"line {number}: not valid UTF-8") from None
+            except UsageError as e:
+                raise UsageError(f"line {number}: {e}") from None
         if not jobs:
             raise UsageError("no jobs on standard input")
     else:
         jobs = [validate_job(_parse_json(args.job), now)]
-    try:
-        cwd = os.getcwd()
-    except FileNotFoundError:
-        raise QueueError("the current directory no longer exists") from None
-    store = open_store(args, create=True)
-    try:
+    cwd = current_dir()
+    check_text(cwd, "the current directory's name")
+    with open_store(args, create=True) as store:
         ids = store.enqueue(jobs, cwd, now)
-    finally:
-        store.close()
     for job_id in ids:
         print(job_id)
 
@@ -1560,10 +1652,12 @@ def _parse_json(text):
         return json.loads(text)
     except ValueError as e:
         raise UsageError(f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise UsageError("invalid JSON: nested too deeply") from None
 
 
 def cmd_worker_start(args):
-    db_path = os.path.abspath(os.path.expanduser(args.db))
+    db_path = args.db
     Store(db_path).close()         # create or check the database before forking
     if args.detach:
         log_path = db_path + LOG_SUFFIX
@@ -1579,14 +1673,14 @@ def cmd_worker_start(args):
 
 
 def cmd_worker_stop(args):
-    db_path = os.path.abspath(os.path.expanduser(args.db))
+    db_path = args.db
     path = pid_path(db_path)
     running = PidFile.running(path)
     if not running:
         print("no workers running")
         return EXIT_OK
     pid = running[0]
-    _signal_supervisor(pid)
+    _signal_supervisor(pid, WARM_SIGNAL)
     print(f"asked supervisor {pid} to stop; waiting for running jobs to finish",
           file=sys.stderr)
     if _wait_stopped(path, args.timeout):
@@ -1594,13 +1688,10 @@ def cmd_worker_stop(args):
         return EXIT_OK
     interrupted = []
     if os.path.exists(db_path):
-        store = Store(db_path, create=False)
-        try:
+        with Store(db_path, create=False) as store:
             interrupted = sorted(p["id"] for p in store.list_jobs(PROCESSING))
-        finally:
-            store.close()
     if PidFile.running(path):
-        _signal_supervisor(pid)               # the second signal: a cold stop
+        _signal_supervisor(pid, COLD_SIGNAL)
     if not _wait_stopped(path, COLD_STOP_GRACE_S + KILL_GRACE_S + 10):
         raise QueueError(f"supervisor {pid} did not stop")
     listed = f" ({', '.join(interrupted)})" if interrupted else ""
@@ -1610,9 +1701,9 @@ def cmd_worker_stop(args):
     return EXIT_OK
 
 
-def _signal_supervisor(pid):
+def _signal_supervisor(pid, sig):
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
     except ProcessLookupError:
         pass                                  # it exited meanwhile
     except PermissionError:
@@ -1629,11 +1720,8 @@ def _wait_stopped(path, timeout_s):
 
 
 def cmd_status(args):
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         counts, oldest, running = store.status()
-    finally:
-        store.close()
     now = now_utc()
     oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
     supervisor = PidFile.running(pid_path(store.path))
@@ -1687,11 +1775,12 @@ def cmd_status(args):
 
 
 def cmd_list(args):
-    store = open_store(args)
-    try:
-        jobs = store.list_jobs(args.state, args.limit)
-    finally:
-        store.close()
+    print_jobs(args, args.state, args.limit)
+
+
+def print_jobs(args, state, limit):
+    with open_store(args) as store:
+        jobs = store.list_jobs(state, limit)
     if args.json:
         print_json(jobs)
     else:
@@ -1720,17 +1809,15 @@ def _clip(text, width):
 
 
 def cmd_show(args):
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         job, attempts = store.get_job(args.id)
-    finally:
-        store.close()
     history = [{
         "number": a["number"], "worker_pid": a["worker_pid"],
         "started_at": a["started_at"], "finished_at": a["finished_at"],
         "outcome": a["outcome"], "exit_code": a["exit_code"], "reason": a["reason"],
         "duration_s": a["duration_s"]} for a in attempts]
-    last = next((a for a in reversed(attempts) if a["outcome"] != RUNNING), None)
+    last = next((a for a in reversed(attempts) if a["outcome"] in (COMPLETED, FAILED)),
+                None)
     output = None
     if last is not None:
         output = {"stdout": last["stdout"] or "", "stderr": last["stderr"] or "",
@@ -1762,18 +1849,14 @@ def cmd_show(args):
 
 
 def cmd_dlq_list(args):
-    args.state, args.limit = DEAD, None
-    return cmd_list(args)
+    print_jobs(args, DEAD, None)
 
 
 def cmd_dlq_retry(args):
     if bool(args.ids) == bool(args.all):
         raise UsageError("give job ids or --all, not both or neither")
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         ids = store.retry_dead(None if args.all else _unique(args.ids))
-    finally:
-        store.close()
     if not ids:
         print("the DLQ is empty", file=sys.stderr)
     for job_id in ids:
@@ -1785,21 +1868,15 @@ def _unique(items):
 
 
 def cmd_delete(args):
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         store.delete(_unique(args.ids))
-    finally:
-        store.close()
     for job_id in _unique(args.ids):
         print(f"{job_id}: deleted")
 
 
 def cmd_config_show(args):
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         values = store.config()
-    finally:
-        store.close()
     if args.json:
         print_json(values)
     else:
@@ -1809,30 +1886,21 @@ def cmd_config_show(args):
 
 def cmd_config_get(args):
     key = config_key(args.key)
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         print(store.config()[key])
-    finally:
-        store.close()
 
 
 def cmd_config_set(args):
     key = config_key(args.key)
     value = parse_config_value(key, args.value)
-    store = open_store(args, create=True)
-    try:
+    with open_store(args, create=True) as store:
         store.set_config(key, value)
-    finally:
-        store.close()
     print(f"{key} = {value}")
 
 
 def cmd_stats(args):
-    store = open_store(args)
-    try:
+    with open_store(args) as store:
         stats = store.stats()
-    finally:
-        store.close()
     if args.json:
         print_json(stats)
         return
@@ -1860,14 +1928,17 @@ class Parser(argparse.ArgumentParser):
                               f"(see '{self.prog} --help')\n")
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+def int_between(low, high):
+    """An argparse type: a whole number from LOW to HIGH."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {text!r}")
+        return value
+    return parse
 
 
 def non_negative_float(text):
@@ -1914,7 +1985,7 @@ def build_parser():
     actions = worker.add_subparsers(dest="action", metavar="ACTION", required=True,
                                     parser_class=Parser)
     sub = command(actions, "start", cmd_worker_start, "run workers until stopped")
-    sub.add_argument("--count", type=positive_int, default=1, metavar="N",
+    sub.add_argument("--count", type=int_between(1, MAX_WORKERS), default=1, metavar="N",
                      help="number of worker processes (default 1)")
     sub.add_argument("--detach", action="store_true",
                      help="run in the background; return once the workers are up")
@@ -1928,12 +1999,12 @@ def build_parser():
                      help="exit 3/4/5 when the queue needs attention (for cron)")
     sub.add_argument("--max-age", type=non_negative_float, default=None, metavar="S",
                      help="with --check: problem if a runnable job waited over S s")
-    sub.add_argument("--max-dead", type=int, default=0, metavar="N",
+    sub.add_argument("--max-dead", type=int_between(0, INT_LIMIT), default=0, metavar="N",
                      help="with --check: problem if the DLQ holds more than N (0)")
 
     sub = command(commands, "list", cmd_list, "list jobs, newest first", [json_opt])
     sub.add_argument("--state", choices=STATES, help="only jobs in this state")
-    sub.add_argument("--limit", type=positive_int, default=None, metavar="N",
+    sub.add_argument("--limit", type=int_between(1, INT_LIMIT), default=None, metavar="N",
                      help="at most N jobs")
 
     sub = command(commands, "show", cmd_show, "show one job whole", [json_opt])
@@ -1971,12 +2042,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.db == "":
         parser.error("argument --db: expected a file path, got ''")
-    args.db = os.path.abspath(os.path.expanduser(args.db or default_db_path()))
     try:
-        return args.func(args) or EXIT_OK
+        path = os.path.expanduser(args.db or default_db_path())
+        if not os.path.isabs(path):
+            path = os.path.join(current_dir(), path)
+        # One database, one PID file: a symlinked path must not get a second one.
+        args.db = os.path.realpath(path)
+        code = args.func(args) or EXIT_OK
+        sys.stdout.flush()      # here, so a closed pipe is caught below
+        return code
     except QueueError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        # One line, whatever a job id or path in the message contains.
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return e.code
+    except UnicodeError:
+        print(f"{PROG}: error: arguments and input must be valid UTF-8 text",
+              file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -58,7 +58,8 @@ class QueueTestCase(unittest.TestCase):
         out, err = io.StringIO(), io.StringIO()
         old_stdin = sys.stdin
         if stdin is not None:
-            sys.stdin = io.StringIO(stdin)
+            sys.stdin = io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")),
+                                         encoding="utf-8")
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 try:

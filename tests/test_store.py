@@ -119,7 +119,8 @@ class FencingTest(StoreTestCase):
         """A lost claim's finish returns None and leaves the new claimant's job alone."""
         job_id = self.add()
         old = self.store.claim(111, now=T0)
-        self.assertEqual(self.store.fence(job_id, old.token, now=at(20)), queuectl.FAILED)
+        self.assertEqual(self.store.fence(job_id, old.token, queuectl.WORKER_LOST,
+                                          now=at(20)), queuectl.FAILED)
         new = self.store.claim(222, now=at(30))
         self.assertEqual((new.id, new.attempt), (job_id, 2))
         self.assertNotEqual(new.token, old.token)
@@ -140,26 +141,40 @@ class FencingTest(StoreTestCase):
         """renew and requeue with a stale token return False and change nothing."""
         job_id = self.add()
         old = self.store.claim(111, now=T0)
-        self.store.fence(job_id, old.token, now=at(1))
+        self.store.fence(job_id, old.token, queuectl.WORKER_LOST, now=at(1))
         new = self.store.claim(222, now=at(10))
         before = self.dump()
-        self.assertFalse(self.store.renew(job_id, old.token, now=at(11)))
+        self.assertFalse(self.store.renew(job_id, old.token, 15, now=at(11)))
         self.assertFalse(self.store.requeue(job_id, old.token, "stop", now=at(11)))
-        self.assertIsNone(self.store.fence(job_id, old.token, now=at(11)))
+        self.assertIsNone(self.store.fence(job_id, old.token, queuectl.WORKER_LOST,
+                                           now=at(11)))
+        self.assertFalse(self.store.take_over(job_id, old.token, "x" * 32, 333,
+                                              now=at(11)))
         self.assertEqual(self.dump(), before)
-        self.assertTrue(self.store.renew(job_id, new.token, now=at(11)))
+        self.assertTrue(self.store.renew(job_id, new.token, 15, now=at(11)))
         self.assertEqual(self.raw("SELECT lease_until FROM jobs")[0][0],
                          queuectl.iso(at(26)))
 
-    def test_fence_only_expired(self):
-        """fence(only_expired=True) leaves a live lease alone."""
+    def test_take_over_only_expired(self):
+        """take_over(only_expired=True) leaves a live lease alone, then fences it."""
         job_id = self.add()
         claim = self.store.claim(1, now=T0)
-        self.assertIsNone(self.store.fence(job_id, claim.token, only_expired=True,
-                                           now=at(10)))
-        self.assertEqual(self.get(job_id)["state"], queuectl.PROCESSING)
-        self.assertEqual(self.store.fence(job_id, claim.token, only_expired=True,
-                                          now=at(16)), queuectl.FAILED)
+        before = self.dump()
+        self.assertFalse(self.store.take_over(job_id, claim.token, "n" * 32, 2,
+                                              only_expired=True, now=at(10)))
+        self.assertEqual(self.dump(), before)
+        self.assertTrue(self.store.take_over(job_id, claim.token, "n" * 32, 2,
+                                             only_expired=True, now=at(16)))
+        # The old owner is fenced off; the taker holds the job, still processing.
+        self.assertFalse(self.store.renew(job_id, claim.token, 15, now=at(17)))
+        self.assertIsNone(self.store.finish(job_id, claim.token, OK, now=at(17)))
+        job = self.get(job_id)
+        self.assertEqual((job["state"], job["worker_pid"]), (queuectl.PROCESSING, 2))
+        self.assertEqual(self.store.fence(job_id, "n" * 32, queuectl.WORKER_LOST,
+                                          now=at(18)), queuectl.FAILED)
+        _, attempts = self.store.get_job(job_id)
+        self.assertEqual([(a["outcome"], a["reason"]) for a in attempts],
+                         [(queuectl.FAILED, queuectl.WORKER_LOST)])
 
     def test_requeue_restores_attempts(self):
         """requeue gives the job back as pending without using up an attempt."""
@@ -185,7 +200,7 @@ class FencingTest(StoreTestCase):
         self.assertEqual(self.store.expired_claims(now=at(16)), [(a, ca.token)])
         self.assertEqual(sorted(self.store.expired_claims(now=at(30))),
                          sorted([(a, ca.token), ("b", cb.token)]))
-        self.assertTrue(self.store.renew(a, ca.token, now=at(20)))
+        self.assertTrue(self.store.renew(a, ca.token, 15, now=at(20)))
         self.assertEqual(self.store.expired_claims(now=at(30)), [("b", cb.token)])
         self.assertEqual(self.store.claims_of(1), [(a, ca.token)])
 
