@@ -47,13 +47,12 @@ from datetime import datetime, timedelta, timezone
 
 __version__ = "1.0.0"
 
-PROG = "queuectl"
-
 
 ####
 # Constants ####
 ####
 
+PROG = "queuectl"
 ENV_DB = "QUEUECTL_DB"
 DB_FILENAME = "queuectl.db"
 PID_SUFFIX = ".pid"        # <db>.pid: the supervisor's PID file and lock
@@ -69,7 +68,6 @@ STATES = (PENDING, PROCESSING, COMPLETED, FAILED, DEAD)
 # What ended an attempt (attempts.outcome).
 RUNNING = "running"
 INTERRUPTED = "interrupted"  # stopped by a cold shutdown; does not use up an attempt
-OUTCOMES = (RUNNING, COMPLETED, FAILED, INTERRUPTED)
 WORKER_LOST = "worker lost"
 
 # Stop signals. To a supervisor: SIGINT and SIGTERM step up (the first is a warm
@@ -90,15 +88,23 @@ EXIT_CHECK_DEAD = 3
 EXIT_CHECK_NO_WORKERS = 4
 EXIT_CHECK_STALE = 5
 
-# name: (default, parse function, help). Values are validated by their parser.
-CONFIG_DEFAULTS = {
-    "max_retries": 3,
-    "backoff_base": 2,
-    "backoff_max": 3600,
-    "job_timeout": 300,
-    "output_limit": 65536,
-    "lease_timeout": 15,
+# key: (default, type, smallest valid value or None for "above 0", valid values)
+CONFIG = {
+    "max_retries": (3, int, 0, "a whole number >= 0"),
+    "backoff_base": (2, float, 1, "a number >= 1"),
+    "backoff_max": (3600, float, 0, "a number of seconds >= 0"),
+    "job_timeout": (300, float, None, "a number of seconds > 0"),
+    "output_limit": (65536, int, 0, "a whole number of bytes >= 0"),
+    "lease_timeout": (15, float, 1, "a number of seconds >= 1"),
 }
+CONFIG_DEFAULTS = {key: spec[0] for key, spec in CONFIG.items()}
+
+JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout")
+
+# An ISO-8601 time as users write it: date, T or space, time, Z or an offset.
+USER_TIME = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
+    r"(?:([zZ])|([+-])(\d{2}):?(\d{2}))?")
 
 # SQLite's own busy handler sleeps up to 100 ms between tries, so under heavy load a
 # waiting writer can starve for seconds. So SQLite waits only briefly, and _run
@@ -212,11 +218,6 @@ def parse_iso(text):
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
 
 
-USER_TIME = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
-    r"(?:([zZ])|([+-])(\d{2}):?(\d{2}))?")
-
-
 def parse_user_time(text):
     """Parse an ISO-8601 time given by a user; it must carry Z or an offset.
 
@@ -283,23 +284,15 @@ def is_number(value):
 def config_key(name):
     """Return the canonical config key for NAME (max-retries == max_retries)."""
     key = name.strip().lower().replace("-", "_")
-    if key not in CONFIG_DEFAULTS:
-        known = ", ".join(CONFIG_DEFAULTS)
+    if key not in CONFIG:
+        known = ", ".join(CONFIG)
         raise UsageError(f"unknown config key {name!r} (known: {known})")
     return key
 
 
 def parse_config_value(key, text):
     """Validate TEXT as a value for config KEY and return it as a number."""
-    rules = {
-        "max_retries": (int, 0, "a whole number >= 0"),
-        "backoff_base": (float, 1, "a number >= 1"),
-        "backoff_max": (float, 0, "a number of seconds >= 0"),
-        "job_timeout": (float, None, "a number of seconds > 0"),
-        "output_limit": (int, 0, "a whole number of bytes >= 0"),
-        "lease_timeout": (float, 1, "a number of seconds >= 1"),
-    }
-    kind, minimum, wanted = rules[key]
+    _, kind, minimum, wanted = CONFIG[key]
     try:
         value = kind(str(text).strip())
     except ValueError:
@@ -313,9 +306,6 @@ def parse_config_value(key, text):
     if too_small or value >= INT_LIMIT:
         raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
     return value
-
-
-JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout")
 
 
 def validate_job(doc, now=None):
@@ -424,7 +414,7 @@ def log(message):
 
 
 ####
-# Store ####
+# Records ####
 ####
 
 @dataclasses.dataclass
@@ -441,6 +431,28 @@ class Claim:
     output_limit: int
     lease_s: float
 
+
+@dataclasses.dataclass
+class RunResult:
+    """How one run of a command ended."""
+
+    exit_code: "int | None"
+    reason: "str | None" = None     # why it failed; None when it succeeded
+    stdout: str = ""
+    stderr: str = ""
+    stdout_dropped: int = 0          # bytes cut from the head to keep output_limit
+    stderr_dropped: int = 0
+    duration_s: "float | None" = None
+    aborted: "str | None" = None     # set when should_abort() stopped the run
+
+    @property
+    def ok(self):
+        return self.exit_code == 0 and self.reason is None
+
+
+####
+# Store ####
+####
 
 def _sqlite_message(error, path):
     """Turn a sqlite3 error into one line a user can act on."""
@@ -990,24 +1002,6 @@ def job_dict(row, config):
 ####
 # Running a job ####
 ####
-
-@dataclasses.dataclass
-class RunResult:
-    """How one run of a command ended."""
-
-    exit_code: "int | None"
-    reason: "str | None" = None     # why it failed; None when it succeeded
-    stdout: str = ""
-    stderr: str = ""
-    stdout_dropped: int = 0          # bytes cut from the head to keep output_limit
-    stderr_dropped: int = 0
-    duration_s: "float | None" = None
-    aborted: "str | None" = None     # set when should_abort() stopped the run
-
-    @property
-    def ok(self):
-        return self.exit_code == 0 and self.reason is None
-
 
 def describe_exit(returncode):
     """Say why a shell exit status is a failure: 'exit 1', 'killed by SIGKILL'."""
