@@ -26,6 +26,7 @@ Exit codes:
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -77,7 +78,7 @@ WORKER_LOST = "worker lost"
 WARM, COLD = 1, 2
 WARM_SIGNAL = signal.SIGUSR2
 COLD_SIGNAL = signal.SIGUSR1
-ABORT_COLD = "interrupted by a cold stop"
+ABORT_COLD = "cold stop"
 ABORT_LOST = "claim lost"
 CLAIM_ENV = "QUEUECTL_CLAIM"   # marks every process of a run, to find orphans later
 
@@ -536,7 +537,7 @@ class Store:
         except FileNotFoundError:
             if not create:
                 raise QueueError(f"no database at {path} (enqueue a job or start "
-                                 f"workers to create it, or pass --db)") from None
+                                 f"workers to create it)") from None
             self._create_file()
             return
         except OSError as e:
@@ -840,10 +841,13 @@ class Store:
                  row["id"], row["state"])).rowcount
             if updated != 1:
                 return None
+            # attempts.number counts every run of the job (1, 2, ...), while
+            # jobs.attempts counts those that use up retries.
             conn.execute(
                 "INSERT INTO attempts (job_id, number, claim_token, worker_pid, "
-                "started_at, outcome) VALUES (?, ?, ?, ?, ?, ?)",
-                (row["id"], attempt, token, worker_pid, stamp, RUNNING))
+                "started_at, outcome) SELECT ?, count(*) + 1, ?, ?, ?, ? "
+                "FROM attempts WHERE job_id = ?",
+                (row["id"], token, worker_pid, stamp, RUNNING, row["id"]))
             return Claim(
                 id=row["id"], command=row["command"], cwd=row["cwd"], token=token,
                 attempt=attempt,
@@ -974,7 +978,8 @@ class Store:
 
 
 def _effective(value, default):
-    return default if value is None else value
+    value = default if value is None else value
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def job_dict(row, config):
@@ -1302,7 +1307,7 @@ class Heartbeat:
         return alive
 
 
-def run_worker(db_path, index, parent_pid):
+def run_worker(db_path, index, parent_pid, ready=None):
     """Entry point of a worker process (a plain function, for spawn and fork)."""
     # The supervisor relays Ctrl-C. A handler, not SIG_IGN, so the commands this
     # worker starts get the default SIGINT back when they exec.
@@ -1313,6 +1318,8 @@ def run_worker(db_path, index, parent_pid):
     store = None
     try:
         store = Store(db_path, create=False)
+        if ready is not None:
+            ready.set()
         Worker(store, index, stop, parent_pid).loop()
     except QueueError as e:
         log(f"worker {index} (pid {os.getpid()}): error: {e}")
@@ -1322,12 +1329,17 @@ def run_worker(db_path, index, parent_pid):
             store.close()
 
 
+STARTING, RUNNING_STATE, STOPPING = "starting", "running", "stopping"
+Supervised = collections.namedtuple("Supervised", "pid workers state")
+
+
 class PidFile:
     """The supervisor's PID file beside the database, locked while it runs.
 
     The exclusive flock, not the pid written in the file, answers "is it running?":
     a stale file from a crash holds no lock, whatever process now has its pid.
-    Line 1 is the supervisor pid, line 2 the worker pids.
+    Line 1 is the supervisor pid, line 2 the worker pids, line 3 the supervisor's
+    state: starting, running or stopping.
     """
 
     def __init__(self, path):
@@ -1346,9 +1358,10 @@ class PidFile:
             except BlockingIOError:
                 os.close(fd)
                 if time.monotonic() > deadline:
-                    pid, _ = self._parse(self.path)
+                    supervised = self._parse(self.path)
+                    pid = supervised.pid if supervised else "?"
                     raise QueueError(f"workers are already running on this database "
-                                     f"(supervisor pid {pid or '?'})") from None
+                                     f"(supervisor pid {pid})") from None
                 time.sleep(0.02)
                 continue
             # The file may have been unlinked by an exiting supervisor after we
@@ -1359,12 +1372,12 @@ class PidFile:
                 same = False
             if same:
                 self.fd = fd
-                self.write([])
+                self.write([], STARTING)
                 return
             os.close(fd)
 
-    def write(self, worker_pids):
-        data = f"{os.getpid()}\n{' '.join(map(str, worker_pids))}\n".encode()
+    def write(self, worker_pids, state):
+        data = f"{os.getpid()}\n{' '.join(map(str, worker_pids))}\n{state}\n".encode()
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 
@@ -1377,18 +1390,18 @@ class PidFile:
 
     @staticmethod
     def _parse(path):
+        """Return a Supervised read from PATH, or None if it is not complete yet."""
         try:
             with open(path) as f:
                 lines = f.read().split("\n")
-            pid = int(lines[0])
-            workers = [int(p) for p in lines[1].split()] if len(lines) > 1 else []
-            return pid, workers
-        except (OSError, ValueError):
-            return None, []
+            return Supervised(int(lines[0]), [int(p) for p in lines[1].split()],
+                              lines[2])
+        except (OSError, ValueError, IndexError):
+            return None
 
     @classmethod
     def running(cls, path):
-        """Return (supervisor pid, worker pids) if a live supervisor holds PATH."""
+        """Return a Supervised if a live supervisor holds PATH, else None."""
         for _ in range(50):
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -1404,10 +1417,10 @@ class PidFile:
                 pass
             finally:
                 os.close(fd)
-            pid, workers = cls._parse(path)
-            if pid:
-                return pid, workers
-            time.sleep(0.02)                     # locked, pid not written yet
+            supervised = cls._parse(path)
+            if supervised:
+                return supervised
+            time.sleep(0.02)                     # locked, not written yet
         return None
 
 
@@ -1436,6 +1449,7 @@ class Supervisor:
         self.stop = StopFlag(counted=(signal.SIGINT, signal.SIGTERM))
         self.relayed = 0
         self.workers = {}        # index -> Process
+        self.ready = {}          # index -> Event the worker sets once in its loop
         self.started_at = {}     # index -> monotonic start time
         # spawn: a worker shares no connection, lock or thread with this process.
         self.context = multiprocessing.get_context("spawn")
@@ -1455,8 +1469,11 @@ class Supervisor:
             log(f"supervisor (pid {os.getpid()}): starting {self.count} worker(s) "
                 f"on {self.db_path}")
             for index in range(1, self.count + 1):
+                if self.stop.level:
+                    break
                 self.start_worker(index)
-            self.pidfile.write([p.pid for p in self.workers.values()])
+            self.wait_ready()
+            self.publish(STOPPING if self.stop.level else RUNNING_STATE)
             self.watch()
         finally:
             try:
@@ -1468,9 +1485,22 @@ class Supervisor:
         log("supervisor: stopped")
         return EXIT_OK
 
+    def publish(self, state):
+        """Write the live worker pids and the state to the PID file."""
+        self.pidfile.write([p.pid for p in self.workers.values()], state)
+
+    def wait_ready(self):
+        """Wait until every worker is in its loop (or one died, or a stop came)."""
+        while not self.stop.level and not all(e.is_set() for e in self.ready.values()):
+            if any(not p.is_alive() for p in self.workers.values()):
+                return              # watch() restarts it and logs why
+            time.sleep(0.02)
+
     def start_worker(self, index):
+        self.ready[index] = self.context.Event()
         proc = self.context.Process(target=run_worker, name=f"queuectl-worker-{index}",
-                                    args=(self.db_path, index, os.getpid()))
+                                    args=(self.db_path, index, os.getpid(),
+                                          self.ready[index]))
         # An ignored SIGINT survives exec: a Ctrl-C while the worker is still
         # starting cannot kill it with a KeyboardInterrupt traceback.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -1516,6 +1546,7 @@ class Supervisor:
         for proc in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
+        self.publish(STOPPING)
 
     def worker_exited(self, index):
         proc = self.workers.pop(index)
@@ -1527,13 +1558,14 @@ class Supervisor:
             log(f"supervisor: could not recover the jobs of pid {proc.pid} ({e}); "
                 f"their leases will expire")
         if self.stop.level:
+            self.publish(STOPPING)
             return
         log(f"supervisor: worker {index} (pid {proc.pid}) exited with code "
             f"{proc.exitcode}; starting a new one")
         if time.monotonic() - self.started_at[index] < RESTART_DELAY_S:
             time.sleep(RESTART_DELAY_S)     # do not spin on a worker that cannot start
         self.start_worker(index)
-        self.pidfile.write([p.pid for p in self.workers.values()])
+        self.publish(RUNNING_STATE)
 
     def recover(self, worker_pid):
         """Recover the claims of a worker that exited: lost, or given back on a
@@ -1576,20 +1608,20 @@ def start_detached(db_path, count, log_path):
             start_new_session=True, close_fds=True)
     finally:
         os.close(fd)
-    deadline = time.monotonic() + DETACH_WAIT_S
+    wait_s = DETACH_WAIT_S + count * 0.5
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise QueueError(_last_error_line(log_path, offset)
                              or f"supervisor exited with code {proc.returncode}")
         running = PidFile.running(pid_path(db_path))
-        if running and running[0] == proc.pid and len(running[1]) == count:
+        if running and running.pid == proc.pid and running.state == RUNNING_STATE:
             return running
         time.sleep(0.05)
     # Half started is worse than not started: stop it (warm: it runs no job yet).
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGTERM)
-    raise QueueError(f"workers did not start within {DETACH_WAIT_S:.0f}s; "
-                     f"see {log_path}")
+    raise QueueError(f"workers did not start within {wait_s:.0f}s; see {log_path}")
 
 
 def _last_error_line(log_path, offset):
@@ -1643,11 +1675,19 @@ def cmd_enqueue(args):
 
 def _parse_json(text):
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except ValueError as e:
         raise UsageError(f"invalid JSON: {e}") from None
     except RecursionError:
         raise UsageError("invalid JSON: nested too deeply") from None
+
+
+def _no_duplicate_keys(pairs):
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise UsageError(f"field {key!r} is given twice")
+    return dict(pairs)
 
 
 def cmd_worker_start(args):
@@ -1659,9 +1699,9 @@ def cmd_worker_start(args):
         if running:
             raise QueueError(f"workers are already running on this database "
                              f"(supervisor pid {running[0]})")
-        pid, workers = start_detached(db_path, args.count, log_path)
-        print(f"started {len(workers)} worker(s) in the background "
-              f"(supervisor pid {pid}); log: {log_path}")
+        running = start_detached(db_path, args.count, log_path)
+        print(f"started {len(running.workers)} worker(s) in the background "
+              f"(supervisor pid {running.pid}); log: {log_path}")
         return EXIT_OK
     return Supervisor(db_path, args.count).run()
 
@@ -1719,17 +1759,21 @@ def cmd_status(args):
     now = now_utc()
     oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
     supervisor = PidFile.running(pid_path(store.path))
-    worker_pids = supervisor[1] if supervisor else []
-    workers = []
-    for pid in worker_pids:
-        job = running.get(pid)
-        workers.append({"pid": pid, "job_id": job["id"] if job else None,
-                        "command": job["command"] if job else None})
+    worker_pids = supervisor.workers if supervisor else []
+    workers = [{"pid": pid,
+                "job_id": running[pid]["id"] if pid in running else None,
+                "command": running[pid]["command"] if pid in running else None}
+               for pid in worker_pids]
+    # Jobs held by processes that are not our workers: the workers of a killed
+    # supervisor finishing up, or claims waiting for their lease to run out.
+    others = [{"pid": pid, "job_id": job["id"], "command": job["command"]}
+              for pid, job in sorted(running.items()) if pid not in worker_pids]
+    state = supervisor.state if supervisor else None
     problems = []
-    runnable = oldest is not None
-    if runnable and not workers:
-        problems.append((EXIT_CHECK_NO_WORKERS, "jobs are waiting but no workers "
-                                                "are running"))
+    if oldest is not None and (not workers or state == STOPPING):
+        problems.append((EXIT_CHECK_NO_WORKERS,
+                         "jobs are waiting but no workers are running"
+                         + (" (they are stopping)" if workers else "")))
     if oldest_age is not None and args.max_age is not None and oldest_age > args.max_age:
         problems.append((EXIT_CHECK_STALE, f"oldest runnable job has waited "
                                            f"{format_duration(oldest_age)} "
@@ -1741,31 +1785,44 @@ def cmd_status(args):
         "counts": counts,
         "dlq": counts[DEAD],
         "oldest_runnable_age_s": oldest_age,
-        "supervisor_pid": supervisor[0] if supervisor else None,
+        "supervisor_pid": supervisor.pid if supervisor else None,
+        "supervisor_state": state,
         "workers": workers,
+        "other_claims": others,
         "healthy": not problems,
         "problems": [text for _, text in problems],
     }
     if args.json:
         print_json(report)
     else:
-        print(f"database: {store.path}")
-        print("jobs:     " + ", ".join(f"{s} {counts[s]}" for s in STATES))
-        print(f"oldest runnable job waiting: {format_duration(oldest_age)}")
-        print(f"dlq:      {counts[DEAD]}")
-        if supervisor:
-            print(f"workers:  {len(workers)} (supervisor pid {supervisor[0]})")
-            for w in workers:
-                doing = f"job {w['job_id']}: {w['command']}" if w["job_id"] else "idle"
-                print(f"  pid {w['pid']}: {doing}")
-        else:
-            print("workers:  none running")
-        if args.check:
-            for _, text in problems:
-                print(f"problem:  {text}")
+        print_status(report, args.check)
     if args.check and problems:
         return problems[0][0]      # the most urgent: no workers, stale, dead
     return EXIT_OK
+
+
+def print_status(report, check):
+    counts = report["counts"]
+    print(f"database:  {report['db']}")
+    print("jobs:      " + ", ".join(f"{s} {counts[s]}" for s in STATES))
+    age = report["oldest_runnable_age_s"]
+    print("waiting:   " + ("no runnable job" if age is None else
+                           f"{format_duration(age)} (the oldest runnable job)"))
+    print(f"dlq:       {counts[DEAD]}")
+    if report["supervisor_pid"]:
+        print(f"workers:   {len(report['workers'])}, {report['supervisor_state']} "
+              f"(supervisor pid {report['supervisor_pid']})")
+    else:
+        print("workers:   none running")
+    for w in report["workers"]:
+        doing = f"job {w['job_id']}: {_clip(w['command'], 60)}" if w["job_id"] else "idle"
+        print(f"  pid {w['pid']}: {doing}")
+    for w in report["other_claims"]:
+        print(f"  pid {w['pid']} (not one of ours): job {w['job_id']}: "
+              f"{_clip(w['command'], 40)}")
+    if check:
+        for text in report["problems"]:
+            print(f"problem:   {text}")
 
 
 def cmd_list(args):
@@ -1785,12 +1842,15 @@ def print_job_table(jobs):
     if not jobs:
         print("no jobs", file=sys.stderr)
         return
-    rows = [("ID", "STATE", "TRIES", "PRIO", "UPDATED", "LAST ERROR", "COMMAND")]
+    rows = [("ID", "STATE", "TRIES", "PRIO", "RUN AT", "UPDATED", "LAST ERROR",
+             "COMMAND")]
     for job in jobs:
+        waiting = job["state"] in (PENDING, FAILED)
         rows.append((job["id"], job["state"],
                      f"{job['attempts']}/{job['max_retries'] + 1}",
-                     str(job["priority"]), job["updated_at"][:19] + "Z",
-                     _clip(job["last_error"] or "-", 24), _clip(job["command"], 50)))
+                     str(job["priority"]), job["run_at"][:19] + "Z" if waiting else "-",
+                     job["updated_at"][:19] + "Z",
+                     _clip(job["last_error"] or "-", 32), _clip(job["command"], 50)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
@@ -1828,22 +1888,22 @@ def cmd_show(args):
     for h in history:
         how = h["outcome"]
         if h["reason"]:
-            how += f" ({h['reason']})"
+            how += f": {h['reason']}"
         elif h["exit_code"] is not None:
             how += f" (exit {h['exit_code']})"
-        print(f"  attempt {h['number']}: {h['started_at']} -> "
-              f"{h['finished_at'] or '...'}  {how}  worker pid {h['worker_pid']}")
+        print(f"  run {h['number']}: {h['started_at']} -> "
+              f"{h['finished_at'] or '...'}  {how}  (worker pid {h['worker_pid']})")
     if output is not None:
         for stream in ("stdout", "stderr"):
+            text = output[stream]
             dropped = output[f"{stream}_dropped_bytes"]
             note = f" (first {dropped} bytes dropped)" if dropped else ""
-            print(f"{stream} of the last attempt{note}:")
-            text = output[stream]
+            print(f"{stream} of the last run{note}:" + ("" if text else " (empty)"))
             print(text if text.endswith("\n") or not text else text + "\n", end="")
 
 
 def cmd_dlq_list(args):
-    print_jobs(args, DEAD, None)
+    print_jobs(args, DEAD, args.limit)
 
 
 def cmd_dlq_retry(args):
@@ -1945,21 +2005,24 @@ def non_negative_float(text):
     return value
 
 
+DB_HELP = (f"database file (default: ${ENV_DB}, else $XDG_DATA_HOME/queuectl/"
+           f"{DB_FILENAME}, else ~/.local/share/queuectl/{DB_FILENAME})")
+EPILOG = ("exit codes: 0 ok, 1 runtime error (unknown job, wrong state, workers "
+          "running, unusable database), 2 usage or validation error; status --check: "
+          "3 dead jobs, 4 no workers, 5 a job waited too long")
+
+
 def build_parser():
     common = Parser(add_help=False)
-    common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH",
-                        help=f"database file (default: ${ENV_DB}, else "
-                             f"$XDG_DATA_HOME/queuectl/{DB_FILENAME})")
+    common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH", help=DB_HELP)
     json_opt = Parser(add_help=False)
     json_opt.add_argument("--json", action="store_true",
                           help="print one JSON document")
 
     parser = Parser(prog=PROG, description="A durable background job queue for "
-                                           "shell commands.")
+                                           "shell commands.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--db", default=None, metavar="PATH",
-                        help=f"database file (default: ${ENV_DB}, else "
-                             f"$XDG_DATA_HOME/queuectl/{DB_FILENAME})")
+    parser.add_argument("--db", default=None, metavar="PATH", help=DB_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=Parser)
 
@@ -1971,6 +2034,10 @@ def build_parser():
 
     sub = command(commands, "enqueue", cmd_enqueue, "add a job (or, with -, one per "
                                                     "line from stdin)")
+    sub.epilog = ("job fields: command (required), id, max_retries, priority, run_at "
+                  "(ISO-8601 with Z or an offset) or delay (seconds), timeout "
+                  "(seconds). Example: queuectl enqueue "
+                  "'{\"id\": \"job1\", \"command\": \"sleep 2\", \"priority\": 5}'")
     sub.add_argument("job", metavar="JSON",
                      help='job as JSON, e.g. \'{"command": "sleep 2"}\', or - for stdin')
 
@@ -2008,7 +2075,10 @@ def build_parser():
                               description="the dead letter queue")
     actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True,
                                  parser_class=Parser)
-    command(actions, "list", cmd_dlq_list, "list dead jobs", [json_opt])
+    sub = command(actions, "list", cmd_dlq_list, "list dead jobs, newest first",
+                  [json_opt])
+    sub.add_argument("--limit", type=int_between(1, INT_LIMIT), default=None,
+                     metavar="N", help="at most N jobs")
     sub = command(actions, "retry", cmd_dlq_retry, "put dead jobs back to pending")
     sub.add_argument("ids", nargs="*", metavar="ID")
     sub.add_argument("--all", action="store_true", help="every dead job")
@@ -2021,9 +2091,12 @@ def build_parser():
     actions = config.add_subparsers(dest="action", metavar="ACTION", required=True,
                                     parser_class=Parser)
     command(actions, "show", cmd_config_show, "show every setting", [json_opt])
+    keys = "keys: " + ", ".join(CONFIG) + " (- or _ both work)"
     sub = command(actions, "get", cmd_config_get, "print one setting's value")
+    sub.epilog = keys
     sub.add_argument("key", metavar="KEY")
     sub = command(actions, "set", cmd_config_set, "change a setting")
+    sub.epilog = keys
     sub.add_argument("key", metavar="KEY")
     sub.add_argument("value", metavar="VALUE")
 
@@ -2042,6 +2115,8 @@ def main(argv=None):
             path = os.path.join(current_dir(), path)
         # One database, one PID file: a symlinked path must not get a second one.
         args.db = os.path.realpath(path)
+        if os.path.isdir(args.db):
+            raise QueueError(f"database path is a directory: {args.db}")
         code = args.func(args) or EXIT_OK
         sys.stdout.flush()      # here, so a closed pipe is caught below
         return code

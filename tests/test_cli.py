@@ -444,7 +444,7 @@ class ListShowTest(CliTestCase):
         self.assertEqual([h["outcome"] for h in job["history"]], ["completed"])
         self.assertEqual(job["output"]["stdout"], "out\n")
         text = self.ok("show", "j")
-        self.assertIn("attempt 1:", text)
+        self.assertIn("run 1:", text)
         self.assertIn("out", text)
 
     def test_json_objects(self):
@@ -591,7 +591,7 @@ class StatusTest(CliTestCase):
         self.assertIn(self.db, text)
         self.assertIn("pending 1, processing 0, completed 0, failed 0, dead 1", text)
         self.assertRegex(text, r"dlq:\s+1")
-        self.assertRegex(text, r"oldest runnable job waiting: 1m[3-5]\ds")
+        self.assertRegex(text, r"waiting: +1m[3-5]\ds \(the oldest runnable job\)")
         self.assertIn("none running", text)
 
     def test_status_json(self):
