@@ -81,6 +81,8 @@ COLD_SIGNAL = signal.SIGUSR1
 ABORT_COLD = "cold stop"
 ABORT_LOST = "claim lost"
 CLAIM_ENV = "QUEUECTL_CLAIM"   # marks every process of a run, to find orphans later
+# What a supervisor is doing, as its PID file tells.
+STARTING, RUNNING_STATE, STOPPING = "starting", "running", "stopping"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -404,6 +406,12 @@ def default_db_path(environ=None):
     return os.path.join(data_home, "queuectl", DB_FILENAME)
 
 
+def clip(text, width):
+    """Fold TEXT onto one line of at most WIDTH characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def log(message):
     """Write one timestamped line to stderr in a single write (workers share it)."""
     message = message.replace("\r", "\\r").replace("\n", "\\n")
@@ -417,6 +425,10 @@ def log(message):
 ####
 # Records ####
 ####
+
+# A live supervisor as its PID file describes it.
+Supervised = collections.namedtuple("Supervised", "pid workers state")
+
 
 @dataclasses.dataclass
 class Claim:
@@ -1161,22 +1173,26 @@ def kill_orphans(token, grace_s=KILL_GRACE_S):
 class StopFlag:
     """Turns stop signals into a level: 0 run, WARM finish jobs, COLD kill them.
 
-    COUNTED signals (a supervisor's SIGINT and SIGTERM) step up one level each, so
-    a second Ctrl-C is a cold stop. Any other stop signal sets its own level, so a
-    repeat of it, or one that reaches a whole process group, changes nothing.
+    COUNTED signals (a supervisor's SIGINT and SIGTERM) ask for a warm stop the
+    first time and a cold one the second, counting only themselves. Any other stop
+    signal sets its own level, so a repeat of it, or one that reaches a whole
+    process group, changes nothing.
     """
 
     def __init__(self, counted=()):
         self.level = 0
         self.counted = counted
+        self.count = 0
 
     def handle(self, signum, frame):
         if signum == COLD_SIGNAL:
-            self.level = COLD
+            wanted = COLD
         elif signum in self.counted:
-            self.level = min(self.level + 1, COLD)
+            self.count += 1
+            wanted = min(self.count, COLD)
         else:
-            self.level = max(self.level, WARM)
+            wanted = WARM
+        self.level = max(self.level, wanted)
 
 
 def recover_claim(store, job_id, token, who, only_expired=False):
@@ -1253,7 +1269,7 @@ class Worker:
 
     def run(self, claim):
         log(f"{self.name}: job {claim.id} started (attempt {claim.attempt} of "
-            f"{claim.max_retries + 1}): {claim.command}")
+            f"{claim.max_retries + 1}): {clip(claim.command, 200)}")
         env = dict(os.environ, QUEUECTL_JOB_ID=claim.id,
                    QUEUECTL_ATTEMPT=str(claim.attempt), **{CLAIM_ENV: claim.token})
         heartbeat = Heartbeat(self.store, claim)
@@ -1327,10 +1343,6 @@ def run_worker(db_path, index, parent_pid, ready=None):
     finally:
         if store is not None:
             store.close()
-
-
-STARTING, RUNNING_STATE, STOPPING = "starting", "running", "stopping"
-Supervised = collections.namedtuple("Supervised", "pid workers state")
 
 
 class PidFile:
@@ -1815,11 +1827,11 @@ def print_status(report, check):
     else:
         print("workers:   none running")
     for w in report["workers"]:
-        doing = f"job {w['job_id']}: {_clip(w['command'], 60)}" if w["job_id"] else "idle"
+        doing = f"job {w['job_id']}: {clip(w['command'], 60)}" if w["job_id"] else "idle"
         print(f"  pid {w['pid']}: {doing}")
     for w in report["other_claims"]:
         print(f"  pid {w['pid']} (not one of ours): job {w['job_id']}: "
-              f"{_clip(w['command'], 40)}")
+              f"{clip(w['command'], 40)}")
     if check:
         for text in report["problems"]:
             print(f"problem:   {text}")
@@ -1850,16 +1862,11 @@ def print_job_table(jobs):
                      f"{job['attempts']}/{job['max_retries'] + 1}",
                      str(job["priority"]), job["run_at"][:19] + "Z" if waiting else "-",
                      job["updated_at"][:19] + "Z",
-                     _clip(job["last_error"] or "-", 32), _clip(job["command"], 50)))
+                     clip(job["last_error"] or "-", 32), clip(job["command"], 50)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         print("  ".join(cells + [row[-1]]))
-
-
-def _clip(text, width):
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def cmd_show(args):

@@ -346,3 +346,33 @@ class DescribeExitTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class StopFlagTest(unittest.TestCase):
+
+    def levels(self, *signals):
+        flag = queuectl.StopFlag(counted=(signal.SIGINT, signal.SIGTERM))
+        seen = []
+        for sig in signals:
+            flag.handle(sig, None)
+            seen.append(flag.level)
+        return seen
+
+    def test_rules(self):
+        """Second SIGINT/SIGTERM is cold; worker stop's signals set their own level."""
+        warm, cold = queuectl.WARM, queuectl.COLD
+        term, usr2, usr1 = signal.SIGTERM, queuectl.WARM_SIGNAL, queuectl.COLD_SIGNAL
+        self.assertEqual(self.levels(term, signal.SIGINT), [warm, cold])
+        self.assertEqual(self.levels(usr2, usr2, usr2), [warm, warm, warm])
+        self.assertEqual(self.levels(usr2, term), [warm, warm])
+        self.assertEqual(self.levels(usr2, term, term), [warm, warm, cold])
+        self.assertEqual(self.levels(usr1, term), [cold, cold])
+
+    def test_worker_sigterm_is_always_warm(self):
+        """A worker counts nothing: SIGTERM is warm however often; only USR1 is cold."""
+        flag = queuectl.StopFlag()
+        for _ in range(3):
+            flag.handle(signal.SIGTERM, None)
+        self.assertEqual(flag.level, queuectl.WARM)
+        flag.handle(queuectl.COLD_SIGNAL, None)
+        self.assertEqual(flag.level, queuectl.COLD)

@@ -1,0 +1,373 @@
+"""Regression tests for the post-review fixes, run with real processes."""
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import unittest
+
+from tests.support import QUEUECTL, QueueTestCase, pid_alive, queuectl, wait_until
+
+q = shlex.quote
+parse_iso = queuectl.parse_iso
+
+
+def processes_with_env(marker):
+    """Pids of live processes whose environment holds the exact entry MARKER (bytes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0") and pid_alive(int(entry)):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class RegressionTestCase(QueueTestCase):
+    """QueueTestCase with bounded subprocess runs and a sweep of leftover processes."""
+
+    def setUp(self):
+        super().setUp()
+        # Registered before any supervisor, so it runs after their cleanups: it
+        # catches job commands, which live in their own sessions.
+        self.addCleanup(self.kill_leftovers)
+
+    def kill_leftovers(self):
+        """Cleanup: SIGKILL every process (supervisor, worker, job) of this database."""
+        for pid in processes_with_env(f"{queuectl.ENV_DB}={self.db}".encode()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def kill_stray(self, pid, needle):
+        """Cleanup: SIGKILL PID if it still runs a command containing NEEDLE."""
+        if pid_alive(pid) and needle in cmdline(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def read(self, name):
+        try:
+            with open(self.path(name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def run_bounded(self, *argv, stdin=None, timeout=10):
+        """Run queuectl.py in its own session; kill the whole session if it is still
+        running after TIMEOUT s (a supervisor that should have been refused).
+        Return (exit code, or None if it had to be killed; stdout; stderr)."""
+        proc = subprocess.Popen([sys.executable, QUEUECTL, *argv], env=self.env,
+                                cwd=self.dir, start_new_session=True,
+                                stdin=subprocess.DEVNULL if stdin is None
+                                else subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=10)
+            code = None
+        return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    def assertOneErrorLine(self, code, got, out, err):
+        """A failed process: exit CODE, no stdout, one 'queuectl...' stderr line."""
+        self.assertEqual(got, code, f"stderr={err[:600]!r}")
+        self.assertEqual(out, "")
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(len(err.splitlines()), 1, err[:600])
+        self.assertTrue(err.startswith("queuectl"), err[:600])
+
+
+class StopSignalTest(RegressionTestCase):
+
+    def test_sigterm_to_the_supervisors_process_group_is_a_warm_stop(self):
+        """SIGTERM to the supervisor's whole group lets the running job finish."""
+        done = self.path("f")
+        proc = self.start_workers(1)
+        workers = self.worker_pids(proc.pid, 1)
+        # Worker and supervisor share the group, so the signal reaches both.
+        self.assertEqual(os.getpgid(proc.pid), proc.pid)
+        self.assertEqual(os.getpgid(workers[0]), proc.pid)
+        job_id = self.enqueue(command=f"sleep 2; echo done >> {q(done)}")
+        self.wait_state(job_id, "processing", timeout=10)
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=20), 0, self.log_text(proc))
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        self.assertEqual([h["outcome"] for h in job["history"]], ["completed"])
+        self.assertEqual(self.read("f"), "done\n")
+        self.assertNotIn("cold stop", self.log_text(proc))
+        self.assertNotIn("Traceback", self.log_text(proc))
+
+    def test_worker_stop_with_timeout_on_a_stopping_supervisor_stays_warm(self):
+        """worker stop --timeout 30 after a SIGTERM does not turn the stop cold."""
+        done = self.path("f")
+        proc = self.start_workers(1)
+        job_id = self.enqueue(command=f"sleep 2; echo done >> {q(done)}")
+        self.wait_state(job_id, "processing", timeout=10)
+
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_until(lambda: "running jobs finish first" in self.log_text(proc), 5,
+                   "the supervisor to begin a warm stop")
+        self.assertEqual(self.state(job_id), "processing", "the job ended too soon")
+        result = self.run_cli("worker", "stop", "--timeout", "30", timeout=40)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f"stopped workers (supervisor pid {proc.pid}); running jobs "
+                      f"finished", result.stdout)
+        self.assertEqual(proc.wait(timeout=10), 0, self.log_text(proc))
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        self.assertEqual([h["outcome"] for h in job["history"]], ["completed"])
+        self.assertEqual(self.read("f"), "done\n")
+        self.assertNotIn("cold stop", self.log_text(proc))
+
+
+class LeaseTest(RegressionTestCase):
+
+    def test_expired_claim_is_recovered_while_every_worker_is_busy(self):
+        """The supervisor recovers an expired claim while its only worker is busy."""
+        self.ok("config", "set", "backoff_base", "1")
+        busy = self.enqueue(command="sleep 30")
+        proc = self.start_workers(1)
+        self.wait_state(busy, "processing", timeout=10)   # with the default lease
+
+        # A claim whose worker is gone: its lease runs out a second from now, while
+        # the only worker is inside `sleep 30` and cannot look at leases.
+        self.ok("config", "set", "lease_timeout", "1")
+        lost = self.enqueue(command="true")
+        dead = subprocess.Popen(["true"])
+        dead.wait(timeout=10)
+        store = queuectl.Store(self.db)
+        try:
+            claim = store.claim(dead.pid)
+        finally:
+            store.close()
+        self.assertEqual(claim.id, lost)
+
+        wait_until(lambda: self.state(lost) != "processing", 8,
+                   f"the lost claim on {lost} to be recovered")
+        job = self.job(lost)
+        self.assertEqual([(h["number"], h["outcome"], h["reason"])
+                          for h in job["history"]], [(1, "failed", "worker lost")])
+        self.assertEqual(job["last_error"], "worker lost")
+        self.assertEqual(job["state"], "failed")
+        busy_job = self.job(busy)
+        self.assertEqual((busy_job["state"], busy_job["attempts"]), ("processing", 1),
+                         "the worker was not busy all along")
+        wait_until(lambda: f"supervisor: job {lost} worker lost" in self.log_text(proc),
+                   5, "the supervisor to log the recovery")
+
+    def test_lowering_lease_timeout_mid_run_keeps_the_claims_own_lease(self):
+        """Lowering lease_timeout mid-run does not shorten or expire a running claim."""
+        self.ok("config", "set", "lease_timeout", "3")
+        self.start_workers(2)
+        job_id = self.enqueue(command=f"sleep 4; echo ok >> {q(self.path('f'))}")
+        self.wait_state(job_id, "processing", timeout=10)
+        self.assertEqual(self.ok("config", "set", "lease_timeout", "1"),
+                         "lease_timeout = 1\n")
+        before = self.job(job_id)["lease_until"]
+
+        # The next renewal (every second: a third of the claim's 3 s lease) still
+        # grants 3 s; with the new 1 s the lease would lapse before each renewal.
+        def renewed():
+            job = self.job(job_id)
+            return job["lease_until"] != before and job
+        job = wait_until(renewed, 5, "the lease to be renewed")
+        self.assertEqual(job["state"], "processing")
+        left = (parse_iso(job["lease_until"]) - queuectl.now_utc()).total_seconds()
+        self.assertGreater(left, 2.0, "the renewal used the new, shorter lease")
+
+        job = self.wait_state(job_id, "completed", timeout=15)
+        self.assertEqual(job["attempts"], 1)
+        self.assertEqual([(h["outcome"], h["reason"]) for h in job["history"]],
+                         [("completed", None)])
+        self.assertEqual(self.read("f"), "ok\n")
+
+
+class JobProcessTest(RegressionTestCase):
+
+    def test_what_a_command_leaves_running_is_killed_when_it_exits(self):
+        """A background process a job leaves in its group dies when the job exits."""
+        self.start_workers(1)
+        job_id = self.enqueue(command=f"sleep 60 & echo $! > {q(self.path('bg.pid'))}")
+        self.wait_state(job_id, "completed", timeout=10)
+        pid = int(wait_until(lambda: self.read("bg.pid").strip(), 5,
+                             "the background pid file"))
+        self.addCleanup(self.kill_stray, pid, "sleep")
+        wait_until(lambda: not pid_alive(pid), 5, f"background sleep {pid} to be gone")
+
+    def test_jobs_do_not_inherit_an_ignored_sigint(self):
+        """The shell that runs a job does not have SIGINT ignored."""
+        self.start_workers(1)
+        job_id = self.enqueue(command=f"grep SigIgn /proc/$$/status > "
+                                      f"{q(self.path('out'))}")
+        self.wait_state(job_id, "completed", timeout=10)
+        fields = self.read("out").split()
+        self.assertEqual(fields[0], "SigIgn:", fields)
+        ignored = int(fields[1], 16)
+        self.assertFalse(ignored & (1 << (signal.SIGINT - 1)),
+                         f"SIGINT is ignored in the job's shell (SigIgn {fields[1]})")
+
+
+class ExitCodeTest(RegressionTestCase):
+
+    def check(self, *extra):
+        """Run status --check as a process; return (exit code, stdout)."""
+        result = self.run_cli("status", "--check", *extra)
+        self.assertEqual(result.stderr, "")
+        return result.returncode, result.stdout
+
+    def test_status_check_exit_codes_as_real_processes(self):
+        """status --check exits 0, 3, 4 and 5 as a real process, problem on stdout."""
+        proc = self.start_workers(1)
+        self.wait_state(self.enqueue(command="true"), "completed")
+        self.assertEqual(self.check()[0], 0)
+
+        self.wait_state(self.enqueue(command="false", max_retries=0), "dead")
+        result = self.run_cli("worker", "stop", timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(proc.wait(timeout=10), 0)
+        code, out = self.check()
+        self.assertEqual(code, 3, out)
+        self.assertIn("1 dead job(s)", out)
+
+        waiting = self.enqueue(command="true")
+        code, out = self.check()
+        self.assertEqual(code, 4, out)
+        self.assertIn("no workers", out)
+
+        busy = self.enqueue(command="sleep 30", priority=10)
+        self.start_workers(1)
+        self.wait_state(busy, "processing", timeout=10)
+
+        def stale():
+            code, out = self.check("--max-age", "0.5")
+            return code == 5 and out
+        out = wait_until(stale, 10, "status --check --max-age 0.5 to exit 5")
+        self.assertIn("oldest runnable job has waited", out)
+        self.assertEqual(self.state(waiting), "pending")
+
+    def test_usage_and_runtime_errors_as_real_processes(self):
+        """A usage error exits 2, a runtime error 1, each with one stderr line."""
+        self.enqueue(id="keep", command="true")
+        result = self.run_cli("list", "--state", "bogus")
+        self.assertOneErrorLine(2, result.returncode, result.stdout, result.stderr)
+        result = self.run_cli("show", "nope")
+        self.assertOneErrorLine(1, result.returncode, result.stdout, result.stderr)
+        self.assertEqual(result.stderr, "queuectl: error: no such job: nope\n")
+
+    def test_list_into_a_reader_that_quits_exits_0_quietly(self):
+        """list | head -1 (300 jobs) and list --limit 3 | true: exit 0, no stderr."""
+        lines = "".join(json.dumps({"command": f"echo {n}"}) + "\n" for n in range(300))
+        self.ok("enqueue", "-", stdin=lines)
+        env = dict(self.env, PY=sys.executable, QUEUECTL=QUEUECTL)
+        env.pop("PYTHONUNBUFFERED", None)      # block-buffered stdout, as for users
+        # With `true`, the reader is gone before queuectl writes, and the output fits
+        # its buffer: the one write is the final flush, which must fail inside main.
+        for pipeline in ("list | head -1", "list --limit 3 | true"):
+            with self.subTest(pipeline):
+                script = f'set -o pipefail; "$PY" "$QUEUECTL" {pipeline}'
+                result = subprocess.run(["bash", "-c", script], env=env, cwd=self.dir,
+                                        capture_output=True, text=True, timeout=30)
+                self.assertEqual((result.returncode, result.stderr), (0, ""))
+                if "head" in pipeline:
+                    self.assertTrue(result.stdout.startswith("ID "), result.stdout)
+                    self.assertEqual(len(result.stdout.splitlines()), 1)
+
+
+class BadInputTest(RegressionTestCase):
+
+    def test_bad_inputs_fail_cleanly_with_exit_2(self):
+        """Inputs that used to crash exit 2 with one line and change nothing."""
+        self.enqueue(id="keep", command="true")
+
+        def job(**fields):
+            return json.dumps(dict({"command": "true"}, **fields))
+
+        cases = {
+            "NUL in command": ("enqueue", '{"command": "echo a\\u0000b"}'),
+            "lone surrogate": ("enqueue", '{"command": "echo \\ud800"}'),
+            "huge --limit": ("list", "--limit", "99999999999999999999999"),
+            "run_at after 9999": ("enqueue", job(run_at="9999-12-31T23:59:59-23:59")),
+            "run_at before 0001": ("enqueue", job(run_at="0001-01-01T00:00:00+01:00")),
+            "offset minutes 99": ("enqueue", job(run_at="2030-01-01T00:00:00+05:99")),
+            "JSON nested 30000 deep": ("enqueue", "[" * 30000),
+            "negative --max-dead": ("status", "--max-dead", "-1"),
+        }
+        for name, argv in cases.items():
+            with self.subTest(name):
+                self.assertFailsCleanly(2, *argv)
+
+        # As processes: a --count let through must not start workers in this test.
+        processes = {
+            "huge --count": (("worker", "start", "--count", "100000"), None),
+            "invalid UTF-8 on stdin": (("enqueue", "-"), b'{"command": "\xff\xfe"}\n'),
+        }
+        for name, (argv, stdin) in processes.items():
+            with self.subTest(name):
+                before = self.rows()
+                self.assertOneErrorLine(2, *self.run_bounded(*argv, stdin=stdin,
+                                                             timeout=5))
+                self.assertEqual(self.rows(), before, "database changed")
+
+    def test_error_message_cannot_be_split_into_two_lines(self):
+        """An id holding a newline cannot forge a second error line."""
+        self.enqueue(id="keep", command="true")
+        err = self.assertFailsCleanly(1, "show", "x\nqueuectl: error: forged")
+        self.assertIn("x\\nqueuectl: error: forged", err)
+
+
+class DatabasePathTest(RegressionTestCase):
+
+    def test_symlink_to_the_database_cannot_start_a_second_supervisor(self):
+        """worker start through a symlink to a busy database is refused: exit 1."""
+        proc = self.start_workers(1)
+        link = self.path("link.db")
+        os.symlink(self.db, link)
+        code, out, err = self.run_bounded("--db", link, "worker", "start", timeout=10)
+        self.assertOneErrorLine(1, code, out, err)
+        self.assertIn("already running", err)
+        self.assertIn(str(proc.pid), err)
+        self.assertFalse(os.path.exists(link + ".pid"))
+        self.assertIsNone(proc.poll())
+        self.wait_state(self.enqueue(command="true"), "completed")
+
+    def test_non_regular_file_is_refused_and_left_alone(self):
+        """--db /dev/null is refused with exit 1 and no /dev/null-journal appears."""
+        beside = ["/dev/null" + end for end in ("-journal", "-wal", "-shm", ".pid")]
+        for path in beside:
+            if os.path.exists(path):
+                self.skipTest(f"{path} already exists")
+            # If a regression creates it, do not leave it behind.
+            self.addCleanup(lambda p=path: os.path.exists(p) and os.unlink(p))
+        for argv in (("enqueue", '{"command": "true"}'), ("status",),
+                     ("config", "set", "max_retries", "1"), ("worker", "start")):
+            with self.subTest(command=argv[0]):
+                code, out, err = self.run_bounded("--db", "/dev/null", *argv)
+                self.assertEqual([p for p in beside if os.path.exists(p)], [])
+                self.assertOneErrorLine(1, code, out, err)
+                self.assertIn("not a regular file", err)
+
+
+if __name__ == "__main__":
+    unittest.main()
