@@ -31,13 +31,54 @@ def wait_until(predicate, timeout, what):
         time.sleep(0.05)
 
 
-def pid_alive(pid):
-    """True if PID exists and is not a zombie."""
+def proc_fields(pid):
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
+
+
+def pid_alive(pid):
+    """True if PID exists and is not a zombie."""
+    fields = proc_fields(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def group_members(pgid):
+    """Live (non-zombie) processes in process group PGID."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = proc_fields(entry)
+            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+                found.append(int(entry))
+    return found
+
+
+def processes_with_env(marker):
+    """Live processes (not this one) whose environment holds the entry MARKER (bytes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0") and pid_alive(int(entry)):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def cmdline(pid):
+    """The command line of PID as one string ('' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 class QueueTestCase(unittest.TestCase):
@@ -50,6 +91,18 @@ class QueueTestCase(unittest.TestCase):
         self.db = os.path.join(self.dir, "queue.db")
         self.env = dict(os.environ, QUEUECTL_DB=self.db)
         self.env.pop("XDG_DATA_HOME", None)
+
+    def path(self, name):
+        """A path in this test's temp directory."""
+        return os.path.join(self.dir, name)
+
+    def read(self, name):
+        """The text of a file in the temp directory ('' if it does not exist yet)."""
+        try:
+            with open(self.path(name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
 
     # -- in-process -------------------------------------------------------------
 

@@ -9,33 +9,11 @@ import subprocess
 import sys
 import unittest
 
-from tests.support import QUEUECTL, QueueTestCase, pid_alive, queuectl, wait_until
+from tests.support import (QUEUECTL, QueueTestCase, cmdline, pid_alive,
+                          processes_with_env, queuectl, wait_until)
 
 q = shlex.quote
 parse_iso = queuectl.parse_iso
-
-
-def processes_with_env(marker):
-    """Pids of live processes whose environment holds the exact entry MARKER (bytes)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker in f.read().split(b"\0") and pid_alive(int(entry)):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-def cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 class RegressionTestCase(QueueTestCase):
@@ -58,16 +36,6 @@ class RegressionTestCase(QueueTestCase):
         if pid_alive(pid) and needle in cmdline(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
-
-    def read(self, name):
-        try:
-            with open(self.path(name)) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
 
     def run_bounded(self, *argv, stdin=None, timeout=10):
         """Run queuectl.py in its own session; kill the whole session if it is still

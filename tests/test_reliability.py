@@ -14,7 +14,8 @@ import sys
 import time
 import unittest
 
-from tests.support import ROOT, QueueTestCase, pid_alive, queuectl, wait_until
+from tests.support import (ROOT, QueueTestCase, group_members, pid_alive, proc_fields,
+                          processes_with_env, queuectl, wait_until)
 
 q = shlex.quote
 
@@ -69,41 +70,6 @@ def lines(path):
         return []
 
 
-def proc_fields(pid):
-    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def group_members(pgid):
-    """Live (non-zombie) processes in process group PGID."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = proc_fields(entry)
-            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
-                found.append(int(entry))
-    return found
-
-
-def processes_with_env(marker):
-    """Pids of processes whose environment holds the exact entry MARKER (bytes)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
 def outcomes(job):
     """(number, outcome, reason) of each attempt in a job's history."""
     return [(h["number"], h["outcome"], h["reason"]) for h in job["history"]]
@@ -134,9 +100,6 @@ class ReliabilityTestCase(QueueTestCase):
         for pid in self.leftovers():
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
 
     def processing(self):
         """{job id: worker pid} of the jobs being processed."""

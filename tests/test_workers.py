@@ -12,33 +12,10 @@ import time
 import unittest
 from datetime import datetime, timedelta, timezone
 
-from tests.support import QUEUECTL, QueueTestCase, pid_alive, queuectl, wait_until
+from tests.support import (QUEUECTL, QueueTestCase, cmdline, group_members, pid_alive,
+                          queuectl, wait_until)
 
 parse_iso = queuectl.parse_iso
-
-
-def group_members(pgid):
-    """Pids of the live (non-zombie) processes in process group PGID."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
-
-
-def cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def seconds_between(earlier, later):
@@ -47,16 +24,6 @@ def seconds_between(earlier, later):
 
 class WorkerTestCase(QueueTestCase):
     """Helpers shared by the worker tests."""
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
-
-    def read(self, name):
-        try:
-            with open(self.path(name)) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
 
     def jobs(self, state=None):
         argv = ["list", "--json"] + (["--state", state] if state else [])
