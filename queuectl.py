@@ -1576,6 +1576,9 @@ class Supervisor:
             f"{proc.exitcode}; starting a new one")
         if time.monotonic() - self.started_at[index] < RESTART_DELAY_S:
             time.sleep(RESTART_DELAY_S)     # do not spin on a worker that cannot start
+            if self.stop.level:             # a stop came during the pause
+                self.publish(STOPPING)
+                return
         self.start_worker(index)
         self.publish(RUNNING_STATE)
 
@@ -1710,7 +1713,7 @@ def cmd_worker_start(args):
         running = PidFile.running(pid_path(db_path))
         if running:
             raise QueueError(f"workers are already running on this database "
-                             f"(supervisor pid {running[0]})")
+                             f"(supervisor pid {running.pid})")
         running = start_detached(db_path, args.count, log_path)
         print(f"started {len(running.workers)} worker(s) in the background "
               f"(supervisor pid {running.pid}); log: {log_path}")
@@ -1725,17 +1728,16 @@ def cmd_worker_stop(args):
     if not running:
         print("no workers running")
         return EXIT_OK
-    pid = running[0]
+    pid = running.pid
     _signal_supervisor(pid, WARM_SIGNAL)
     print(f"asked supervisor {pid} to stop; waiting for running jobs to finish",
           file=sys.stderr)
     if _wait_stopped(path, args.timeout):
         print(f"stopped workers (supervisor pid {pid}); running jobs finished")
         return EXIT_OK
-    interrupted = []
-    if os.path.exists(db_path):
-        with Store(db_path, create=False) as store:
-            interrupted = sorted(p["id"] for p in store.list_jobs(PROCESSING))
+    with Store(db_path, create=False) as store:
+        interrupted = sorted(job["id"] for job in store.list_jobs(PROCESSING)
+                             if job["worker_pid"] in running.workers)
     if PidFile.running(path):
         _signal_supervisor(pid, COLD_SIGNAL)
     if not _wait_stopped(path, COLD_STOP_GRACE_S + KILL_GRACE_S + 10):
