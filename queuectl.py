@@ -79,6 +79,7 @@ WARM, COLD = 1, 2
 WARM_SIGNAL = signal.SIGUSR2
 COLD_SIGNAL = signal.SIGUSR1
 ABORT_COLD = "cold stop"
+AFTER_FAILURE = {FAILED: "will retry after its backoff", DEAD: "moved to the DLQ"}
 ABORT_LOST = "claim lost"
 CLAIM_ENV = "QUEUECTL_CLAIM"   # marks every process of a run, to find orphans later
 # What a supervisor is doing, as its PID file tells.
@@ -556,6 +557,12 @@ class Store:
             raise QueueError(f"cannot read database {path}: {e.strerror}") from None
         if header and header != SQLITE_HEADER:
             raise QueueError(f"not a queuectl database (not a SQLite file): {path}")
+        if not header:            # an empty file (mktemp): a new database, if allowed
+            if not create:
+                raise QueueError(f"no database at {path} (the file is empty; enqueue "
+                                 f"a job or start workers to create it)")
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o600)
 
     def _create_file(self):
         folder = os.path.dirname(self.path)
@@ -705,6 +712,18 @@ class Store:
             return [job_dict(row, config) for row in conn.execute(sql, params)]
         return self._read(body)
 
+    def job_states(self, job_ids):
+        """Return {id: state} of those of JOB_IDS that exist."""
+        def body(conn):
+            states = {}
+            for job_id in job_ids:
+                row = conn.execute("SELECT state FROM jobs WHERE id = ?",
+                                   (job_id,)).fetchone()
+                if row is not None:
+                    states[job_id] = row["state"]
+            return states
+        return self._read(body)
+
     def _require_jobs(self, conn, job_ids, allowed, action):
         """Check every id exists and is in an allowed state; raise on the first not."""
         for job_id in job_ids:
@@ -761,7 +780,7 @@ class Store:
                 "WHERE state IN ('pending', 'failed') AND run_at <= ?",
                 (stamp,)).fetchone()[0]
             running = {row["worker_pid"]: dict(row) for row in conn.execute(
-                "SELECT id, worker_pid, command, updated_at FROM jobs "
+                "SELECT id, worker_pid, command, lease_until FROM jobs "
                 "INDEXED BY jobs_leases WHERE state = 'processing'")}
             return counts, oldest, running
         return self._read(body)
@@ -834,14 +853,22 @@ class Store:
         def body(conn):
             at = now or now_utc()    # read the clock once the lock is ours
             stamp = iso(at)
-            row = conn.execute(
-                "SELECT * FROM jobs INDEXED BY jobs_runnable "
-                "WHERE state IN ('pending', 'failed') AND run_at <= ? "
-                "ORDER BY priority DESC, run_at, created_at, rowid LIMIT 1",
-                (stamp,)).fetchone()
-            if row is None:
-                return None
             config = self._config(conn)
+            while True:
+                row = conn.execute(
+                    "SELECT * FROM jobs INDEXED BY jobs_runnable "
+                    "WHERE state IN ('pending', 'failed') AND run_at <= ? "
+                    "ORDER BY priority DESC, run_at, created_at, rowid LIMIT 1",
+                    (stamp,)).fetchone()
+                if row is None:
+                    return None
+                max_retries = _effective(row["max_retries"], config["max_retries"])
+                if row["state"] == PENDING or row["attempts"] <= max_retries:
+                    break
+                # max_retries was lowered while this job waited: it has no retry left.
+                conn.execute("UPDATE jobs SET state = ?, updated_at = ? "
+                             "WHERE id = ? AND state = ?",
+                             (DEAD, stamp, row["id"], FAILED))
             token = secrets.token_hex(16)
             lease = iso(at + timedelta(seconds=config["lease_timeout"]))
             attempt = row["attempts"] + 1
@@ -862,8 +889,7 @@ class Store:
                 (row["id"], token, worker_pid, stamp, RUNNING, row["id"]))
             return Claim(
                 id=row["id"], command=row["command"], cwd=row["cwd"], token=token,
-                attempt=attempt,
-                max_retries=_effective(row["max_retries"], config["max_retries"]),
+                attempt=attempt, max_retries=max_retries,
                 timeout_s=_effective(row["timeout_s"], config["job_timeout"]),
                 output_limit=config["output_limit"],
                 lease_s=config["lease_timeout"])
@@ -920,11 +946,13 @@ class Store:
         """Give a claimed job back as pending without using up an attempt."""
         def body(conn):
             stamp = iso(now or now_utc())
+            # Runnable again from now, so status does not count the run as waiting.
             updated = conn.execute(
                 "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), "
-                "claim_token = NULL, worker_pid = NULL, lease_until = NULL, "
-                "updated_at = ? WHERE id = ? AND claim_token = ? AND state = ?",
-                (PENDING, stamp, job_id, token, PROCESSING)).rowcount
+                "run_at = ?, claim_token = NULL, worker_pid = NULL, "
+                "lease_until = NULL, updated_at = ? "
+                "WHERE id = ? AND claim_token = ? AND state = ?",
+                (PENDING, stamp, stamp, job_id, token, PROCESSING)).rowcount
             if updated:
                 conn.execute(
                     "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ? "
@@ -961,6 +989,8 @@ class Store:
         duration = result.duration_s
         if duration is None and started is not None:
             duration = max(0.0, (now - parse_iso(started[0])).total_seconds())
+        if duration is not None:
+            duration = round(duration, 3)
         conn.execute(
             "UPDATE attempts SET outcome = ?, finished_at = ?, exit_code = ?, "
             "reason = ?, duration_s = ?, stdout = ?, stderr = ?, stdout_dropped = ?, "
@@ -1055,6 +1085,30 @@ def _signal_group(pgid, sig):
     return True
 
 
+def _group_alive(pgid):
+    """Whether process group PGID has a member that is not a zombie.
+
+    A zombie still counts for kill(), and one whose new parent is slow to reap it
+    (a container's PID 1) would otherwise hold every job for the full grace.
+    """
+    if not _signal_group(pgid, 0):
+        return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True                  # no /proc: trust kill()
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                return True
+    return False
+
+
 def kill_group(proc, grace_s=KILL_GRACE_S):
     """End a command's process group: SIGTERM, then SIGKILL after GRACE_S; reap it.
 
@@ -1065,7 +1119,7 @@ def kill_group(proc, grace_s=KILL_GRACE_S):
     if _signal_group(proc.pid, signal.SIGTERM):
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
-            if proc.poll() is not None and not _signal_group(proc.pid, 0):
+            if proc.poll() is not None and not _group_alive(proc.pid):
                 break
             time.sleep(0.02)
         _signal_group(proc.pid, signal.SIGKILL)
@@ -1208,7 +1262,7 @@ def recover_claim(store, job_id, token, who, only_expired=False):
     kill_orphans(token)       # its processes carry the old token in their environment
     state = store.fence(job_id, new_token, WORKER_LOST)
     if state:
-        log(f"{who}: job {job_id} {WORKER_LOST}; now {state}")
+        log(f"{who}: job {job_id} failed: {WORKER_LOST}; {AFTER_FAILURE[state]}")
     return state
 
 
@@ -1297,7 +1351,8 @@ class Worker:
             log(f"{self.name}: job {claim.id} completed in "
                 f"{format_duration(result.duration_s)}")
         else:
-            log(f"{self.name}: job {claim.id} failed: {result.reason}; now {state}")
+            log(f"{self.name}: job {claim.id} failed: {result.reason}; "
+                f"{AFTER_FAILURE[state]}")
 
 
 class Heartbeat:
@@ -1323,11 +1378,20 @@ class Heartbeat:
         return alive
 
 
+def _name_process(name):
+    """Name this process for ps and top (Linux; 15 characters at most)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+
+
 def run_worker(db_path, index, parent_pid, ready=None):
     """Entry point of a worker process (a plain function, for spawn and fork)."""
-    # The supervisor relays Ctrl-C. A handler, not SIG_IGN, so the commands this
-    # worker starts get the default SIGINT back when they exec.
-    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    # The supervisor relays Ctrl-C and a closed terminal. Handlers, not SIG_IGN, so
+    # the commands this worker starts get the defaults back when they exec.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: None)
+    _name_process(f"queuectl-w{index}")
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop.handle)
     signal.signal(COLD_SIGNAL, stop.handle)
@@ -1458,7 +1522,7 @@ class Supervisor:
     def __init__(self, db_path, count):
         self.db_path = db_path
         self.count = count
-        self.stop = StopFlag(counted=(signal.SIGINT, signal.SIGTERM))
+        self.stop = StopFlag(counted=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
         self.relayed = 0
         self.workers = {}        # index -> Process
         self.ready = {}          # index -> Event the worker sets once in its loop
@@ -1471,8 +1535,10 @@ class Supervisor:
     def run(self):
         self.pidfile.acquire()
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, WARM_SIGNAL, COLD_SIGNAL):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, WARM_SIGNAL,
+                        COLD_SIGNAL):
                 signal.signal(sig, self.stop.handle)
+            _name_process("queuectl-super")
             os.chdir("/")    # hold no directory busy; every path used is absolute
             self.store = Store(self.db_path)
             recovered = reclaim_expired(self.store, "supervisor")
@@ -1549,8 +1615,8 @@ class Supervisor:
     def relay_stop(self):
         self.relayed = self.stop.level
         if self.stop.level == WARM:
-            log("supervisor: stopping; running jobs finish first "
-                "(Ctrl-C or SIGTERM again to kill them)")
+            log("supervisor: stopping; running jobs finish first (a second Ctrl-C "
+                "or SIGTERM, or worker stop --timeout, kills them)")
             sig = signal.SIGTERM
         else:
             log("supervisor: cold stop; killing running jobs and putting them back")
@@ -1572,8 +1638,8 @@ class Supervisor:
         if self.stop.level:
             self.publish(STOPPING)
             return
-        log(f"supervisor: worker {index} (pid {proc.pid}) exited with code "
-            f"{proc.exitcode}; starting a new one")
+        log(f"supervisor: worker {index} (pid {proc.pid}) ended "
+            f"({describe_exit(proc.exitcode)}); starting a new one")
         if time.monotonic() - self.started_at[index] < RESTART_DELAY_S:
             time.sleep(RESTART_DELAY_S)     # do not spin on a worker that cannot start
             if self.stop.level:             # a stop came during the pause
@@ -1722,31 +1788,57 @@ def cmd_worker_start(args):
 
 
 def cmd_worker_stop(args):
-    db_path = args.db
-    path = pid_path(db_path)
+    path = pid_path(args.db)
     running = PidFile.running(path)
     if not running:
         print("no workers running")
         return EXIT_OK
     pid = running.pid
+    held = _jobs_of_workers(args.db, running.workers)
     _signal_supervisor(pid, WARM_SIGNAL)
-    print(f"asked supervisor {pid} to stop; waiting for running jobs to finish",
-          file=sys.stderr)
-    if _wait_stopped(path, args.timeout):
-        print(f"stopped workers (supervisor pid {pid}); running jobs finished")
-        return EXIT_OK
-    with Store(db_path, create=False) as store:
-        interrupted = sorted(job["id"] for job in store.list_jobs(PROCESSING)
-                             if job["worker_pid"] in running.workers)
-    if PidFile.running(path):
-        _signal_supervisor(pid, COLD_SIGNAL)
-    if not _wait_stopped(path, COLD_STOP_GRACE_S + KILL_GRACE_S + 10):
-        raise QueueError(f"supervisor {pid} did not stop")
-    listed = f" ({', '.join(interrupted)})" if interrupted else ""
-    print(f"stopped workers (supervisor pid {pid}) after {args.timeout:g}s: "
-          f"killed {len(interrupted)} running job(s){listed} and put them back as "
-          f"pending")
+    how_long = ("until its running jobs finish" if args.timeout is None else
+                f"up to {args.timeout:g}s for its running jobs to finish")
+    print(f"asked supervisor {pid} to stop; waiting {how_long}", file=sys.stderr)
+    try:
+        if not _wait_stopped(path, args.timeout):
+            _signal_supervisor(pid, COLD_SIGNAL)
+            if not _wait_stopped(path, COLD_STOP_GRACE_S + KILL_GRACE_S + 10):
+                raise QueueError(f"supervisor {pid} did not stop")
+    except KeyboardInterrupt:
+        print("stopped waiting; the workers go on stopping (run worker stop again "
+              "to wait)", file=sys.stderr)
+        return 130
+    # Report what became of the jobs that were running, whoever decided it.
+    states = {}
+    if held:
+        with Store(args.db, create=False) as store:
+            states = store.job_states(held)
+    interrupted = sorted(job_id for job_id in held if states.get(job_id) == PENDING)
+    report = f"stopped workers (supervisor pid {pid})"
+    if held:
+        report += f": {len(held) - len(interrupted)} running job(s) finished"
+    if interrupted:
+        report += (f", {len(interrupted)} interrupted and put back as pending "
+                   f"({', '.join(interrupted)})")
+    print(report)
     return EXIT_OK
+
+
+def _jobs_of_workers(db_path, worker_pids):
+    """Ids of the jobs the given worker processes are running."""
+    with Store(db_path, create=False) as store:
+        return sorted(job["id"] for job in store.list_jobs(PROCESSING)
+                      if job["worker_pid"] in worker_pids)
+
+
+def _pid_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                                  # exists, but another user's
+    return True
 
 
 def _signal_supervisor(pid, sig):
@@ -1780,7 +1872,8 @@ def cmd_status(args):
                for pid in worker_pids]
     # Jobs held by processes that are not our workers: the workers of a killed
     # supervisor finishing up, or claims waiting for their lease to run out.
-    others = [{"pid": pid, "job_id": job["id"], "command": job["command"]}
+    others = [{"pid": pid, "job_id": job["id"], "command": job["command"],
+               "alive": _pid_exists(pid), "lease_until": job["lease_until"]}
               for pid, job in sorted(running.items()) if pid not in worker_pids]
     state = supervisor.state if supervisor else None
     problems = []
@@ -1832,7 +1925,9 @@ def print_status(report, check):
         doing = f"job {w['job_id']}: {clip(w['command'], 60)}" if w["job_id"] else "idle"
         print(f"  pid {w['pid']}: {doing}")
     for w in report["other_claims"]:
-        print(f"  pid {w['pid']} (not one of ours): job {w['job_id']}: "
+        whose = ("not one of ours" if w["alive"] else
+                 f"gone; recovered once its lease ends at {w['lease_until']}")
+        print(f"  pid {w['pid']} ({whose}): job {w['job_id']}: "
               f"{clip(w['command'], 40)}")
     if check:
         for text in report["problems"]:
@@ -2115,6 +2210,9 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     if args.db == "":
         parser.error("argument --db: expected a file path, got ''")

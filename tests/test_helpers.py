@@ -367,6 +367,9 @@ class StopFlagTest(unittest.TestCase):
         self.assertEqual(self.levels(usr2, term), [warm, warm])
         self.assertEqual(self.levels(usr2, term, term), [warm, warm, cold])
         self.assertEqual(self.levels(usr1, term), [cold, cold])
+        hup_flag = queuectl.StopFlag(counted=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+        hup_flag.handle(signal.SIGHUP, None)
+        self.assertEqual(hup_flag.level, warm)
 
     def test_worker_sigterm_is_always_warm(self):
         """A worker counts nothing: SIGTERM is warm however often; only USR1 is cold."""

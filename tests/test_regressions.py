@@ -87,6 +87,18 @@ class StopSignalTest(RegressionTestCase):
         self.assertNotIn("cold stop", self.log_text(proc))
         self.assertNotIn("Traceback", self.log_text(proc))
 
+    def test_sighup_to_the_group_is_a_warm_stop_with_cleanup(self):
+        """A closed terminal (SIGHUP to the group): the job finishes, no PID file left."""
+        done = self.path("f")
+        proc = self.start_workers(1)
+        job_id = self.enqueue(command=f"sleep 2; echo done >> {q(done)}")
+        self.wait_state(job_id, "processing", timeout=10)
+        os.killpg(proc.pid, signal.SIGHUP)
+        self.assertEqual(proc.wait(timeout=20), 0, self.log_text(proc))
+        self.assertEqual((self.state(job_id), self.read("f")), ("completed", "done\n"))
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertIn("supervisor: stopped", self.log_text(proc))
+
     def test_worker_stop_with_timeout_on_a_stopping_supervisor_stays_warm(self):
         """worker stop --timeout 30 after a SIGTERM does not turn the stop cold."""
         done = self.path("f")
@@ -100,8 +112,8 @@ class StopSignalTest(RegressionTestCase):
         self.assertEqual(self.state(job_id), "processing", "the job ended too soon")
         result = self.run_cli("worker", "stop", "--timeout", "30", timeout=40)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn(f"stopped workers (supervisor pid {proc.pid}); running jobs "
-                      f"finished", result.stdout)
+        self.assertEqual(result.stdout, f"stopped workers (supervisor pid {proc.pid}): "
+                                        f"1 running job(s) finished\n")
         self.assertEqual(proc.wait(timeout=10), 0, self.log_text(proc))
         job = self.job(job_id)
         self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
@@ -142,7 +154,7 @@ class LeaseTest(RegressionTestCase):
         busy_job = self.job(busy)
         self.assertEqual((busy_job["state"], busy_job["attempts"]), ("processing", 1),
                          "the worker was not busy all along")
-        wait_until(lambda: f"supervisor: job {lost} worker lost" in self.log_text(proc),
+        wait_until(lambda: f"supervisor: job {lost} failed: worker lost" in self.log_text(proc),
                    5, "the supervisor to log the recovery")
 
     def test_lowering_lease_timeout_mid_run_keeps_the_claims_own_lease(self):

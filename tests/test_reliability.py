@@ -168,7 +168,7 @@ class WorkerDeathTest(ReliabilityTestCase):
         self.assertNotEqual(replacement, worker)
         self.assertEqual(self.worker_pids(sup.pid), [replacement])
         self.assertIsNone(sup.poll())
-        self.assertIn(f"supervisor: job {job_id} worker lost", self.log_text(sup))
+        self.assertIn(f"supervisor: job {job_id} failed: worker lost", self.log_text(sup))
         self.assertNotIn("Traceback", self.log_text(sup))
 
     def test_job_that_kills_its_worker_every_time_ends_dead(self):

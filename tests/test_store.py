@@ -207,6 +207,25 @@ class FencingTest(StoreTestCase):
 
 class RetryTest(StoreTestCase):
 
+    def test_lowered_max_retries_ends_a_waiting_job(self):
+        """A failed job whose retries a lowered max_retries used up goes dead unrun."""
+        job_id = self.add()
+        claim = self.store.claim(1, now=T0)
+        self.assertEqual(self.store.finish(job_id, claim.token, failed(), now=at(1)),
+                         queuectl.FAILED)
+        self.store.set_config("max_retries", 0)
+        self.assertIsNone(self.store.claim(1, now=at(100)))
+        job, attempts = self.store.get_job(job_id)
+        self.assertEqual((job["state"], job["attempts"], len(attempts)),
+                         (queuectl.DEAD, 1, 1))
+
+    def test_requeue_makes_the_job_runnable_from_now(self):
+        """A cold-stopped job's run_at is the requeue time, so it has not 'waited'."""
+        job_id = self.add()
+        claim = self.store.claim(1, now=at(10))
+        self.assertTrue(self.store.requeue(job_id, claim.token, "cold stop", now=at(50)))
+        self.assertEqual(self.get(job_id)["run_at"], queuectl.iso(at(50)))
+
     def test_backoff_then_dead(self):
         """Failures wait base**k seconds; after max_retries + 1 attempts the job is dead."""
         job_id = self.add(max_retries=2)

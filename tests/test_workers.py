@@ -254,7 +254,8 @@ class TestWorkers(WorkerTestCase):
         result = self.stop_workers(proc, "--timeout", "1")
         self.assertLess(time.monotonic() - started, 15)
         self.assertIn("stopped", result.stdout)
-        self.assertIn(f"killed 1 running job(s) ({job_id})", result.stdout)
+        self.assertIn(f"0 running job(s) finished, 1 interrupted and put back as "
+                      f"pending ({job_id})", result.stdout)
         job = self.job(job_id)
         self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
         self.assertEqual(job["history"][-1]["outcome"], "interrupted")
