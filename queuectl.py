@@ -40,6 +40,7 @@ import re
 import secrets
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -148,8 +149,15 @@ MIGRATIONS = (
             created_at   TEXT NOT NULL,
             updated_at   TEXT NOT NULL,
             last_error   TEXT,
-            claim_token  TEXT,               -- set while processing: the claim's owner
+            -- Set while processing. claim_token is who owns the claim now (a
+            -- recoverer takes it over); run_token names the run itself: it marks the
+            -- run's processes and its attempts row, and never changes.
+            claim_token  TEXT,
+            run_token    TEXT,
             worker_pid   INTEGER,
+            worker_start INTEGER,            -- the holder's start time (/proc ticks)
+            run_pgid     INTEGER,            -- the command's process group, once started
+            run_pg_start INTEGER,            -- its leader's start time (/proc ticks)
             lease_until  TEXT                -- a claim not renewed by then is lost
         )""",
         # The claim order, and when the next job is due; queries name these indexes
@@ -165,7 +173,7 @@ MIGRATIONS = (
             id             INTEGER PRIMARY KEY,
             job_id         TEXT NOT NULL,
             number         INTEGER NOT NULL,
-            claim_token    TEXT NOT NULL UNIQUE,
+            run_token      TEXT NOT NULL UNIQUE,
             worker_pid     INTEGER NOT NULL,
             started_at     TEXT NOT NULL,
             finished_at    TEXT,
@@ -502,7 +510,8 @@ class Store:
     def __init__(self, path, create=True):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.conn = None
-        self._check_file(create)
+        if self._check_file(create):
+            self._identify()
         try:
             self.conn = self._retrying(lambda: sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None))
@@ -537,13 +546,43 @@ class Store:
 
     # -- opening ---------------------------------------------------------------
 
+    def _identify(self):
+        """Refuse a foreign or newer file from its header alone.
+
+        Opening it would already change it: a connection checkpoints its WAL on
+        close, and even a read-only one creates -wal and -shm files. The check of
+        the open connection (_version) stays the final word.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                header = f.read(100)
+        except OSError as e:
+            raise QueueError(f"cannot read database {self.path}: {e.strerror}") from None
+        if len(header) < 100:
+            raise QueueError(f"not a queuectl database, or corrupt: {self.path}")
+        pages, version, app_id = (int.from_bytes(header[i:i + 4], "big")
+                                  for i in (28, 60, 68))
+        if app_id == APPLICATION_ID:
+            if version > SCHEMA_VERSION:
+                raise QueueError(f"database schema version {version} is newer than "
+                                 f"this queuectl understands ({SCHEMA_VERSION}); "
+                                 f"upgrade queuectl: {self.path}")
+        elif app_id != 0 or pages > 1:
+            raise QueueError(f"not a queuectl database (a SQLite database of another "
+                             f"program): {self.path}")
+
     def _check_file(self, create):
-        """Refuse directories and foreign files; create a new database owner-only."""
+        """Refuse directories and foreign files; create a new database owner-only.
+        Return whether the file already holds data."""
         path = self.path
         if os.path.isdir(path):
             raise QueueError(f"database path is a directory: {path}")
         if os.path.exists(path) and not os.path.isfile(path):
             raise QueueError(f"database path is not a regular file: {path}")
+        if os.path.exists(path) and os.stat(path).st_nlink > 1:
+            # Two names would get two PID files and two WALs: a corrupt database.
+            raise QueueError(f"database file has more than one name (a hard link): "
+                             f"{path}")
         try:
             with open(path, "rb") as f:
                 header = f.read(len(SQLITE_HEADER))
@@ -552,7 +591,7 @@ class Store:
                 raise QueueError(f"no database at {path} (enqueue a job or start "
                                  f"workers to create it)") from None
             self._create_file()
-            return
+            return False
         except OSError as e:
             raise QueueError(f"cannot read database {path}: {e.strerror}") from None
         if header and header != SQLITE_HEADER:
@@ -563,6 +602,7 @@ class Store:
                                  f"a job or start workers to create it)")
             with contextlib.suppress(OSError):
                 os.chmod(path, 0o600)
+        return bool(header)
 
     def _create_file(self):
         folder = os.path.dirname(self.path)
@@ -844,7 +884,7 @@ class Store:
         value = self._read(body)
         return parse_iso(value) if value else None
 
-    def claim(self, worker_pid, now=None):
+    def claim(self, worker_pid, worker_start=None, now=None):
         """Take the best runnable job for worker_pid, or return None.
 
         One EXCLUSIVE transaction selects the job and moves it to processing with a
@@ -874,16 +914,17 @@ class Store:
             attempt = row["attempts"] + 1
             updated = conn.execute(
                 "UPDATE jobs SET state = ?, attempts = ?, claim_token = ?, "
-                "worker_pid = ?, lease_until = ?, updated_at = ? "
+                "run_token = ?, worker_pid = ?, worker_start = ?, run_pgid = NULL, "
+                "run_pg_start = NULL, lease_until = ?, updated_at = ? "
                 "WHERE id = ? AND state = ?",
-                (PROCESSING, attempt, token, worker_pid, lease, stamp,
-                 row["id"], row["state"])).rowcount
+                (PROCESSING, attempt, token, token, worker_pid, worker_start, lease,
+                 stamp, row["id"], row["state"])).rowcount
             if updated != 1:
                 return None
             # attempts.number counts every run of the job (1, 2, ...), while
             # jobs.attempts counts those that use up retries.
             conn.execute(
-                "INSERT INTO attempts (job_id, number, claim_token, worker_pid, "
+                "INSERT INTO attempts (job_id, number, run_token, worker_pid, "
                 "started_at, outcome) SELECT ?, count(*) + 1, ?, ?, ?, ? "
                 "FROM attempts WHERE job_id = ?",
                 (row["id"], token, worker_pid, stamp, RUNNING, row["id"]))
@@ -894,6 +935,25 @@ class Store:
                 output_limit=config["output_limit"],
                 lease_s=config["lease_timeout"])
         return self._write(body, "EXCLUSIVE")
+
+    def holds(self, job_id, token):
+        """Whether TOKEN still owns the claim on the job (a read; no lock)."""
+        def body(conn):
+            return conn.execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND claim_token = ? AND state = ?",
+                (job_id, token, PROCESSING)).fetchone() is not None
+        return self._read(body)
+
+    def started(self, job_id, token, pgid, pg_start, lease_s, now=None):
+        """Record the command's process group and renew; False if the claim is gone."""
+        def body(conn):
+            at = now or now_utc()
+            return conn.execute(
+                "UPDATE jobs SET run_pgid = ?, run_pg_start = ?, lease_until = ? "
+                "WHERE id = ? AND claim_token = ? AND state = ?",
+                (pgid, pg_start, iso(at + timedelta(seconds=lease_s)), job_id, token,
+                 PROCESSING)).rowcount == 1
+        return self._write(body)
 
     def renew(self, job_id, token, lease_s, now=None):
         """Extend a claim's lease by LEASE_S; False if the claim was taken away."""
@@ -913,25 +973,27 @@ class Store:
             return self._end_attempt(conn, job_id, token, now or now_utc(), result)
         return self._write(body)
 
-    def take_over(self, job_id, token, new_token, worker_pid, only_expired=False,
-                  now=None):
+    def take_over(self, job_id, token, new_token, worker_pid, worker_start=None,
+                  only_expired=False, now=None):
         """Move a claim to NEW_TOKEN (held by WORKER_PID) if TOKEN still holds it
-        (and, with ONLY_EXPIRED, its lease has run out); return whether it did."""
+        (and, with ONLY_EXPIRED, its lease has run out). Return the run to end, as
+        (run_token, run_pgid, run_pg_start), or None if it did not."""
         def body(conn):
             at = now or now_utc()
             lease_s = self._config(conn)["lease_timeout"]
-            sql = ("UPDATE jobs SET claim_token = ?, worker_pid = ?, lease_until = ? "
+            sql = ("UPDATE jobs SET claim_token = ?, worker_pid = ?, worker_start = ?, "
+                   "lease_until = ? "
                    "WHERE id = ? AND claim_token = ? AND state = 'processing'")
-            params = [new_token, worker_pid, iso(at + timedelta(seconds=lease_s)),
-                      job_id, token]
+            params = [new_token, worker_pid, worker_start,
+                      iso(at + timedelta(seconds=lease_s)), job_id, token]
             if only_expired:
                 sql += " AND lease_until < ?"
                 params.append(iso(at))
             if conn.execute(sql, params).rowcount != 1:
-                return False
-            conn.execute("UPDATE attempts SET claim_token = ? WHERE claim_token = ?",
-                         (new_token, token))
-            return True
+                return None
+            row = conn.execute("SELECT run_token, run_pgid, run_pg_start FROM jobs "
+                               "WHERE id = ?", (job_id,)).fetchone()
+            return tuple(row)
         return self._write(body)
 
     def fence(self, job_id, token, reason, now=None):
@@ -946,18 +1008,22 @@ class Store:
         """Give a claimed job back as pending without using up an attempt."""
         def body(conn):
             stamp = iso(now or now_utc())
+            row = conn.execute(
+                "SELECT run_token FROM jobs WHERE id = ? AND claim_token = ? AND "
+                "state = ?", (job_id, token, PROCESSING)).fetchone()
+            if row is None:
+                return False
             # Runnable again from now, so status does not count the run as waiting.
-            updated = conn.execute(
+            conn.execute(
                 "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), "
-                "run_at = ?, claim_token = NULL, worker_pid = NULL, "
-                "lease_until = NULL, updated_at = ? "
-                "WHERE id = ? AND claim_token = ? AND state = ?",
-                (PENDING, stamp, stamp, job_id, token, PROCESSING)).rowcount
-            if updated:
-                conn.execute(
-                    "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ? "
-                    "WHERE claim_token = ?", (INTERRUPTED, reason, stamp, token))
-            return updated == 1
+                "run_at = ?, claim_token = NULL, run_token = NULL, worker_pid = NULL, "
+                "worker_start = NULL, run_pgid = NULL, run_pg_start = NULL, "
+                "lease_until = NULL, updated_at = ? WHERE id = ?",
+                (PENDING, stamp, stamp, job_id))
+            conn.execute(
+                "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ? "
+                "WHERE run_token = ?", (INTERRUPTED, reason, stamp, row["run_token"]))
+            return True
         return self._write(body)
 
     def _end_attempt(self, conn, job_id, token, now, result):
@@ -981,11 +1047,13 @@ class Store:
                 state, run_at = FAILED, iso(now + timedelta(seconds=delay))
         conn.execute(
             "UPDATE jobs SET state = ?, run_at = ?, last_error = ?, claim_token = NULL, "
-            "worker_pid = NULL, lease_until = NULL, updated_at = ? "
+            "run_token = NULL, worker_pid = NULL, worker_start = NULL, run_pgid = NULL, "
+            "run_pg_start = NULL, lease_until = NULL, updated_at = ? "
             "WHERE id = ? AND claim_token = ?",
             (state, run_at, error, stamp, job_id, token))
-        started = conn.execute("SELECT started_at FROM attempts WHERE claim_token = ?",
-                               (token,)).fetchone()
+        run_token = row["run_token"]
+        started = conn.execute("SELECT started_at FROM attempts WHERE run_token = ?",
+                               (run_token,)).fetchone()
         duration = result.duration_s
         if duration is None and started is not None:
             duration = max(0.0, (now - parse_iso(started[0])).total_seconds())
@@ -994,20 +1062,22 @@ class Store:
         conn.execute(
             "UPDATE attempts SET outcome = ?, finished_at = ?, exit_code = ?, "
             "reason = ?, duration_s = ?, stdout = ?, stderr = ?, stdout_dropped = ?, "
-            "stderr_dropped = ? WHERE claim_token = ?",
+            "stderr_dropped = ? WHERE run_token = ?",
             (COMPLETED if result.ok else FAILED, stamp, result.exit_code, error,
              duration, result.stdout, result.stderr, result.stdout_dropped,
-             result.stderr_dropped, token))
+             result.stderr_dropped, run_token))
         return state
 
     def expired_claims(self, now=None):
-        """Return (job id, token) of claims whose lease has run out."""
+        """Return (job id, token, holder pid, holder start) of claims whose lease
+        has run out."""
         stamp = iso(now or now_utc())
 
         def body(conn):
-            return [(r["id"], r["claim_token"]) for r in conn.execute(
-                "SELECT id, claim_token FROM jobs INDEXED BY jobs_leases "
-                "WHERE state = 'processing' AND lease_until < ?", (stamp,))]
+            return [tuple(r) for r in conn.execute(
+                "SELECT id, claim_token, worker_pid, worker_start FROM jobs "
+                "INDEXED BY jobs_leases WHERE state = 'processing' AND lease_until < ?",
+                (stamp,))]
         return self._read(body)
 
     def claims_of(self, worker_pid):
@@ -1085,6 +1155,36 @@ def _signal_group(pgid, sig):
     return True
 
 
+def _proc_stat(pid):
+    """Fields of /proc/PID/stat after the name: [state, ppid, pgrp, ...], or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_ticks(pid):
+    """When PID started (clock ticks after boot), or None without /proc.
+
+    With the pid it names one process for good: a reused pid starts later.
+    """
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def holder_running(pid, started):
+    """Whether the process that holds a claim is alive and not stopped (SIGSTOP).
+
+    Such a holder is still running its job even if its lease ran out (a clock step,
+    a long pause of the whole group): its claim is left alone.
+    """
+    if pid is None or started is None:
+        return False
+    fields = _proc_stat(pid)
+    return bool(fields) and int(fields[19]) == started and fields[0] not in "TtZX"
+
+
 def _group_alive(pgid):
     """Whether process group PGID has a member that is not a zombie.
 
@@ -1098,14 +1198,9 @@ def _group_alive(pgid):
     except OSError:
         return True                  # no /proc: trust kill()
     for entry in entries:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                return True
+        fields = _proc_stat(entry) if entry.isdigit() else None
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
     return False
 
 
@@ -1126,17 +1221,25 @@ def kill_group(proc, grace_s=KILL_GRACE_S):
     proc.wait()
 
 
-def run_command(command, cwd, timeout_s, output_limit, env=None, should_abort=None):
+def run_command(command, cwd, timeout_s, output_limit, env=None, should_abort=None,
+                on_start=None):
     """Run COMMAND through /bin/sh in its own process group and return a RunResult.
 
-    should_abort() is called every TICK_S; a non-empty string it returns kills the
-    group and ends the run with that reason in RunResult.aborted.
+    on_start(proc) is called once the command runs; if it returns False the run is
+    killed at once (RunResult.aborted = ABORT_LOST). should_abort() is called every
+    TICK_S; a non-empty string it returns kills the group and ends the run with
+    that reason in RunResult.aborted.
     """
     started = time.monotonic()
     if not os.path.isdir(cwd):
         return RunResult(exit_code=None, duration_s=0.0,
                          reason=f"cannot start: directory {cwd} does not exist")
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    try:
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    except OSError as e:
+        return RunResult(exit_code=None, duration_s=0.0,
+                         reason=f"cannot start: no file for its output: {e.strerror}")
+    with out, err:
         try:
             proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -1148,8 +1251,10 @@ def run_command(command, cwd, timeout_s, output_limit, env=None, should_abort=No
             return RunResult(exit_code=None, duration_s=0.0,
                              reason=f"cannot start: {e.strerror}: {e.filename or cwd}")
         reason = aborted = None
+        if on_start is not None and not on_start(proc):
+            aborted = ABORT_LOST
         deadline = started + timeout_s
-        while True:
+        while aborted is None:
             try:
                 proc.wait(timeout=min(TICK_S, max(0.0, deadline - time.monotonic())))
                 break
@@ -1163,6 +1268,8 @@ def run_command(command, cwd, timeout_s, output_limit, env=None, should_abort=No
                 break
         duration = time.monotonic() - started
         kill_group(proc)      # the whole job on timeout or stop; leftovers otherwise
+        if (reason or aborted) and env and CLAIM_ENV in env:
+            kill_run(env[CLAIM_ENV])    # children that left the group (setsid)
         returncode = proc.returncode
         stdout, stdout_dropped = _read_tail(out, output_limit)
         stderr, stderr_dropped = _read_tail(err, output_limit)
@@ -1195,29 +1302,40 @@ def _processes_of_claim(token):
     return found
 
 
-def kill_orphans(token, grace_s=KILL_GRACE_S):
-    """Kill what is left of a lost claim's command; return how many processes.
+def kill_run(run_token, pgid=None, pg_start=None, grace_s=KILL_GRACE_S):
+    """Kill what is left of a run: SIGTERM, then SIGKILL after GRACE_S.
 
-    A process is only signalled after its environment proved that it belongs to
-    this claim, so a reused pid is never hit.
+    It finds the run's processes two ways, each proven before a signal: its process
+    group, if the group's leader is still the process that started it (same start
+    time), and every process whose environment carries the run's marker (which
+    also finds those that left the group). A reused pid is never hit.
     """
-    pids = _processes_of_claim(token)
-    if not pids:
-        return 0
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    def targets():
+        groups = set()
+        if pgid and pg_start is not None and start_ticks(pgid) == pg_start:
+            groups.add(pgid)
+        pids = _processes_of_claim(run_token)
         for pid in pids:
             with contextlib.suppress(OSError):
-                os.killpg(os.getpgid(pid), sig)
+                groups.add(os.getpgid(pid))
+        return groups, pids
+
+    groups, pids = targets()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not groups and not pids:
+            return
+        for group in groups:
+            with contextlib.suppress(OSError):
+                os.killpg(group, sig)
+        for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while pids and time.monotonic() < deadline:
-            pids = _processes_of_claim(token)
-            if pids:
-                time.sleep(0.05)
-        if not pids:
-            break
-    return len(pids)
+        while time.monotonic() < deadline:
+            groups, pids = targets()
+            if not groups and not pids:
+                return
+            time.sleep(0.05)
 
 
 ####
@@ -1249,27 +1367,38 @@ class StopFlag:
         self.level = max(self.level, wanted)
 
 
-def recover_claim(store, job_id, token, who, only_expired=False):
-    """Take a lost claim over, kill its leftover processes, fail it as worker lost.
+def recover_claim(store, job_id, token, who, only_expired=False, cold=False):
+    """Take a lost claim over, kill what is left of its run, and end it: failed as
+    worker lost, or (COLD) given back as pending. Return True if it did.
 
-    Taking over first (a compare-and-set that swaps the token) means a claim that
-    was renewed meanwhile is left alone, and nothing else can touch the job while
-    its old processes are killed. Return the job's new state, or None.
+    Taking over first (a compare-and-set that swaps the owner token) leaves alone a
+    claim renewed meanwhile and keeps everyone else off the job while its old
+    processes are killed. The run keeps its own token, so if this recoverer dies
+    half-way, the next one still finds those processes.
     """
     new_token = secrets.token_hex(16)
-    if not store.take_over(job_id, token, new_token, os.getpid(), only_expired):
-        return None
-    kill_orphans(token)       # its processes carry the old token in their environment
+    run = store.take_over(job_id, token, new_token, os.getpid(),
+                          start_ticks(os.getpid()), only_expired)
+    if run is None:
+        return False
+    kill_run(*run)
+    if cold:
+        if store.requeue(job_id, new_token, ABORT_COLD):
+            log(f"{who}: job {job_id} interrupted; back to pending")
+        return True
     state = store.fence(job_id, new_token, WORKER_LOST)
     if state:
         log(f"{who}: job {job_id} failed: {WORKER_LOST}; {AFTER_FAILURE[state]}")
-    return state
+    return True
 
 
 def reclaim_expired(store, who):
-    """Recover every job whose lease ran out; return how many."""
+    """Recover every job whose lease ran out and whose holder is not still
+    running it; return how many."""
     count = 0
-    for job_id, token in store.expired_claims():
+    for job_id, token, holder, holder_start in store.expired_claims():
+        if holder_running(holder, holder_start):
+            continue       # late with its renewal (a pause, a clock step), not lost
         if recover_claim(store, job_id, token, who, only_expired=True):
             count += 1
     return count
@@ -1284,6 +1413,7 @@ class Worker:
         self.stop = stop
         self.parent_pid = parent_pid
         self.pid = os.getpid()
+        self.start = start_ticks(self.pid)
         self.name = f"worker {index} (pid {self.pid})"
         self.next_reclaim = 0.0
 
@@ -1302,7 +1432,8 @@ class Worker:
             # Read the version before looking, so a job enqueued after the look
             # still wakes us.
             version = self.store.data_version()
-            claim = self.store.claim(self.pid) if self.store.has_runnable() else None
+            claim = (self.store.claim(self.pid, self.start)
+                     if self.store.has_runnable() else None)
             if claim is None:
                 self.idle(version)
             else:
@@ -1335,8 +1466,23 @@ class Worker:
                 return ABORT_LOST
             return None
 
+        def on_start(proc):
+            # Record the group, so a recoverer can kill it even if the command
+            # clears its environment; and if this worker was frozen between claim
+            # and start long enough to lose the claim, stop the command at once.
+            try:
+                return self.store.started(claim.id, claim.token, proc.pid,
+                                          start_ticks(proc.pid), claim.lease_s)
+            except QueueError as e:
+                log(f"{self.name}: job {claim.id}: could not record its start: {e}")
+                return True      # the heartbeat will tell if the claim is gone
+
+        if not self.store.holds(claim.id, claim.token):
+            log(f"{self.name}: job {claim.id} was taken over before it started")
+            return
         result = run_command(claim.command, claim.cwd, claim.timeout_s,
-                             claim.output_limit, env=env, should_abort=should_abort)
+                             claim.output_limit, env=env, should_abort=should_abort,
+                             on_start=on_start)
         if result.aborted == ABORT_COLD:
             if self.store.requeue(claim.id, claim.token, result.aborted):
                 log(f"{self.name}: job {claim.id} interrupted; back to pending")
@@ -1460,7 +1606,8 @@ class PidFile:
     def release(self):
         if self.fd is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    os.unlink(self.path)      # ours: not one put there since
             os.close(self.fd)
             self.fd = None
 
@@ -1480,11 +1627,11 @@ class PidFile:
         """Return a Supervised if a live supervisor holds PATH, else None."""
         for _ in range(50):
             try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                return None
-            except OSError as e:
-                raise QueueError(f"cannot read PID file {path}: {e.strerror}") from None
+                fd = _open_owner_only(path, os.O_RDONLY)
+            except QueueError:
+                if not os.path.lexists(path):
+                    return None
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -1501,11 +1648,16 @@ class PidFile:
 
 
 def _open_owner_only(path, flags):
-    """Open (creating 0600) a file of ours beside the database, or raise QueueError."""
+    """Open (creating 0600) a regular file of ours beside the database, or raise
+    QueueError. Never follows a symlink or blocks on a FIFO."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     except OSError as e:
         raise QueueError(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QueueError(f"not a regular file: {path}")
+    return fd
 
 
 def pid_path(db_path):
@@ -1531,13 +1683,15 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.pidfile = PidFile(pid_path(db_path))
         self.store = None
+        self.state = STARTING
 
     def run(self):
+        # Handlers first: a stop may come the moment the PID file names us.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, WARM_SIGNAL,
+                    COLD_SIGNAL):
+            signal.signal(sig, self.stop.handle)
         self.pidfile.acquire()
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, WARM_SIGNAL,
-                        COLD_SIGNAL):
-                signal.signal(sig, self.stop.handle)
             _name_process("queuectl-super")
             os.chdir("/")    # hold no directory busy; every path used is absolute
             self.store = Store(self.db_path)
@@ -1551,7 +1705,7 @@ class Supervisor:
                     break
                 self.start_worker(index)
             self.wait_ready()
-            self.publish(STOPPING if self.stop.level else RUNNING_STATE)
+            self.publish(STOPPING if self.stop.level else self.up_state())
             self.watch()
         finally:
             try:
@@ -1565,13 +1719,19 @@ class Supervisor:
 
     def publish(self, state):
         """Write the live worker pids and the state to the PID file."""
+        self.state = state
         self.pidfile.write([p.pid for p in self.workers.values()], state)
+
+    def up_state(self):
+        """running once every worker has reached its loop, else starting."""
+        ready = all(e.is_set() for e in self.ready.values())
+        return RUNNING_STATE if ready else STARTING
 
     def wait_ready(self):
         """Wait until every worker is in its loop (or one died, or a stop came)."""
-        while not self.stop.level and not all(e.is_set() for e in self.ready.values()):
+        while not self.stop.level and self.up_state() != RUNNING_STATE:
             if any(not p.is_alive() for p in self.workers.values()):
-                return              # watch() restarts it and logs why
+                return              # watch() restarts it; the state stays starting
             time.sleep(0.02)
 
     def start_worker(self, index):
@@ -1608,6 +1768,9 @@ class Supervisor:
                 log("supervisor: workers did not stop in time; killing them")
                 self.kill_all()
                 return
+            if self.state == STARTING and not self.stop.level \
+                    and self.up_state() == RUNNING_STATE:
+                self.publish(RUNNING_STATE)
             sentinels = {p.sentinel: i for i, p in self.workers.items()}
             for ready in multiprocessing.connection.wait(list(sentinels), timeout=0.2):
                 self.worker_exited(sentinels[ready])
@@ -1646,18 +1809,14 @@ class Supervisor:
                 self.publish(STOPPING)
                 return
         self.start_worker(index)
-        self.publish(RUNNING_STATE)
+        self.publish(self.up_state())
 
     def recover(self, worker_pid):
         """Recover the claims of a worker that exited: lost, or given back on a
         cold stop."""
         for job_id, token in self.store.claims_of(worker_pid):
-            if self.stop.level >= COLD:
-                kill_orphans(token)
-                if self.store.requeue(job_id, token, ABORT_COLD):
-                    log(f"supervisor: job {job_id} interrupted; back to pending")
-            else:
-                recover_claim(self.store, job_id, token, "supervisor")
+            recover_claim(self.store, job_id, token, "supervisor",
+                          cold=self.stop.level >= COLD)
 
     def kill_all(self):
         """SIGKILL every worker still alive and give its jobs back (cold stop)."""
@@ -1712,9 +1871,8 @@ def _last_error_line(log_path, offset):
             lines = f.read().decode("utf-8", "replace").strip().splitlines()
     except OSError:
         return None
-    if not lines:
-        return None
-    return lines[-1].split("error: ", 1)[-1]
+    errors = [line for line in lines if "error: " in line]
+    return errors[-1].split("error: ", 1)[-1] if errors else None
 
 
 ####
@@ -1825,10 +1983,13 @@ def cmd_worker_stop(args):
 
 
 def _jobs_of_workers(db_path, worker_pids):
-    """Ids of the jobs the given worker processes are running."""
-    with Store(db_path, create=False) as store:
-        return sorted(job["id"] for job in store.list_jobs(PROCESSING)
-                      if job["worker_pid"] in worker_pids)
+    """Ids of the jobs the given worker processes are running ([] if unknown)."""
+    try:
+        with Store(db_path, create=False) as store:
+            return sorted(job["id"] for job in store.list_jobs(PROCESSING)
+                          if job["worker_pid"] in worker_pids)
+    except QueueError:
+        return []            # stopping must not depend on the database
 
 
 def _pid_exists(pid):
@@ -1881,6 +2042,11 @@ def cmd_status(args):
         problems.append((EXIT_CHECK_NO_WORKERS,
                          "jobs are waiting but no workers are running"
                          + (" (they are stopping)" if workers else "")))
+    stuck = [w["job_id"] for w in others if not w["alive"]]
+    if stuck and not workers:
+        problems.append((EXIT_CHECK_NO_WORKERS,
+                         f"{len(stuck)} job(s) held by a worker that is gone; start "
+                         f"workers to recover them"))
     if oldest_age is not None and args.max_age is not None and oldest_age > args.max_age:
         problems.append((EXIT_CHECK_STALE, f"oldest runnable job has waited "
                                            f"{format_duration(oldest_age)} "

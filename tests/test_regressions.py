@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import signal
+import time
 import subprocess
 import sys
 import unittest
@@ -351,3 +352,41 @@ class DatabasePathTest(RegressionTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class RecoveryTest(RegressionTestCase):
+
+    def test_a_job_that_clears_its_environment_is_still_killed(self):
+        """kill -9 a worker whose job ran `exec env -i ...`: its group still dies."""
+        self.ok("config", "set", "backoff_base", "30")     # no rerun during the test
+        pidfile = self.path("pid")
+        proc = self.start_workers(1)
+        job_id = self.enqueue(command=f"echo $$ > {q(pidfile)}; exec env -i sleep 60")
+        self.wait_state(job_id, "processing", timeout=10)
+        pid = int(wait_until(lambda: self.read("pid").strip(), 10, "the job's pid"))
+        wait_until(lambda: "sleep" in cmdline(pid), 10, "the exec into env -i sleep")
+        self.assertNotIn(b"QUEUECTL_CLAIM", open(f"/proc/{pid}/environ", "rb").read())
+        worker = self.worker_pids(proc.pid, 1)[0]
+        os.kill(worker, signal.SIGKILL)
+        job = self.wait_state(job_id, "failed", timeout=15)
+        self.assertEqual(job["last_error"], "worker lost")
+        wait_until(lambda: not pid_alive(pid), 10, "the env-cleared command to die")
+
+    def test_pausing_the_whole_group_past_the_lease_kills_nothing(self):
+        """SIGSTOP then SIGCONT to supervisor and workers (Ctrl-Z, fg): jobs finish."""
+        self.ok("config", "set", "lease_timeout", "1")
+        done = self.path("done")
+        proc = self.start_workers(2)
+        ids = [self.enqueue(command=f"sleep 3; echo x >> {q(done)}") for _ in range(2)]
+        for job_id in ids:
+            self.wait_state(job_id, "processing", timeout=10)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: os.killpg(proc.pid, signal.SIGCONT)
+                        if proc.poll() is None else None)
+        time.sleep(2.5)     # the pause under test: longer than the 1 s lease
+        os.killpg(proc.pid, signal.SIGCONT)
+        for job_id in ids:
+            job = self.wait_state(job_id, "completed", timeout=15)
+            self.assertEqual([h["outcome"] for h in job["history"]], ["completed"])
+        self.assertEqual(self.read("done"), "x\nx\n")
+        self.assertNotIn("worker lost", self.log_text(proc))

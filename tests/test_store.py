@@ -176,6 +176,20 @@ class FencingTest(StoreTestCase):
         self.assertEqual([(a["outcome"], a["reason"]) for a in attempts],
                          [(queuectl.FAILED, queuectl.WORKER_LOST)])
 
+    def test_take_over_keeps_the_run_to_kill(self):
+        """A second take-over still returns the first run's token and process group."""
+        job_id = self.add()
+        claim = self.store.claim(1, worker_start=111, now=T0)
+        self.assertTrue(self.store.started(job_id, claim.token, 4242, 999, 15, now=at(1)))
+        first = self.store.take_over(job_id, claim.token, "a" * 32, 2, now=at(20))
+        self.assertEqual(first, (claim.token, 4242, 999))
+        # The first recoverer died mid-kill; the next one takes over from it.
+        second = self.store.take_over(job_id, "a" * 32, "b" * 32, 3, now=at(40))
+        self.assertEqual(second, first)
+        self.assertFalse(self.store.started(job_id, claim.token, 1, 1, 15, now=at(41)))
+        self.assertFalse(self.store.holds(job_id, claim.token))
+        self.assertTrue(self.store.holds(job_id, "b" * 32))
+
     def test_requeue_restores_attempts(self):
         """requeue gives the job back as pending without using up an attempt."""
         job_id = self.add()
@@ -197,11 +211,11 @@ class FencingTest(StoreTestCase):
         ca = self.store.claim(1, now=T0)
         cb = self.store.claim(2, now=at(10))
         self.assertEqual(self.store.expired_claims(now=at(14)), [])
-        self.assertEqual(self.store.expired_claims(now=at(16)), [(a, ca.token)])
+        self.assertEqual(self.store.expired_claims(now=at(16)), [(a, ca.token, 1, None)])
         self.assertEqual(sorted(self.store.expired_claims(now=at(30))),
-                         sorted([(a, ca.token), ("b", cb.token)]))
+                         sorted([(a, ca.token, 1, None), ("b", cb.token, 2, None)]))
         self.assertTrue(self.store.renew(a, ca.token, 15, now=at(20)))
-        self.assertEqual(self.store.expired_claims(now=at(30)), [("b", cb.token)])
+        self.assertEqual(self.store.expired_claims(now=at(30)), [("b", cb.token, 2, None)])
         self.assertEqual(self.store.claims_of(1), [(a, ca.token)])
 
 
