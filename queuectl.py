@@ -1158,10 +1158,13 @@ def _signal_group(pgid, sig):
 def _proc_stat(pid):
     """Fields of /proc/PID/stat after the name: [state, ppid, pgrp, ...], or None."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
         return None
+    # The name in parentheses can hold any bytes; what follows is ASCII.
+    _, _, rest = data.rpartition(b")")
+    return rest.decode("ascii", "replace").split() or None
 
 
 def start_ticks(pid):
@@ -1397,7 +1400,9 @@ def reclaim_expired(store, who):
     running it; return how many."""
     count = 0
     for job_id, token, holder, holder_start in store.expired_claims():
-        if holder_running(holder, holder_start):
+        # Whoever reclaims runs no job at this moment: a claim it holds itself is
+        # one it took over and failed to end, so it is lost too.
+        if holder != os.getpid() and holder_running(holder, holder_start):
             continue       # late with its renewal (a pause, a clock step), not lost
         if recover_claim(store, job_id, token, who, only_expired=True):
             count += 1
@@ -1797,7 +1802,7 @@ class Supervisor:
             self.recover(proc.pid)
         except QueueError as e:
             log(f"supervisor: could not recover the jobs of pid {proc.pid} ({e}); "
-                f"their leases will expire")
+                f"the lease check will retry")
         if self.stop.level:
             self.publish(STOPPING)
             return
@@ -2398,9 +2403,9 @@ def main(argv=None):
         message = str(e).replace("\r", "\\r").replace("\n", "\\n")
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return e.code
-    except UnicodeError:
-        print(f"{PROG}: error: arguments and input must be valid UTF-8 text",
-              file=sys.stderr)
+    except UnicodeEncodeError:
+        # An argument that is not UTF-8 (the shell passed raw bytes) reaching SQLite.
+        print(f"{PROG}: error: arguments must be valid UTF-8 text", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

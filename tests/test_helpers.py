@@ -379,3 +379,20 @@ class StopFlagTest(unittest.TestCase):
         self.assertEqual(flag.level, queuectl.WARM)
         flag.handle(queuectl.COLD_SIGNAL, None)
         self.assertEqual(flag.level, queuectl.COLD)
+
+
+class ProcTest(unittest.TestCase):
+
+    def test_process_names_that_are_not_utf8(self):
+        """start_ticks reads /proc/PID/stat of a process whose name is not UTF-8."""
+        import shutil, subprocess, tempfile
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        program = os.path.join(os.fsencode(folder), b"s\xff\xfe")
+        shutil.copy("/bin/sleep", program)
+        proc = subprocess.Popen([program, "30"])
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        self.assertIsInstance(queuectl.start_ticks(proc.pid), int)
+        self.assertTrue(queuectl.holder_running(proc.pid, queuectl.start_ticks(proc.pid)))
+        self.assertFalse(queuectl.holder_running(proc.pid, 1))   # another start: reused

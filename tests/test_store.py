@@ -190,6 +190,26 @@ class FencingTest(StoreTestCase):
         self.assertFalse(self.store.holds(job_id, claim.token))
         self.assertTrue(self.store.holds(job_id, "b" * 32))
 
+    def test_a_claim_the_reclaimer_holds_itself_is_recovered(self):
+        """An expired claim held by the reclaiming process (a recovery it did not
+        finish) is recovered, though that process is alive and running."""
+        job_id = self.add()
+        me = os.getpid()
+        self.store.claim(me, queuectl.start_ticks(me), now=T0)    # long expired
+        self.assertTrue(queuectl.holder_running(me, queuectl.start_ticks(me)))
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)                  # recover_claim logs to fd 2
+        try:
+            self.assertEqual(queuectl.reclaim_expired(self.store, "test"), 1)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+        job = self.get(job_id)
+        self.assertEqual((job["state"], job["last_error"]),
+                         (queuectl.FAILED, queuectl.WORKER_LOST))
+
     def test_requeue_restores_attempts(self):
         """requeue gives the job back as pending without using up an attempt."""
         job_id = self.add()
