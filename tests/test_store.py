@@ -389,6 +389,16 @@ class SchemaTest(StoreTestCase):
         self.assertEqual(self.pragma("application_id"), queuectl.APPLICATION_ID)
         self.assertEqual(self.pragma("journal_mode"), "wal")
 
+    def test_every_connection_syncs_fully(self):
+        """Each Store connection uses synchronous=FULL: in WAL, NORMAL can lose the
+        last commits on power loss."""
+        for create in (True, False):
+            with queuectl.Store(self.db, create=create) as store:
+                self.assertEqual(store.conn.execute("PRAGMA synchronous").fetchone()[0],
+                                 2)   # FULL
+                self.assertEqual(
+                    store.conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+
     def test_reopen_keeps_data(self):
         """Opening an existing database again keeps its jobs and config."""
         job_id = self.add()
