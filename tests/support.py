@@ -31,6 +31,12 @@ def wait_until(predicate, timeout, what):
         time.sleep(0.05)
 
 
+def claim_one(store, pid, start=None, now=None):
+    """Claim the best runnable job for PID with Store.claim: a Claim, or None."""
+    claims, _ = store.claim([(pid, start)], now=now)
+    return claims[0] if claims else None
+
+
 def proc_fields(pid):
     """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
     try:

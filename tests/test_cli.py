@@ -11,7 +11,7 @@ import subprocess
 import unittest
 from datetime import timedelta
 
-from tests.support import ROOT, QUEUECTL, QueueTestCase, queuectl
+from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl
 
 PY39 = "/root/.pyenv/versions/3.9.18/bin/python3"
 JOB_FIELDS = {"id", "command", "state", "attempts", "max_retries", "priority", "run_at",
@@ -31,7 +31,7 @@ class CliTestCase(QueueTestCase):
     def run_next(self, ok=True, duration_s=0.5, pid=4321):
         """Claim the best runnable job and finish it; return (job id, new state)."""
         store = self.store()
-        claim = store.claim(pid)
+        claim = claim_one(store, pid)
         self.assertIsNotNone(claim, "nothing to claim")
         result = queuectl.RunResult(exit_code=0 if ok else 1,
                                     reason=None if ok else "exit 1",
@@ -315,7 +315,7 @@ class RuntimeErrorTest(CliTestCase):
     def test_delete_processing_job(self):
         """A job that is running cannot be deleted."""
         self.enqueue(id="busy", command="sleep 100")
-        claim = self.store().claim(9999)
+        claim = claim_one(self.store(), 9999)
         self.assertEqual(claim.id, "busy")
         err = self.assertFailsCleanly(1, "delete", "busy")
         self.assertIn("processing", err)
@@ -431,7 +431,7 @@ class ListShowTest(CliTestCase):
     def test_show_processing_job(self):
         """show of a running job names its worker pid."""
         self.enqueue(id="busy", command="sleep 100")
-        self.store().claim(31337)
+        claim_one(self.store(), 31337)
         job = self.job("busy")
         self.assertEqual((job["state"], job["worker_pid"], job["attempts"]),
                          ("processing", 31337, 1))

@@ -33,7 +33,7 @@ class ReadmeTest(unittest.TestCase):
         """The lines README cites for atomic claiming hold that code."""
         start, end = self.cited(r"`Store\.claim` \(`queuectl\.py` lines (\d+)-(\d+)\)")
         self.assertIn("def claim(self", self.at(start))
-        self.assertIn('self._write(body, "EXCLUSIVE")', self.at(end))
+        self.assertIn('self._write(body, "EXCLUSIVE"', self.at(end))
         begin, commit, rollback = self.cited(
             r"`BEGIN EXCLUSIVE` \(line\s+(\d+)\).*?COMMIT`s \(line\s+(\d+)\).*?"
             r"\(line\s+(\d+)\)")

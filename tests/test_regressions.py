@@ -10,7 +10,7 @@ import subprocess
 import sys
 import unittest
 
-from tests.support import (QUEUECTL, QueueTestCase, cmdline, pid_alive,
+from tests.support import (QUEUECTL, QueueTestCase, claim_one, cmdline, pid_alive,
                           processes_with_env, queuectl, wait_until)
 
 q = shlex.quote
@@ -140,7 +140,7 @@ class LeaseTest(RegressionTestCase):
         dead.wait(timeout=10)
         store = queuectl.Store(self.db)
         try:
-            claim = store.claim(dead.pid)
+            claim = claim_one(store, dead.pid)
         finally:
             store.close()
         self.assertEqual(claim.id, lost)

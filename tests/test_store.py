@@ -7,7 +7,7 @@ import unittest
 from datetime import datetime, timedelta, timezone
 from unittest import mock
 
-from tests.support import QueueTestCase, queuectl
+from tests.support import QueueTestCase, claim_one, queuectl
 
 T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=timezone.utc)
 OK = queuectl.RunResult(exit_code=0, duration_s=0.5)
@@ -59,24 +59,23 @@ class ClaimTest(StoreTestCase):
         self.add(id="E", priority=9, run_at="2026-11-24T09:59:59Z", now=at(0))
         self.add(id="A", priority=5, run_at="2026-11-24T09:58:20Z", now=at(-50))
         self.add(id="F", priority=-1, run_at="2026-11-24T09:00:00Z", now=at(-9000))
-        order = [self.store.claim(100 + i, now=T0).id for i in range(6)]
+        order = [claim_one(self.store, 100 + i, now=T0).id for i in range(6)]
         self.assertEqual(order, ["E", "A", "B", "C", "D", "F"])
-        self.assertIsNone(self.store.claim(200, now=T0))
+        self.assertIsNone(claim_one(self.store, 200, now=T0))
 
     def test_future_run_at_not_claimed(self):
         """A job whose run_at is in the future waits until then."""
         job_id = self.add(delay=60)
-        self.assertIsNone(self.store.claim(1, now=at(59.9)))
-        self.assertFalse(self.store.has_runnable(now=at(59.9)))
+        self.assertEqual(self.store.claim([(1, None)], now=at(59.9)),
+                         ([], queuectl.iso(at(60))))
         self.assertEqual(self.get(job_id)["state"], queuectl.PENDING)
-        self.assertEqual(self.store.next_run_at(), at(60))
-        claim = self.store.claim(1, now=at(60))
+        claim = claim_one(self.store, 1, now=at(60))
         self.assertEqual(claim.id, job_id)
 
     def test_claim_sets_processing_with_token(self):
         """A claim moves the job to processing with a token, a lease and an attempt."""
         job_id = self.add(max_retries=4, timeout=7)
-        claim = self.store.claim(4242, now=T0)
+        claim = claim_one(self.store, 4242, now=T0)
         self.assertEqual((claim.id, claim.attempt, claim.max_retries, claim.timeout_s),
                          (job_id, 1, 4, 7))
         self.assertEqual(claim.cwd, self.dir)
@@ -89,7 +88,7 @@ class ClaimTest(StoreTestCase):
         self.assertEqual((job["state"], job["worker_pid"]), (queuectl.PROCESSING, 4242))
         self.assertEqual([(a["number"], a["outcome"], a["worker_pid"]) for a in attempts],
                          [(1, queuectl.RUNNING, 4242)])
-        self.assertIsNone(self.store.claim(4243, now=T0))
+        self.assertIsNone(claim_one(self.store, 4243, now=T0))
 
     def test_claim_uses_config_defaults(self):
         """A job without its own limits follows the config at claim time."""
@@ -97,7 +96,7 @@ class ClaimTest(StoreTestCase):
         self.store.set_config("max_retries", 7)
         self.store.set_config("job_timeout", 12.5)
         self.store.set_config("lease_timeout", 30)
-        claim = self.store.claim(1, now=T0)
+        claim = claim_one(self.store, 1, now=T0)
         self.assertEqual((claim.max_retries, claim.timeout_s, claim.lease_s), (7, 12.5, 30))
         self.assertEqual(self.raw("SELECT lease_until FROM jobs")[0][0],
                          queuectl.iso(at(30)))
@@ -107,10 +106,10 @@ class ClaimTest(StoreTestCase):
         other = self.open()
         self.add(id="a")
         self.add(id="b")
-        first = self.store.claim(1, now=T0)
-        second = other.claim(2, now=T0)
+        first = claim_one(self.store, 1, now=T0)
+        second = claim_one(other, 2, now=T0)
         self.assertEqual({first.id, second.id}, {"a", "b"})
-        self.assertIsNone(other.claim(3, now=T0))
+        self.assertIsNone(claim_one(other, 3, now=T0))
 
 
 class FencingTest(StoreTestCase):
@@ -118,10 +117,10 @@ class FencingTest(StoreTestCase):
     def test_stale_token_finish_writes_nothing(self):
         """A lost claim's finish returns None and leaves the new claimant's job alone."""
         job_id = self.add()
-        old = self.store.claim(111, now=T0)
+        old = claim_one(self.store, 111, now=T0)
         self.assertEqual(self.store.fence(job_id, old.token, queuectl.WORKER_LOST,
                                           now=at(20)), queuectl.FAILED)
-        new = self.store.claim(222, now=at(30))
+        new = claim_one(self.store, 222, now=at(30))
         self.assertEqual((new.id, new.attempt), (job_id, 2))
         self.assertNotEqual(new.token, old.token)
         before = self.dump()
@@ -140,9 +139,9 @@ class FencingTest(StoreTestCase):
     def test_stale_token_renew_and_requeue(self):
         """renew and requeue with a stale token return False and change nothing."""
         job_id = self.add()
-        old = self.store.claim(111, now=T0)
+        old = claim_one(self.store, 111, now=T0)
         self.store.fence(job_id, old.token, queuectl.WORKER_LOST, now=at(1))
-        new = self.store.claim(222, now=at(10))
+        new = claim_one(self.store, 222, now=at(10))
         before = self.dump()
         self.assertFalse(self.store.renew(job_id, old.token, 15, now=at(11)))
         self.assertFalse(self.store.requeue(job_id, old.token, "stop", now=at(11)))
@@ -158,7 +157,7 @@ class FencingTest(StoreTestCase):
     def test_take_over_only_expired(self):
         """take_over(only_expired=True) leaves a live lease alone, then fences it."""
         job_id = self.add()
-        claim = self.store.claim(1, now=T0)
+        claim = claim_one(self.store, 1, now=T0)
         before = self.dump()
         self.assertFalse(self.store.take_over(job_id, claim.token, "n" * 32, 2,
                                               only_expired=True, now=at(10)))
@@ -179,29 +178,32 @@ class FencingTest(StoreTestCase):
     def test_take_over_keeps_the_run_to_kill(self):
         """A second take-over still returns the first run's token and process group."""
         job_id = self.add()
-        claim = self.store.claim(1, worker_start=111, now=T0)
-        self.assertTrue(self.store.started(job_id, claim.token, 4242, 999, 15, now=at(1)))
+        claim = claim_one(self.store, 1, 111, now=T0)
+        self.assertEqual(self.store.record(started=[(job_id, claim.token, 4242, 999)],
+                                           now=at(1)), ([], []))
         first = self.store.take_over(job_id, claim.token, "a" * 32, 2, now=at(20))
         self.assertEqual(first, (claim.token, 4242, 999))
         # The first recoverer died mid-kill; the next one takes over from it.
         second = self.store.take_over(job_id, "a" * 32, "b" * 32, 3, now=at(40))
         self.assertEqual(second, first)
-        self.assertFalse(self.store.started(job_id, claim.token, 1, 1, 15, now=at(41)))
-        self.assertFalse(self.store.holds(job_id, claim.token))
-        self.assertTrue(self.store.holds(job_id, "b" * 32))
+        self.assertEqual(self.store.record(started=[(job_id, claim.token, 1, 1)],
+                                           now=at(41)), ([], [(job_id, claim.token)]))
+        self.assertEqual(self.raw("SELECT claim_token, run_pgid FROM jobs")[0][:],
+                         ("b" * 32, 4242))
 
     def test_a_claim_the_reclaimer_holds_itself_is_recovered(self):
         """An expired claim held by the reclaiming process (a recovery it did not
         finish) is recovered, though that process is alive and running."""
         job_id = self.add()
         me = os.getpid()
-        self.store.claim(me, queuectl.start_ticks(me), now=T0)    # long expired
+        claim = claim_one(self.store, me, queuectl.start_ticks(me), now=T0)  # expired
         self.assertTrue(queuectl.holder_running(me, queuectl.start_ticks(me)))
         saved = os.dup(2)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)                  # recover_claim logs to fd 2
         try:
-            self.assertEqual(queuectl.reclaim_expired(self.store, "test"), 1)
+            self.assertEqual(queuectl.reclaim_expired(self.store, "test"),
+                             [(job_id, claim.token)])
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -213,7 +215,7 @@ class FencingTest(StoreTestCase):
     def test_requeue_restores_attempts(self):
         """requeue gives the job back as pending without using up an attempt."""
         job_id = self.add()
-        claim = self.store.claim(1, now=T0)
+        claim = claim_one(self.store, 1, now=T0)
         self.assertEqual(self.get(job_id)["attempts"], 1)
         self.assertTrue(self.store.requeue(job_id, claim.token, "cold stop", now=at(1)))
         job, attempts = self.store.get_job(job_id)
@@ -221,22 +223,49 @@ class FencingTest(StoreTestCase):
                          (queuectl.PENDING, 0, None))
         self.assertEqual([(a["outcome"], a["reason"]) for a in attempts],
                          [(queuectl.INTERRUPTED, "cold stop")])
-        again = self.store.claim(2, now=at(2))
+        again = claim_one(self.store, 2, now=at(2))
         self.assertEqual((again.id, again.attempt), (job_id, 1))
 
     def test_expired_claims(self):
         """expired_claims lists claims whose lease is in the past, and only those."""
         a = self.add(id="a")
         self.add(id="b")
-        ca = self.store.claim(1, now=T0)
-        cb = self.store.claim(2, now=at(10))
+        ca = claim_one(self.store, 1, now=T0)
+        cb = claim_one(self.store, 2, now=at(10))
         self.assertEqual(self.store.expired_claims(now=at(14)), [])
         self.assertEqual(self.store.expired_claims(now=at(16)), [(a, ca.token, 1, None)])
         self.assertEqual(sorted(self.store.expired_claims(now=at(30))),
                          sorted([(a, ca.token, 1, None), ("b", cb.token, 2, None)]))
         self.assertTrue(self.store.renew(a, ca.token, 15, now=at(20)))
         self.assertEqual(self.store.expired_claims(now=at(30)), [("b", cb.token, 2, None)])
-        self.assertEqual(self.store.claims_of(1), [(a, ca.token)])
+
+
+class OldestRunnableTest(StoreTestCase):
+
+    def oldest(self, now):
+        return self.store.status(now=now)[1]
+
+    def test_oldest_runnable_across_priorities(self):
+        """status finds the longest-waiting runnable job, whatever its priority,
+        and ignores jobs not due yet."""
+        self.add(id="high-new", priority=9, run_at="2026-11-24T09:59:00Z")
+        self.add(id="low-old", priority=-3, run_at="2026-11-24T09:10:00Z")
+        self.add(id="mid", priority=2, run_at="2026-11-24T09:30:00Z")
+        self.add(id="future", priority=5, run_at="2026-11-24T11:00:00Z")
+        self.assertEqual(self.oldest(T0), "2026-11-24T09:10:00.000Z")
+        self.assertEqual(claim_one(self.store, 1, now=T0).id, "high-new")
+        self.assertEqual(self.oldest(at(3600)), "2026-11-24T09:10:00.000Z")
+        self.store.delete(["low-old", "mid"])
+        self.assertIsNone(self.oldest(T0))
+        self.assertEqual(self.oldest(at(3600)), "2026-11-24T11:00:00.000Z")
+
+    def test_oldest_runnable_with_many_priorities(self):
+        """With more priorities than it looks up one by one, status still finds it."""
+        for n in range(100):
+            self.add(id=f"p{n}", priority=n,
+                     run_at=queuectl.iso(at(-1000 + (n * 37) % 100)))
+        claim_one(self.store, 1, now=T0)              # marks them all ready
+        self.assertEqual(self.oldest(T0), queuectl.iso(at(-1000)))
 
 
 class RetryTest(StoreTestCase):
@@ -244,11 +273,11 @@ class RetryTest(StoreTestCase):
     def test_lowered_max_retries_ends_a_waiting_job(self):
         """A failed job whose retries a lowered max_retries used up goes dead unrun."""
         job_id = self.add()
-        claim = self.store.claim(1, now=T0)
+        claim = claim_one(self.store, 1, now=T0)
         self.assertEqual(self.store.finish(job_id, claim.token, failed(), now=at(1)),
                          queuectl.FAILED)
         self.store.set_config("max_retries", 0)
-        self.assertIsNone(self.store.claim(1, now=at(100)))
+        self.assertIsNone(claim_one(self.store, 1, now=at(100)))
         job, attempts = self.store.get_job(job_id)
         self.assertEqual((job["state"], job["attempts"], len(attempts)),
                          (queuectl.DEAD, 1, 1))
@@ -256,7 +285,7 @@ class RetryTest(StoreTestCase):
     def test_requeue_makes_the_job_runnable_from_now(self):
         """A cold-stopped job's run_at is the requeue time, so it has not 'waited'."""
         job_id = self.add()
-        claim = self.store.claim(1, now=at(10))
+        claim = claim_one(self.store, 1, now=at(10))
         self.assertTrue(self.store.requeue(job_id, claim.token, "cold stop", now=at(50)))
         self.assertEqual(self.get(job_id)["run_at"], queuectl.iso(at(50)))
 
@@ -265,7 +294,7 @@ class RetryTest(StoreTestCase):
         job_id = self.add(max_retries=2)
         now = T0
         for k, delay in ((1, 2), (2, 4)):
-            claim = self.store.claim(1, now=now)
+            claim = claim_one(self.store, 1, now=now)
             self.assertEqual(claim.attempt, k)
             self.assertEqual(self.store.finish(job_id, claim.token, failed(f"exit {k}"),
                                                now=now), queuectl.FAILED)
@@ -274,42 +303,42 @@ class RetryTest(StoreTestCase):
             self.assertEqual((job["state"], job["attempts"], job["run_at"],
                               job["next_retry_at"], job["last_error"]),
                              (queuectl.FAILED, k, want, want, f"exit {k}"))
-            self.assertIsNone(self.store.claim(1, now=now + timedelta(seconds=delay - 0.01)))
+            self.assertIsNone(claim_one(self.store, 1, now=now + timedelta(seconds=delay - 0.01)))
             now += timedelta(seconds=delay)
-        claim = self.store.claim(1, now=now)
+        claim = claim_one(self.store, 1, now=now)
         self.assertEqual(claim.attempt, 3)
         self.assertEqual(self.store.finish(job_id, claim.token, failed("exit 9"), now=now),
                          queuectl.DEAD)
         job = self.get(job_id)
         self.assertEqual((job["state"], job["attempts"], job["last_error"],
                           job["next_retry_at"]), (queuectl.DEAD, 3, "exit 9", None))
-        self.assertIsNone(self.store.claim(1, now=now + timedelta(days=365)))
+        self.assertIsNone(claim_one(self.store, 1, now=now + timedelta(days=365)))
 
     def test_backoff_follows_config(self):
         """backoff_base and backoff_max from the config set the delay."""
         self.store.set_config("backoff_base", 3)
         self.store.set_config("backoff_max", 5)
         job_id = self.add(max_retries=5)
-        claim = self.store.claim(1, now=T0)
+        claim = claim_one(self.store, 1, now=T0)
         self.store.finish(job_id, claim.token, failed(), now=T0)
         self.assertEqual(self.get(job_id)["run_at"], queuectl.iso(at(3)))
-        claim = self.store.claim(1, now=at(3))
+        claim = claim_one(self.store, 1, now=at(3))
         self.store.finish(job_id, claim.token, failed(), now=at(3))
         self.assertEqual(self.get(job_id)["run_at"], queuectl.iso(at(8)))
 
     def test_max_retries_zero_dies_at_once(self):
         """max_retries 0 means one attempt, then the DLQ."""
         job_id = self.add(max_retries=0)
-        claim = self.store.claim(1, now=T0)
+        claim = claim_one(self.store, 1, now=T0)
         self.assertEqual(self.store.finish(job_id, claim.token, failed(), now=T0),
                          queuectl.DEAD)
 
     def test_success_completes(self):
         """A successful result completes the job and clears the error."""
         job_id = self.add(max_retries=3)
-        claim = self.store.claim(1, now=T0)
+        claim = claim_one(self.store, 1, now=T0)
         self.store.finish(job_id, claim.token, failed(), now=T0)
-        claim = self.store.claim(1, now=at(2))
+        claim = claim_one(self.store, 1, now=at(2))
         self.assertEqual(self.store.finish(job_id, claim.token, OK, now=at(3)),
                          queuectl.COMPLETED)
         job = self.get(job_id)
@@ -320,11 +349,11 @@ class RetryTest(StoreTestCase):
     def test_output_stored_per_attempt(self):
         """Each attempt keeps its own exit code, output, duration and times."""
         job_id = self.add(max_retries=3)
-        claim = self.store.claim(7, now=T0)
+        claim = claim_one(self.store, 7, now=T0)
         self.store.finish(job_id, claim.token,
                           failed("exit 3", stdout="one\n", stderr="bad\n",
                                  stdout_dropped=5), now=at(1))
-        claim = self.store.claim(8, now=at(3))
+        claim = claim_one(self.store, 8, now=at(3))
         self.store.finish(job_id, claim.token,
                           queuectl.RunResult(exit_code=0, stdout="two\n"), now=at(5.5))
         _, attempts = self.store.get_job(job_id)
@@ -340,7 +369,7 @@ class RetryTest(StoreTestCase):
     def test_retry_dead_resets(self):
         """retry_dead puts dead jobs back to pending with attempts 0."""
         job_id = self.add(max_retries=0)
-        claim = self.store.claim(1, now=T0)
+        claim = claim_one(self.store, 1, now=T0)
         self.store.finish(job_id, claim.token, failed(), now=T0)
         self.assertEqual(self.store.retry_dead(now=at(5)), [job_id])
         job = self.get(job_id)
@@ -398,6 +427,72 @@ class SchemaTest(StoreTestCase):
                                  2)   # FULL
                 self.assertEqual(
                     store.conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+
+    def test_claims_are_not_synced_and_results_are(self):
+        """A claim commits with synchronous=NORMAL (it acknowledges nothing); a
+        recorded result, and every other write, with FULL."""
+        def sync():
+            return self.store.conn.execute("PRAGMA synchronous").fetchone()[0]
+        job_id = self.add()
+        self.assertEqual(sync(), 2)
+        claim = claim_one(self.store, 1, now=T0)
+        self.assertEqual(sync(), 1)                     # NORMAL
+        self.assertTrue(self.store.renew(job_id, claim.token, 15, now=at(1)))
+        self.assertEqual(sync(), 1)                     # a renewal alone: NORMAL
+        self.store.finish(job_id, claim.token, OK, now=at(2))
+        self.assertEqual(sync(), 2)                     # FULL
+        claim_one(self.store, 1, now=at(3))
+        self.add(id="next")
+        self.assertEqual(sync(), 2)
+
+    def test_version_1_database_is_migrated_with_its_jobs(self):
+        """A database of schema version 1 (queuectl 1.0) is migrated in place: its
+        jobs, runs and config are kept, counted, and claimable in order."""
+        self.store.close()
+        path = os.path.join(self.dir, "v1.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        for statement in queuectl.MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA application_id = {queuectl.APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 1")
+        rows = [("due-low", "pending", 0, "2026-11-24T09:00:00.000Z", 0),
+                ("due-high", "pending", 5, "2026-11-24T09:30:00.000Z", 0),
+                ("later", "pending", 9, "2026-11-24T11:00:00.000Z", 0),
+                ("retry", "failed", 1, "2026-11-24T09:59:00.000Z", 1),
+                ("done", "completed", 0, "2026-11-24T08:00:00.000Z", 1),
+                ("gone", "dead", 0, "2026-11-24T08:00:00.000Z", 4)]
+        for n, (job_id, state, priority, run_at, attempts) in enumerate(rows):
+            conn.execute("INSERT INTO jobs (id, command, cwd, state, priority, attempts, "
+                         "run_at, created_at, updated_at) VALUES (?, 'true', '/', ?, ?, "
+                         "?, ?, ?, ?)", (job_id, state, priority, attempts, run_at,
+                                         queuectl.iso(at(n - 100)), run_at))
+        for job_id, outcome, duration in (("done", "completed", 0.004),
+                                          ("retry", "failed", 2.0),
+                                          ("gone", "failed", 30.0)):
+            conn.execute("INSERT INTO attempts (job_id, number, run_token, worker_pid, "
+                         "started_at, finished_at, outcome, duration_s) VALUES "
+                         "(?, 1, ?, 1, ?, ?, ?, ?)", (job_id, job_id + "-run",
+                                                      queuectl.iso(T0), queuectl.iso(T0),
+                                                      outcome, duration))
+        conn.execute("INSERT INTO config VALUES ('max_retries', '5')")
+        conn.close()
+
+        store = self.open(path, create=False)
+        self.assertEqual(self.pragma("user_version", path), queuectl.SCHEMA_VERSION)
+        counts, _, _ = store.status(now=T0)
+        self.assertEqual(counts, {"pending": 3, "processing": 0, "completed": 1,
+                                  "failed": 1, "dead": 1})
+        self.assertEqual(store.stats(now=T0)["failed_attempts"], 2)
+        self.assertEqual(store.config()["max_retries"], 5)
+        self.assertEqual([j["id"] for j in store.list_jobs()],
+                         ["gone", "done", "retry", "later", "due-high", "due-low"])
+        order = [claim_one(store, 1, now=T0).id for _ in range(3)]
+        self.assertEqual(order, ["due-high", "retry", "due-low"])
+        self.assertEqual(store.claim([(1, None)], now=T0),
+                         ([], "2026-11-24T11:00:00.000Z"))
+        counts, _, _ = store.status(now=T0)
+        self.assertEqual((counts["pending"], counts["processing"], counts["failed"]),
+                         (1, 3, 0))
 
     def test_reopen_keeps_data(self):
         """Opening an existing database again keeps its jobs and config."""
@@ -544,12 +639,12 @@ class StatsTest(StoreTestCase):
             self.add(id=f"ok{i}", now=now - timedelta(hours=2))
         self.add(id="bad", max_retries=0, now=now - timedelta(hours=2))
         for i, duration in enumerate((1.0, 3.0, 2.0)):
-            claim = self.store.claim(1, now=now - timedelta(hours=1))
+            claim = claim_one(self.store, 1, now=now - timedelta(hours=1))
             when = now - timedelta(minutes=30) if i == 2 else now
             self.store.finish(claim.id, claim.token,
                               queuectl.RunResult(exit_code=0, duration_s=duration),
                               now=when)
-        claim = self.store.claim(1, now=now)
+        claim = claim_one(self.store, 1, now=now)
         self.store.finish(claim.id, claim.token, failed(duration_s=9.0), now=now)
         stats = self.store.stats(now=now + timedelta(seconds=1))
         self.assertEqual(stats["completed"], 3)

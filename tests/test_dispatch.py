@@ -1,0 +1,122 @@
+"""The hot path with real processes: jobs sent ahead, output through pipes, start-up."""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import unittest
+
+from tests.support import QUEUECTL, queuectl, wait_until
+from tests.test_regressions import RegressionTestCase
+
+q = shlex.quote
+
+
+class DispatchTest(RegressionTestCase):
+
+    def make_quick(self, count=5):
+        """Run a few quick jobs, so that idle workers are sent two jobs at a time."""
+        for _ in range(count):
+            self.wait_state(self.enqueue(command="true"), "completed")
+
+    def batch(self, *jobs):
+        lines = "".join(json.dumps(job) + "\n" for job in jobs)
+        return self.ok("enqueue", "-", stdin=lines).split()
+
+    def test_a_job_sent_ahead_is_given_back_when_the_current_one_runs_long(self):
+        """A worker sent its next job early gives it back once its current job runs
+        long: that job runs on the first worker free, not behind the long one."""
+        proc = self.start_workers(2)
+        busy = self.enqueue(command="sleep 2")
+        self.wait_state(busy, "processing", timeout=10)
+        self.make_quick()
+        self.batch({"id": "long", "command": "sleep 8", "priority": 2},
+                   {"id": "next", "command": "true", "priority": 1})
+        job = self.wait_state("next", "completed", timeout=15)
+        self.assertEqual(self.state("long"), "processing",
+                         "the next job waited behind the long one")
+        freed = self.job(busy)["history"][0]["worker_pid"]
+        self.assertEqual([(h["number"], h["outcome"], h["worker_pid"])
+                          for h in job["history"]], [(1, "completed", freed)])
+        self.assertEqual(job["attempts"], 1)
+        # Sent to the long job's worker first, then to the one that came free.
+        log = self.log_text(proc)
+        self.assertEqual(log.count(": job next started"), 2, log)
+        self.assertNotIn(f"(pid {freed}): job long", log)
+
+    def test_a_worker_killed_with_a_job_sent_ahead_loses_only_its_current_one(self):
+        """kill -9 of a worker holding a job it had not started: that job is given
+        back whole (no lost attempt); only the running one fails as worker lost."""
+        proc = self.start_workers(1)
+        self.make_quick()
+        self.batch({"id": "killer", "command": "kill -9 $PPID", "priority": 2,
+                    "max_retries": 0},
+                   {"id": "victim", "command": "echo ok", "priority": 1})
+        killer = self.wait_state("killer", "dead", timeout=15)
+        self.assertEqual(killer["last_error"], queuectl.WORKER_LOST)
+        victim = self.wait_state("victim", "completed", timeout=15)
+        self.assertEqual([(h["number"], h["outcome"]) for h in victim["history"]],
+                         [(1, "completed")])
+        self.assertEqual((victim["attempts"], victim["output"]["stdout"]), (1, "ok\n"))
+        log = self.log_text(proc)
+        self.assertEqual(log.count(": job victim started"), 2, log)
+        self.assertNotIn("Traceback", log)
+
+    def test_output_far_larger_than_a_pipe_keeps_its_tail(self):
+        """A job that writes 300 kB completes, keeping the last output_limit bytes
+        and counting the rest as dropped."""
+        self.ok("config", "set", "output_limit", "1000")
+        self.start_workers(1)
+        job_id = self.enqueue(command="head -c 300000 /dev/zero | tr '\\0' x; "
+                                      "echo END; echo oops >&2")
+        job = self.wait_state(job_id, "completed", timeout=20)
+        out = job["output"]
+        self.assertEqual(len(out["stdout"]), 1000)
+        self.assertTrue(out["stdout"].endswith("xxxEND\n"), out["stdout"][-20:])
+        self.assertEqual(out["stdout_dropped_bytes"], 300004 - 1000)
+        self.assertEqual((out["stderr"], out["stderr_dropped_bytes"]), ("oops\n", 0))
+
+    def test_a_daemon_holding_the_output_pipe_does_not_hold_the_job(self):
+        """A job that starts a process in a session of its own, which keeps the
+        job's stdout open, still completes when its shell exits."""
+        self.start_workers(1)
+        job_id = self.enqueue(command="setsid sleep 30 & echo started")
+        job = self.wait_state(job_id, "completed", timeout=10)
+        self.assertLess(job["history"][0]["duration_s"], 5)
+        self.assertEqual(job["output"]["stdout"], "started\n")
+
+
+class StartUpTest(RegressionTestCase):
+
+    def test_as_a_command_it_runs_isolated_from_cached_bytecode(self):
+        """Run by its #! line, under any name or through a symlink, queuectl caches
+        its bytecode beside itself and imports nothing from the current directory."""
+        home = self.path("bin")
+        os.mkdir(home)
+        copy = os.path.join(home, "qc")                # not even named .py
+        shutil.copy(QUEUECTL, copy)
+        os.chmod(copy, 0o755)
+        link = self.path("queuectl")
+        os.symlink(copy, link)
+        trap = self.path("cwd")
+        os.mkdir(trap)
+        for name in ("json", "sqlite3", "argparse"):
+            with open(os.path.join(trap, f"{name}.py"), "w") as f:
+                f.write("raise SystemExit('imported from the current directory')\n")
+        env = dict(self.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
+                   self.env["PATH"], PYTHONPATH=trap)
+        for argv in ([copy], [link], [copy]):
+            result = subprocess.run(argv + ["enqueue", '{"command": "true"}'], cwd=trap,
+                                    env=env, capture_output=True, text=True, timeout=30)
+            self.assertEqual((result.returncode, result.stderr), (0, ""), argv)
+            self.assertRegex(result.stdout, r"^[0-9a-f]{10}\n$")
+        self.assertTrue(os.listdir(os.path.join(home, "__pycache__")))
+        jobs = json.loads(self.ok("list", "--json"))
+        self.assertEqual(len(jobs), 3)
+        self.assertEqual({j["cwd"] for j in jobs}, {trap})
+
+
+if __name__ == "__main__":
+    unittest.main()
