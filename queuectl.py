@@ -15,23 +15,28 @@ claim jobs, run them through /bin/sh with a timeout, retry failures with exponen
 backoff and move exhausted jobs to a dead letter queue (DLQ).
 
 Usage:
-    queuectl enqueue '{"id": "job1", "command": "sleep 2"}'
+    queuectl enqueue '{"id": "job1", "command": "sleep 2"}'   (or -c COMMAND [flags])
     queuectl worker start --count 4         (foreground; --detach for background)
-    queuectl worker stop
+    queuectl worker stop [--timeout DURATION]
     queuectl status [--json] [--check]
-    queuectl list [--state S] | show ID | dlq list | dlq retry ID... | delete ID...
+    queuectl list [--state S] | show ID | logs ID [--follow] | wait ID...
+    queuectl cancel ID... | pause | resume | purge --state S [--older-than D]
+    queuectl dlq list | dlq retry ID... | delete ID...
     queuectl config show | config get KEY | config set KEY VALUE
     queuectl stats [--json]
 
 Exit codes:
-    0  success
-    1  runtime error: unknown job, job in the wrong state, workers already running,
-       unusable database
-    2  usage or validation error: bad option, bad JSON, bad job field, unknown state
-       or config key, bad config value
-    3  status --check: dead jobs in the DLQ
-    4  status --check: runnable jobs are waiting but no workers are running
-    5  status --check: the oldest runnable job has waited longer than --max-age
+    0    success
+    1    runtime error: unknown job, job in the wrong state, workers already running,
+         unusable database
+    2    usage or validation error: bad option, bad JSON, bad job field, unknown
+         state or config key, bad config value
+    3    status --check: dead jobs in the DLQ
+    4    status --check: runnable jobs are waiting but no workers are running
+    5    status --check: the oldest runnable job has waited longer than --max-age
+    6    wait, logs --follow: a job ended without completing (dead or cancelled)
+    7    worker stop: running jobs were killed and put back (a cold stop)
+    124  wait --timeout ran out first
 """
 
 import argparse
@@ -63,16 +68,21 @@ __version__ = "1.1.0"
 
 PROG = "queuectl"
 ENV_DB = "QUEUECTL_DB"
+ENV_LOG_MAX = "QUEUECTL_LOG_MAX_BYTES"   # where a detached supervisor's log rotates
+LOG_MAX_BYTES = 10 * 1024 * 1024
 DB_FILENAME = "queuectl.db"
 PID_SUFFIX = ".pid"        # <db>.pid: the supervisor's PID file and lock
 LOG_SUFFIX = ".log"        # <db>.log: where a --detach'ed supervisor logs
+SPOOL_SUFFIX = ".out"      # <db>.out/: live output of running jobs (logs --follow)
 
 PENDING = "pending"
 PROCESSING = "processing"
 COMPLETED = "completed"
 FAILED = "failed"          # failed, waiting for its retry
 DEAD = "dead"              # in the DLQ
-STATES = (PENDING, PROCESSING, COMPLETED, FAILED, DEAD)
+CANCELLED = "cancelled"    # stopped by `cancel`: no retry, not in the DLQ
+STATES = (PENDING, PROCESSING, COMPLETED, FAILED, DEAD, CANCELLED)
+FINISHED = (COMPLETED, DEAD, CANCELLED)
 
 # What ended an attempt (attempts.outcome).
 RUNNING = "running"
@@ -96,7 +106,9 @@ _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGHUP
                     signal.SIGTERM, WARM_SIGNAL, COLD_SIGNAL, WAKE_SIGNAL)
 ABORT_COLD = "cold stop"
 AFTER_FAILURE = {FAILED: "will retry after its backoff", DEAD: "moved to the DLQ"}
+PAUSED_KEY = "paused"      # a row of the config table while the queue is paused
 ABORT_LOST = "claim lost"
+ABORT_CANCELLED = "cancelled"
 CLAIM_ENV = "QUEUECTL_CLAIM"   # marks every process of a run, to find orphans later
 # What a supervisor is doing, as its PID file tells.
 STARTING, RUNNING_STATE, STOPPING = "starting", "running", "stopping"
@@ -107,20 +119,30 @@ EXIT_USAGE = 2
 EXIT_CHECK_DEAD = 3
 EXIT_CHECK_NO_WORKERS = 4
 EXIT_CHECK_STALE = 5
+EXIT_NOT_COMPLETED = 6     # wait, logs --follow: a job ended without completing
+EXIT_INTERRUPTED = 7       # worker stop: running jobs were killed and put back
+EXIT_TIMEOUT = 124         # wait --timeout ran out (as timeout(1) does)
 
 # key: (default, type, smallest valid value or None for "above 0", valid values)
 CONFIG = {
     "max_retries": (3, int, 0, "a whole number >= 0"),
     "backoff_base": (2, float, 1, "a number >= 1"),
-    "backoff_max": (3600, float, 0, "a number of seconds >= 0"),
-    "job_timeout": (300, float, None, "a number of seconds > 0"),
+    "backoff_max": (3600, "duration", 0, "a duration >= 0, such as 600 or 10m"),
+    "job_timeout": (300, "duration", None, "a duration > 0, such as 300 or 5m"),
     "output_limit": (65536, int, 0, "a whole number of bytes >= 0"),
-    "lease_timeout": (15, float, 1, "a number of seconds >= 1"),
+    "lease_timeout": (15, "duration", 1, "a duration >= 1s, such as 15"),
+    "retention": (0, "duration", 0, "a duration such as 7d, or 0 to keep forever"),
 }
 CONFIG_DEFAULTS = {key: spec[0] for key, spec in CONFIG.items()}
 
-JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout")
+JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout",
+              "after", "unique_key")
 _JOB_FIELD_SET = frozenset(JOB_FIELDS)
+
+# A duration as users write it: seconds alone, or numbers with units (1h30m).
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+DURATION = re.compile(r"(\d+(?:\.\d+)?)|(?:\d+(?:\.\d+)?[smhdw])+")
 
 # An ISO-8601 time as users write it: date, T or space, time, Z or an offset.
 USER_TIME = re.compile(
@@ -134,11 +156,19 @@ BUSY_TIMEOUT_S = 0.02
 BUSY_RETRY_MAX_S = 0.005
 BUSY_DEADLINE_S = 60.0
 STATS_RUNS = 1000          # stats: run times of the last this many completed runs
+WAIT_POLL_S = 0.1          # wait, logs --follow: how often they look for a change
+FOLLOW_POLL_S = 0.1
+CANCEL_RECHECK_S = 0.3     # cancel looks again for a run that started as it cancelled
+PURGE_BATCH = 2000         # jobs deleted a transaction by purge and retention
+RUN_MINUTES_KEPT_S = 86400 # per-minute run counts are kept for a day
 IDLE_RECHECK_S = 1.0       # the supervisor checks leases and looks for jobs this often
 STARTED_AFTER_S = 0.01     # a run that lasts this long has its process group recorded
 NO_PIDFD_POLL_S = 0.01     # without pidfds (Linux < 5.3), how often a run is checked
 READ_CHUNK = 65536         # bytes read from a job's output pipe at a time
+KILL_POLL_S = 0.02         # while a run is being killed, how often to look again
+RECOVERY_POLL_S = 0.05     # the same, for the supervisor, which has other work too
 RECORD_EVERY_S = 0.005     # results are written (and fsynced) in batches this often
+UPKEEP_EVERY_S = 60.0      # how often the supervisor purges (config retention)
 KILL_GRACE_S = 2.0         # between SIGTERM and SIGKILL for a job's process group
 COLD_STOP_GRACE_S = 10.0   # how long a cold-stopped worker may take before SIGKILL
 RESTART_DELAY_S = 1.0      # before restarting a worker that crashed right after start
@@ -228,28 +258,96 @@ MIGRATIONS = (
         "CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
     (
-        # A due job is marked ready = 1 and claimed from a partial index that holds
-        # only ready jobs, so that jobs waiting for a later run_at, however many and
-        # whatever their priority, cost a claim nothing. ready = 0 means "maybe not
-        # due yet": always safe to write; the claim promotes the due ones.
-        "ALTER TABLE jobs ADD COLUMN ready INTEGER NOT NULL DEFAULT 0",
-        "DROP INDEX jobs_runnable",
-        "DROP INDEX jobs_due",
+        # Version 2 (queuectl 1.1) rebuilds both tables: their CHECKs learn the
+        # state and outcome `cancelled`, and jobs gain `ready` and `unique_key`.
+        """CREATE TABLE jobs_v2 (
+            id           TEXT PRIMARY KEY,
+            command      TEXT NOT NULL CHECK (command <> ''),
+            cwd          TEXT NOT NULL,
+            state        TEXT NOT NULL CHECK (state IN ('pending', 'processing',
+                                              'completed', 'failed', 'dead',
+                                              'cancelled')),
+            -- Of a pending or failed job: 1 due, claimable from jobs_ready; 0 maybe
+            -- not due yet (always safe to write: the claim promotes the due ones);
+            -- -1 waiting for its dependencies (deps).
+            ready        INTEGER NOT NULL DEFAULT 0,
+            priority     INTEGER NOT NULL DEFAULT 0,
+            attempts     INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            max_retries  INTEGER CHECK (max_retries >= 0),   -- NULL: follow config
+            timeout_s    REAL CHECK (timeout_s > 0),         -- NULL: follow config
+            run_at       TEXT NOT NULL,      -- not before; for a failed job, its retry
+            created_at   TEXT NOT NULL,
+            updated_at   TEXT NOT NULL,
+            last_error   TEXT,
+            unique_key   TEXT,               -- held while pending, processing or failed
+            claim_token  TEXT,
+            run_token    TEXT,
+            worker_pid   INTEGER,
+            worker_start INTEGER,
+            run_pgid     INTEGER,
+            run_pg_start INTEGER,
+            lease_until  TEXT
+        )""",
+        """INSERT INTO jobs_v2 (rowid, id, command, cwd, state, priority, attempts,
+               max_retries, timeout_s, run_at, created_at, updated_at, last_error,
+               claim_token, run_token, worker_pid, worker_start, run_pgid,
+               run_pg_start, lease_until)
+           SELECT rowid, id, command, cwd, state, priority, attempts, max_retries,
+               timeout_s, run_at, created_at, updated_at, last_error, claim_token,
+               run_token, worker_pid, worker_start, run_pgid, run_pg_start,
+               lease_until FROM jobs""",
+        "DROP TABLE jobs",
+        "ALTER TABLE jobs_v2 RENAME TO jobs",
+        # The claim order, over due jobs only: jobs waiting for a later run_at,
+        # however many and whatever their priority, cost a claim nothing.
         """CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, created_at)
            WHERE state IN ('pending', 'failed') AND ready = 1""",
         """CREATE INDEX jobs_scheduled ON jobs (run_at)
            WHERE state IN ('pending', 'failed') AND ready = 0""",
+        "CREATE INDEX jobs_leases ON jobs (lease_until) WHERE state = 'processing'",
         # Listing is newest first by rowid, which needs no index of its own.
-        "DROP INDEX jobs_created",
-        "DROP INDEX jobs_state_created",
         "CREATE INDEX jobs_state ON jobs (state)",
-        "DROP INDEX attempts_duration",
+        """CREATE INDEX jobs_finished ON jobs (state, updated_at)
+           WHERE state IN ('completed', 'dead', 'cancelled')""",
+        """CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key)
+           WHERE unique_key IS NOT NULL AND state IN ('pending', 'processing',
+                                                      'failed')""",
+        """CREATE TABLE attempts_v2 (
+            id             INTEGER PRIMARY KEY,
+            job_id         TEXT NOT NULL,
+            number         INTEGER NOT NULL,
+            run_token      TEXT NOT NULL UNIQUE,
+            worker_pid     INTEGER NOT NULL,
+            started_at     TEXT NOT NULL,
+            finished_at    TEXT,
+            outcome        TEXT NOT NULL CHECK (outcome IN ('running', 'completed',
+                                                'failed', 'interrupted', 'cancelled')),
+            exit_code      INTEGER,
+            reason         TEXT,
+            duration_s     REAL,
+            stdout         TEXT,
+            stderr         TEXT,
+            stdout_dropped INTEGER NOT NULL DEFAULT 0,
+            stderr_dropped INTEGER NOT NULL DEFAULT 0
+        )""",
+        "INSERT INTO attempts_v2 SELECT * FROM attempts",
+        "DROP TABLE attempts",
+        "ALTER TABLE attempts_v2 RENAME TO attempts",
+        "CREATE INDEX attempts_job ON attempts (job_id, id)",
+        "CREATE INDEX attempts_finished ON attempts (outcome, finished_at)",
+        # A job runs only once every job in its `after` list has completed.
+        """CREATE TABLE deps (
+            job_id    TEXT NOT NULL,
+            after_id  TEXT NOT NULL,
+            PRIMARY KEY (job_id, after_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX deps_after ON deps (after_id)",
         # Jobs per state, kept by triggers, so status costs the same on a million
         # jobs as on ten. Inserts are counted by Store.enqueue, once per batch.
         """CREATE TABLE counts (state TEXT PRIMARY KEY, jobs INTEGER NOT NULL)
            WITHOUT ROWID""",
         """INSERT INTO counts (state, jobs) VALUES ('pending', 0), ('processing', 0),
-           ('completed', 0), ('failed', 0), ('dead', 0)""",
+           ('completed', 0), ('failed', 0), ('dead', 0), ('cancelled', 0)""",
         """UPDATE counts SET jobs = (SELECT count(*) FROM jobs
                                      WHERE jobs.state = counts.state)""",
         """CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
@@ -260,8 +358,9 @@ MIGRATIONS = (
         """CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
                UPDATE counts SET jobs = jobs - 1 WHERE state = OLD.state;
            END""",
-        # Every ended run, by outcome and run-time bucket (RUN_TIME_BUCKETS), for
-        # stats and metrics. Counted once, when the run ends; never uncounted.
+        # Every ended run, by outcome and run-time bucket (RUN_TIME_BUCKETS), and
+        # by outcome and minute: for stats, the dashboard and /metrics. Counted
+        # once, when the run ends; never uncounted (run_minutes is trimmed).
         """CREATE TABLE run_totals (
             outcome  TEXT NOT NULL,
             bucket   INTEGER NOT NULL,
@@ -272,6 +371,15 @@ MIGRATIONS = (
         f"""INSERT INTO run_totals (outcome, bucket, runs, seconds)
             SELECT outcome, {_run_bucket_sql("duration_s")}, count(*), total(duration_s)
             FROM attempts WHERE outcome <> 'running' GROUP BY 1, 2""",
+        """CREATE TABLE run_minutes (
+            minute   TEXT NOT NULL,        -- 2026-11-24T10:30
+            outcome  TEXT NOT NULL,
+            runs     INTEGER NOT NULL,
+            PRIMARY KEY (minute, outcome)
+        ) WITHOUT ROWID""",
+        """INSERT INTO run_minutes (minute, outcome, runs)
+           SELECT substr(finished_at, 1, 16), outcome, count(*) FROM attempts
+           WHERE outcome <> 'running' AND finished_at IS NOT NULL GROUP BY 1, 2""",
         f"""CREATE TRIGGER attempts_ended AFTER UPDATE OF outcome ON attempts
             WHEN OLD.outcome = 'running' AND NEW.outcome <> 'running' BEGIN
                 INSERT OR IGNORE INTO run_totals VALUES
@@ -280,6 +388,11 @@ MIGRATIONS = (
                                       seconds = seconds + coalesce(NEW.duration_s, 0)
                 WHERE outcome = NEW.outcome
                   AND bucket = {_run_bucket_sql("NEW.duration_s")};
+                INSERT OR IGNORE INTO run_minutes VALUES
+                    (substr(NEW.finished_at, 1, 16), NEW.outcome, 0);
+                UPDATE run_minutes SET runs = runs + 1
+                WHERE minute = substr(NEW.finished_at, 1, 16)
+                  AND outcome = NEW.outcome;
             END""",
     ),
 )
@@ -359,6 +472,19 @@ def backoff_delay(failures, base, maximum):
     return float(base ** failures)
 
 
+def parse_duration(text):
+    """Seconds in a duration as users write it: 90, 1.5, 90s, 10m, 2h, 7d, 1h30m."""
+    if is_number(text):
+        return float(text)
+    match = DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if match is None or not text.strip():
+        raise ValueError(f"not a duration such as 90s, 10m, 2h or 7d: {text!r}")
+    if match.group(1) is not None:
+        return float(match.group(1))
+    return sum(float(number) * DURATION_UNITS[unit]
+               for number, unit in DURATION_PART.findall(text.strip().lower()))
+
+
 def format_duration(seconds):
     """Render seconds for people: 0.4s, 12s, 3m05s, 2h10m, 3d4h."""
     if seconds is None:
@@ -396,10 +522,10 @@ def parse_config_value(key, text):
     """Validate TEXT as a value for config KEY and return it as a number."""
     _, kind, minimum, wanted = CONFIG[key]
     try:
-        value = kind(str(text).strip())
+        value = (parse_duration if kind == "duration" else kind)(str(text).strip())
     except ValueError:
         raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})") from None
-    if kind is float:
+    if kind != int:
         if not math.isfinite(value):
             raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
         if value == int(value):
@@ -428,7 +554,8 @@ def validate_job(doc, now=None, stamp=None):
         raise UsageError("field 'command' must be a non-empty string")
     check_text(command, "field 'command'")
     job = {"id": None, "command": command, "max_retries": None, "priority": 0,
-           "run_at": stamp or iso(now), "timeout_s": None}
+           "run_at": stamp or iso(now), "timeout_s": None, "after": (),
+           "unique_key": None}
     if "id" in doc:
         job["id"] = validate_job_id(doc["id"])
     if "max_retries" in doc:
@@ -450,16 +577,44 @@ def validate_job(doc, now=None, stamp=None):
         except ValueError as e:
             raise UsageError(f"field 'run_at': {e}") from None
     if "delay" in doc:
-        value = doc["delay"]
-        if not is_number(value) or not 0 <= value < INT_LIMIT:
-            raise UsageError("field 'delay' must be a number of seconds >= 0")
+        value = _duration_field(doc, "delay")
+        if not 0 <= value < INT_LIMIT:
+            raise UsageError("field 'delay' must be a duration >= 0, such as 30 or 10m")
         job["run_at"] = iso(now + timedelta(seconds=value))
     if "timeout" in doc:
-        value = doc["timeout"]
-        if not is_number(value) or not 0 < value < INT_LIMIT:
-            raise UsageError("field 'timeout' must be a number of seconds > 0")
+        value = _duration_field(doc, "timeout")
+        if not 0 < value < INT_LIMIT:
+            raise UsageError("field 'timeout' must be a duration > 0, such as 60 or 5m")
         job["timeout_s"] = value
+    if "after" in doc:
+        value = doc["after"]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UsageError("field 'after' must be a list of job ids")
+        after = [validate_job_id(item, "field 'after'") for item in value]
+        if job["id"] is not None and job["id"] in after:
+            raise UsageError(f"job {job['id']} cannot run after itself")
+        job["after"] = tuple(dict.fromkeys(after))
+    if "unique_key" in doc:
+        value = doc["unique_key"]
+        if not isinstance(value, str) or not value:
+            raise UsageError("field 'unique_key' must be a non-empty string")
+        check_text(value, "field 'unique_key'")
+        job["unique_key"] = value
     return job
+
+
+def _duration_field(doc, name):
+    """A job field holding a duration: seconds, or text such as '10m'."""
+    value = doc[name]
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        seconds = None
+    if isinstance(value, bool) or seconds is None or not math.isfinite(seconds):
+        raise UsageError(f"field {name!r} must be a duration, such as 30 or 10m")
+    return seconds
 
 
 def check_text(text, what):
@@ -472,15 +627,17 @@ def check_text(text, what):
         raise UsageError(f"{what} is not valid UTF-8 text") from None
 
 
-def validate_job_id(value):
+def validate_job_id(value, what="field 'id'"):
     if not isinstance(value, str) or not value:
-        raise UsageError("field 'id' must be a non-empty string")
-    check_text(value, "field 'id'")
+        raise UsageError(f"{what} must hold non-empty strings" if what != "field 'id'"
+                         else "field 'id' must be a non-empty string")
+    check_text(value, what)
     if len(value) > ID_MAX_LEN:
-        raise UsageError(f"field 'id' is longer than {ID_MAX_LEN} characters")
+        raise UsageError(f"{what}: id {value[:20]!r}... is longer than {ID_MAX_LEN} "
+                         f"characters")
     if value.startswith("-") or any(c.isspace() or not c.isprintable() for c in value):
-        raise UsageError("field 'id' must not start with '-' or contain spaces or "
-                         "control characters")
+        raise UsageError(f"{what}: id {value!r} must not start with '-' or contain "
+                         f"spaces or control characters")
     return value
 
 
@@ -535,6 +692,49 @@ def log(*messages):
         os.write(sys.stderr.fileno(), lines.encode("utf-8", "replace"))
     except (OSError, ValueError):
         pass  # a closed or full log must not stop the queue
+    if LogRotation.path is not None:
+        LogRotation.check()
+
+
+def _open_owner_only(path, flags):
+    """Open (creating 0600) a regular file of ours beside the database, or raise
+    QueueError. Never follows a symlink or blocks on a FIFO."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        raise QueueError(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QueueError(f"not a regular file: {path}")
+    return fd
+
+
+class LogRotation:
+    """The log of a detached supervisor (its stderr): once it has grown past
+    max_bytes it is renamed to <log>.1 (replacing the older one) and a new log
+    started, so a queue that runs for months cannot fill its disk."""
+
+    path = None                      # the log file that stderr is, once enabled
+    max_bytes = LOG_MAX_BYTES
+
+    @classmethod
+    def enable(cls, path):
+        """Rotate PATH if it is what stderr writes to (a detached supervisor)."""
+        with contextlib.suppress(OSError, ValueError):
+            here, there = os.fstat(sys.stderr.fileno()), os.stat(path)
+            if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+                cls.path = path
+                cls.max_bytes = int(os.environ.get(ENV_LOG_MAX, LOG_MAX_BYTES))
+
+    @classmethod
+    def check(cls):
+        with contextlib.suppress(OSError, ValueError):
+            if os.fstat(sys.stderr.fileno()).st_size <= cls.max_bytes:
+                return
+            os.replace(cls.path, cls.path + ".1")
+            fd = _open_owner_only(cls.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(fd, sys.stderr.fileno())
+            os.close(fd)
 
 
 def _one_line(text):
@@ -617,7 +817,7 @@ class Store:
     def __init__(self, path, create=True):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.conn = None
-        self._config_cache = self._config_version = None
+        self._config_cache = self._config_version = self._paused = None
         if self._check_file(create):
             self._identify()
         try:
@@ -807,10 +1007,12 @@ class Store:
         since the last read (the supervisor reads them for every batch)."""
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._config_version:
-            values = dict(CONFIG_DEFAULTS)
+            values, self._paused = dict(CONFIG_DEFAULTS), None
             for key, value in conn.execute("SELECT key, value FROM config"):
                 if key in values:
                     values[key] = parse_config_value(key, value)
+                elif key == PAUSED_KEY:
+                    self._paused = value
             self._config_cache, self._config_version = values, version
         return dict(self._config_cache)
 
@@ -825,44 +1027,95 @@ class Store:
     # -- jobs: adding, reading, deleting -----------------------------------------
 
     def enqueue(self, jobs, cwd, now=None):
-        """Insert validated jobs in one transaction and return their ids."""
+        """Insert validated jobs in one transaction. Return (ids, kept): each job's
+        id, and {index: unique key} of the jobs not added because an unfinished
+        job held their unique key (their id is that job's)."""
         stamp = iso(now or now_utc())
         fresh = iter(new_job_ids(len(jobs)))
         rows = [[job["id"] or next(fresh), job["command"], cwd, PENDING,
                  1 if job["run_at"] <= stamp else 0, job["priority"],
-                 job["max_retries"], job["timeout_s"], job["run_at"], stamp, stamp]
-                for job in jobs]
-        insert = ("INSERT INTO jobs (id, command, cwd, state, ready, priority, "
-                  "max_retries, timeout_s, run_at, created_at, updated_at) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-        def one_by_one(conn):
-            """The slow path, after a clash: find it, and retry generated ids."""
-            for row, job in zip(rows, jobs):
-                for _ in range(100):
-                    try:
-                        conn.execute(insert, row)
-                        break
-                    except sqlite3.IntegrityError:
-                        if job["id"]:
-                            raise QueueError(f"duplicate job id: {job['id']}") from None
-                        row[0] = new_job_id()
+                 job["max_retries"], job["timeout_s"], job["run_at"], stamp, stamp,
+                 job["unique_key"], None] for job in jobs]
 
         def body(conn):
-            conn.execute("SAVEPOINT batch")
-            try:
-                conn.executemany(insert, rows)
-            except sqlite3.IntegrityError:
-                conn.execute("ROLLBACK TO batch")
-                one_by_one(conn)
-            conn.execute("RELEASE batch")
-            conn.execute("UPDATE counts SET jobs = jobs + ? WHERE state = ?",
-                         (len(rows), PENDING))
-            return [row[0] for row in rows]
+            kept = {}
+            if any(job["after"] or job["unique_key"] for job in jobs):
+                added = self._enqueue_linked(conn, jobs, rows, kept)
+            else:
+                added = rows
+                conn.execute("SAVEPOINT batch")
+                try:
+                    conn.executemany(_INSERT_JOB, rows)
+                except sqlite3.IntegrityError:
+                    conn.execute("ROLLBACK TO batch")
+                    for row, job in zip(rows, jobs):
+                        self._insert_job(conn, row, job)
+                conn.execute("RELEASE batch")
+            for state in (PENDING, DEAD):
+                conn.execute("UPDATE counts SET jobs = jobs + ? WHERE state = ?",
+                             (sum(1 for row in added if row[3] == state), state))
+            return [row[0] for row in rows], kept
         return self._write(body)
 
+    @staticmethod
+    def _insert_job(conn, row, job):
+        """Insert one row; draw a new id if a generated one clashes."""
+        for _ in range(100):
+            try:
+                conn.execute(_INSERT_JOB, row)
+                return
+            except sqlite3.IntegrityError:
+                if job["id"]:
+                    raise QueueError(f"duplicate job id: {job['id']}") from None
+                row[0] = new_job_id()
+
+    def _enqueue_linked(self, conn, jobs, rows, kept):
+        """Insert jobs with unique keys or dependencies, one by one; return the
+        rows added."""
+        added, states, keys = [], {}, {}
+        for index, (row, job) in enumerate(zip(rows, jobs)):
+            key = job["unique_key"]
+            if key is not None:
+                holder = keys.get(key) or self._key_holder(conn, key)
+                if holder:
+                    kept[index] = key
+                    row[0] = holder
+                    continue
+            for dep in job["after"]:
+                state = states.get(dep) or self._state_of(conn, dep)
+                if state is None:
+                    raise QueueError(f"no such job: {dep} (in 'after' of "
+                                     f"{job['id'] or 'a new job'})")
+                if state in (DEAD, CANCELLED):
+                    row[3], row[4] = DEAD, 0
+                    row[12] = _dependency_error(dep, state)
+                    break
+                if state != COMPLETED:
+                    row[4] = -1                 # waits for its dependencies
+            self._insert_job(conn, row, job)
+            conn.executemany("INSERT OR IGNORE INTO deps (job_id, after_id) "
+                             "VALUES (?, ?)", [(row[0], dep) for dep in job["after"]])
+            states[row[0]] = row[3]
+            if key is not None and row[3] == PENDING:
+                keys[key] = row[0]
+            added.append(row)
+        return added
+
+    @staticmethod
+    def _key_holder(conn, key):
+        row = conn.execute(
+            "SELECT id FROM jobs INDEXED BY jobs_unique WHERE unique_key = ? AND "
+            "state IN ('pending', 'processing', 'failed')", (key,)).fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def _state_of(conn, job_id):
+        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
     def get_job(self, job_id):
-        """Return the job, its attempts and the output of its last run."""
+        """Return the job (with the jobs it runs after, as [{id, state}]) and its
+        attempts, each with its output."""
         def body(conn):
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
@@ -870,8 +1123,17 @@ class Store:
             attempts = conn.execute(
                 "SELECT * FROM attempts WHERE job_id = ? ORDER BY id",
                 (job_id,)).fetchall()
-            return job_dict(row, self._config(conn)), [dict(a) for a in attempts]
+            job = job_dict(row, self._config(conn))
+            job["after"] = [{"id": dep, "state": state} for dep, state in
+                            self._dependency_states(conn, job_id)]
+            return job, [dict(a) for a in attempts]
         return self._read(body)
+
+    def running_tokens(self):
+        """The run tokens of the jobs being processed."""
+        return self._read(lambda conn: {row[0] for row in conn.execute(
+            "SELECT run_token FROM jobs INDEXED BY jobs_leases "
+            "WHERE state = 'processing'")})
 
     def list_jobs(self, state=None, limit=None):
         """Jobs, newest first (in the order they were added)."""
@@ -889,38 +1151,105 @@ class Store:
             return [job_dict(row, config) for row in conn.execute(sql, params)]
         return self._read(body)
 
-    def job_states(self, job_ids):
-        """Return {id: state} of those of JOB_IDS that exist."""
+    def job_ends(self, job_ids):
+        """{id: (state, last error, outcome of its last run or None)} of those of
+        JOB_IDS that exist."""
         def body(conn):
-            states = {}
+            ends = {}
             for job_id in job_ids:
-                row = conn.execute("SELECT state FROM jobs WHERE id = ?",
+                row = conn.execute("SELECT state, last_error FROM jobs WHERE id = ?",
                                    (job_id,)).fetchone()
                 if row is not None:
-                    states[job_id] = row["state"]
-            return states
+                    last = conn.execute(
+                        "SELECT outcome FROM attempts INDEXED BY attempts_job "
+                        "WHERE job_id = ? ORDER BY id DESC LIMIT 1",
+                        (job_id,)).fetchone()
+                    ends[job_id] = (row[0], row[1], last[0] if last else None)
+            return ends
+        return self._read(body)
+
+    def require_jobs(self, job_ids):
+        """Refuse, naming every one, ids of jobs that do not exist."""
+        self._read(lambda conn: self._require_jobs(conn, job_ids, STATES, "find"))
+
+    def run_of(self, job_id, number=None):
+        """(job row, attempt row) of a job's run NUMBER (1, 2, ...), by default its
+        last; the attempt is None if it has not run yet."""
+        def body(conn):
+            job = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if job is None:
+                raise QueueError(f"no such job: {job_id}")
+            sql = "SELECT * FROM attempts INDEXED BY attempts_job WHERE job_id = ?"
+            if number is None:
+                run = conn.execute(sql + " ORDER BY id DESC LIMIT 1", (job_id,)).fetchone()
+            else:
+                run = conn.execute(sql + " AND number = ?", (job_id, number)).fetchone()
+                if run is None:
+                    runs = conn.execute("SELECT count(*) FROM attempts WHERE job_id = ?",
+                                        (job_id,)).fetchone()[0]
+                    raise QueueError(f"job {job_id} has no run {number} (it has run "
+                                     f"{runs} time(s))")
+            return dict(job), (dict(run) if run else None)
+        return self._read(body)
+
+    def not_held(self, claims):
+        """Those of CLAIMS ((job id, token) pairs) that no longer hold their job:
+        cancelled, or taken over."""
+        def body(conn):
+            return [(job_id, token) for job_id, token in claims
+                    if conn.execute("SELECT 1 FROM jobs WHERE id = ? AND claim_token = ? "
+                                    "AND state = 'processing'",
+                                    (job_id, token)).fetchone() is None]
         return self._read(body)
 
     def _require_jobs(self, conn, job_ids, allowed, action):
-        """Check every id exists and is in an allowed state; raise on the first not."""
+        """Check every id exists and is in an allowed state; raise naming every
+        one that is not (in one line)."""
+        problems = []
         for job_id in job_ids:
-            row = conn.execute("SELECT state FROM jobs WHERE id = ?",
-                               (job_id,)).fetchone()
-            if row is None:
-                raise QueueError(f"no such job: {job_id}")
-            if row["state"] not in allowed:
-                raise QueueError(f"cannot {action} job {job_id}: it is {row['state']}")
+            state = self._state_of(conn, job_id)
+            if state is None:
+                problems.append(f"no such job: {job_id}")
+            elif state not in allowed:
+                problems.append(f"cannot {action} job {job_id}: it is {state}")
+        if problems:
+            raise QueueError("; ".join(problems))
 
     def delete(self, job_ids):
+        """Delete jobs that are not running, with their history; refuse a job
+        that unfinished jobs wait for."""
         def body(conn):
             self._require_jobs(conn, job_ids, set(STATES) - {PROCESSING}, "delete")
+            waiting = []
             for job_id in job_ids:
-                conn.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
-                conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                waiting += [f"cannot delete job {job_id}: job {dependant} runs after it"
+                            for dependant in self._dependants(conn, job_id)
+                            if dependant not in job_ids]
+            if waiting:
+                raise QueueError("; ".join(waiting))
+            for job_id in job_ids:
+                self._delete_job(conn, job_id)
         self._write(body)
 
+    @staticmethod
+    def _dependants(conn, job_id):
+        """The unfinished jobs that run after JOB_ID."""
+        return [row[0] for row in conn.execute(
+            "SELECT jobs.id FROM deps INDEXED BY deps_after "
+            "JOIN jobs ON jobs.id = deps.job_id WHERE deps.after_id = ? "
+            "AND jobs.state IN ('pending', 'processing', 'failed')", (job_id,))]
+
+    @staticmethod
+    def _delete_job(conn, job_id):
+        conn.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
+        conn.execute("DELETE FROM deps WHERE job_id = ?", (job_id,))
+        conn.execute("DELETE FROM deps WHERE after_id = ?", (job_id,))
+        conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
     def retry_dead(self, job_ids=None, now=None):
-        """Put dead jobs (all of them if job_ids is None) back to pending, attempts 0."""
+        """Put dead jobs (all of them if job_ids is None) back to pending, attempts
+        0. A job whose dependency is still dead or cancelled is refused, unless
+        that dependency is retried with it."""
         stamp = iso(now or now_utc())
 
         def body(conn):
@@ -935,8 +1264,155 @@ class Store:
                     "UPDATE jobs SET state = ?, ready = 1, attempts = 0, run_at = ?, "
                     "updated_at = ? WHERE id = ? AND state = ?",
                     (PENDING, stamp, stamp, job_id, DEAD))
+            problems = []
+            for job_id in ids:
+                states = self._dependency_states(conn, job_id)
+                broken = [dep for dep, state in states if state in (DEAD, CANCELLED)]
+                if broken:
+                    problems.append(f"cannot retry job {job_id}: its dependency "
+                                    f"{broken[0]} is {self._state_of(conn, broken[0])} "
+                                    f"(retry them together)")
+                elif any(state != COMPLETED for _, state in states):
+                    conn.execute("UPDATE jobs SET ready = -1 WHERE id = ?", (job_id,))
+            if problems:
+                raise QueueError("; ".join(problems))
             return ids
         return self._write(body)
+
+    @staticmethod
+    def _dependency_states(conn, job_id):
+        """[(dependency id, its state)] of a job; deleted dependencies are left out."""
+        return [tuple(row) for row in conn.execute(
+            "SELECT deps.after_id, jobs.state FROM deps JOIN jobs ON "
+            "jobs.id = deps.after_id WHERE deps.job_id = ? ORDER BY deps.after_id",
+            (job_id,))]
+
+    @staticmethod
+    def _after_ended(conn, job_id, state, stamp):
+        """JOB_ID has just ended in STATE. If it completed, its dependants that now
+        wait for nothing become runnable; if it died or was cancelled, they end
+        dead naming it, and theirs in turn. Return how many became runnable."""
+        if conn.execute("SELECT 1 FROM deps INDEXED BY deps_after WHERE after_id = ? "
+                        "LIMIT 1", (job_id,)).fetchone() is None:
+            return 0                                # the common case: nothing waits
+        if state == COMPLETED:
+            runnable = 0
+            for (dependant,) in conn.execute(
+                    "SELECT job_id FROM deps INDEXED BY deps_after WHERE after_id = ?",
+                    (job_id,)).fetchall():
+                if conn.execute(
+                        "SELECT 1 FROM deps JOIN jobs ON jobs.id = deps.after_id "
+                        "WHERE deps.job_id = ? AND jobs.state <> 'completed' LIMIT 1",
+                        (dependant,)).fetchone() is None:
+                    runnable += conn.execute(
+                        "UPDATE jobs SET ready = 0 WHERE id = ? AND state = 'pending' "
+                        "AND ready = -1", (dependant,)).rowcount
+            return runnable
+        ended = [(job_id, state)]
+        while ended:
+            failed, how = ended.pop()
+            for (dependant,) in conn.execute(
+                    "SELECT job_id FROM deps INDEXED BY deps_after WHERE after_id = ?",
+                    (failed,)).fetchall():
+                if conn.execute(
+                        "UPDATE jobs SET state = ?, ready = 0, last_error = ?, "
+                        "updated_at = ? WHERE id = ? AND state = 'pending' AND ready = -1",
+                        (DEAD, _dependency_error(failed, how), stamp,
+                         dependant)).rowcount:
+                    ended.append((dependant, DEAD))
+        return 0
+
+    def cancel(self, job_ids, now=None):
+        """Cancel jobs that have not finished, in one transaction. Return (id,
+        state it had, run) for each: run is the (run token, pgid, pgid's start
+        ticks) of a running job's run, for the caller to kill, or None."""
+        stamp = iso(now or now_utc())
+
+        def body(conn):
+            self._require_jobs(conn, job_ids, (PENDING, FAILED, PROCESSING), "cancel")
+            done = []
+            for job_id in job_ids:
+                row = conn.execute("SELECT state, run_token, run_pgid, run_pg_start "
+                                   "FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                conn.execute(
+                    "UPDATE jobs SET state = ?, ready = 0, claim_token = NULL, "
+                    "run_token = NULL, worker_pid = NULL, worker_start = NULL, "
+                    "run_pgid = NULL, run_pg_start = NULL, lease_until = NULL, "
+                    "updated_at = ? WHERE id = ?", (CANCELLED, stamp, job_id))
+                run = None
+                if row["state"] == PROCESSING:
+                    conn.execute(
+                        "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ?, "
+                        "duration_s = round(max(0.0, (julianday(?) - "
+                        "julianday(started_at)) * 86400.0), 3) "
+                        "WHERE run_token = ? AND outcome = ?",
+                        (CANCELLED, ABORT_CANCELLED, stamp, stamp, row["run_token"],
+                         RUNNING))
+                    run = (row["run_token"], row["run_pgid"], row["run_pg_start"])
+                self._after_ended(conn, job_id, CANCELLED, stamp)
+                done.append((job_id, row["state"], run))
+            return done
+        return self._write(body)
+
+    # -- pausing and purging ------------------------------------------------------
+
+    def pause(self, now=None):
+        """Stop claims until resume(); return since when the queue is paused."""
+        def body(conn):
+            row = conn.execute("SELECT value FROM config WHERE key = ?",
+                               (PAUSED_KEY,)).fetchone()
+            if row:
+                return row[0]
+            since = iso(now or now_utc())
+            conn.execute("INSERT INTO config (key, value) VALUES (?, ?)",
+                         (PAUSED_KEY, since))
+            return since
+        self._config_version = None
+        return self._write(body)
+
+    def resume(self):
+        """Let claims go on; return since when it was paused, or None."""
+        def body(conn):
+            row = conn.execute("SELECT value FROM config WHERE key = ?",
+                               (PAUSED_KEY,)).fetchone()
+            conn.execute("DELETE FROM config WHERE key = ?", (PAUSED_KEY,))
+            return row[0] if row else None
+        self._config_version = None
+        return self._write(body)
+
+    def paused(self):
+        """Since when the queue is paused, or None."""
+        return self._read(lambda conn: self._config(conn) and self._paused)
+
+    def purge(self, state, older_than_s=0, now=None, limit=None):
+        """Delete finished jobs in STATE that last changed more than OLDER_THAN_S
+        ago, with their history and output; at most LIMIT. A transaction a batch
+        of PURGE_BATCH, so that workers never wait long. Return how many."""
+        cutoff = iso((now or now_utc()) - timedelta(seconds=older_than_s))
+        total = 0
+        while limit is None or total < limit:
+            size = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - total)
+
+            def body(conn):
+                # The partial index serves only a query that repeats its WHERE.
+                ids = [row[0] for row in conn.execute(
+                    "SELECT id FROM jobs INDEXED BY jobs_finished "
+                    "WHERE state IN ('completed', 'dead', 'cancelled') AND state = ? "
+                    "AND updated_at < ? LIMIT ?", (state, cutoff, size))]
+                for job_id in ids:
+                    self._delete_job(conn, job_id)
+                return len(ids)
+            deleted = self._write(body)
+            total += deleted
+            if deleted < size:
+                break
+        return total
+
+    def trim_run_minutes(self, now=None):
+        """Forget the per-minute run counts older than RUN_MINUTES_KEPT_S."""
+        cutoff = iso((now or now_utc()) - timedelta(seconds=RUN_MINUTES_KEPT_S))[:16]
+        self._write(lambda conn: conn.execute(
+            "DELETE FROM run_minutes WHERE minute < ?", (cutoff,)), durable=False)
 
     # -- status and stats ---------------------------------------------------------
 
@@ -1041,6 +1517,8 @@ class Store:
             at = now or now_utc()    # read the clock once the lock is ours
             stamp = iso(at)
             config = self._config(conn)
+            if self._paused:
+                return [], None
             lease = iso(at + timedelta(seconds=config["lease_timeout"]))
             conn.execute("UPDATE jobs INDEXED BY jobs_scheduled SET ready = 1 "
                          "WHERE state IN ('pending', 'failed') AND ready = 0 "
@@ -1061,6 +1539,7 @@ class Store:
                         conn.execute("UPDATE jobs SET state = ?, updated_at = ? "
                                      "WHERE id = ? AND state = ?",
                                      (DEAD, stamp, row["id"], FAILED))
+                        self._after_ended(conn, row["id"], DEAD, stamp)
                         continue
                     pid, start = holders[len(claims)]
                     token = new_token()
@@ -1100,9 +1579,11 @@ class Store:
         to extend; UNSTARTED (job id, token) of claims given back unrun. Every
         write is a compare-and-set on the claim token.
 
-        Return (states, lost): each finished job's new state (None if its claim
-        was taken away, and then nothing is written for it), and the (job id,
-        token) of started or renewed claims that are no longer held.
+        Return (states, lost, runnable): each finished job's new state (None if
+        its claim was taken away, and then nothing is written for it; CANCELLED if
+        it was cancelled, and then only the run's output is kept), the (job id,
+        token) of started or renewed claims no longer held, and how many waiting
+        jobs became runnable (their dependencies completed).
 
         Durable before it returns if anything finished: a recorded result
         survives a power cut. Starts and renewals alone are not synced; losing
@@ -1111,8 +1592,12 @@ class Store:
         def body(conn):
             at = now or now_utc()
             config = self._config(conn) if finished else None
-            states = [self._end_attempt(conn, job_id, token, at, result, config)
-                      for job_id, token, result in finished]
+            states, runnable = [], 0
+            for job_id, token, result in finished:
+                state = self._end_attempt(conn, job_id, token, at, result, config)
+                if state in (COMPLETED, DEAD):
+                    runnable += self._after_ended(conn, job_id, state, iso(at))
+                states.append(state)
             lost = []
             for job_id, token, pgid, pg_start in started:
                 if not conn.execute(
@@ -1128,8 +1613,8 @@ class Store:
                     lost.append((job_id, token))
             for job_id, token in unstarted:
                 self._give_back(conn, job_id, token, at)
-            return states, lost
-        return self._write(body, durable=bool(finished))
+            return states, lost, runnable
+        return self._write(body, durable=bool(finished or unstarted))
 
     def give_back(self, job_id, token, now=None):
         """Undo a claim whose command never started, as if it had not been made;
@@ -1217,7 +1702,15 @@ class Store:
             "WHERE id = ? AND claim_token = ? AND state = 'processing'",
             (job_id, token)).fetchone()
         if row is None:
-            return None      # fenced: someone else owns this job now
+            # Fenced: someone else owns this job now, or it was cancelled, and then
+            # what the run printed until it was killed is kept with it.
+            kept = conn.execute(
+                "UPDATE attempts SET exit_code = ?, stdout = ?, stderr = ?, "
+                "stdout_dropped = ?, stderr_dropped = ? WHERE run_token = ? AND "
+                "outcome = ? AND stdout IS NULL",
+                (result.exit_code, result.stdout, result.stderr, result.stdout_dropped,
+                 result.stderr_dropped, token, CANCELLED)).rowcount
+            return CANCELLED if kept else None
         attempts, max_retries, run_at, run_token = row
         stamp = iso(now)
         error = result.reason
@@ -1259,6 +1752,16 @@ class Store:
         return self._read(body)
 
 
+_INSERT_JOB = ("INSERT INTO jobs (id, command, cwd, state, ready, priority, max_retries, "
+               "timeout_s, run_at, created_at, updated_at, unique_key, last_error) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _dependency_error(dep, state):
+    return (f"dependency {dep} was cancelled" if state == CANCELLED
+            else f"dependency {dep} is dead")
+
+
 def _effective(value, default):
     value = default if value is None else value
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -1290,6 +1793,7 @@ def job_dict(row, config):
         "worker_pid": row["worker_pid"] if state == PROCESSING else None,
         "lease_until": row["lease_until"] if state == PROCESSING else None,
         "cwd": row["cwd"],
+        "unique_key": row["unique_key"],
     }
 
 
@@ -1314,17 +1818,31 @@ def describe_exit(returncode):
 
 class OutputTail:
     """What a command wrote to one stream: its last LIMIT bytes, and how many
-    bytes came before them. Memory stays bounded however much it writes."""
+    bytes came before them. Memory stays bounded however much it writes. Once
+    a run lasts, it is also spooled for `logs --follow` (see Spool)."""
 
     def __init__(self, limit):
         self.limit = limit
         self.data = bytearray()
         self.dropped = 0
+        self.spool = None
 
     def add(self, chunk):
         self.data += chunk
+        if self.spool is not None:
+            self.spool.write(chunk)
         if len(self.data) > 2 * self.limit + READ_CHUNK:   # trim now and then
             self._trim()
+
+    def follow(self, path):
+        """Spool what was written so far, and from now on what comes."""
+        with contextlib.suppress(OSError):     # no live output, then; nothing worse
+            self.spool = Spool(path, self.limit, self.dropped, bytes(self.data))
+
+    def unfollow(self):
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
 
     def _trim(self):
         excess = len(self.data) - self.limit
@@ -1335,6 +1853,107 @@ class OutputTail:
     def text(self):
         self._trim()
         return self.data.decode("utf-8", "replace")
+
+
+class Spool:
+    """One stream of a running job's output, where other processes can follow
+    it: a file holding the last CAPACITY bytes in a ring, after a header that
+    counts every byte ever written. Disk use stays bounded however much a job
+    writes, and a reader that falls behind learns how much it missed.
+
+    The writer writes the bytes, then the count; a reader reads the count, the
+    bytes, and the count again, and trusts only bytes that cannot have been
+    overwritten in between.
+    """
+
+    HEADER = 16                     # bytes written (8), capacity (8), little-endian
+
+    def __init__(self, path, capacity, start, data):
+        """Create the file; the stream so far had START bytes, ending in DATA."""
+        self.path = path
+        self.capacity = capacity
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                          0o600)
+        self.total = start
+        self._header()
+        self.write(data)
+
+    def _header(self):
+        os.pwrite(self.fd, self.total.to_bytes(8, "little") +
+                  self.capacity.to_bytes(8, "little"), 0)
+
+    def write(self, data):
+        if not self.capacity:
+            self.total += len(data)
+            self._header()
+            return
+        skip = max(0, len(data) - self.capacity)      # older than the ring holds
+        position, data = self.total + skip, memoryview(data)[skip:]
+        while data:
+            offset = position % self.capacity
+            part = data[:self.capacity - offset]
+            os.pwrite(self.fd, part, self.HEADER + offset)
+            position, data = position + len(part), data[len(part):]
+        self.total = position
+        self._header()
+
+    def close(self):
+        os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    @classmethod
+    def read(cls, path, position):
+        """(bytes from absolute POSITION on, bytes skipped because they were
+        overwritten, the position after them), or None if there is no spool."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            header = os.pread(fd, cls.HEADER, 0)
+            if len(header) < cls.HEADER:
+                return b"", 0, position
+            total = int.from_bytes(header[:8], "little")
+            capacity = int.from_bytes(header[8:], "little")
+            start = max(position, total - capacity)
+            data = bytearray()
+            at = start
+            while at < total:
+                offset = at % capacity
+                part = os.pread(fd, min(total - at, capacity - offset),
+                                cls.HEADER + offset)
+                if not part:
+                    break
+                data += part
+                at += len(part)
+            # Bytes the writer may have overwritten while we read are not trusted.
+            now = int.from_bytes(os.pread(fd, 8, 0), "little")
+            lost = max(0, now - capacity - start)
+            return bytes(data[lost:]), start + min(lost, len(data)) - position, \
+                start + len(data)
+        finally:
+            os.close(fd)
+
+
+def spool_path(db_path, run_token, stream):
+    """Where the live output (STREAM "out" or "err") of a run is spooled."""
+    return os.path.join(db_path + SPOOL_SUFFIX, f"{run_token}.{stream}")
+
+
+def sweep_spools(db_path, running):
+    """Remove the spools of runs that are not RUNNING (left by a crash)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(db_path + SPOOL_SUFFIX):
+            if name.rpartition(".")[0] not in running:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(db_path + SPOOL_SUFFIX, name))
+
+
+def remove_spools(db_path, run_token):
+    for stream in ("out", "err"):
+        with contextlib.suppress(OSError):
+            os.unlink(spool_path(db_path, run_token, stream))
 
 
 def _signal_group(pgid, sig):
@@ -1363,6 +1982,17 @@ def _proc_stat(pid):
     # The name in parentheses can hold any bytes; what follows is ASCII.
     _, _, rest = data.rpartition(b")")
     return rest.decode("ascii", "replace").split() or None
+
+
+def _children(pid):
+    """(pid, start ticks) of the live children of PID (Linux /proc), or []."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            fields = _proc_stat(entry) if entry.isdigit() else None
+            if fields and fields[0] not in "ZX" and int(fields[1]) == pid:
+                found.append((int(entry), int(fields[19])))
+    return found
 
 
 def start_ticks(pid):
@@ -1557,9 +2187,10 @@ class Run:
 
     def timeout_s(self, now):
         """How long the owner may wait before calling tick(), in seconds."""
-        wait = self.started + self.claim.timeout_s - now
-        if self.kill_at is not None:
-            wait = min(wait, self.kill_at - now)
+        if self.kill_at is not None:                 # stopping: only the grace counts
+            wait = self.kill_at - now
+        else:
+            wait = self.started + self.claim.timeout_s - now
         if self.pidfd is None:
             wait = min(wait, NO_PIDFD_POLL_S)
         return max(0.0, wait)
@@ -1575,6 +2206,13 @@ class Run:
             self.kill_at = now + KILL_GRACE_S        # and again, if it must
         elif now >= self.started + self.claim.timeout_s:
             self.stop(reason=f"timeout after {self.claim.timeout_s:g}s")
+
+    def follow(self, db_path):
+        """Spool both streams beside the database, for `logs --follow`."""
+        with contextlib.suppress(OSError):
+            os.mkdir(db_path + SPOOL_SUFFIX, 0o700)
+        for tail, stream in zip(self.tails, ("out", "err")):
+            tail.follow(spool_path(db_path, self.claim.token, stream))
 
     def finish(self):
         """After the shell exited: end what it left in its group (SIGTERM, then
@@ -1595,6 +2233,8 @@ class Run:
         for fd in list(self.pipes):       # a process outside the group holds it open
             del self.pipes[fd]
             self._close(fd)
+        for tail in self.tails:
+            tail.unfollow()
         returncode = self.returncode
         reason = self.reason
         if reason is None and returncode != 0:
@@ -1634,8 +2274,11 @@ def _processes_of_claim(token):
     return found
 
 
-def kill_run(run_token, pgid=None, pg_start=None, grace_s=KILL_GRACE_S):
-    """Kill what is left of a run: SIGTERM, then SIGKILL after GRACE_S.
+class RunKill:
+    """Ends what is left of a run, a step at a time: SIGTERM to its processes,
+    then, if any is left after GRACE_S, SIGKILL. poll() takes the next step when
+    its time has come and says whether the run is gone, so a loop with other
+    work to do (the supervisor's) can wait for it without blocking.
 
     It finds the run's processes two ways, each proven before a signal: its process
     group, if the group's leader is still the process that started it (same start
@@ -1643,33 +2286,52 @@ def kill_run(run_token, pgid=None, pg_start=None, grace_s=KILL_GRACE_S):
     also finds those that left the group). A reused pid is never hit. Zombies
     count as gone: they are dead, only not yet reaped by their parent.
     """
-    def targets():
+
+    def __init__(self, run_token, pgid=None, pg_start=None, grace_s=KILL_GRACE_S):
+        self.run_token = run_token
+        self.pgid = pgid
+        self.pg_start = pg_start
+        self.grace_s = grace_s
+        self.signals = [signal.SIGTERM, signal.SIGKILL]
+        self.deadline = 0.0
+
+    def targets(self):
         groups = set()
-        if pgid and pg_start is not None and start_ticks(pgid) == pg_start \
-                and _group_alive(pgid):
-            groups.add(pgid)
-        pids = _processes_of_claim(run_token)
+        if self.pgid and self.pg_start is not None and \
+                start_ticks(self.pgid) == self.pg_start and _group_alive(self.pgid):
+            groups.add(self.pgid)
+        pids = _processes_of_claim(self.run_token)
         for pid in pids:
             with contextlib.suppress(OSError):
                 groups.add(os.getpgid(pid))
         return groups, pids
 
-    groups, pids = targets()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    def poll(self):
+        """Signal or look again; return True once nothing of the run is left (or
+        the grace after SIGKILL has run out too)."""
+        groups, pids = self.targets()
         if not groups and not pids:
-            return
+            return True
+        if time.monotonic() < self.deadline:
+            return False
+        if not self.signals:
+            return True
+        sig = self.signals.pop(0)
         for group in groups:
             with contextlib.suppress(OSError):
                 os.killpg(group, sig)
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            time.sleep(0.02)
-            groups, pids = targets()
-            if not groups and not pids:
-                return
+        self.deadline = time.monotonic() + self.grace_s
+        return False
+
+
+def kill_run(run_token, pgid=None, pg_start=None, grace_s=KILL_GRACE_S):
+    """Kill what is left of a run (see RunKill), waiting until it is gone."""
+    kill = RunKill(run_token, pgid, pg_start, grace_s)
+    while not kill.poll():
+        time.sleep(KILL_POLL_S)
 
 
 ####
@@ -1701,51 +2363,83 @@ class StopFlag:
         self.level = max(self.level, wanted)
 
 
-def recover_claim(store, job_id, token, who, only_expired=False, cold=False,
-                  started=True, group=None):
-    """Take a lost claim over, kill what is left of its run, and end it: failed as
-    worker lost, or (COLD) given back as pending, or (not STARTED: its worker was
-    lost before it began) given back as if never claimed. Return True if it did.
-    GROUP, the run's (pgid, start ticks) if known otherwise, stands in for the
-    record of it in the database until that is written.
+class Recovery:
+    """A lost claim being recovered: taken over, its run killed, then ended.
 
     Taking over first (a compare-and-set that swaps the owner token) leaves alone a
     claim renewed meanwhile and keeps everyone else off the job while its old
-    processes are killed. The run keeps its own token, so if this recoverer dies
-    half-way, the next one still finds those processes.
+    processes are killed. The run keeps its own token, so if the recoverer dies
+    half-way, the next one still finds those processes. The job then ends failed
+    as worker lost, or (COLD) goes back to pending, or (not STARTED: its worker
+    was lost before it began it) goes back as if it had never been claimed.
     """
-    taker = new_token()
-    run = store.take_over(job_id, token, taker, os.getpid(),
-                          start_ticks(os.getpid()), only_expired)
-    if run is None:
+
+    def __init__(self, job_id, taker, run_token, kill, who, cold, started):
+        self.job_id = job_id
+        self.taker = taker
+        self.run_token = run_token
+        self.kill = kill
+        self.who = who
+        self.cold = cold
+        self.started = started
+
+    @classmethod
+    def begin(cls, store, job_id, token, who, only_expired=False, cold=False,
+              started=True, group=None):
+        """Take the claim over; return a Recovery, or None if the claim was held
+        (renewed, or recovered by someone else). GROUP is the run's (pgid, start
+        ticks) if known from elsewhere than its record in the database."""
+        taker = new_token()
+        run = store.take_over(job_id, token, taker, os.getpid(),
+                              start_ticks(os.getpid()), only_expired)
+        if run is None:
+            return None
+        run_token, pgid, pg_start = run
+        if pgid is None and group is not None:
+            pgid, pg_start = group
+        return cls(job_id, taker, run_token, RunKill(run_token, pgid, pg_start), who,
+                   cold, started)
+
+    def end(self, store):
+        """Once its run is gone: end the attempt (and say so in the log)."""
+        remove_spools(store.path, self.run_token)
+        if not self.started:
+            store.give_back(self.job_id, self.taker)
+        elif self.cold:
+            if store.requeue(self.job_id, self.taker, ABORT_COLD):
+                log(f"{self.who}: job {self.job_id} interrupted; back to pending")
+        else:
+            state = store.fence(self.job_id, self.taker, WORKER_LOST)
+            if state:
+                log(f"{self.who}: job {self.job_id} failed: {WORKER_LOST}; "
+                    f"{AFTER_FAILURE[state]}")
+
+
+def recover_claim(store, job_id, token, who, **how):
+    """Recover a lost claim (see Recovery), waiting while its run is killed;
+    return True if it did."""
+    recovery = Recovery.begin(store, job_id, token, who, **how)
+    if recovery is None:
         return False
-    run_token, pgid, pg_start = run
-    if pgid is None and group is not None:
-        pgid, pg_start = group
-    kill_run(run_token, pgid, pg_start)
-    if not started:
-        store.give_back(job_id, taker)
-        return True
-    if cold:
-        if store.requeue(job_id, taker, ABORT_COLD):
-            log(f"{who}: job {job_id} interrupted; back to pending")
-        return True
-    state = store.fence(job_id, taker, WORKER_LOST)
-    if state:
-        log(f"{who}: job {job_id} failed: {WORKER_LOST}; {AFTER_FAILURE[state]}")
+    while not recovery.kill.poll():
+        time.sleep(KILL_POLL_S)
+    recovery.end(store)
     return True
 
 
-def reclaim_expired(store, who):
+def reclaim_expired(store, who, recover=recover_claim, known=None):
     """Recover every job whose lease ran out and whose holder is not still
-    running it; return the (job id, token) of the claims recovered."""
+    running it; return the (job id, token) of the claims recovered. KNOWN(job
+    id, token) says what the caller knows of a claim's run ({"started": ...,
+    "group": ...}); RECOVER does the recovering."""
     recovered = []
     for job_id, token, holder, holder_start in store.expired_claims():
         # Whoever reclaims runs no job at this moment: a claim it holds itself is
         # one it took over and failed to end, so it is lost too.
         if holder != os.getpid() and holder_running(holder, holder_start):
             continue       # late with its renewal (a pause, a clock step), not lost
-        if recover_claim(store, job_id, token, who, only_expired=True):
+        how = known(job_id, token) if known else {}
+        if recover(store, job_id, token, who, only_expired=True, **how):
             recovered.append((job_id, token))
     return recovered
 
@@ -1756,6 +2450,8 @@ def result_line(who, claim, result, state):
     if state is None:
         return (f"{who}: job {claim.id} was taken over (its lease ran out); this "
                 f"run's result is dropped")
+    if state == CANCELLED:
+        return f"{who}: job {claim.id} was cancelled; its run ended ({result.reason})"
     if state == COMPLETED:
         return f"{who}: job {claim.id} completed in {format_duration(result.duration_s)}"
     return f"{who}: job {claim.id} failed: {result.reason}; {AFTER_FAILURE[state]}"
@@ -1766,15 +2462,23 @@ class Channel:
 
     A message is a tuple of plain values (str, int, float, None), sent as a
     4-byte length and its marshal encoding: both ends are the same program.
-    receive() never waits; send() waits only while the pipe is full.
+    receive() never waits. send() waits while the pipe is full, unless the
+    channel is non-blocking (the supervisor's ends): then what does not fit
+    waits in `outbox` for flush(), so that a worker that does not read (frozen,
+    or busy sending) cannot block its supervisor.
     """
 
     def __init__(self, read_fd, write_fd):
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.buffer = bytearray()
+        self.outbox = bytearray()
         self.ended = False                 # the other end has closed
         os.set_blocking(read_fd, False)
+
+    def nonblocking(self):
+        os.set_blocking(self.write_fd, False)
+        return self
 
     @classmethod
     def pair(cls):
@@ -1792,9 +2496,17 @@ class Channel:
     def send(self, message):
         """Send MESSAGE; raise OSError (BrokenPipeError) if the other end is gone."""
         data = marshal.dumps(message)
-        view = memoryview(len(data).to_bytes(4, "big") + data)
-        while view:
-            view = view[os.write(self.write_fd, view):]
+        self.outbox += len(data).to_bytes(4, "big") + data
+        self.flush()
+
+    def flush(self):
+        """Write what the outbox holds, as much as the pipe takes now."""
+        while self.outbox:
+            try:
+                written = os.write(self.write_fd, self.outbox)
+            except BlockingIOError:
+                return
+            del self.outbox[:written]
 
     def receive(self):
         """Return the messages that have arrived (maybe none), without waiting.
@@ -1828,8 +2540,9 @@ class Worker:
     reports how each run ended. It does not touch the database while its
     supervisor lives; orphaned, it finishes its job, records it, and exits.
 
-    Messages from the supervisor: ("run", claim) and ("abort", job id, token,
-    reason). To it: ("ready", pid, start ticks), ("started", job id, token, pgid,
+    Messages from the supervisor: ("run", claim), ("abort", job id, token,
+    reason), ("unqueue", job id, token) of a job to give back if not started
+    yet, and ("recorded", tokens) of reports it has written. To it: ("ready", pid, start ticks), ("started", job id, token, pgid,
     start ticks), ("beat", job id, token), ("done", job id, token, result fields),
     ("returned", job id, token) of a job it will not start, and ("log", line).
 
@@ -1850,6 +2563,9 @@ class Worker:
         self.orphaned = False
         self.store = None                  # opened once orphaned
         self.inbox = collections.deque()
+        # Reports sent but not yet written, by claim token: if the supervisor
+        # dies before it writes them, this worker does.
+        self.unconfirmed = {}
         self.env = dict(os.environ)
         self.poller = select.poll()
         self.poller.register(conn.fileno(), select.POLLIN)
@@ -1876,14 +2592,19 @@ class Worker:
         if self.orphaned:
             self.log(f"{self.name}: supervisor is gone; stopping")
 
-    def give_back(self):
-        """Give back every job in the inbox: this worker will not start them."""
+    def give_back(self, only=None):
+        """Give back the jobs in the inbox (or the one ONLY names: its id and
+        token): this worker will not start them."""
         for message in list(self.inbox):
             if message[0] != "run":
                 continue
-            self.inbox.remove(message)
             claim = Claim(*message[1])
-            if not self.send(("returned", claim.id, claim.token)):
+            if only is not None and (claim.id, claim.token) != tuple(only):
+                continue
+            self.inbox.remove(message)
+            if self.send(("returned", claim.id, claim.token)):
+                self.unconfirmed[claim.token] = (claim, None)
+            else:
                 self.open_store().give_back(claim.id, claim.token)
 
     # -- talking to the supervisor ---------------------------------------------------
@@ -1906,7 +2627,14 @@ class Worker:
     def receive(self):
         """Move every message waiting in the pipe to the inbox."""
         if not self.orphaned:
-            self.inbox.extend(self.conn.receive())
+            for message in self.conn.receive():
+                if message[0] == "unqueue":         # the queue was paused
+                    self.give_back(message[1:3])
+                elif message[0] == "recorded":
+                    for token in message[1]:
+                        self.unconfirmed.pop(token, None)
+                else:
+                    self.inbox.append(message)
             if self.conn.ended:
                 self.orphan()
 
@@ -1921,10 +2649,17 @@ class Worker:
         return False
 
     def orphan(self):
-        """The supervisor is gone: from now on this worker writes for itself."""
+        """The supervisor is gone: from now on this worker writes for itself,
+        starting with what it reported that its supervisor had not written."""
         if not self.orphaned:
             self.orphaned = True
             self.poller.unregister(self.conn.fileno())
+            for token, (claim, result) in list(self.unconfirmed.items()):
+                del self.unconfirmed[token]
+                if result is None:
+                    self.open_store().give_back(claim.id, claim.token)
+                else:
+                    self.record(claim, result, again=True)
 
     def log(self, line):
         if not self.send(("log", line)):
@@ -1956,7 +2691,9 @@ class Worker:
                 self.running[:] = _pack_group(run.pid, start_ticks(run.pid))
                 result = self.watch(run)
                 self.running[:] = _pack_group(0, 0)
-        if not self.send(("done", claim.id, claim.token, result.fields())):
+        if self.send(("done", claim.id, claim.token, result.fields())):
+            self.unconfirmed[claim.token] = (claim, result)
+        else:
             self.record(claim, result)
 
     def watch(self, run):
@@ -1982,10 +2719,12 @@ class Worker:
             if run.exited:
                 break
             if tell_start and now >= tell_start:
-                # Only a run that lasts is worth a record: a recoverer kills its
-                # group by this, even if the command cleared its environment.
+                # Only a run that lasts is worth a record (a recoverer kills its
+                # group by it, even if the command cleared its environment) and
+                # a spool of its output.
                 self.send(("started", claim.id, claim.token, run.pid,
                            start_ticks(run.pid)))
+                run.follow(self.db_path)
                 tell_start = None
             if not tell_start or self.stop.level:
                 self.give_back()           # the next job must not wait behind this
@@ -2010,17 +2749,17 @@ class Worker:
             self.store = Store(self.db_path, create=False)
         return self.store
 
-    def record(self, claim, result):
-        """Orphaned: write the end of a run as the supervisor would have."""
+    def record(self, claim, result, again=False):
+        """Orphaned: write the end of a run as the supervisor would have. AGAIN: it
+        was reported, and its supervisor may have written it already."""
         store = self.open_store()
         if result.aborted == ABORT_COLD:
             if store.requeue(claim.id, claim.token, ABORT_COLD):
                 log(f"{self.name}: job {claim.id} interrupted; back to pending")
-        elif result.aborted == ABORT_LOST:
-            log(result_line(self.name, claim, result, None))
-        else:
-            log(result_line(self.name, claim, result,
-                            store.finish(claim.id, claim.token, result)))
+            return
+        state = store.finish(claim.id, claim.token, result)
+        if state is not None or not again:
+            log(result_line(self.name, claim, result, state))
 
 
 def _ignore_signal(signum, frame):
@@ -2163,19 +2902,6 @@ class PidFile:
         return None
 
 
-def _open_owner_only(path, flags):
-    """Open (creating 0600) a regular file of ours beside the database, or raise
-    QueueError. Never follows a symlink or blocks on a FIFO."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
-    except OSError as e:
-        raise QueueError(f"cannot open {path}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise QueueError(f"not a regular file: {path}")
-    return fd
-
-
 def pid_path(db_path):
     return db_path + PID_SUFFIX
 
@@ -2210,6 +2936,7 @@ class Slot:
         self.name = f"worker {index} (pid {self.pid})"
         self.born = time.monotonic()
         self.ready = False        # it said so: its loop runs
+        self.writing = False      # its pipe is watched until its outbox is empty
         self.claims = []          # sent to it, not yet reported: [0] runs, [1] waits
         self.quick = False        # its last job ended within STARTED_AFTER_S
 
@@ -2223,10 +2950,24 @@ class Slot:
         return max(0, (2 if self.quick else 1) - len(self.claims))
 
     def running_group(self):
-        """(pgid, start ticks) of the command the worker runs, or None."""
+        """(pgid, start ticks) of the command the worker runs, or None: from the
+        memory they share or, if the worker stopped before writing it there
+        (frozen the moment it started the command), from its child."""
         data = bytes(self.running)
         pgid = int.from_bytes(data[:8], "little")
-        return (pgid, int.from_bytes(data[8:], "little")) if pgid else None
+        if pgid:
+            return pgid, int.from_bytes(data[8:], "little")
+        children = _children(self.pid)
+        return children[0] if children else None
+
+    def run_facts(self, claim):
+        """What is known of the run of one of its claims: only the first can have
+        started, and only if its command has a process group (the worker starts
+        its next job only after reporting the first)."""
+        if not self.claims or self.claims[0] is not claim:
+            return {"started": False}
+        group = self.running_group()
+        return {"started": group is not None, "group": group}
 
     def holding(self, job_id, token):
         """The position of that claim among the ones it holds, or None."""
@@ -2264,19 +3005,22 @@ class Supervisor:
         self.relayed = 0
         self.slots = {}              # index -> Slot
         self.restarts = {}           # index -> when to start that worker again
+        self.recoveries = []         # Recovery of lost claims, their runs being killed
         self.pidfile = PidFile(pid_path(db_path))
         self.store = None
         self.selector = None
         self.wake_fds = ()
         self.published = None
         self.look = True             # look for jobs: woken, due, or a worker is free
+        self.check = False           # check the jobs workers hold: woken
+        self.next_upkeep = 0.0       # retention, and trimming run_minutes
         self.next_due = None         # when the next delayed job is due (monotonic)
         self.next_tick = 0.0
         self.cold_deadline = None
-        self.finished = []           # (worker name, claim, RunResult) not yet written
+        self.finished = []           # (slot, claim, RunResult) not yet written
         self.started = []            # (job id, token, pgid, pgid's start ticks)
         self.renewed = []            # (job id, token, lease_s)
-        self.unstarted = []          # claims given back unrun
+        self.unstarted = []          # (slot, claim) given back unrun
         self.record_at = None        # when to write them: RECORD_EVERY_S after the first
 
     def run(self):
@@ -2290,10 +3034,13 @@ class Supervisor:
         try:
             _name_process("queuectl-super")
             os.chdir("/")    # hold no directory busy; every path used is absolute
+            LogRotation.enable(self.db_path + LOG_SUFFIX)
             with Store(self.db_path) as store:
                 recovered = reclaim_expired(store, "supervisor")
+                running = store.running_tokens()
             if recovered:
                 log(f"supervisor: recovered {len(recovered)} job(s) of lost workers")
+            sweep_spools(self.db_path, running)
             log(f"supervisor (pid {os.getpid()}): starting {self.count} worker(s) "
                 f"on {self.db_path}")
             # Signals wake the loop through this pipe; their handlers set flags.
@@ -2326,8 +3073,27 @@ class Supervisor:
         return EXIT_OK
 
     def wake(self, signum, frame):
-        """WAKE_SIGNAL: something was enqueued (or resumed); look for jobs."""
-        self.look = True
+        """WAKE_SIGNAL: something was enqueued, cancelled, paused or resumed."""
+        self.look = self.check = True
+
+    def check_claims(self):
+        """After a wake-up: drop what workers hold of jobs that were cancelled,
+        and, if the queue was paused, give back the jobs they have not started."""
+        self.check = False
+        held = [(slot, claim) for slot in self.slots.values() for claim in slot.claims]
+        if not held:
+            return
+        try:
+            gone = self.store.not_held([(claim.id, claim.token) for _, claim in held])
+            paused = self.store.paused()
+        except QueueError as e:
+            log(f"supervisor: could not check the jobs workers hold: {e}")
+            return
+        self.abort(gone, ABORT_CANCELLED)
+        if paused:
+            for slot in self.slots.values():
+                for claim in slot.claims[1:]:
+                    slot.send(("unqueue", claim.id, claim.token))
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -2338,12 +3104,15 @@ class Supervisor:
                 log("supervisor: workers did not stop in time; killing them")
                 return                          # run() kills them
             self.flush()
+            self.watch_outboxes()
             self.publish(STOPPING if self.stop.level else self.up_state())
             for key, _ in self.selector.select(self.timeout()):
                 key.data(key.fileobj)
 
     def react(self):
         """Act on stop signals and on the clock."""
+        if self.recoveries:
+            self.step_recoveries()
         now = time.monotonic()
         if self.stop.level > self.relayed:
             self.relay_stop()
@@ -2361,13 +3130,30 @@ class Supervisor:
             self.look = True                    # the safety net for a missed wake-up
             if not self.stop.level:
                 try:
-                    lost = reclaim_expired(self.store, "supervisor")
+                    lost = reclaim_expired(self.store, "supervisor",
+                                           recover=self.start_recovery,
+                                           known=self.run_facts)
+                    if now >= self.next_upkeep:
+                        self.next_upkeep = now + self.upkeep()
                 except QueueError as e:
-                    log(f"supervisor: could not check leases: {e}")
+                    log(f"supervisor: could not check leases or purge: {e}")
                 else:
                     # A worker of ours, frozen: when it wakes it must not start
                     # the job, or go on running it.
                     self.abort(lost, ABORT_LOST)
+
+    def upkeep(self):
+        """Purge completed jobs older than config `retention`, a batch at a time;
+        trim the per-minute run counts. Return seconds until the next upkeep."""
+        retention = self.store.config()["retention"]
+        purged = 0
+        if retention:
+            purged = self.store.purge(COMPLETED, retention, limit=PURGE_BATCH)
+            if purged:
+                log(f"supervisor: purged {purged} completed job(s) older than "
+                    f"{format_duration(retention)} (retention)")
+        self.store.trim_run_minutes()
+        return IDLE_RECHECK_S if purged == PURGE_BATCH else UPKEEP_EVERY_S
 
     def timeout(self):
         """Seconds until the loop must run even if no fd is ready."""
@@ -2378,6 +3164,8 @@ class Supervisor:
             times.append(self.cold_deadline)
         if self.record_at is not None:
             times.append(self.record_at)
+        if self.recoveries:
+            times.append(time.monotonic() + RECOVERY_POLL_S)
         return max(0.0, min(times) - time.monotonic())
 
     def on_signal(self, fd):
@@ -2401,11 +3189,11 @@ class Supervisor:
             claim = slot.claims.pop(position)
             result = RunResult(*message[3])
             slot.quick = (result.duration_s or 0) < STARTED_AFTER_S
-            self.finished.append((slot.name, claim, result))
+            self.finished.append((slot, claim, result))
             self.look = True
             self.reported()
         elif kind == "returned" and position is not None:
-            self.unstarted.append(slot.claims.pop(position))
+            self.unstarted.append((slot, slot.claims.pop(position)))
             self.look = True
             self.reported()
         elif kind == "started" and position is not None:
@@ -2434,10 +3222,13 @@ class Supervisor:
         results; a worker never waits for that. The log says it the other way
         round, as a reader expects.
         """
+        if self.check:
+            self.check_claims()
         lines = self.dispatch()
         if self.record_at is not None and (time.monotonic() >= self.record_at
                                            or self.stop.level):
             lines = self.record() + lines
+            lines += self.dispatch()            # for jobs whose dependencies completed
         if lines:
             log(*lines)
 
@@ -2480,30 +3271,41 @@ class Supervisor:
         """Write every reported result, start and renewal in one transaction;
         return the log lines."""
         finished, started, renewed = self.finished, self.started, self.renewed
-        ended = [(who, claim, result) for who, claim, result in finished
-                 if not result.aborted]
+        # A run stopped by a cold stop goes back as pending; any other result is
+        # written with a compare-and-set, which keeps only the output of a run
+        # that was cancelled or taken over meanwhile.
+        ended = [(slot, claim, result) for slot, claim, result in finished
+                 if result.aborted != ABORT_COLD]
         lines = []
         try:
-            states, lost = self.store.record(
+            states, lost, runnable = self.store.record(
                 [(claim.id, claim.token, result) for _, claim, result in ended],
-                started, renewed, [(claim.id, claim.token) for claim in self.unstarted])
-            for who, claim, result in finished:
+                started, renewed,
+                [(claim.id, claim.token) for _, claim in self.unstarted])
+            for slot, claim, result in finished:
                 if result.aborted == ABORT_COLD:
                     if self.store.requeue(claim.id, claim.token, ABORT_COLD):
-                        lines.append(f"{who}: job {claim.id} interrupted; back to "
-                                     f"pending")
-                elif result.aborted:
-                    lines.append(result_line(who, claim, result, None))
+                        lines.append(f"{slot.name}: job {claim.id} interrupted; back "
+                                     f"to pending")
         except QueueError as e:
             self.record_at = time.monotonic() + IDLE_RECHECK_S / 4
             return [f"supervisor: could not write what workers reported ({e}); will "
                     f"retry"]
+        # Tell each worker what it no longer needs to keep.
+        written = {}
+        for slot, claim in [(slot, claim) for slot, claim, _ in finished] + self.unstarted:
+            written.setdefault(slot, []).append(claim.token)
+        for slot, tokens in written.items():
+            if self.slots.get(slot.index) is slot:
+                slot.send(("recorded", tokens))
         self.finished, self.started, self.renewed, self.unstarted = [], [], [], []
         self.record_at = None
-        for (who, claim, result), state in zip(ended, states):
-            lines.append(result_line(who, claim, result, state))
+        for (slot, claim, result), state in zip(ended, states):
+            lines.append(result_line(slot.name, claim, result, state))
             if state == FAILED:
                 self.look = True                # to learn when its retry is due
+        if runnable:
+            self.look = True                    # their dependencies completed
         self.abort(lost, ABORT_LOST)
         return lines
 
@@ -2543,7 +3345,7 @@ class Supervisor:
             theirs.close()
             if reopen:
                 self.store = Store(self.db_path)
-        slot = Slot(index, process, ours, running)
+        slot = Slot(index, process, ours.nonblocking(), running)
         self.slots[index] = slot
         self.selector.register(ours, selectors.EVENT_READ,
                                lambda _: self.on_message(slot))
@@ -2554,9 +3356,31 @@ class Supervisor:
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.selector.unregister(fileobj)
 
+    def watch_outboxes(self):
+        """Watch the pipes of workers with messages waiting to be written."""
+        import selectors
+        for slot in self.slots.values():
+            if slot.conn.outbox and not slot.writing:
+                self.selector.register(slot.conn.write_fd, selectors.EVENT_WRITE,
+                                       lambda _, slot=slot: self.on_writable(slot))
+                slot.writing = True
+            elif not slot.conn.outbox and slot.writing:
+                self.unregister(slot.conn.write_fd)
+                slot.writing = False
+
+    def on_writable(self, slot):
+        if slot.conn.write_fd is None:
+            return                              # on_exit came first, in one batch
+        try:
+            slot.conn.flush()
+        except OSError:
+            slot.conn.outbox.clear()            # it is gone; on_exit follows
+
     def forget(self, slot):
         """Take an exited worker out of the pool."""
         self.unregister(slot.conn)
+        if slot.writing:
+            self.unregister(slot.conn.write_fd)
         self.unregister(slot.process.sentinel)
         slot.process.join()
         slot.conn.close()
@@ -2578,17 +3402,45 @@ class Supervisor:
                                            if now - slot.born < RESTART_DELAY_S else 0)
 
     def recover(self, slot, cold):
-        """Recover the jobs of a worker that is gone. The first was running (or
-        about to); a worker starts the next only after reporting that one."""
-        for position, claim in enumerate(slot.claims):
+        """Recover the jobs of a worker that is gone (see Slot.run_facts)."""
+        for claim in list(slot.claims):
+            how = slot.run_facts(claim)
             try:
-                recover_claim(self.store, claim.id, claim.token, "supervisor",
-                              cold=cold, started=position == 0,
-                              group=slot.running_group() if position == 0 else None)
+                self.start_recovery(self.store, claim.id, claim.token, "supervisor",
+                                    cold=cold, **how)
             except QueueError as e:
                 log(f"supervisor: could not recover job {claim.id} of pid "
                     f"{slot.pid} ({e}); the lease check will retry")
         slot.claims = []
+
+    def run_facts(self, job_id, token):
+        """What is known of the run of a claim held by one of the workers."""
+        for slot in self.slots.values():
+            for claim in slot.claims:
+                if (claim.id, claim.token) == (job_id, token):
+                    return slot.run_facts(claim)
+        return {}
+
+    def start_recovery(self, store, job_id, token, who, **how):
+        """Begin recovering a claim; its run is killed while the loop goes on."""
+        recovery = Recovery.begin(store, job_id, token, who, **how)
+        if recovery is not None:
+            self.recoveries.append(recovery)
+        return recovery is not None
+
+    def step_recoveries(self):
+        """Take the next step of each recovery; end those whose runs are gone."""
+        for recovery in list(self.recoveries):
+            if not recovery.kill.poll():
+                continue
+            try:
+                recovery.end(self.store)
+            except QueueError as e:
+                log(f"supervisor: could not end the recovery of job "
+                    f"{recovery.job_id} ({e}); will retry")
+                continue
+            self.recoveries.remove(recovery)
+            self.look = True
 
     def relay_stop(self):
         self.relayed = self.stop.level
@@ -2614,9 +3466,15 @@ class Supervisor:
             self.on_message(slot)
             if slot.process.is_alive():
                 slot.process.kill()
+            known = [(claim, slot.run_facts(claim)) for claim in slot.claims]
             self.forget(slot)
-            if slot.claims and self.store is not None:
-                self.recover(slot, cold=True)
+            if self.store is not None:
+                for claim, how in known:
+                    self.start_recovery(self.store, claim.id, claim.token,
+                                        "supervisor", cold=True, **how)
+        while self.recoveries and self.store is not None:
+            self.step_recoveries()
+            time.sleep(KILL_POLL_S)
         if self.store is not None and self.record_at is not None:
             log(*self.record())
 
@@ -2644,7 +3502,7 @@ def start_detached(db_path, count, log_path):
         offset = os.lseek(fd, 0, os.SEEK_END)
         # A new session and no inherited stdout: the caller's shell never waits on us.
         proc = subprocess.Popen(
-            [sys.executable, script, "--db", db_path, "worker", "start",
+            [sys.executable, "-I", "-S", script, "--db", db_path, "worker", "start",
              "--count", str(count)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
             start_new_session=True, close_fds=True)
@@ -2691,7 +3549,18 @@ def print_json(value):
 
 def cmd_enqueue(args):
     now = now_utc()
-    if args.job == "-":
+    flags = _job_flags(args)
+    if args.shell_command is not None:
+        if args.job is not None:
+            raise UsageError("give a job as JSON or as -c COMMAND, not both")
+        jobs = [_validate_flags(dict(flags, command=args.shell_command), now)]
+    elif flags:
+        raise UsageError(f"{next(iter(_FLAG_NAMES[k] for k in flags))} goes with "
+                         f"-c COMMAND; in JSON, give it as a field")
+    elif args.job is None:
+        raise UsageError("give a job: JSON, - to read one per line from stdin, or "
+                         "-c COMMAND")
+    elif args.job == "-":
         jobs = read_jobs(sys.stdin.buffer.read(), now)
         if not jobs:
             raise UsageError("no jobs on standard input")
@@ -2699,10 +3568,52 @@ def cmd_enqueue(args):
         jobs = [validate_job(_parse_json(args.job), now)]
     cwd = current_dir()
     check_text(cwd, "the current directory's name")
+    if not os.path.exists(args.db):        # refuse unknown dependencies uncreated
+        earlier = set()
+        for job in jobs:
+            for dep in job["after"]:
+                if dep not in earlier:
+                    raise QueueError(f"no such job: {dep} (in 'after')")
+            earlier.add(job["id"])
     with open_store(args, create=True) as store:
-        ids = store.enqueue(jobs, cwd, now)
+        ids, kept = store.enqueue(jobs, cwd, now)
     wake_supervisor(store.path)
+    for index, key in kept.items():
+        print(f"job {ids[index]} holds unique key {key!r} already: nothing added",
+              file=sys.stderr)
     sys.stdout.write("".join(f"{job_id}\n" for job_id in ids))
+
+
+# enqueue -c: each flag and the job field it stands for.
+_FLAG_NAMES = {"id": "--id", "priority": "--priority", "max_retries": "--max-retries",
+               "timeout": "--timeout", "delay": "--delay", "run_at": "--run-at",
+               "after": "--after", "unique_key": "--unique-key"}
+
+
+def _job_flags(args):
+    """The job fields given as enqueue flags: numbers where they parse as numbers,
+    so that validate_job judges them exactly as it judges JSON."""
+    fields = {}
+    for field in _FLAG_NAMES:
+        value = getattr(args, field, None)
+        if value is None:
+            continue
+        if field in ("priority", "max_retries"):
+            with contextlib.suppress(ValueError):
+                value = int(value)
+        fields[field] = value
+    return fields
+
+
+def _validate_flags(doc, now):
+    """validate_job, its messages naming the flags rather than the JSON fields."""
+    try:
+        return validate_job(doc, now)
+    except UsageError as e:
+        message = str(e)
+        for field, flag in _FLAG_NAMES.items():
+            message = message.replace(f"field {field!r}", flag)
+        raise UsageError(message) from None
 
 
 def read_jobs(data, now):
@@ -2786,20 +3697,23 @@ def cmd_worker_stop(args):
         print("stopped waiting; the workers go on stopping (run worker stop again "
               "to wait)", file=sys.stderr)
         return 130
-    # Report what became of the jobs that were running, whoever decided it.
-    states = {}
+    # Report what became of the jobs that were running, whoever decided it. A job
+    # a worker held but had not started went back as it was: it was not running.
+    ends = {}
     if held:
         with Store(args.db, create=False) as store:
-            states = store.job_states(held)
-    interrupted = sorted(job_id for job_id in held if states.get(job_id) == PENDING)
+            ends = store.job_ends(held)
+    interrupted = sorted(job_id for job_id, (state, _, last_run) in ends.items()
+                         if state == PENDING and last_run == INTERRUPTED)
+    finished = [job_id for job_id, (state, _, _) in ends.items() if state != PENDING]
     report = f"stopped workers (supervisor pid {pid})"
-    if held:
-        report += f": {len(held) - len(interrupted)} running job(s) finished"
+    if finished or interrupted:
+        report += f": {len(finished)} running job(s) finished"
     if interrupted:
         report += (f", {len(interrupted)} interrupted and put back as pending "
                    f"({', '.join(interrupted)})")
     print(report)
-    return EXIT_OK
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
 def _jobs_of_workers(db_path, worker_pids):
@@ -2843,6 +3757,7 @@ def _wait_stopped(path, timeout_s):
 def cmd_status(args):
     with open_store(args) as store:
         counts, oldest, running = store.status()
+        paused = store.paused()
     now = now_utc()
     oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
     supervisor = PidFile.running(pid_path(store.path))
@@ -2858,7 +3773,8 @@ def cmd_status(args):
               for pid, job in sorted(running.items()) if pid not in worker_pids]
     state = supervisor.state if supervisor else None
     problems = []
-    if oldest is not None and (not workers or state == STOPPING):
+    # A paused queue's jobs wait on purpose: that is no sign of missing workers.
+    if oldest is not None and not paused and (not workers or state == STOPPING):
         problems.append((EXIT_CHECK_NO_WORKERS,
                          "jobs are waiting but no workers are running"
                          + (" (they are stopping)" if workers else "")))
@@ -2878,6 +3794,8 @@ def cmd_status(args):
         "counts": counts,
         "dlq": counts[DEAD],
         "oldest_runnable_age_s": oldest_age,
+        "paused": paused is not None,
+        "paused_since": paused,
         "supervisor_pid": supervisor.pid if supervisor else None,
         "supervisor_state": state,
         "workers": workers,
@@ -2902,6 +3820,9 @@ def print_status(report, check):
     print("waiting:   " + ("no runnable job" if age is None else
                            f"{format_duration(age)} (the oldest runnable job)"))
     print(f"dlq:       {counts[DEAD]}")
+    if report["paused"]:
+        print(f"paused:    since {report['paused_since']} (workers start no new job; "
+              f"queuectl resume)")
     if report["supervisor_pid"]:
         print(f"workers:   {len(report['workers'])}, {report['supervisor_state']} "
               f"(supervisor pid {report['supervisor_pid']})")
@@ -2960,8 +3881,12 @@ def cmd_show(args):
         "started_at": a["started_at"], "finished_at": a["finished_at"],
         "outcome": a["outcome"], "exit_code": a["exit_code"], "reason": a["reason"],
         "duration_s": a["duration_s"]} for a in attempts]
-    last = next((a for a in reversed(attempts) if a["outcome"] in (COMPLETED, FAILED)),
-                None)
+    last = next((a for a in reversed(attempts)
+                 if a["outcome"] in (COMPLETED, FAILED, CANCELLED)), None)
+    waiting_for = [dep["id"] for dep in job["after"] if dep["state"] != COMPLETED]
+    if job["state"] != PENDING:
+        waiting_for = []
+    job["waiting_for"] = waiting_for
     output = None
     if last is not None:
         output = {"stdout": last["stdout"] or "", "stderr": last["stderr"] or "",
@@ -2971,6 +3896,10 @@ def cmd_show(args):
         print_json(dict(job, history=history, output=output))
         return
     for key, value in job.items():
+        if key == "after":
+            value = ", ".join(f"{dep['id']} ({dep['state']})" for dep in value) or None
+        elif key == "waiting_for":
+            value = ", ".join(value) or None
         print(f"{key + ':':15}{'-' if value is None else value}")
     print("history:")
     if not history:
@@ -3017,6 +3946,173 @@ def cmd_delete(args):
         store.delete(_unique(args.ids))
     for job_id in _unique(args.ids):
         print(f"{job_id}: deleted")
+
+
+def cmd_cancel(args):
+    ids = _unique(args.ids)
+    with open_store(args) as store:
+        cancelled = store.cancel(ids)
+    wake_supervisor(store.path)            # so that its workers drop these at once
+    runs = [run for _, _, run in cancelled if run]
+    for run in runs:
+        kill_run(*run)                     # SIGTERM now, SIGKILL after the grace
+    if runs:
+        # A run that its worker started the moment it was cancelled: its worker
+        # is told to kill it too; this makes sure.
+        time.sleep(CANCEL_RECHECK_S)
+        for run in runs:
+            kill_run(*run)
+    for job_id, state, run in cancelled:
+        print(f"{job_id}: cancelled" + (" (its run was killed)" if run else ""))
+
+
+def cmd_logs(args):
+    if args.follow and args.json:
+        raise UsageError("--follow streams as text; --json prints one document")
+    with open_store(args) as store:
+        job, run = store.run_of(args.id, args.attempt)
+        if args.follow:
+            return follow_logs(store, job, run, args.attempt)
+    if run is None:
+        if args.json:
+            print_json({"id": job["id"], "state": job["state"], "run": None})
+        else:
+            print(f"job {job['id']} has not run yet", file=sys.stderr)
+        return EXIT_OK
+    output = _run_output(store.path, run)
+    if args.json:
+        print_json(dict({"id": job["id"], "state": job["state"], "run": run["number"],
+                         "outcome": run["outcome"]}, **output))
+        return EXIT_OK
+    for stream, dest in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+        if output[f"{stream}_dropped_bytes"]:
+            print(f"queuectl: the first {output[f'{stream}_dropped_bytes']} bytes of "
+                  f"{stream} were not kept (output_limit)", file=sys.stderr)
+        dest.write(output[stream])
+        dest.flush()
+    if run["outcome"] == RUNNING:
+        print(f"queuectl: job {job['id']} is still running (logs --follow streams "
+              f"the rest)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _run_output(db_path, run):
+    """A run's stdout and stderr: the stored copy, or while it runs, its spool."""
+    output = {}
+    for stream, short in (("stdout", "out"), ("stderr", "err")):
+        text, dropped = run[stream] or "", run[f"{stream}_dropped"]
+        if run["outcome"] == RUNNING:
+            spooled = Spool.read(spool_path(db_path, run["run_token"], short), 0)
+            data, dropped, _ = spooled or (b"", 0, 0)
+            text = data.decode("utf-8", "replace")
+        output[stream], output[f"{stream}_dropped_bytes"] = text, dropped
+    return output
+
+
+def follow_logs(store, job, run, number):
+    """Stream a run's output as it is written (like tail -f) until the run ends;
+    return 0 if it completed, else EXIT_NOT_COMPLETED."""
+    streams = (("stdout", "out", sys.stdout.buffer),
+               ("stderr", "err", sys.stderr.buffer))
+    printed = {"stdout": 0, "stderr": 0}         # absolute positions reached
+
+    def emit(stream, dest, data, skipped):
+        if skipped:
+            sys.stderr.flush()
+            sys.stderr.buffer.write(f"[queuectl: {skipped} bytes of {stream} skipped "
+                                    f"here: they were not kept]\n".encode())
+            sys.stderr.buffer.flush()
+        if data:
+            dest.write(data)
+            dest.flush()
+        printed[stream] += skipped + len(data)
+
+    version = None
+    while True:
+        if run is not None and run["outcome"] != RUNNING:
+            for stream, _, dest in streams:        # the rest, from the stored copy
+                data = (run[stream] or "").encode("utf-8", "replace")
+                start = run[f"{stream}_dropped"]
+                at = max(printed[stream], start)
+                emit(stream, dest, data[at - start:], at - printed[stream])
+            return EXIT_OK if run["outcome"] == COMPLETED else EXIT_NOT_COMPLETED
+        if run is not None:
+            for stream, short, dest in streams:
+                spooled = Spool.read(spool_path(store.path, run["run_token"], short),
+                                     printed[stream])
+                if spooled:
+                    emit(stream, dest, spooled[0], spooled[1])
+        time.sleep(FOLLOW_POLL_S)
+        current = store.data_version()
+        if current != version:                     # something was committed
+            version = current
+            job, run = store.run_of(job["id"], number)
+
+
+def cmd_wait(args):
+    ids = _unique(args.ids)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    ended = {}
+    with open_store(args) as store:
+        store.require_jobs(ids)
+        version = None
+        while True:
+            current = store.data_version()
+            if current != version:                 # something was committed
+                version = current
+                ends = store.job_ends([i for i in ids if i not in ended])
+                for job_id in ids:
+                    if job_id in ended:
+                        continue
+                    state, error, _ = ends.get(job_id, ("deleted", None, None))
+                    if state in FINISHED or state == "deleted":
+                        ended[job_id] = (state, error)
+                        if not args.json:
+                            note = f" ({error})" if error and state != COMPLETED else ""
+                            print(f"{job_id}: {state}{note}", flush=True)
+            if len(ended) == len(ids):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            pause = WAIT_POLL_S
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            time.sleep(pause)
+    waiting = [job_id for job_id in ids if job_id not in ended]
+    completed = all(ended.get(job_id, ("",))[0] == COMPLETED for job_id in ids)
+    if args.json:
+        print_json({"jobs": [{"id": job_id,
+                              "state": ended.get(job_id, (None, None))[0],
+                              "last_error": ended.get(job_id, (None, None))[1]}
+                             for job_id in ids],
+                    "completed": completed, "timed_out": bool(waiting)})
+    if waiting:
+        print(f"queuectl: timed out after {format_duration(args.timeout)}; still "
+              f"waiting for {', '.join(waiting)}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_OK if completed else EXIT_NOT_COMPLETED
+
+
+def cmd_pause(args):
+    with open_store(args) as store:
+        since = store.pause()
+    wake_supervisor(store.path)
+    print(f"paused since {since}: workers start no new job; running jobs go on "
+          f"(queuectl resume lets them start jobs again)")
+
+
+def cmd_resume(args):
+    with open_store(args) as store:
+        since = store.resume()
+    wake_supervisor(store.path)
+    print(f"resumed (paused since {since})" if since else "the queue was not paused")
+
+
+def cmd_purge(args):
+    with open_store(args) as store:
+        purged = store.purge(args.state, args.older_than or 0)
+    age = f" older than {format_duration(args.older_than)}" if args.older_than else ""
+    print(f"purged {purged} {args.state} job(s){age}")
 
 
 def cmd_config_show(args):
@@ -3117,11 +4213,30 @@ def non_negative_float(text):
     return value
 
 
+def duration(text):
+    """An argparse type: a duration >= 0 (90, 90s, 10m, 2h, 7d)."""
+    try:
+        value = parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 0 <= value < INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be a duration >= 0: {text!r}")
+    return value
+
+
 DB_HELP = (f"database file (default: ${ENV_DB}, else $XDG_DATA_HOME/queuectl/"
            f"{DB_FILENAME}, else ~/.local/share/queuectl/{DB_FILENAME})")
 EPILOG = ("exit codes: 0 ok, 1 runtime error (unknown job, wrong state, workers "
           "running, unusable database), 2 usage or validation error; status --check: "
-          "3 dead jobs, 4 no workers, 5 a job waited too long")
+          "3 dead jobs, 4 no workers, 5 a job waited too long; wait and logs "
+          "--follow: 6 a job ended without completing, 124 wait timed out; worker "
+          "stop: 7 running jobs were interrupted. Durations: 90, 90s, 10m, 2h, 7d.")
+ENQUEUE_EPILOG = (
+    "job fields: command (required), id, max_retries, priority, run_at (ISO-8601 "
+    "with Z or an offset) or delay (a duration), timeout (a duration), after (ids "
+    "it runs after), unique_key. Examples: queuectl enqueue '{\"id\": \"job1\", "
+    "\"command\": \"sleep 2\", \"priority\": 5}'; queuectl enqueue -c 'make "
+    "report' --after job1 --timeout 10m")
 
 
 def build_parser():
@@ -3138,40 +4253,53 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=Parser)
 
-    def command(parent, name, func, help_text, parents=()):
+    def command(parent, name, func, help_text, parents=(), epilog=None):
         sub = parent.add_parser(name, help=help_text, description=help_text,
-                                parents=[common, *parents])
-        sub.set_defaults(func=func)
+                                parents=[common, *parents], epilog=epilog)
+        sub.set_defaults(func=func, parser=sub)
         return sub
 
-    sub = command(commands, "enqueue", cmd_enqueue, "add a job (or, with -, one per "
-                                                    "line from stdin)")
-    sub.epilog = ("job fields: command (required), id, max_retries, priority, run_at "
-                  "(ISO-8601 with Z or an offset) or delay (seconds), timeout "
-                  "(seconds). Example: queuectl enqueue "
-                  "'{\"id\": \"job1\", \"command\": \"sleep 2\", \"priority\": 5}'")
-    sub.add_argument("job", metavar="JSON",
-                     help='job as JSON, e.g. \'{"command": "sleep 2"}\', or - for stdin')
+    def group(name, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  parents=[common])
+        sub.set_defaults(parser=sub)
+        return sub.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                  parser_class=Parser)
 
-    worker = commands.add_parser("worker", help="start or stop workers",
-                                 description="start or stop workers")
-    actions = worker.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                    parser_class=Parser)
+    sub = command(commands, "enqueue", cmd_enqueue, "add a job (or, with -, one per "
+                  "line from stdin)", epilog=ENQUEUE_EPILOG)
+    sub.add_argument("job", metavar="JSON", nargs="?",
+                     help='job as JSON, e.g. \'{"command": "sleep 2"}\', or - for stdin')
+    sub.add_argument("-c", "--command", dest="shell_command", metavar="COMMAND",
+                     help="the job's command, instead of JSON; the flags below give "
+                          "its other fields")
+    sub.add_argument("--id", metavar="ID")
+    sub.add_argument("--priority", metavar="N", help="higher runs first (0)")
+    sub.add_argument("--max-retries", metavar="N", help="retries after the first run")
+    sub.add_argument("--timeout", metavar="DURATION", help="kill it after this long")
+    sub.add_argument("--delay", metavar="DURATION", help="run it this long from now")
+    sub.add_argument("--run-at", metavar="TIME", help="run it at this ISO-8601 time")
+    sub.add_argument("--after", metavar="ID", action="append",
+                     help="run it once job ID has completed (repeat for more)")
+    sub.add_argument("--unique-key", metavar="KEY",
+                     help="add nothing while an unfinished job holds KEY")
+
+    actions = group("worker", "start or stop workers")
     sub = command(actions, "start", cmd_worker_start, "run workers until stopped")
     sub.add_argument("--count", type=int_between(1, MAX_WORKERS), default=1, metavar="N",
                      help="number of worker processes (default 1)")
     sub.add_argument("--detach", action="store_true",
                      help="run in the background; return once the workers are up")
     sub = command(actions, "stop", cmd_worker_stop, "stop the workers gracefully")
-    sub.add_argument("--timeout", type=non_negative_float, default=None, metavar="S",
-                     help="after S seconds, kill running jobs and put them back "
-                          "(default: wait for them)")
+    sub.add_argument("--timeout", type=duration, default=None, metavar="DURATION",
+                     help="after this long, kill running jobs and put them back "
+                          "(default: wait for them); exit 7 if it did")
 
     sub = command(commands, "status", cmd_status, "show queue health", [json_opt])
     sub.add_argument("--check", action="store_true",
                      help="exit 3/4/5 when the queue needs attention (for cron)")
-    sub.add_argument("--max-age", type=non_negative_float, default=None, metavar="S",
-                     help="with --check: problem if a runnable job waited over S s")
+    sub.add_argument("--max-age", type=duration, default=None, metavar="DURATION",
+                     help="with --check: problem if a runnable job waited longer")
     sub.add_argument("--max-dead", type=int_between(0, INT_LIMIT), default=0, metavar="N",
                      help="with --check: problem if the DLQ holds more than N (0)")
 
@@ -3183,10 +4311,38 @@ def build_parser():
     sub = command(commands, "show", cmd_show, "show one job whole", [json_opt])
     sub.add_argument("id", metavar="ID")
 
-    dlq = commands.add_parser("dlq", help="the dead letter queue",
-                              description="the dead letter queue")
-    actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                 parser_class=Parser)
+    sub = command(commands, "logs", cmd_logs, "print a run's stdout and stderr",
+                  [json_opt])
+    sub.add_argument("id", metavar="ID")
+    sub.add_argument("--attempt", type=int_between(1, INT_LIMIT), metavar="N",
+                     help="run N (1 is the first; default: the last)")
+    sub.add_argument("-f", "--follow", action="store_true",
+                     help="stream a running job's output until the run ends; exit 0 "
+                          "if it completed, else 6")
+
+    sub = command(commands, "wait", cmd_wait, "wait until jobs have finished",
+                  [json_opt])
+    sub.add_argument("ids", nargs="+", metavar="ID")
+    sub.add_argument("--timeout", type=duration, default=None, metavar="DURATION",
+                     help="give up after this long (exit 124)")
+    sub.epilog = ("exit 0 if every job completed, 6 if one ended dead or cancelled, "
+                  "124 if --timeout ran out first")
+
+    sub = command(commands, "cancel", cmd_cancel, "cancel jobs that have not finished "
+                  "(a running job's processes are killed)")
+    sub.add_argument("ids", nargs="+", metavar="ID")
+
+    command(commands, "pause", cmd_pause, "stop workers from starting jobs (running "
+            "jobs go on)")
+    command(commands, "resume", cmd_resume, "let workers start jobs again")
+
+    sub = command(commands, "purge", cmd_purge, "delete finished jobs with their "
+                  "history and output")
+    sub.add_argument("--state", choices=FINISHED, required=True)
+    sub.add_argument("--older-than", type=duration, metavar="DURATION",
+                     help="only jobs that finished longer ago than this")
+
+    actions = group("dlq", "the dead letter queue")
     sub = command(actions, "list", cmd_dlq_list, "list dead jobs, newest first",
                   [json_opt])
     sub.add_argument("--limit", type=int_between(1, INT_LIMIT), default=None,
@@ -3198,17 +4354,15 @@ def build_parser():
     sub = command(commands, "delete", cmd_delete, "delete jobs that are not running")
     sub.add_argument("ids", nargs="+", metavar="ID")
 
-    config = commands.add_parser("config", help="show or change settings",
-                                 description="show or change settings")
-    actions = config.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                    parser_class=Parser)
+    actions = group("config", "show or change settings")
     command(actions, "show", cmd_config_show, "show every setting", [json_opt])
-    keys = "keys: " + ", ".join(CONFIG) + " (- or _ both work)"
-    sub = command(actions, "get", cmd_config_get, "print one setting's value")
-    sub.epilog = keys
+    keys = ("keys and their valid values: " +
+            "; ".join(f"{key} ({spec[3]})" for key, spec in CONFIG.items()) +
+            ". - or _ both work in a key")
+    sub = command(actions, "get", cmd_config_get, "print one setting's value",
+                  epilog=keys)
     sub.add_argument("key", metavar="KEY")
-    sub = command(actions, "set", cmd_config_set, "change a setting")
-    sub.epilog = keys
+    sub = command(actions, "set", cmd_config_set, "change a setting", epilog=keys)
     sub.add_argument("key", metavar="KEY")
     sub.add_argument("value", metavar="VALUE")
 
@@ -3221,7 +4375,9 @@ def main(argv=None):
     if not (sys.argv[1:] if argv is None else argv):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:       # name the command whose --help to read, not just "queuectl"
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.db == "":
         parser.error("argument --db: expected a file path, got ''")
     try:

@@ -213,10 +213,12 @@ class UsageErrorTest(CliTestCase):
             {"command": "true", "priority": 1.5}, {"command": "true", "priority": "high"},
             {"command": "true", "priority": False}, {"command": "true", "priority": 2 ** 40},
             {"command": "true", "run_at": 5}, {"command": "true", "run_at": "soon"},
-            {"command": "true", "delay": -1}, {"command": "true", "delay": "5"},
+            {"command": "true", "delay": -1}, {"command": "true", "delay": "5 m"},
             {"command": "true", "delay": True},
             {"command": "true", "timeout": 0}, {"command": "true", "timeout": -2},
-            {"command": "true", "timeout": "5"}, {"command": "true", "timeout": False},
+            {"command": "true", "timeout": "soon"}, {"command": "true", "timeout": False},
+            {"command": "true", "after": "no such job"}, {"command": "true", "after": 5},
+            {"command": "true", "unique_key": ""}, {"command": "true", "unique_key": 7},
             '{"command": "true", "delay": NaN}', '{"command": "true", "timeout": Infinity}',
         ])
 
@@ -507,7 +509,8 @@ class ConfigTest(CliTestCase):
     def test_show_defaults(self):
         """config show lists every key with its default."""
         want = {"max_retries": 3, "backoff_base": 2, "backoff_max": 3600,
-                "job_timeout": 300, "output_limit": 65536, "lease_timeout": 15}
+                "job_timeout": 300, "output_limit": 65536, "lease_timeout": 15,
+                "retention": 0}
         self.assertEqual(self.json_out("config", "show", "--json"), want)
         text = self.ok("config", "show")
         for key, value in want.items():
@@ -601,7 +604,7 @@ class StatusTest(CliTestCase):
         self.enqueue(id="later", command="true", delay=3600)
         status = self.json_out("status", "--json")
         self.assertEqual(status["counts"], {"pending": 2, "processing": 0, "completed": 0,
-                                            "failed": 0, "dead": 0})
+                                            "failed": 0, "dead": 0, "cancelled": 0})
         self.assertEqual((status["dlq"], status["db"], status["workers"]),
                          (0, self.db, []))
         self.assertGreaterEqual(status["oldest_runnable_age_s"], 90)

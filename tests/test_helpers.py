@@ -141,7 +141,8 @@ class ConfigTest(unittest.TestCase):
         """The documented defaults."""
         self.assertEqual(queuectl.CONFIG_DEFAULTS, {
             "max_retries": 3, "backoff_base": 2, "backoff_max": 3600,
-            "job_timeout": 300, "output_limit": 65536, "lease_timeout": 15})
+            "job_timeout": 300, "output_limit": 65536, "lease_timeout": 15,
+            "retention": 0})
 
     def test_parse_config_value_good(self):
         """Good values parse to numbers; whole floats become ints."""
@@ -193,15 +194,42 @@ class ValidateJobTest(unittest.TestCase):
         """A bare command gets no id, priority 0, run_at now and config-following limits."""
         self.assertEqual(self.valid(), {
             "id": None, "command": "echo hi", "max_retries": None, "priority": 0,
-            "run_at": queuectl.iso(NOW), "timeout_s": None})
+            "run_at": queuectl.iso(NOW), "timeout_s": None, "after": (),
+            "unique_key": None})
 
     def test_full_job(self):
         """Every field is carried over."""
         job = self.valid(id="job-1", max_retries=0, priority=-7, timeout=2.5,
-                         run_at="2030-01-01T02:00:00+02:00")
+                         run_at="2030-01-01T02:00:00+02:00", after=["a", "b", "a"],
+                         unique_key="nightly")
         self.assertEqual(job, {
             "id": "job-1", "command": "echo hi", "max_retries": 0, "priority": -7,
-            "run_at": "2030-01-01T00:00:00.000Z", "timeout_s": 2.5})
+            "run_at": "2030-01-01T00:00:00.000Z", "timeout_s": 2.5,
+            "after": ("a", "b"), "unique_key": "nightly"})
+
+    def test_after_and_unique_key(self):
+        """after names job ids (one id or a list, never the job itself); unique_key
+        is a non-empty string."""
+        self.assertEqual(self.valid(after="a")["after"], ("a",))
+        for bad in (5, [5], [""], ["a b"], [None], {"a": 1}, ["-x"]):
+            with self.subTest(after=bad):
+                self.invalid({"command": "true", "after": bad}, "after")
+        self.invalid({"command": "true", "id": "me", "after": ["x", "me"]}, "itself")
+        for bad in ("", 5, None, ["k"], "a\x00b"):
+            with self.subTest(unique_key=bad):
+                self.invalid({"command": "true", "unique_key": bad}, "unique_key")
+
+    def test_parse_duration(self):
+        """Durations: plain seconds, or numbers with s, m, h, d, w, combined."""
+        for text, seconds in (("90", 90), ("1.5", 1.5), ("90s", 90), ("10m", 600),
+                              ("2h", 7200), ("7d", 604800), ("1w", 604800),
+                              ("1h30m", 5400), (" 2H ", 7200), (12, 12)):
+            with self.subTest(text=text):
+                self.assertEqual(queuectl.parse_duration(text), seconds)
+        for bad in ("", "x", "10 m", "-5", "m", "1.h", "inf", "nan", True, None, "5ms"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(ValueError):
+                    queuectl.parse_duration(bad)
 
     def test_not_an_object(self):
         """A document that is not a JSON object is refused."""
@@ -253,13 +281,18 @@ class ValidateJobTest(unittest.TestCase):
                 self.invalid({"command": "true", "run_at": bad}, "run_at")
 
     def test_delay(self):
-        """delay is seconds >= 0 from now."""
+        """delay is a duration >= 0 from now: seconds, or text such as '10m'."""
         self.assertEqual(self.valid(delay=10)["run_at"],
                          queuectl.iso(NOW + timedelta(seconds=10)))
         self.assertEqual(self.valid(delay=0.5)["run_at"],
                          queuectl.iso(NOW + timedelta(seconds=0.5)))
         self.assertEqual(self.valid(delay=0)["run_at"], queuectl.iso(NOW))
-        for bad in (-1, "5", True, None, float("nan"), float("inf"), 2 ** 31):
+        self.assertEqual(self.valid(delay="5")["run_at"],
+                         queuectl.iso(NOW + timedelta(seconds=5)))
+        self.assertEqual(self.valid(delay="1h30m")["run_at"],
+                         queuectl.iso(NOW + timedelta(minutes=90)))
+        for bad in (-1, "-5", "5 m", "soon", "", True, None, float("nan"),
+                    float("inf"), 2 ** 31, "99999999d"):
             with self.subTest(delay=bad):
                 self.invalid({"command": "true", "delay": bad}, "delay")
 
@@ -269,10 +302,11 @@ class ValidateJobTest(unittest.TestCase):
                      "not both")
 
     def test_timeout(self):
-        """timeout is a number of seconds > 0."""
+        """timeout is a duration > 0: seconds, or text such as '5m'."""
         self.assertEqual(self.valid(timeout=0.25)["timeout_s"], 0.25)
         self.assertEqual(self.valid(timeout=60)["timeout_s"], 60)
-        for bad in (0, -1, 0.0, "5", True, None, float("nan"), float("inf")):
+        self.assertEqual(self.valid(timeout="5m")["timeout_s"], 300)
+        for bad in (0, -1, 0.0, "0s", "5 s", True, None, float("nan"), float("inf")):
             with self.subTest(timeout=bad):
                 self.invalid({"command": "true", "timeout": bad}, "timeout")
 

@@ -57,6 +57,7 @@ class ReadmeTest(unittest.TestCase):
     def test_every_command_and_config_key_is_documented(self):
         """Each subcommand and config key appears in README."""
         for name in ("enqueue", "worker start", "worker stop", "status", "list", "show",
+                     "logs", "wait", "cancel", "pause", "resume", "purge",
                      "dlq list", "dlq retry", "delete", "config show", "config get",
                      "config set", "stats"):
             self.assertIn(f"queuectl {name}", self.readme)

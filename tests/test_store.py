@@ -36,7 +36,7 @@ class StoreTestCase(QueueTestCase):
         """Enqueue one job created at NOW; return its id."""
         doc.setdefault("command", "true")
         job = queuectl.validate_job(doc, now)
-        return self.store.enqueue([job], self.dir, now)[0]
+        return self.store.enqueue([job], self.dir, now)[0][0]
 
     def raw(self, sql, params=()):
         return self.store.conn.execute(sql, params).fetchall()
@@ -180,14 +180,14 @@ class FencingTest(StoreTestCase):
         job_id = self.add()
         claim = claim_one(self.store, 1, 111, now=T0)
         self.assertEqual(self.store.record(started=[(job_id, claim.token, 4242, 999)],
-                                           now=at(1)), ([], []))
+                                           now=at(1)), ([], [], 0))
         first = self.store.take_over(job_id, claim.token, "a" * 32, 2, now=at(20))
         self.assertEqual(first, (claim.token, 4242, 999))
         # The first recoverer died mid-kill; the next one takes over from it.
         second = self.store.take_over(job_id, "a" * 32, "b" * 32, 3, now=at(40))
         self.assertEqual(second, first)
         self.assertEqual(self.store.record(started=[(job_id, claim.token, 1, 1)],
-                                           now=at(41)), ([], [(job_id, claim.token)]))
+                                           now=at(41)), ([], [(job_id, claim.token)], 0))
         self.assertEqual(self.raw("SELECT claim_token, run_pgid FROM jobs")[0][:],
                          ("b" * 32, 4242))
 
@@ -394,7 +394,7 @@ class EnqueueTest(StoreTestCase):
     def test_generated_ids_unique(self):
         """Jobs without ids get distinct generated ids."""
         jobs = [queuectl.validate_job({"command": "true"}, T0) for _ in range(100)]
-        ids = self.store.enqueue(jobs, self.dir, T0)
+        ids, _ = self.store.enqueue(jobs, self.dir, T0)
         self.assertEqual(len(set(ids)), 100)
         self.assertEqual(len(self.store.list_jobs()), 100)
 
@@ -481,7 +481,7 @@ class SchemaTest(StoreTestCase):
         self.assertEqual(self.pragma("user_version", path), queuectl.SCHEMA_VERSION)
         counts, _, _ = store.status(now=T0)
         self.assertEqual(counts, {"pending": 3, "processing": 0, "completed": 1,
-                                  "failed": 1, "dead": 1})
+                                  "failed": 1, "dead": 1, "cancelled": 0})
         self.assertEqual(store.stats(now=T0)["failed_attempts"], 2)
         self.assertEqual(store.config()["max_retries"], 5)
         self.assertEqual([j["id"] for j in store.list_jobs()],
@@ -661,7 +661,7 @@ class StatsTest(StoreTestCase):
                                 (queuectl.iso(now - timedelta(seconds=90)), pending))
         counts, oldest, running = self.store.status(now=now)
         self.assertEqual(counts, {"pending": 1, "processing": 0, "completed": 3,
-                                  "failed": 0, "dead": 1})
+                                  "failed": 0, "dead": 1, "cancelled": 0})
         self.assertEqual(oldest, queuectl.iso(now - timedelta(seconds=90)))
         self.assertEqual(running, {})
 

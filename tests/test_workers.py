@@ -32,10 +32,11 @@ class WorkerTestCase(QueueTestCase):
     def count(self, state):
         return len(self.jobs(state))
 
-    def stop_workers(self, proc, *extra, timeout=30):
-        """Run `worker stop` as a process; assert the supervisor exits with 0."""
+    def stop_workers(self, proc, *extra, timeout=30, code=0):
+        """Run `worker stop` as a process; assert it exits CODE and the supervisor
+        exits with 0."""
         result = self.run_cli("worker", "stop", *extra, timeout=timeout)
-        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.returncode, code, result.stderr)
         self.assertEqual(proc.wait(timeout=10), 0, self.log_text(proc))
         return result
 
@@ -251,7 +252,8 @@ class TestWorkers(WorkerTestCase):
         self.addCleanup(self.kill_group_cleanup, pgid)
         self.assertTrue(group_members(pgid))
         started = time.monotonic()
-        result = self.stop_workers(proc, "--timeout", "1")
+        result = self.stop_workers(proc, "--timeout", "1",
+                                   code=queuectl.EXIT_INTERRUPTED)
         self.assertLess(time.monotonic() - started, 15)
         self.assertIn("stopped", result.stdout)
         self.assertIn(f"0 running job(s) finished, 1 interrupted and put back as "

@@ -1,0 +1,624 @@
+"""Operator verbs: cancel, logs, wait, pause, purge, unique and dependent jobs,
+enqueue -c, and the command line around them."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import unittest
+from datetime import timedelta
+
+from tests.support import QUEUECTL, claim_one, group_members, pid_alive, proc_fields, \
+    queuectl, wait_until
+from tests.test_cli import CliTestCase
+from tests.test_regressions import RegressionTestCase
+
+q = shlex.quote
+OK = queuectl.RunResult(exit_code=0, duration_s=0.1, stdout="out\n", stderr="err\n")
+
+
+def failed(**kw):
+    return queuectl.RunResult(exit_code=1, reason="exit 1", **kw)
+
+
+class VerbTestCase(CliTestCase):
+    """In-process tests, with a Store to play the worker."""
+
+    def finish_next(self, result=OK, now=None):
+        """Claim the best runnable job and end its run with RESULT; its id."""
+        store = self.store()
+        claim = claim_one(store, 4321, now=now)
+        self.assertIsNotNone(claim, "nothing to claim")
+        store.finish(claim.id, claim.token, result, now=now)
+        store.close()
+        return claim.id
+
+    def claimable(self):
+        store = self.store()
+        claims, _ = store.claim([(1, None)] * 10)
+        for claim in claims:
+            store.give_back(claim.id, claim.token)
+        store.close()
+        return sorted(claim.id for claim in claims)
+
+
+class CancelTest(VerbTestCase):
+
+    def test_cancel_pending_and_failed_jobs(self):
+        """cancel ends pending and failed jobs at once: no retry, not in the DLQ,
+        counted and listed as cancelled, kept with their history."""
+        self.enqueue(id="a", command="true")
+        self.enqueue(id="b", command="false", max_retries=3, priority=9)
+        self.finish_next(failed())                       # b is now failed, retrying
+        self.assertEqual(self.state("b"), "failed")
+        self.assertEqual(self.ok("cancel", "a", "b"), "a: cancelled\nb: cancelled\n")
+        for job_id in ("a", "b"):
+            job = self.job(job_id)
+            self.assertEqual(job["state"], "cancelled")
+            self.assertIsNone(job["next_retry_at"])
+        self.assertEqual(len(self.job("b")["history"]), 1)   # its failed run is kept
+        status = self.json_out("status", "--json")
+        self.assertEqual((status["counts"]["cancelled"], status["dlq"]), (2, 0))
+        self.assertEqual([j["id"] for j in self.json_out("list", "--state", "cancelled",
+                                                         "--json")], ["b", "a"])
+        self.assertEqual(self.claimable(), [])
+        self.assertIn("cancelled 2", self.ok("status"))
+
+    def test_cancel_refuses_finished_and_unknown_jobs_naming_each(self):
+        """Cancelling completed, dead, cancelled or unknown jobs exits 1, names
+        every one in one line, and changes nothing, not even the good ids."""
+        self.enqueue(id="done", command="true", priority=3)
+        self.finish_next()
+        self.enqueue(id="gone", command="false", max_retries=0, priority=2)
+        self.finish_next(failed())
+        self.enqueue(id="off", command="true")
+        self.ok("cancel", "off")
+        self.enqueue(id="fine", command="true")
+        err = self.assertFailsCleanly(1, "cancel", "fine", "done", "gone", "off", "nope")
+        for part in ("job done: it is completed", "job gone: it is dead",
+                     "job off: it is cancelled", "no such job: nope"):
+            self.assertIn(part, err)
+        self.assertEqual(self.state("fine"), "pending")
+
+    def test_cancelling_a_dependency_ends_its_dependants_dead(self):
+        """A job that runs after a cancelled one ends dead, naming it, and so do
+        the jobs after that one."""
+        self.enqueue(id="a", command="true")
+        self.enqueue(id="b", command="true", after=["a"])
+        self.enqueue(id="c", command="true", after=["b"])
+        self.ok("cancel", "a")
+        self.assertEqual((self.state("b"), self.job("b")["last_error"]),
+                         ("dead", "dependency a was cancelled"))
+        self.assertEqual(self.job("c")["last_error"], "dependency b is dead")
+
+
+class LogsTest(VerbTestCase):
+
+    def test_logs_prints_a_runs_stdout_and_stderr(self):
+        """logs prints the last run's stdout to stdout and stderr to stderr;
+        --attempt N picks a run; --json gives both."""
+        self.enqueue(id="j", command="x", max_retries=2)
+        self.finish_next(failed(stdout="first out\n", stderr="first err\n"))
+        store = self.store()
+        store.conn.execute("UPDATE jobs SET run_at = ?", (queuectl.iso(queuectl.now_utc()),))
+        store.close()
+        self.finish_next(queuectl.RunResult(exit_code=0, stdout="second\n",
+                                            stderr="", stdout_dropped=7))
+        code, out, err = self.cli("logs", "j")
+        self.assertEqual((code, out), (0, "second\n"))
+        self.assertIn("first 7 bytes of stdout were not kept", err)
+        self.assertEqual(self.cli("logs", "j", "--attempt", "1")[1:],
+                         ("first out\n", "first err\n"))
+        doc = self.json_out("logs", "j", "--attempt", "1", "--json")
+        self.assertEqual((doc["run"], doc["outcome"], doc["stdout"], doc["stderr"]),
+                         (1, "failed", "first out\n", "first err\n"))
+        err = self.assertFailsCleanly(1, "logs", "j", "--attempt", "3")
+        self.assertIn("has no run 3", err)
+        self.assertFailsCleanly(1, "logs", "nope")
+        self.assertFailsCleanly(2, "logs", "j", "--follow", "--json")
+        self.enqueue(id="new", command="true")
+        self.assertEqual(self.cli("logs", "new"), (0, "", "job new has not run yet\n"))
+
+
+class WaitTest(VerbTestCase):
+
+    def test_wait_times_out_with_124(self):
+        """wait --timeout ends with 124 and names the jobs still waited for."""
+        self.enqueue(id="slow", command="true")
+        started = time.monotonic()
+        code, out, err = self.cli("wait", "slow", "--timeout", "0.3")
+        self.assertEqual(code, queuectl.EXIT_TIMEOUT)
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        self.assertIn("still waiting for slow", err)
+        code, out, _ = self.cli("wait", "slow", "--timeout", "0.1", "--json")
+        self.assertEqual(json.loads(out), {"jobs": [{"id": "slow", "state": None,
+                                                     "last_error": None}],
+                                           "completed": False, "timed_out": True})
+
+    def test_wait_for_finished_jobs_returns_their_verdict(self):
+        """wait on jobs already finished returns at once: 0 if all completed, 6 if
+        one ended dead or cancelled."""
+        self.enqueue(id="ok", command="true", priority=2)
+        self.finish_next()
+        self.assertEqual(self.cli("wait", "ok"), (0, "ok: completed\n", ""))
+        self.enqueue(id="bad", command="false", max_retries=0)
+        self.finish_next(failed())
+        code, out, _ = self.cli("wait", "ok", "bad")
+        self.assertEqual((code, out), (queuectl.EXIT_NOT_COMPLETED,
+                                       "ok: completed\nbad: dead (exit 1)\n"))
+
+    def test_wait_refuses_unknown_ids(self):
+        """wait on ids that do not exist exits 1 naming each of them."""
+        self.enqueue(id="real", command="true")
+        err = self.assertFailsCleanly(1, "wait", "real", "ghost", "phantom")
+        self.assertIn("no such job: ghost; no such job: phantom", err)
+
+
+class PauseTest(VerbTestCase):
+
+    def test_pause_and_resume_in_status_and_claims(self):
+        """pause stops claims and shows in status (text and JSON); resume undoes
+        it; both say what they did, twice over too."""
+        self.enqueue(id="a", command="true")
+        out = self.ok("pause")
+        self.assertTrue(out.startswith("paused since "), out)
+        self.assertEqual(self.ok("pause"), out)              # already paused: the same
+        self.assertEqual(self.claimable(), [])
+        status = self.json_out("status", "--json")
+        self.assertTrue(status["paused"])
+        self.assertTrue(status["paused_since"].endswith("Z"))
+        self.assertIn("paused:    since", self.ok("status"))
+        # Waiting jobs of a paused queue are no sign of missing workers.
+        code, out, _ = self.cli("status", "--check")
+        self.assertEqual(code, 0, out)
+        self.assertTrue(self.ok("resume").startswith("resumed (paused since "))
+        self.assertEqual(self.ok("resume"), "the queue was not paused\n")
+        self.assertEqual(self.claimable(), ["a"])
+        self.assertEqual(self.cli("status", "--check")[0], queuectl.EXIT_CHECK_NO_WORKERS)
+
+
+class PurgeTest(VerbTestCase):
+
+    def test_purge_deletes_old_finished_jobs_with_their_history(self):
+        """purge --state S --older-than D deletes those jobs, their runs and output,
+        and prints how many; newer jobs and other states stay."""
+        now = queuectl.now_utc()
+        for n in range(3):
+            self.enqueue(id=f"old{n}", command="true", priority=5)
+            self.finish_next(now=now - timedelta(hours=3))
+        self.enqueue(id="new", command="true", priority=4)
+        self.finish_next(now=now - timedelta(minutes=5))
+        self.enqueue(id="dead", command="false", max_retries=0, priority=3)
+        self.finish_next(failed(), now=now - timedelta(hours=3))
+        self.assertEqual(self.ok("purge", "--state", "completed", "--older-than", "2h"),
+                         "purged 3 completed job(s) older than 2h00m\n")
+        left = {j["id"] for j in self.json_out("list", "--json")}
+        self.assertEqual(left, {"new", "dead"})
+        store = self.store()
+        self.assertEqual(store.conn.execute(
+            "SELECT count(*) FROM attempts WHERE job_id LIKE 'old%'").fetchone()[0], 0)
+        store.close()
+        counts = self.json_out("status", "--json")["counts"]
+        self.assertEqual((counts["completed"], counts["dead"]), (1, 1))
+        self.assertEqual(self.ok("purge", "--state", "dead"), "purged 1 dead job(s)\n")
+        self.assertFailsCleanly(2, "purge", "--state", "pending")
+        self.assertFailsCleanly(2, "purge", "--state", "completed", "--older-than", "soon")
+        self.assertFailsCleanly(2, "purge")
+
+
+class UniqueTest(VerbTestCase):
+
+    def test_a_held_unique_key_adds_nothing_until_its_job_finishes(self):
+        """While an unfinished job holds a unique key, enqueueing another job with
+        that key prints the holder's id, says so on stderr and adds nothing."""
+        job = json.dumps({"command": "backup.sh", "unique_key": "nightly"})
+        first = self.ok("enqueue", job).strip()
+        code, out, err = self.cli("enqueue", job)
+        self.assertEqual((code, out), (0, f"{first}\n"))
+        self.assertEqual(err, f"job {first} holds unique key 'nightly' already: "
+                              f"nothing added\n")
+        self.assertEqual(len(self.json_out("list", "--json")), 1)
+        self.assertEqual(self.job(first)["unique_key"], "nightly")
+        self.finish_next()
+        second = self.ok("enqueue", job).strip()
+        self.assertNotEqual(second, first)
+        lines = job + "\n" + job + "\n"
+        code, out, err = self.cli("enqueue", "-", stdin=lines)
+        self.assertEqual((code, out), (0, f"{second}\n{second}\n"))
+        self.assertEqual(err.count("nothing added"), 2)
+        self.assertEqual(len(self.json_out("list", "--json")), 2)
+
+
+class DependencyTest(VerbTestCase):
+
+    def test_a_job_runs_only_after_its_dependencies_completed(self):
+        """A job with `after` is claimable only once every job it names has
+        completed; show lists them and what it still waits for."""
+        self.enqueue(id="a", command="true", priority=1)
+        self.enqueue(id="b", command="true", priority=1)
+        self.enqueue(id="c", command="true", priority=9, after=["a", "b"])
+        self.assertEqual(self.claimable(), ["a", "b"])
+        job = self.job("c")
+        self.assertEqual(job["after"], [{"id": "a", "state": "pending"},
+                                        {"id": "b", "state": "pending"}])
+        self.assertEqual(job["waiting_for"], ["a", "b"])
+        self.assertIn("waiting_for:   a, b", self.ok("show", "c"))
+        self.assertEqual(self.finish_next(), "a")
+        self.assertEqual(self.claimable(), ["b"])
+        self.assertEqual(self.finish_next(), "b")
+        self.assertEqual(self.claimable(), ["c"])
+        self.assertEqual(self.job("c")["waiting_for"], [])
+        # After a job that has completed already, a new job runs at once.
+        self.enqueue(id="d", command="true", after="a")
+        self.assertEqual(self.claimable(), ["c", "d"])
+
+    def test_a_dead_dependency_ends_the_chain_dead(self):
+        """If a dependency ends dead, its dependants end dead naming it, and
+        theirs too; a new job after a dead one is dead at once."""
+        self.enqueue(id="a", command="false", max_retries=0)
+        self.enqueue(id="b", command="true", after=["a"])
+        self.enqueue(id="c", command="true", after=["b"])
+        self.finish_next(failed())
+        self.assertEqual([(self.state(j), self.job(j)["last_error"]) for j in "bc"],
+                         [("dead", "dependency a is dead"),
+                          ("dead", "dependency b is dead")])
+        self.enqueue(id="d", command="true", after=["a"])
+        self.assertEqual(self.job("d")["last_error"], "dependency a is dead")
+        self.assertEqual(self.json_out("status", "--json")["counts"]["dead"], 4)
+        # Retried together with its dependency, a dependant waits for it again.
+        err = self.assertFailsCleanly(1, "dlq", "retry", "b")
+        self.assertIn("its dependency a is dead", err)
+        self.ok("dlq", "retry", "a", "b")
+        self.assertEqual(self.claimable(), ["a"])
+        self.assertEqual(self.job("b")["waiting_for"], ["a"])
+
+    def test_bad_dependencies_are_refused_at_enqueue(self):
+        """after naming an unknown job, or the job itself, is refused; a running
+        dependency cannot be deleted from under its dependants."""
+        self.enqueue(id="a", command="true")
+        err = self.assertFailsCleanly(1, "enqueue", json.dumps(
+            {"command": "true", "after": ["a", "nope"]}))
+        self.assertIn("no such job: nope", err)
+        self.assertFailsCleanly(2, "enqueue", json.dumps(
+            {"id": "me", "command": "true", "after": ["me"]}))
+        # Within a batch, a job may run after one added earlier in it.
+        lines = (json.dumps({"id": "x", "command": "true"}) + "\n" +
+                 json.dumps({"id": "y", "command": "true", "after": ["x"]}) + "\n")
+        self.ok("enqueue", "-", stdin=lines)
+        err = self.assertFailsCleanly(1, "delete", "x")
+        self.assertIn("cannot delete job x: job y runs after it", err)
+        self.ok("delete", "x", "y")
+
+
+class EnqueueFlagsTest(VerbTestCase):
+
+    def test_enqueue_c_with_every_flag_equals_the_json_form(self):
+        """enqueue -c COMMAND with flags stores what the same JSON stores."""
+        self.enqueue(id="base", command="true")
+        self.ok("enqueue", "-c", "echo 'hi there'", "--id", "flags", "--priority", "-3",
+                "--max-retries", "5", "--timeout", "2m", "--delay", "1h",
+                "--after", "base", "--unique-key", "k1")
+        self.enqueue(id="json", command="echo 'hi there'", priority=-3, max_retries=5,
+                     timeout="2m", delay=3600, after=["base"], unique_key="k2")
+        a, b = self.job("flags"), self.job("json")
+        for field in ("command", "priority", "max_retries", "timeout", "after", "state"):
+            self.assertEqual(a[field], b[field], field)
+        self.assertEqual(a["timeout"], 120)
+        self.ok("enqueue", "-c", "true", "--run-at", "2030-01-01T00:00:00+01:00",
+                "--id", "at")
+        self.assertEqual(self.job("at")["run_at"], "2029-12-31T23:00:00.000Z")
+
+    def test_enqueue_c_validates_like_json(self):
+        """Bad flag values are refused naming the flag; -c with JSON, flags without
+        -c, and no job at all are usage errors; nothing changes."""
+        for argv, words in ((["--priority", "high"], "--priority"),
+                            (["--max-retries", "-1"], "--max-retries"),
+                            (["--timeout", "0"], "--timeout"),
+                            (["--delay", "soon"], "--delay"),
+                            (["--run-at", "tomorrow"], "--run-at"),
+                            (["--id", "a b"], "--id"),
+                            (["--after", "ghost"], "no such job: ghost")):
+            with self.subTest(argv=argv):
+                code = 1 if argv[0] == "--after" else 2
+                err = self.assertFailsCleanly(code, "enqueue", "-c", "true", *argv)
+                self.assertIn(words, err)
+        self.assertFailsCleanly(2, "enqueue", "-c", "true", '{"command": "x"}')
+        self.assertFailsCleanly(2, "enqueue", '{"command": "x"}', "--priority", "1")
+        self.assertFailsCleanly(2, "enqueue")
+        self.assertFailsCleanly(2, "enqueue", "-c", "")
+
+
+class CommandLineTest(VerbTestCase):
+
+    def test_unknown_arguments_name_the_command(self):
+        """An unknown option or extra argument names the command whose --help
+        to read."""
+        self.enqueue(id="a", command="true")
+        for argv, prog in ((["enqueue", "--bogus", "{}"], "queuectl enqueue"),
+                           (["status", "--bogus"], "queuectl status"),
+                           (["show", "a", "extra"], "queuectl show"),
+                           (["dlq", "list", "--bogus"], "queuectl dlq list")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(2, *argv)
+                self.assertTrue(err.startswith(f"{prog}: error: unrecognized "
+                                               f"arguments"), err)
+                self.assertIn(f"see '{prog} --help'", err)
+
+    def test_db_at_every_level(self):
+        """--db works after a command group's name too, and every group lists it."""
+        other = self.path("other.db")
+        code, out, err = self.cli("enqueue", "--db", other, '{"id": "o", "command": "x"}')
+        self.assertEqual((code, err), (0, ""))
+        for argv in (["dlq", "--db", other, "list", "--json"],
+                     ["config", "--db", other, "show", "--json"],
+                     ["worker", "--db", other, "stop"]):
+            with self.subTest(argv=argv):
+                self.assertEqual(self.cli(*argv)[0], 0)
+        self.assertEqual(self.json_out("list", "--db", other, "--json")[0]["id"], "o")
+        for group in ("dlq", "worker", "config"):
+            code, out, _ = self.cli(group, "--help")
+            self.assertIn("--db PATH", out)
+
+    def test_dlq_retry_names_every_bad_id(self):
+        """dlq retry of several bad ids names each one, and retries none."""
+        self.make_dead("d")
+        self.enqueue(id="p", command="true")
+        err = self.assertFailsCleanly(1, "dlq", "retry", "d", "p", "x", "y")
+        self.assertIn("cannot retry job p: it is pending; no such job: x; no such job: y",
+                      err)
+        self.assertEqual(self.state("d"), "dead")
+
+    def test_config_set_help_lists_valid_values_and_durations_work(self):
+        """config set --help lists each key's valid values; durations are accepted
+        wherever a duration is asked for."""
+        code, out, _ = self.cli("config", "set", "--help")
+        for key, spec in queuectl.CONFIG.items():
+            self.assertIn(key, out)
+        self.assertIn("a duration such as 7d", " ".join(out.split()))
+        self.assertEqual(self.ok("config", "set", "job_timeout", "5m"), "job_timeout = 300\n")
+        self.assertEqual(self.ok("config", "set", "retention", "7d"), "retention = 604800\n")
+        self.assertFailsCleanly(2, "config", "set", "retention", "-1d")
+        self.assertFailsCleanly(2, "status", "--max-age", "ten minutes")
+        self.assertEqual(self.cli("status", "--max-age", "10m")[0], 0)
+
+
+class VerbProcessTest(RegressionTestCase):
+    """The verbs against real workers."""
+
+    def test_cancel_kills_a_running_job_within_a_second(self):
+        """cancel of a running job kills its whole process group within a second,
+        wherever its worker is; the run ends cancelled with its output kept."""
+        proc = self.start_workers(2)
+        pid_file = self.path("pid")
+        job_id = self.enqueue(command=f"echo started; echo $$ > {q(pid_file)}; "
+                                      f"sleep 60 & sleep 60")
+        self.wait_state(job_id, "processing", timeout=10)
+        shell = int(wait_until(lambda: self.read("pid").strip(), 10, "the job's pid"))
+        self.assertTrue(group_members(shell))
+        started = time.monotonic()
+        result = self.run_cli("cancel", job_id)
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, f"{job_id}: cancelled (its run was killed)\n", ""))
+        wait_until(lambda: not group_members(shell), 5, "the job's processes to die")
+        self.assertLess(time.monotonic() - started, 1.5)
+        job = self.job(job_id)
+        self.assertEqual(job["state"], "cancelled")
+        self.assertEqual([(h["outcome"], h["reason"]) for h in job["history"]],
+                         [("cancelled", "cancelled")])
+        wait_until(lambda: self.job(job_id)["output"] and
+                   self.job(job_id)["output"]["stdout"] == "started\n", 10,
+                   "the run's output to be kept")
+        wait_until(lambda: f"job {job_id} was cancelled" in self.log_text(proc), 10,
+                   "the supervisor to log the cancel")
+        # The worker is free again.
+        self.wait_state(self.enqueue(command="true"), "completed")
+        self.assertNotIn("Traceback", self.log_text(proc))
+
+    def test_cancel_races_finishing_jobs(self):
+        """Cancels fired as short jobs finish: each job ends either completed (the
+        cancel refused) or cancelled (its run, if any, ended), never both."""
+        self.start_workers(2)
+        outcomes = set()
+        for n in range(16):
+            job_id = self.enqueue(command=f"sleep 0.0{n % 4}")
+            time.sleep(0.002 * (n % 8))
+            result = self.run_cli("cancel", job_id)
+            self.assertNotIn("Traceback", result.stderr)
+            job = wait_until(lambda: self.job(job_id)["state"] in ("completed",
+                                                                   "cancelled")
+                             and self.job(job_id), 10, f"job {job_id} to end")
+            if result.returncode == 0:
+                self.assertEqual(job["state"], "cancelled", job)
+                self.assertNotIn("completed", [h["outcome"] for h in job["history"]])
+            else:
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn("it is completed", result.stderr)
+                self.assertEqual(job["state"], "completed")
+            outcomes.add(job["state"])
+            runs = [h for h in job["history"] if h["outcome"] == "running"]
+            wait_until(lambda: not [h for h in self.job(job_id)["history"]
+                                    if h["outcome"] == "running"], 10, "no run left open")
+        status = json.loads(self.ok("status", "--json"))
+        self.assertEqual(status["counts"]["processing"], 0)
+        self.assertEqual(status["counts"]["completed"] + status["counts"]["cancelled"], 16)
+
+    def test_logs_follow_streams_output_as_it_is_written(self):
+        """logs --follow prints a running job's output as it comes, and exits 0
+        when the run completes (6 when it fails)."""
+        self.start_workers(1)
+        job_id = self.enqueue(command="echo one; echo err1 >&2; sleep 1.5; echo two")
+        self.wait_state(job_id, "processing", timeout=10)
+        follower = subprocess.Popen([sys.executable, QUEUECTL, "logs", job_id, "-f"],
+                                    env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: follower.poll() is None and follower.kill())
+        first = follower.stdout.readline()
+        self.assertEqual(first, "one\n")
+        self.assertEqual(self.state(job_id), "processing", "printed only at the end")
+        out, err = follower.communicate(timeout=20)
+        self.assertEqual((follower.returncode, first + out, err), (0, "one\ntwo\n",
+                                                                    "err1\n"))
+        bad = self.enqueue(command="echo x; exit 3", max_retries=0)
+        result = self.run_cli("logs", bad, "--follow", timeout=20)
+        self.assertEqual((result.returncode, result.stdout),
+                         (queuectl.EXIT_NOT_COMPLETED, "x\n"))
+
+    def test_a_job_that_writes_without_end_stays_bounded(self):
+        """A job that writes without end keeps only output_limit bytes of it while
+        it runs, on disk too; --follow says what it skipped."""
+        self.ok("config", "set", "output_limit", "10000")
+        self.start_workers(1)
+        job_id = self.enqueue(command="yes spam", timeout=3, max_retries=0)
+        job = self.wait_state(job_id, "processing", timeout=10)
+        token = self.job(job_id)["history"][0]
+        spool = self.db + ".out"
+        wait_until(lambda: os.path.isdir(spool) and os.listdir(spool), 5,
+                   "the job's output to be spooled")
+        follower = subprocess.run([sys.executable, QUEUECTL, "logs", job_id, "-f"],
+                                  env=self.env, capture_output=True, timeout=30)
+        self.assertEqual(follower.returncode, queuectl.EXIT_NOT_COMPLETED)
+        self.assertIn(b"bytes of stdout skipped here", follower.stderr)
+        job = self.wait_state(job_id, "dead")
+        out = job["output"]
+        self.assertEqual(len(out["stdout"]), 10000)
+        self.assertGreater(out["stdout_dropped_bytes"], 1000000)
+        self.assertEqual(os.listdir(spool), [], "the spool outlived its run")
+        self.assertTrue(token)
+
+    def test_spool_stays_within_its_capacity_while_written(self):
+        """While a job writes a lot, each spool file holds at most output_limit
+        bytes after its header."""
+        self.ok("config", "set", "output_limit", "4096")
+        self.start_workers(1)
+        job_id = self.enqueue(command="for i in $(seq 2000); do echo line $i; done; "
+                                      "sleep 2")
+        self.wait_state(job_id, "processing", timeout=10)
+        spool = self.db + ".out"
+        wait_until(lambda: os.path.isdir(spool) and len(os.listdir(spool)) == 2, 5,
+                   "both streams to be spooled")
+        sizes = [os.path.getsize(os.path.join(spool, name)) for name in os.listdir(spool)]
+        self.assertLessEqual(max(sizes), queuectl.Spool.HEADER + 4096)
+        result = self.run_cli("logs", job_id)
+        self.assertTrue(result.stdout.endswith("line 2000\n"), result.stdout[-40:])
+        self.assertIn("were not kept", result.stderr)
+
+    def test_wait_blocks_until_jobs_end_and_costs_little(self):
+        """wait returns when its jobs end, with their verdict, and uses little CPU
+        while it waits."""
+        self.start_workers(2)
+        slow = self.enqueue(command="sleep 2")
+        bad = self.enqueue(command="exit 1", max_retries=0)
+        waiter = subprocess.Popen([sys.executable, QUEUECTL, "wait", slow, bad],
+                                  env=self.env, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: waiter.poll() is None and waiter.kill())
+        wait_until(lambda: self.state(slow) == "processing", 10, "the slow job")
+        time.sleep(1)           # the span measured: the waiter waits, nothing else
+        fields = proc_fields(waiter.pid)
+        cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out, _ = waiter.communicate(timeout=20)
+        self.assertEqual(waiter.returncode, queuectl.EXIT_NOT_COMPLETED)
+        self.assertEqual(sorted(out.splitlines()),
+                         sorted([f"{slow}: completed", f"{bad}: dead (exit 1)"]))
+        self.assertLess(cpu_s, 0.5, "wait used the CPU while it waited")
+
+    def test_pause_holds_new_jobs_across_restarts_until_resume(self):
+        """pause stops claims (a running job goes on), lasts across a restart of
+        the workers, and resume starts the held jobs."""
+        proc = self.start_workers(1)
+        running = self.enqueue(command="sleep 1")
+        self.wait_state(running, "processing", timeout=10)
+        self.ok("pause")
+        held = self.enqueue(command="true")
+        self.wait_state(running, "completed", timeout=10)
+        # What is under test is an absence: longer than the 1 s safety net.
+        time.sleep(1.5)
+        self.assertEqual(self.state(held), "pending")
+        result = self.run_cli("worker", "stop", timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(proc.wait(timeout=10), 0)
+        self.start_workers(1)
+        time.sleep(1.5)
+        self.assertEqual(self.state(held), "pending")
+        self.ok("resume")
+        self.wait_state(held, "completed", timeout=10)
+
+    def test_dependants_wait_across_workers(self):
+        """With two workers, a job after another starts only once it completed."""
+        self.start_workers(2)
+        record = self.path("order")
+        first = self.enqueue(command=f"sleep 1; echo first >> {q(record)}")
+        second = self.enqueue(command=f"echo second >> {q(record)}", after=[first])
+        self.wait_state(second, "completed", timeout=20)
+        self.assertEqual(self.read("order"), "first\nsecond\n")
+        start = self.job(second)["history"][0]["started_at"]
+        self.assertGreaterEqual(start, self.job(first)["updated_at"])
+
+    def test_retention_purges_completed_jobs_on_its_own(self):
+        """With retention set, the supervisor purges completed jobs older than it."""
+        self.ok("config", "set", "retention", "1s")
+        proc = self.start_workers(1)
+        ids = [self.enqueue(command="true") for _ in range(3)]
+        for job_id in ids:
+            self.wait_state(job_id, "completed")
+        result = self.run_cli("worker", "stop", timeout=30)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(proc.wait(timeout=10), 0)
+        time.sleep(1.1)         # the jobs age past the retention
+        keep = self.enqueue(command="sleep 30")
+        proc = self.start_workers(1)
+        wait_until(lambda: "purged 3 completed job(s)" in self.log_text(proc), 10,
+                   "the supervisor to purge")
+        self.assertEqual([j["id"] for j in json.loads(self.ok("list", "--json"))], [keep])
+
+    def test_purge_while_workers_run(self):
+        """purge while workers complete jobs: no error, no job lost, counts right."""
+        self.start_workers(2)
+        lines = "".join(json.dumps({"command": "true"}) + "\n" for _ in range(300))
+        ids = self.ok("enqueue", "-", stdin=lines).split()
+        purged = 0
+        while True:
+            result = self.run_cli("purge", "--state", "completed")
+            self.assertEqual((result.returncode, result.stderr), (0, ""))
+            purged += int(result.stdout.split()[1])
+            status = json.loads(self.ok("status", "--json"))
+            if sum(status["counts"].values()) == 0:
+                break
+        self.assertEqual(purged, len(ids))
+        self.assertEqual(json.loads(self.ok("list", "--json")), [])
+
+    def test_worker_stop_reports_on_separate_lines_and_cold_stop_exits_7(self):
+        """worker stop's progress note ends its line before the report; a stop
+        that had to kill running jobs exits 7."""
+        proc = self.start_workers(1)
+        job_id = self.enqueue(command="sleep 30")
+        self.wait_state(job_id, "processing", timeout=10)
+        result = self.run_cli("worker", "stop", "--timeout", "0.5s", timeout=30)
+        self.assertEqual(result.returncode, queuectl.EXIT_INTERRUPTED, result.stderr)
+        self.assertTrue(result.stderr.endswith("\n"))
+        self.assertEqual(len(result.stderr.splitlines()), 1)
+        self.assertTrue(result.stdout.startswith("stopped workers"), result.stdout)
+        self.assertEqual(proc.wait(timeout=10), 0)
+
+    def test_detached_log_is_rotated(self):
+        """A detached supervisor's log is rotated to one .1 file at its size limit."""
+        env = dict(self.env, QUEUECTL_LOG_MAX_BYTES="3000")
+        self.addCleanup(lambda: self.run_cli("worker", "stop", timeout=30))
+        result = self.run_cli("worker", "start", "--detach", env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = "".join(json.dumps({"command": "true"}) + "\n" for _ in range(60))
+        ids = self.ok("enqueue", "-", stdin=lines).split()
+        for job_id in ids:
+            self.wait_state(job_id, "completed")
+        log = self.db + ".log"
+        wait_until(lambda: os.path.exists(log + ".1"), 10, "the log to be rotated")
+        self.assertLess(os.path.getsize(log), 3000 + 1000)
+        self.assertLess(os.path.getsize(log + ".1"), 3000 + 1000)
+        with open(log) as f:
+            self.assertNotIn("Traceback", f.read())
+
+
+if __name__ == "__main__":
+    unittest.main()
