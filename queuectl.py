@@ -24,13 +24,15 @@ Usage:
     queuectl dlq list | dlq retry ID... | delete ID...
     queuectl config show | config get KEY | config set KEY VALUE
     queuectl stats [--json]
+    queuectl dashboard [--host 127.0.0.1] [--port 8765] [--token TOKEN]
 
 Exit codes:
     0    success
     1    runtime error: unknown job, job in the wrong state, workers already running,
          unusable database
     2    usage or validation error: bad option, bad JSON, bad job field, unknown
-         state or config key, bad config value
+         state or config key, bad config value, dashboard on a public address
+         without a token
     3    status --check: dead jobs in the DLQ
     4    status --check: runnable jobs are waiting but no workers are running
     5    status --check: the oldest runnable job has waited longer than --max-age
@@ -68,6 +70,9 @@ __version__ = "1.1.0"
 
 PROG = "queuectl"
 ENV_DB = "QUEUECTL_DB"
+ENV_TOKEN = "QUEUECTL_TOKEN"               # the dashboard's token, if not --token
+DASHBOARD_PORT = 8765
+DASHBOARD_CLIENT_TIMEOUT_S = 10.0          # a silent dashboard client is dropped
 ENV_LOG_MAX = "QUEUECTL_LOG_MAX_BYTES"   # where a detached supervisor's log rotates
 LOG_MAX_BYTES = 10 * 1024 * 1024
 DB_FILENAME = "queuectl.db"
@@ -160,6 +165,7 @@ WAIT_POLL_S = 0.1          # wait, logs --follow: how often they look for a chan
 FOLLOW_POLL_S = 0.1
 CANCEL_RECHECK_S = 0.3     # cancel looks again for a run that started as it cancelled
 PURGE_BATCH = 2000         # jobs deleted a transaction by purge and retention
+SEARCH_SCAN = 100000       # the dashboard's search looks at this many newest jobs
 RUN_MINUTES_KEPT_S = 86400 # per-minute run counts are kept for a day
 IDLE_RECHECK_S = 1.0       # the supervisor checks leases and looks for jobs this often
 STARTED_AFTER_S = 0.01     # a run that lasts this long has its process group recorded
@@ -413,6 +419,14 @@ class UsageError(QueueError):
     """Bad input: a bad option, JSON document, job field or config value."""
 
     code = EXIT_USAGE
+
+
+class NotFound(QueueError):
+    """An id that names no job, or a run number that names no run."""
+
+
+class Refused(QueueError):
+    """An action that a job's state forbids (cancelling a completed job)."""
 
 
 ####
@@ -738,7 +752,14 @@ class LogRotation:
 
 
 def _one_line(text):
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """TEXT on one line, its control characters escaped: a log line cannot be
+    split, nor send escape sequences to the terminal that shows it."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"),
+                        text)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r"}
 
 
 ####
@@ -1119,7 +1140,7 @@ class Store:
         def body(conn):
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise QueueError(f"no such job: {job_id}")
+                raise NotFound(f"no such job: {job_id}")
             attempts = conn.execute(
                 "SELECT * FROM attempts WHERE job_id = ? ORDER BY id",
                 (job_id,)).fetchall()
@@ -1178,7 +1199,7 @@ class Store:
         def body(conn):
             job = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if job is None:
-                raise QueueError(f"no such job: {job_id}")
+                raise NotFound(f"no such job: {job_id}")
             sql = "SELECT * FROM attempts INDEXED BY attempts_job WHERE job_id = ?"
             if number is None:
                 run = conn.execute(sql + " ORDER BY id DESC LIMIT 1", (job_id,)).fetchone()
@@ -1187,7 +1208,7 @@ class Store:
                 if run is None:
                     runs = conn.execute("SELECT count(*) FROM attempts WHERE job_id = ?",
                                         (job_id,)).fetchone()[0]
-                    raise QueueError(f"job {job_id} has no run {number} (it has run "
+                    raise NotFound(f"job {job_id} has no run {number} (it has run "
                                      f"{runs} time(s))")
             return dict(job), (dict(run) if run else None)
         return self._read(body)
@@ -1205,15 +1226,16 @@ class Store:
     def _require_jobs(self, conn, job_ids, allowed, action):
         """Check every id exists and is in an allowed state; raise naming every
         one that is not (in one line)."""
-        problems = []
+        problems, missing = [], 0
         for job_id in job_ids:
             state = self._state_of(conn, job_id)
             if state is None:
                 problems.append(f"no such job: {job_id}")
+                missing += 1
             elif state not in allowed:
                 problems.append(f"cannot {action} job {job_id}: it is {state}")
         if problems:
-            raise QueueError("; ".join(problems))
+            raise (NotFound if missing == len(problems) else Refused)("; ".join(problems))
 
     def delete(self, job_ids):
         """Delete jobs that are not running, with their history; refuse a job
@@ -1275,7 +1297,7 @@ class Store:
                 elif any(state != COMPLETED for _, state in states):
                     conn.execute("UPDATE jobs SET ready = -1 WHERE id = ?", (job_id,))
             if problems:
-                raise QueueError("; ".join(problems))
+                raise Refused("; ".join(problems))
             return ids
         return self._write(body)
 
@@ -1466,6 +1488,81 @@ class Store:
             "SELECT min(run_at) FROM jobs INDEXED BY jobs_ready "
             "WHERE state IN ('pending', 'failed') AND ready = 1").fetchone()[0]
         return min(oldest or first, first)
+
+    def oldest_waiting(self, now=None):
+        """The runnable job that has waited longest past its run_at, as a dict of
+        id, command and run_at, or None."""
+        stamp = iso(now or now_utc())
+
+        def body(conn):
+            run_at = self._oldest_runnable(conn, stamp)
+            if run_at is None:
+                return None
+            row = conn.execute(
+                "SELECT id, command, run_at FROM jobs WHERE run_at = ? AND state IN "
+                "('pending', 'failed') AND ready >= 0 ORDER BY rowid LIMIT 1",
+                (run_at,)).fetchone()
+            return dict(row) if row else None
+        return self._read(body)
+
+    def search_jobs(self, state=None, text=None, before=None, limit=50,
+                    scan=SEARCH_SCAN):
+        """A page of jobs, newest first: in STATE, whose id or command holds TEXT,
+        older than job BEFORE. A search looks at the newest SCAN of those jobs only,
+        for a bounded cost on any database; return (jobs, whether it stopped
+        short of the oldest)."""
+        def body(conn):
+            where, params = [], []
+            newest = "SELECT rowid, * FROM jobs"
+            if state:
+                newest += " INDEXED BY jobs_state"
+                where.append("state = ?")
+                params.append(state)
+            if before:
+                row = conn.execute("SELECT rowid FROM jobs WHERE id = ?",
+                                   (before,)).fetchone()
+                if row is None:
+                    raise NotFound(f"no such job: {before}")
+                where.append("rowid < ?")
+                params.append(row[0])
+            if where:
+                newest += " WHERE " + " AND ".join(where)
+            newest += " ORDER BY rowid DESC"
+            short = False
+            if text:
+                like = "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
+                sql = (f"SELECT * FROM ({newest} LIMIT ?) WHERE id LIKE ? ESCAPE '\\' "
+                       f"OR command LIKE ? ESCAPE '\\' ORDER BY rowid DESC LIMIT ?")
+                params_all = params + [scan, like, like, limit]
+                short = conn.execute(f"SELECT count(*) FROM ({newest} LIMIT ?)",
+                                     params + [scan + 1]).fetchone()[0] > scan
+            else:
+                sql, params_all = newest + " LIMIT ?", params + [limit]
+            config = self._config(conn)
+            return [job_dict(row, config) for row in conn.execute(sql, params_all)], short
+        return self._read(body)
+
+    def run_minutes(self, since):
+        """{minute: {outcome: runs}} of runs that ended from the minute of SINCE on."""
+        def body(conn):
+            minutes = {}
+            for minute, outcome, runs in conn.execute(
+                    "SELECT minute, outcome, runs FROM run_minutes WHERE minute >= ?",
+                    (iso(since)[:16],)):
+                minutes.setdefault(minute, {})[outcome] = runs
+            return minutes
+        return self._read(body)
+
+    def run_totals(self):
+        """{outcome: [(bucket, runs, seconds)]}: every ended run, for /metrics."""
+        def body(conn):
+            totals = {}
+            for outcome, bucket, runs, seconds in conn.execute(
+                    "SELECT outcome, bucket, runs, seconds FROM run_totals "
+                    "ORDER BY outcome, bucket"):
+                totals.setdefault(outcome, []).append((bucket, runs, seconds))
+            return totals
+        return self._read(body)
 
     def stats(self, now=None):
         """Counts, run totals, and run times of the last STATS_RUNS completed runs."""
@@ -3756,8 +3853,20 @@ def _wait_stopped(path, timeout_s):
 
 def cmd_status(args):
     with open_store(args) as store:
-        counts, oldest, running = store.status()
-        paused = store.paused()
+        report, codes = status_report(store, args.max_age, args.max_dead)
+    if args.json:
+        print_json(report)
+    else:
+        print_status(report, args.check)
+    if args.check and codes:
+        return codes[0]            # the most urgent: no workers, stale, dead
+    return EXIT_OK
+
+
+def status_report(store, max_age=None, max_dead=0):
+    """The status --json document, and the --check exit codes of its problems."""
+    counts, oldest, running = store.status()
+    paused = store.paused()
     now = now_utc()
     oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
     supervisor = PidFile.running(pid_path(store.path))
@@ -3783,11 +3892,11 @@ def cmd_status(args):
         problems.append((EXIT_CHECK_NO_WORKERS,
                          f"{len(stuck)} job(s) held by a worker that is gone; start "
                          f"workers to recover them"))
-    if oldest_age is not None and args.max_age is not None and oldest_age > args.max_age:
+    if oldest_age is not None and max_age is not None and oldest_age > max_age:
         problems.append((EXIT_CHECK_STALE, f"oldest runnable job has waited "
                                            f"{format_duration(oldest_age)} "
-                                           f"(more than {args.max_age:g}s)"))
-    if counts[DEAD] > args.max_dead:
+                                           f"(more than {max_age:g}s)"))
+    if counts[DEAD] > max_dead:
         problems.append((EXIT_CHECK_DEAD, f"{counts[DEAD]} dead job(s) in the DLQ"))
     report = {
         "db": store.path,
@@ -3803,13 +3912,7 @@ def cmd_status(args):
         "healthy": not problems,
         "problems": [text for _, text in problems],
     }
-    if args.json:
-        print_json(report)
-    else:
-        print_status(report, args.check)
-    if args.check and problems:
-        return problems[0][0]      # the most urgent: no workers, stale, dead
-    return EXIT_OK
+    return report, [code for code, _ in problems]
 
 
 def print_status(report, check):
@@ -3875,26 +3978,11 @@ def print_job_table(jobs):
 
 def cmd_show(args):
     with open_store(args) as store:
-        job, attempts = store.get_job(args.id)
-    history = [{
-        "number": a["number"], "worker_pid": a["worker_pid"],
-        "started_at": a["started_at"], "finished_at": a["finished_at"],
-        "outcome": a["outcome"], "exit_code": a["exit_code"], "reason": a["reason"],
-        "duration_s": a["duration_s"]} for a in attempts]
-    last = next((a for a in reversed(attempts)
-                 if a["outcome"] in (COMPLETED, FAILED, CANCELLED)), None)
-    waiting_for = [dep["id"] for dep in job["after"] if dep["state"] != COMPLETED]
-    if job["state"] != PENDING:
-        waiting_for = []
-    job["waiting_for"] = waiting_for
-    output = None
-    if last is not None:
-        output = {"stdout": last["stdout"] or "", "stderr": last["stderr"] or "",
-                  "stdout_dropped_bytes": last["stdout_dropped"],
-                  "stderr_dropped_bytes": last["stderr_dropped"]}
+        job = job_document(store, args.id)
     if args.json:
-        print_json(dict(job, history=history, output=output))
+        print_json(job)
         return
+    history, output = job.pop("history"), job.pop("output")
     for key, value in job.items():
         if key == "after":
             value = ", ".join(f"{dep['id']} ({dep['state']})" for dep in value) or None
@@ -3919,6 +4007,28 @@ def cmd_show(args):
             note = f" (first {dropped} bytes dropped)" if dropped else ""
             print(f"{stream} of the last run{note}:" + ("" if text else " (empty)"))
             print(text if text.endswith("\n") or not text else text + "\n", end="")
+
+
+def job_document(store, job_id):
+    """The show --json document of a job: its fields, runs and last output."""
+    job, attempts = store.get_job(job_id)
+    history = [{
+        "number": a["number"], "worker_pid": a["worker_pid"],
+        "started_at": a["started_at"], "finished_at": a["finished_at"],
+        "outcome": a["outcome"], "exit_code": a["exit_code"], "reason": a["reason"],
+        "duration_s": a["duration_s"]} for a in attempts]
+    last = next((a for a in reversed(attempts)
+                 if a["outcome"] in (COMPLETED, FAILED, CANCELLED)), None)
+    waiting_for = [dep["id"] for dep in job["after"] if dep["state"] != COMPLETED]
+    if job["state"] != PENDING:
+        waiting_for = []
+    job["waiting_for"] = waiting_for
+    output = None
+    if last is not None:
+        output = {"stdout": last["stdout"] or "", "stderr": last["stderr"] or "",
+                  "stdout_dropped_bytes": last["stdout_dropped"],
+                  "stderr_dropped_bytes": last["stderr_dropped"]}
+    return dict(job, history=history, output=output)
 
 
 def cmd_dlq_list(args):
@@ -3949,9 +4059,15 @@ def cmd_delete(args):
 
 
 def cmd_cancel(args):
-    ids = _unique(args.ids)
     with open_store(args) as store:
-        cancelled = store.cancel(ids)
+        cancelled = cancel_jobs(store, _unique(args.ids))
+    for job_id, state, run in cancelled:
+        print(f"{job_id}: cancelled" + (" (its run was killed)" if run else ""))
+
+
+def cancel_jobs(store, job_ids):
+    """Cancel jobs (Store.cancel), kill what runs of them, wake the supervisor."""
+    cancelled = store.cancel(job_ids)
     wake_supervisor(store.path)            # so that its workers drop these at once
     runs = [run for _, _, run in cancelled if run]
     for run in runs:
@@ -3962,8 +4078,7 @@ def cmd_cancel(args):
         time.sleep(CANCEL_RECHECK_S)
         for run in runs:
             kill_run(*run)
-    for job_id, state, run in cancelled:
-        print(f"{job_id}: cancelled" + (" (its run was killed)" if run else ""))
+    return cancelled
 
 
 def cmd_logs(args):
@@ -3975,14 +4090,13 @@ def cmd_logs(args):
             return follow_logs(store, job, run, args.attempt)
     if run is None:
         if args.json:
-            print_json({"id": job["id"], "state": job["state"], "run": None})
+            print_json(logs_document(store.path, job, run))
         else:
             print(f"job {job['id']} has not run yet", file=sys.stderr)
         return EXIT_OK
-    output = _run_output(store.path, run)
+    output = logs_document(store.path, job, run)
     if args.json:
-        print_json(dict({"id": job["id"], "state": job["state"], "run": run["number"],
-                         "outcome": run["outcome"]}, **output))
+        print_json(output)
         return EXIT_OK
     for stream, dest in (("stdout", sys.stdout), ("stderr", sys.stderr)):
         if output[f"{stream}_dropped_bytes"]:
@@ -3994,6 +4108,14 @@ def cmd_logs(args):
         print(f"queuectl: job {job['id']} is still running (logs --follow streams "
               f"the rest)", file=sys.stderr)
     return EXIT_OK
+
+
+def logs_document(db_path, job, run):
+    """The logs --json document of a job's RUN (an attempts row, or None)."""
+    if run is None:
+        return {"id": job["id"], "state": job["state"], "run": None}
+    return dict({"id": job["id"], "state": job["state"], "run": run["number"],
+                 "outcome": run["outcome"]}, **_run_output(db_path, run))
 
 
 def _run_output(db_path, run):
@@ -4155,6 +4277,928 @@ def cmd_stats(args):
           f"p95 {format_duration(stats['run_time_p95_s'])}")
     print(f"throughput:       {stats['completed_last_minute']} in the last minute, "
           f"{stats['completed_last_hour']} in the last hour")
+
+
+####
+# Dashboard: page, style and script ####
+####
+
+# Every page is this skeleton, filled by the server with escaped text only; the
+# script (served from /static/app.js: the Content-Security-Policy allows no
+# other) fetches the JSON API and builds the rest with textContent, never HTML.
+DASHBOARD_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="{csrf}">
+<title>{title} - queuectl</title>
+<link rel="stylesheet" href="/static/app.css">
+<script src="/static/app.js" defer></script>
+</head>
+<body data-page="{page}" data-job="{job}">
+<header>
+<a class="brand" href="/">queuectl</a>
+<nav><a href="/">Overview</a><a href="/jobs">Jobs</a><a href="/dlq">DLQ</a></nav>
+<span id="paused" class="badge" hidden>paused</span>
+<span class="db">{db}</span>
+</header>
+<main>
+{main}
+</main>
+<p id="message" role="status"></p>
+</body>
+</html>
+"""
+
+DASHBOARD_MAIN = {
+    "overview": """<h1>Overview</h1>
+<p id="verdict" class="verdict">Loading...</p>
+<div id="counts" class="cards"></div>
+<div class="row">
+<section class="panel"><h2>Last hour</h2><p id="rate"></p>
+<svg id="chart" viewBox="0 0 600 120" role="img"
+ aria-label="completions and failures per minute"></svg>
+<p class="legend"><span>an hour ago</span><span><span class="key ok"></span>completed
+<span class="key bad"></span>failed, per minute</span><span>now</span></p></section>
+<section class="panel"><h2>Workers</h2><p id="supervisor"></p><ul id="workers"></ul>
+</section>
+</div>
+<div class="row">
+<section class="panel"><h2>Oldest waiting job</h2><p id="oldest"></p></section>
+<section class="panel"><h2>Queue</h2><p id="queue-state"></p>
+<p><button id="pause" data-action="/api/pause" data-ask="Pause the queue? Workers
+ will start no new job; running jobs go on.">Pause</button>
+<button id="resume" data-action="/api/resume" data-ask="Resume the queue?">Resume</button>
+</p></section>
+</div>""",
+    "jobs": """<h1>Jobs</h1>
+<form id="filter" method="get" action="/jobs">
+<label>State <select name="state"><option value="">any</option>{state_options}</select>
+</label>
+<label>Search <input name="q" value="{q}" placeholder="id or command"></label>
+<button type="submit">Show</button>
+</form>
+<table id="jobs"><thead><tr><th>id</th><th>state</th><th>tries</th><th>priority</th>
+<th>updated (UTC)</th><th>last error</th><th>command</th></tr></thead>
+<tbody></tbody></table>
+<p id="note"></p>
+<p><a id="older" href="/jobs" hidden>Older jobs</a></p>""",
+    "job": """<h1>Job <span id="job-id">{job}</span></h1>
+<p id="actions"><button id="cancel" data-ask="Cancel this job? A running job is
+ killed." hidden>Cancel</button>
+<button id="retry" data-ask="Retry this dead job?" hidden>Retry</button></p>
+<table id="fields" class="fields"><tbody></tbody></table>
+<h2>Runs</h2>
+<table id="runs"><thead><tr><th>run</th><th>worker</th><th>started (UTC)</th>
+<th>duration</th><th>outcome</th><th>exit code or reason</th></tr></thead><tbody></tbody></table>
+<h2 id="output-title">Output</h2>
+<h3>stdout</h3><pre id="stdout"></pre>
+<h3>stderr</h3><pre id="stderr"></pre>""",
+    "dlq": """<h1>Dead letter queue</h1>
+<p><button id="retry-all" data-action="/api/dlq/retry" data-ask="Retry every dead
+ job?">Retry all</button></p>
+<table id="dlq"><thead><tr><th>id</th><th>tries</th><th>updated (UTC)</th>
+<th>last error</th><th>command</th><th></th></tr></thead><tbody></tbody></table>
+<p id="note"></p>""",
+    "login": """<h1>Sign in</h1>
+<form method="post" action="/login">
+<label>Token <input type="password" name="token" autocomplete="current-password"
+ autofocus></label>
+<input type="hidden" name="csrf" value="{csrf}">
+<button type="submit">Sign in</button>
+</form>
+<p class="error">{error}</p>""",
+}
+
+DASHBOARD_CSS = """
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
+       color: #1d2733; background: #f4f6f9; }
+header { display: flex; align-items: center; gap: 1.5em; padding: 0.7em 1.5em;
+         background: #1d2733; color: #fff; }
+header a { color: #fff; text-decoration: none; }
+.brand { font-weight: 700; font-size: 1.1em; }
+nav a { margin-right: 1.1em; opacity: 0.85; }
+nav a:hover { opacity: 1; text-decoration: underline; }
+.db { margin-left: auto; font-size: 0.85em; opacity: 0.7; }
+.badge { background: #e0a100; color: #1d2733; border-radius: 4px; padding: 0 0.5em;
+         font-weight: 600; }
+main { max-width: 1200px; margin: 0 auto; padding: 1em 1.5em 3em; }
+h1 { font-size: 1.5em; margin: 0.4em 0 0.6em; }
+h2 { font-size: 1.1em; margin: 0 0 0.5em; }
+h3 { font-size: 0.95em; margin: 1em 0 0.3em; }
+.cards { display: flex; flex-wrap: wrap; gap: 0.8em; margin-bottom: 1em; }
+.card { flex: 1 1 120px; background: #fff; border-radius: 8px; padding: 0.8em 1em;
+        box-shadow: 0 1px 2px #0002; color: inherit; text-decoration: none; }
+.card .n { display: block; font-size: 1.8em; font-weight: 700; }
+.card.dead .n, .card.failed .n { color: #b3261e; }
+.card.completed .n { color: #1f7a3a; }
+.row { display: flex; flex-wrap: wrap; gap: 1em; margin-bottom: 1em; }
+.panel { flex: 1 1 400px; background: #fff; border-radius: 8px; padding: 1em;
+         box-shadow: 0 1px 2px #0002; }
+.verdict { font-weight: 600; padding: 0.5em 0.8em; border-radius: 6px; background: #e3f3e7;
+           color: #1f7a3a; }
+.verdict.bad { background: #fbe4e2; color: #b3261e; }
+#chart { width: 100%; height: 120px; background: #fafbfc; border: 1px solid #e3e7ec; }
+#chart .ok { fill: #2e9d52; }
+#chart .bad { fill: #d33b2f; }
+.legend { display: flex; justify-content: space-between; margin: 0.2em 0 0;
+          font-size: 0.85em; color: #5b6775; }
+.key { display: inline-block; width: 0.8em; height: 0.8em; margin: 0 0.3em 0 0.8em; }
+.key.ok { background: #2e9d52; }
+.key.bad { background: #d33b2f; }
+table { width: 100%; border-collapse: collapse; background: #fff; margin-bottom: 1em;
+        box-shadow: 0 1px 2px #0002; }
+th, td { text-align: left; padding: 0.4em 0.6em; border-bottom: 1px solid #e3e7ec;
+         vertical-align: top; }
+th { background: #eef1f5; font-weight: 600; font-size: 0.9em; }
+td.command, td.error, td.code { font-family: ui-monospace, monospace; font-size: 0.88em;
+                       overflow-wrap: anywhere; }
+td.nowrap { white-space: nowrap; }
+.fields th { width: 12em; background: #fff; }
+code { font-family: ui-monospace, monospace; font-size: 0.88em; }
+pre { background: #1d2733; color: #e6edf3; padding: 0.8em; border-radius: 6px;
+      overflow: auto; max-height: 30em; white-space: pre-wrap; word-break: break-all; }
+pre:empty::before { content: "(nothing)"; opacity: 0.5; }
+form { margin-bottom: 1em; }
+label { margin-right: 1em; }
+input, select, button { font: inherit; padding: 0.3em 0.6em; }
+button { border: 1px solid #1d2733; background: #fff; border-radius: 4px;
+         cursor: pointer; }
+button:hover { background: #1d2733; color: #fff; }
+#message { position: fixed; bottom: 1em; right: 1em; margin: 0; padding: 0.6em 1em;
+           background: #1d2733; color: #fff; border-radius: 6px; }
+#message:empty { display: none; }
+.error { color: #b3261e; }
+[hidden] { display: none !important; }
+"""
+
+DASHBOARD_JS = r"""
+"use strict";
+const csrf = document.querySelector('meta[name="csrf-token"]').content;
+const body = document.body;
+const STATES = ["pending", "processing", "completed", "failed", "dead", "cancelled"];
+
+// Build an element; children are nodes or strings (always text, never HTML).
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value !== null && value !== undefined) node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    node.append(child instanceof Node ? child : document.createTextNode(
+      child === null || child === undefined ? "" : String(child)));
+  }
+  return node;
+}
+
+function jobLink(id) {
+  return el("a", {href: "/jobs/" + encodeURIComponent(id)}, id);
+}
+
+function short(text, width) {
+  text = text === null || text === undefined ? "" : String(text);
+  return text.length > width ? text.slice(0, width - 1) + "\u2026" : text;
+}
+
+// A timestamp, short (to the second, in UTC), with the exact one in its tooltip.
+function when(stamp) {
+  if (!stamp) return "-";
+  return el("span", {title: stamp}, stamp.slice(0, 19).replace("T", " "));
+}
+
+function age(seconds) {
+  if (seconds === null || seconds === undefined) return "-";
+  if (seconds < 60) return seconds.toFixed(seconds < 10 ? 1 : 0) + "s";
+  if (seconds < 3600) return Math.floor(seconds / 60) + "m" + Math.floor(seconds % 60) + "s";
+  if (seconds < 86400) return Math.floor(seconds / 3600) + "h" +
+    Math.floor(seconds % 3600 / 60) + "m";
+  return Math.floor(seconds / 86400) + "d" + Math.floor(seconds % 86400 / 3600) + "h";
+}
+
+function say(text) {
+  const message = document.getElementById("message");
+  message.textContent = text;
+  clearTimeout(say.timer);
+  say.timer = setTimeout(() => { message.textContent = ""; }, 6000);
+}
+
+async function api(path, method) {
+  const response = await fetch(path, {
+    method: method || "GET", credentials: "same-origin",
+    headers: method === "POST" ? {"X-CSRF-Token": csrf} : {"Accept": "application/json"}});
+  let doc = null;
+  try { doc = await response.json(); } catch (e) { doc = null; }
+  if (!response.ok) {
+    throw new Error(doc && doc.error ? doc.error : response.status + " " + response.statusText);
+  }
+  return {doc: doc, response: response};
+}
+
+// An action: ask, POST it, say what came of it, refresh the page's data.
+async function act(path, question, refresh) {
+  if (!window.confirm(question)) return;
+  try {
+    const {doc} = await api(path, "POST");
+    say(doc.message);
+  } catch (e) {
+    say("Failed: " + e.message);
+  }
+  refresh();
+}
+
+function replaceRows(tbody, rows) {
+  tbody.replaceChildren(...rows);
+}
+
+function setPaused(paused) {
+  document.getElementById("paused").hidden = !paused;
+}
+
+// Every page refreshes its data every two seconds, without reloading.
+function every(refresh) {
+  const run = async () => {
+    try { await refresh(); } catch (e) { say("Could not load: " + e.message); }
+  };
+  run();
+  setInterval(run, 2000);
+  return run;
+}
+
+const pages = {
+  overview() {
+    const refresh = every(async () => {
+      const {doc} = await api("/api/overview");
+      const status = doc.status;
+      setPaused(status.paused);
+      const verdict = document.getElementById("verdict");
+      verdict.textContent = status.healthy ? "Healthy: no problem found" :
+        "Needs attention: " + status.problems.join("; ");
+      verdict.className = "verdict" + (status.healthy ? "" : " bad");
+      document.getElementById("counts").replaceChildren(...STATES.map(state =>
+        el("a", {class: "card " + state, href: "/jobs?state=" + state},
+           el("span", {class: "n"}, status.counts[state]), state)));
+      drawChart(doc.minutes);
+      const done = doc.minutes.reduce((sum, m) => sum + m.completed, 0);
+      const failed = doc.minutes.reduce((sum, m) => sum + m.failed, 0);
+      document.getElementById("rate").textContent = done + " runs completed, " + failed +
+        " failed" + (done + failed ? " (" + (100 * failed / (done + failed)).toFixed(1) +
+        "%)" : "");
+      document.getElementById("supervisor").textContent = status.supervisor_pid ?
+        status.workers.length + " worker(s), " + status.supervisor_state +
+        " (supervisor pid " + status.supervisor_pid + ")" : "No workers running.";
+      document.getElementById("workers").replaceChildren(...status.workers.map(w =>
+        el("li", {}, "pid " + w.pid + ": ", ...(w.job_id ? [jobLink(w.job_id), " ",
+           el("code", {}, short(w.command, 80))] : ["idle"]))));
+      const oldest = doc.oldest_waiting;
+      document.getElementById("oldest").replaceChildren(...(oldest ?
+        [jobLink(oldest.id), " has waited " + age(status.oldest_runnable_age_s) + ": ",
+         el("code", {}, short(oldest.command, 80))] : ["No job is waiting."]));
+      document.getElementById("queue-state").textContent = status.paused ?
+        "Paused since " + status.paused_since + ": workers start no new job." :
+        "Running: workers take jobs as they come.";
+      document.getElementById("pause").hidden = status.paused;
+      document.getElementById("resume").hidden = !status.paused;
+    });
+    for (const button of document.querySelectorAll("button[data-action]")) {
+      button.addEventListener("click", () =>
+        act(button.dataset.action, button.dataset.ask, refresh));
+    }
+  },
+
+  jobs() {
+    const params = new URLSearchParams(location.search);
+    every(async () => {
+      const {doc, response} = await api("/api/jobs?" + params.toString());
+      replaceRows(document.querySelector("#jobs tbody"), doc.map(job => el("tr", {},
+        el("td", {class: "nowrap"}, jobLink(job.id)), el("td", {}, job.state),
+        el("td", {}, job.attempts + "/" + (job.max_retries + 1)),
+        el("td", {}, job.priority), el("td", {class: "nowrap"}, when(job.updated_at)),
+        el("td", {class: "error"}, short(job.last_error, 60)),
+        el("td", {class: "command"}, short(job.command, 120)))));
+      const next = response.headers.get("X-Next-Before");
+      const older = document.getElementById("older");
+      older.hidden = !next;
+      if (next) {
+        const more = new URLSearchParams(params);
+        more.set("before", next);
+        older.setAttribute("href", "/jobs?" + more.toString());
+      }
+      document.getElementById("note").textContent =
+        (doc.length ? "" : "No jobs. ") + (response.headers.get("X-Search-Limited") ?
+        "The search looked at the newest " + response.headers.get("X-Search-Limited") +
+        " jobs only; narrow it with a state, or page on." : "");
+    });
+  },
+
+  job() {
+    const id = body.dataset.job;
+    const path = "/api/jobs/" + encodeURIComponent(id);
+    const refresh = every(async () => {
+      const {doc: job} = await api(path);
+      const fields = ["state", "command", "attempts", "max_retries", "priority", "run_at",
+        "timeout", "created_at", "updated_at", "next_retry_at", "last_error",
+        "worker_pid", "lease_until", "cwd", "unique_key"];
+      const rows = fields.map(name => el("tr", {}, el("th", {}, name),
+        el("td", {class: name === "command" ? "command" : null},
+           job[name] === null ? "-" : job[name])));
+      rows.push(el("tr", {}, el("th", {}, "after"), el("td", {},
+        ...(job.after.length ? job.after.flatMap((dep, i) =>
+          [i ? ", " : "", jobLink(dep.id), " (" + dep.state + ")"]) : ["-"]))));
+      rows.push(el("tr", {}, el("th", {}, "waiting for"),
+        el("td", {}, job.waiting_for.join(", ") || "-")));
+      replaceRows(document.querySelector("#fields tbody"), rows);
+      replaceRows(document.querySelector("#runs tbody"), job.history.map(run =>
+        el("tr", {}, el("td", {}, run.number), el("td", {}, run.worker_pid),
+           el("td", {class: "nowrap"}, when(run.started_at)),
+           el("td", {}, run.duration_s === null ? "-" : run.duration_s + "s"),
+           el("td", {}, run.outcome),
+           el("td", {class: run.outcome === "completed" ? "code" : "error"},
+              run.reason || (run.exit_code === null ? "-" : "exit " + run.exit_code)))));
+      document.getElementById("cancel").hidden =
+        !["pending", "failed", "processing"].includes(job.state);
+      document.getElementById("retry").hidden = job.state !== "dead";
+      // The output of its last run; while it runs, what it wrote so far.
+      const {doc: logs} = await api(path + "/logs");
+      document.getElementById("output-title").textContent = logs.run === null ?
+        "Output (not run yet)" : "Output of run " + logs.run + " (" + logs.outcome + ")";
+      for (const stream of ["stdout", "stderr"]) {
+        const dropped = logs[stream + "_dropped_bytes"];
+        document.getElementById(stream).textContent = (dropped ? "[the first " + dropped +
+          " bytes were not kept]\n" : "") + (logs[stream] || "");
+      }
+    });
+    document.getElementById("cancel").addEventListener("click", () =>
+      act(path + "/cancel", document.getElementById("cancel").dataset.ask, refresh));
+    document.getElementById("retry").addEventListener("click", () =>
+      act(path + "/retry", document.getElementById("retry").dataset.ask, refresh));
+  },
+
+  dlq() {
+    const refresh = every(async () => {
+      const {doc} = await api("/api/dlq");
+      replaceRows(document.querySelector("#dlq tbody"), doc.map(job => {
+        const retry = el("button", {}, "Retry");
+        retry.addEventListener("click", () => act(
+          "/api/jobs/" + encodeURIComponent(job.id) + "/retry",
+          "Retry dead job " + job.id + "?", refresh));
+        return el("tr", {}, el("td", {class: "nowrap"}, jobLink(job.id)),
+          el("td", {}, job.attempts + "/" + (job.max_retries + 1)),
+          el("td", {class: "nowrap"}, when(job.updated_at)),
+          el("td", {class: "error"}, job.last_error),
+          el("td", {class: "command"}, short(job.command, 120)), el("td", {}, retry));
+      }));
+      document.getElementById("note").textContent = doc.length ? "" : "The DLQ is empty.";
+      document.getElementById("retry-all").hidden = !doc.length;
+    });
+    const all = document.getElementById("retry-all");
+    all.addEventListener("click", () => act(all.dataset.action, all.dataset.ask, refresh));
+  },
+
+  login() {},
+};
+
+// The chart: completions (green) and failures (red) of each of the last 60
+// minutes, as SVG bars.
+function drawChart(minutes) {
+  const svg = document.getElementById("chart");
+  const ns = "http://www.w3.org/2000/svg";
+  const top = Math.max(1, ...minutes.map(m => m.completed + m.failed));
+  const width = 600 / minutes.length;
+  const bars = [];
+  minutes.forEach((m, i) => {
+    const done = 110 * m.completed / top;
+    const failed = 110 * m.failed / top;
+    for (const [height, y, cls] of [[done, 115 - done, "ok"],
+                                    [failed, 115 - done - failed, "bad"]]) {
+      if (!height) continue;
+      const bar = document.createElementNS(ns, "rect");
+      bar.setAttribute("x", (i * width + 1).toFixed(1));
+      bar.setAttribute("y", y.toFixed(1));
+      bar.setAttribute("width", Math.max(1, width - 2).toFixed(1));
+      bar.setAttribute("height", height.toFixed(1));
+      bar.setAttribute("class", cls);
+      const title = document.createElementNS(ns, "title");
+      title.textContent = m.minute + ": " + m.completed + " completed, " + m.failed +
+        " failed";
+      bar.append(title);
+      bars.push(bar);
+    }
+  });
+  svg.replaceChildren(...bars);
+}
+
+(pages[body.dataset.page] || (() => {}))();
+"""
+
+
+####
+# Dashboard: HTTP ####
+####
+
+def _loopback(host):
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+class HttpError(Exception):
+    """An HTTP answer other than 200: a status and a short message."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.headers = dict(headers)
+
+
+class Dashboard:
+    """What every request of one `queuectl dashboard` shares: the database path,
+    the token (if any), and the CSRF token its pages carry."""
+
+    def __init__(self, db_path, host, port, token):
+        import hashlib
+        import hmac
+        self.db_path = db_path
+        self.host = host
+        self.port = port
+        self.token = token
+        self.csrf = os.urandom(16).hex()
+        # The login cookie: derived from the token, so it stays valid across
+        # restarts and proves the token without holding it.
+        self.session = (hmac.new(token.encode(), b"queuectl session",
+                                 hashlib.sha256).hexdigest() if token else None)
+        self._compare = hmac.compare_digest
+
+    def compare(self, given, wanted):
+        """Compare secrets in constant time (any text given, even not ASCII)."""
+        return wanted is not None and self._compare(
+            given.encode("utf-8", "replace"), wanted.encode("utf-8"))
+
+    def store(self):
+        return Store(self.db_path, create=False)
+
+
+class DashboardHandler:
+    """One request to the dashboard: a page, the JSON API, /metrics, or an action.
+
+    GET never changes a job; actions are POSTs that carry the page's CSRF token
+    and come from the dashboard's own origin (or carry the API token in an
+    Authorization header, which no other site can make a browser send). It is
+    mixed with http.server's BaseHTTPRequestHandler when the dashboard starts,
+    so that no other command pays for importing http.server.
+    """
+
+    server_version = "queuectl"
+    timeout = DASHBOARD_CLIENT_TIMEOUT_S     # a slow or silent client is dropped
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def do_GET(self):
+        self.answer("GET")
+
+    def do_HEAD(self):
+        self.answer("HEAD")
+
+    def do_POST(self):
+        self.answer("POST")
+
+    def answer(self, method):
+        from urllib.parse import parse_qs, unquote, urlsplit
+        dashboard = self.server.dashboard
+        self.bearer = False
+        try:
+            url = urlsplit(self.path)
+            path = url.path                  # still quoted: an id may hold a "/"
+            query = {key: values[-1] for key, values in
+                     parse_qs(url.query, keep_blank_values=True).items()}
+            self.check_host(dashboard)
+            handler, args = self.route(path, method)
+            if handler not in PUBLIC:
+                self.authenticate(dashboard, page=path in PAGE_PATHS or
+                                  path.startswith("/jobs/"))
+            if method == "POST" and handler != "post_login":
+                self.check_same_origin(dashboard)
+            getattr(self, handler)(dashboard, query, *(unquote(arg) for arg in args))
+        except HttpError as e:
+            self.send_text(e.status, str(e), e.headers, json_error=path_is_api(self))
+        except QueueError as e:
+            status = (404 if isinstance(e, NotFound) else 400 if isinstance(e, UsageError)
+                      else 409 if isinstance(e, Refused) else 503)
+            self.send_text(status, str(e), json_error=path_is_api(self))
+        except (BrokenPipeError, ConnectionResetError):
+            pass                                     # the client went away
+        except Exception as e:                       # a bug: say so, keep serving
+            log(f"dashboard: {self.command} {self.path}: {type(e).__name__}: {e}")
+            with contextlib.suppress(OSError):
+                self.send_text(500, f"internal error: {type(e).__name__}",
+                               json_error=path_is_api(self))
+
+    def route(self, path, method):
+        """The handler's name and arguments for PATH and METHOD (HEAD is GET)."""
+        allowed = []
+        for route_method, pattern, handler in ROUTES:
+            match = re.fullmatch(pattern, path)
+            if match is not None:
+                if route_method == method or (route_method, method) == ("GET", "HEAD"):
+                    return handler, match.groups()
+                allowed.append(route_method)
+        if allowed:
+            raise HttpError(405, f"use {' or '.join(allowed)}",
+                            {"Allow": ", ".join(allowed)})
+        raise HttpError(404, "not found")
+
+    def check_host(self, dashboard):
+        """Without a token, answer only to loopback names: a page of another site
+        cannot then reach this one by renaming it (DNS rebinding)."""
+        if dashboard.token:
+            return
+        host = self.headers.get("Host") or ""
+        host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        if not _loopback(host):
+            raise HttpError(421, "this dashboard answers only to 127.0.0.1 and "
+                                 "localhost")
+
+    def authenticate(self, dashboard, page=False):
+        """With a token, every request must carry it: in an Authorization header
+        (scripts, Prometheus) or in the cookie the login form sets (browsers)."""
+        if not dashboard.token:
+            return
+        bearer = self.headers.get("Authorization", "")
+        if bearer.startswith("Bearer ") and dashboard.compare(bearer[7:].strip(),
+                                                              dashboard.token):
+            self.bearer = True
+            return
+        if dashboard.compare(self.cookie("queuectl_session"), dashboard.session):
+            return
+        if page:
+            raise HttpError(303, "sign in first", {"Location": "/login"})
+        raise HttpError(401, "a token is needed: Authorization: Bearer TOKEN",
+                        {"WWW-Authenticate": "Bearer"})
+
+    def check_same_origin(self, dashboard):
+        """An action must come from a page of this dashboard (its Origin and CSRF
+        token), unless it carries the API token itself."""
+        if self.bearer:
+            return
+        from urllib.parse import urlsplit
+        origin = self.headers.get("Origin")
+        if not origin or urlsplit(origin).netloc != self.headers.get("Host"):
+            raise HttpError(403, "refused: the request does not come from this "
+                                 "dashboard (Origin)")
+        if not dashboard.compare(self.headers.get("X-CSRF-Token", ""), dashboard.csrf):
+            raise HttpError(403, "refused: missing or wrong CSRF token")
+
+    def cookie(self, name):
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+        return ""
+
+    def send(self, status, body, content_type, headers=()):
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Security-Policy", DASHBOARD_CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Cache-Control", "no-store")
+        for key, value in dict(headers).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_json(self, value, headers=()):
+        self.send(200, json.dumps(value, indent=2, ensure_ascii=False) + "\n",
+                  "application/json; charset=utf-8", headers)
+
+    def send_text(self, status, message, headers=(), json_error=False):
+        if json_error:
+            self.send(status, json.dumps({"error": message}) + "\n",
+                      "application/json; charset=utf-8", headers)
+        else:
+            self.send(status, message + "\n", "text/plain; charset=utf-8", headers)
+
+    def send_page(self, dashboard, page, title, job="", **fields):
+        import html
+        main = DASHBOARD_MAIN[page].format(
+            csrf=dashboard.csrf, job=html.escape(job),
+            **{key: html.escape(str(value)) if key != "state_options" else value
+               for key, value in fields.items()})
+        self.send(200, DASHBOARD_PAGE.format(
+            csrf=dashboard.csrf, title=html.escape(title), page=page,
+            job=html.escape(job, quote=True), db=html.escape(dashboard.db_path),
+            main=main), "text/html; charset=utf-8")
+
+    def log_request(self, code="-", size="-"):
+        """Log only what a reader wants: errors and actions, not every poll."""
+        code = getattr(code, "value", code)
+        if str(code).startswith(("4", "5")) or self.command == "POST":
+            log(f'dashboard: {self.address_string()} "{self.requestline}" {code}')
+
+    def log_error(self, format, *args):
+        if not format.startswith("code %d"):      # send_error's: log_request follows
+            log(f"dashboard: {self.address_string()} {format % args}")
+
+    # -- pages ------------------------------------------------------------------------
+
+    def page_overview(self, dashboard, query):
+        self.send_page(dashboard, "overview", "Overview")
+
+    def page_jobs(self, dashboard, query):
+        state = query.get("state") or None
+        if state is not None and state not in STATES:
+            raise HttpError(400, f"unknown state: {state}")
+        options = "".join(
+            f'<option value="{s}"{" selected" if s == state else ""}>{s}</option>'
+            for s in STATES)
+        self.send_page(dashboard, "jobs", "Jobs", state_options=options,
+                       q=query.get("q", ""))
+
+    def page_job(self, dashboard, query, job_id):
+        with dashboard.store() as store:
+            store.run_of(job_id)                      # 404 if there is no such job
+        self.send_page(dashboard, "job", f"Job {job_id}", job=job_id)
+
+    def page_dlq(self, dashboard, query):
+        self.send_page(dashboard, "dlq", "DLQ")
+
+    def page_login(self, dashboard, query, error=""):
+        if not dashboard.token:
+            raise HttpError(303, "no sign-in needed", {"Location": "/"})
+        self.send_page(dashboard, "login", "Sign in", error=error)
+
+    def post_login(self, dashboard, query):
+        from urllib.parse import parse_qs, urlsplit
+        if not dashboard.token:
+            raise HttpError(303, "no sign-in needed", {"Location": "/"})
+        origin = self.headers.get("Origin")
+        if origin and urlsplit(origin).netloc != self.headers.get("Host"):
+            raise HttpError(403, "refused: the request does not come from this "
+                                 "dashboard (Origin)")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise HttpError(400, "bad Content-Length") from None
+        form = parse_qs(self.rfile.read(max(0, min(length, 4096))).decode("utf-8",
+                                                                         "replace"))
+        token = form.get("token", [""])[-1]
+        if not dashboard.compare(form.get("csrf", [""])[-1], dashboard.csrf) or \
+                not dashboard.compare(token, dashboard.token):
+            return self.page_login(dashboard, query, error="That is not the token.")
+        raise HttpError(303, "signed in", {
+            "Location": "/", "Set-Cookie": f"queuectl_session={dashboard.session}; "
+                                           f"HttpOnly; SameSite=Strict; Path=/"})
+
+    def static(self, dashboard, query, name):
+        self.send(200, *DASHBOARD_STATIC[name])
+
+    # -- the JSON API: the CLI's --json documents ---------------------------------------
+
+    def api_status(self, dashboard, query):
+        with dashboard.store() as store:
+            self.send_json(status_report(store)[0])
+
+    def api_stats(self, dashboard, query):
+        with dashboard.store() as store:
+            self.send_json(store.stats())
+
+    def api_config(self, dashboard, query):
+        with dashboard.store() as store:
+            self.send_json(store.config())
+
+    def api_jobs(self, dashboard, query):
+        state = query.get("state") or None
+        if state is not None and state not in STATES:
+            raise HttpError(400, f"unknown state: {state}")
+        try:
+            limit = int(query.get("limit", "50"))
+        except ValueError:
+            raise HttpError(400, "limit must be a whole number") from None
+        if not 1 <= limit <= 1000:
+            raise HttpError(400, "limit must be from 1 to 1000")
+        with dashboard.store() as store:
+            jobs, short = store.search_jobs(state, query.get("q") or None,
+                                            query.get("before") or None, limit)
+        headers = {}
+        if len(jobs) == limit:
+            headers["X-Next-Before"] = jobs[-1]["id"]
+        if short:
+            headers["X-Search-Limited"] = str(SEARCH_SCAN)
+        self.send_json(jobs, headers)
+
+    def api_job(self, dashboard, query, job_id):
+        with dashboard.store() as store:
+            self.send_json(job_document(store, job_id))
+
+    def api_logs(self, dashboard, query, job_id):
+        number = None
+        if query.get("attempt"):
+            try:
+                number = int(query["attempt"])
+            except ValueError:
+                raise HttpError(400, "attempt must be a whole number") from None
+        with dashboard.store() as store:
+            job, run = store.run_of(job_id, number)
+            self.send_json(logs_document(store.path, job, run))
+
+    def api_dlq(self, dashboard, query):
+        with dashboard.store() as store:
+            self.send_json(store.list_jobs(DEAD))
+
+    def api_overview(self, dashboard, query):
+        """What the overview page shows: status, the last hour's runs by minute,
+        and the job that has waited longest."""
+        now = now_utc()
+        with dashboard.store() as store:
+            report = status_report(store)[0]
+            by_minute = store.run_minutes(now - timedelta(minutes=59))
+            oldest = store.oldest_waiting(now)
+        minutes = []
+        for n in range(59, -1, -1):
+            minute = iso(now - timedelta(minutes=n))[:16]
+            runs = by_minute.get(minute, {})
+            minutes.append({"minute": minute, "completed": runs.get(COMPLETED, 0),
+                            "failed": runs.get(FAILED, 0)})
+        self.send_json({"status": report, "minutes": minutes,
+                        "oldest_waiting": oldest})
+
+    # -- actions --------------------------------------------------------------------------
+
+    def act_cancel(self, dashboard, query, job_id):
+        with dashboard.store() as store:
+            cancelled = cancel_jobs(store, [job_id])
+        killed = any(run for _, _, run in cancelled)
+        self.send_json({"message": f"cancelled job {job_id}" +
+                        (" (its run was killed)" if killed else "")})
+
+    def act_retry(self, dashboard, query, job_id):
+        with dashboard.store() as store:
+            store.retry_dead([job_id])
+        wake_supervisor(dashboard.db_path)
+        self.send_json({"message": f"job {job_id} is back to pending"})
+
+    def act_retry_all(self, dashboard, query):
+        with dashboard.store() as store:
+            ids = store.retry_dead()
+        wake_supervisor(dashboard.db_path)
+        self.send_json({"message": f"{len(ids)} dead job(s) back to pending"})
+
+    def act_pause(self, dashboard, query):
+        with dashboard.store() as store:
+            since = store.pause()
+        wake_supervisor(dashboard.db_path)
+        self.send_json({"message": f"paused since {since}"})
+
+    def act_resume(self, dashboard, query):
+        with dashboard.store() as store:
+            since = store.resume()
+        wake_supervisor(dashboard.db_path)
+        self.send_json({"message": "resumed" if since else "the queue was not paused"})
+
+    # -- /metrics ---------------------------------------------------------------------------
+
+    def metrics(self, dashboard, query):
+        with dashboard.store() as store:
+            report = status_report(store)[0]
+            totals = store.run_totals()
+        self.send(200, prometheus_metrics(report, totals),
+                  "text/plain; version=0.0.4; charset=utf-8")
+
+
+def path_is_api(handler):
+    return handler.path.startswith("/api/")
+
+
+def prometheus_metrics(report, totals):
+    """The Prometheus text format of the queue's state and run totals."""
+    lines = []
+
+    def metric(name, kind, help_text, samples):
+        lines.append(f"# HELP queuectl_{name} {help_text}")
+        lines.append(f"# TYPE queuectl_{name} {kind}")
+        for labels, value in samples:
+            label = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
+            lines.append(f"queuectl_{name}{label} {value:g}" if isinstance(value, float)
+                         else f"queuectl_{name}{label} {value}")
+
+    metric("jobs", "gauge", "Jobs by state.",
+           [((("state", state),), report["counts"][state]) for state in STATES])
+    metric("runs_total", "counter", "Runs that have ended, by outcome.",
+           [((("outcome", outcome),), sum(runs for _, runs, _ in totals.get(outcome, ())))
+            for outcome in (COMPLETED, FAILED, INTERRUPTED, CANCELLED)])
+    cumulative, samples = 0, []
+    completed = dict((bucket, runs) for bucket, runs, _ in totals.get(COMPLETED, ()))
+    for bucket, bound in enumerate(RUN_TIME_BUCKETS):
+        cumulative += completed.get(bucket, 0)
+        samples.append(((("le", f"{bound:g}"),), cumulative))
+    cumulative += completed.get(len(RUN_TIME_BUCKETS), 0)
+    samples.append(((("le", "+Inf"),), cumulative))
+    lines.append("# HELP queuectl_run_duration_seconds Run time of completed runs.")
+    lines.append("# TYPE queuectl_run_duration_seconds histogram")
+    for labels, value in samples:
+        lines.append(f'queuectl_run_duration_seconds_bucket{{le="{labels[0][1]}"}} {value}')
+    seconds = sum(s for _, _, s in totals.get(COMPLETED, ()))
+    lines.append(f"queuectl_run_duration_seconds_sum {seconds:g}")
+    lines.append(f"queuectl_run_duration_seconds_count {cumulative}")
+    metric("workers", "gauge", "Worker processes of the running supervisor.",
+           [((), len(report["workers"]))])
+    metric("paused", "gauge", "1 while the queue is paused.", [((), int(report["paused"]))])
+    metric("oldest_waiting_seconds", "gauge",
+           "How long the oldest runnable job has waited past its run_at.",
+           [((), float(report["oldest_runnable_age_s"] or 0))])
+    metric("healthy", "gauge", "1 if status --check finds no problem.",
+           [((), int(report["healthy"]))])
+    return "\n".join(lines) + "\n"
+
+
+# The dashboard's own script and style: the only ones its pages may load.
+DASHBOARD_STATIC = {
+    "app.js": (DASHBOARD_JS, "text/javascript; charset=utf-8"),
+    "app.css": (DASHBOARD_CSS, "text/css; charset=utf-8"),
+}
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                 "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                 "base-uri 'none'; frame-ancestors 'none'")
+JOB_PATH = r"/jobs/([^/]+)"
+ROUTES = [
+    ("GET", r"/", "page_overview"),
+    ("GET", r"/jobs", "page_jobs"),
+    ("GET", JOB_PATH, "page_job"),
+    ("GET", r"/dlq", "page_dlq"),
+    ("GET", r"/login", "page_login"),
+    ("POST", r"/login", "post_login"),
+    ("GET", r"/static/(app\.js|app\.css)", "static"),
+    ("GET", r"/api/status", "api_status"),
+    ("GET", r"/api/stats", "api_stats"),
+    ("GET", r"/api/config", "api_config"),
+    ("GET", r"/api/overview", "api_overview"),
+    ("GET", r"/api/jobs", "api_jobs"),
+    ("GET", r"/api" + JOB_PATH, "api_job"),
+    ("GET", r"/api" + JOB_PATH + "/logs", "api_logs"),
+    ("GET", r"/api/dlq", "api_dlq"),
+    ("POST", r"/api" + JOB_PATH + "/cancel", "act_cancel"),
+    ("POST", r"/api" + JOB_PATH + "/retry", "act_retry"),
+    ("POST", r"/api/dlq/retry", "act_retry_all"),
+    ("POST", r"/api/pause", "act_pause"),
+    ("POST", r"/api/resume", "act_resume"),
+    ("GET", r"/metrics", "metrics"),
+]
+PAGE_PATHS = ("/", "/jobs", "/dlq")
+PUBLIC = ("static", "page_login", "post_login")    # no token needed to load these
+
+
+def cmd_dashboard(args):
+    token = args.token or os.environ.get(ENV_TOKEN) or None
+    if not _loopback(args.host) and not token:
+        raise UsageError(f"refusing to serve on {args.host} without a token: give "
+                         f"--token or set ${ENV_TOKEN} (or serve on 127.0.0.1 and open "
+                         f"it through an SSH tunnel)")
+    Store(args.db, create=False).close()           # there must be a queue to show
+    server_module = http_server()
+    handler = type("Handler", (DashboardHandler, server_module.BaseHTTPRequestHandler),
+                   {})
+
+    class Server(server_module.ThreadingHTTPServer):
+        daemon_threads = True                       # Ctrl-C does not wait for them
+        address_family = socket_family(args.host)
+
+        def handle_error(self, request, client_address):
+            error = sys.exc_info()[1]
+            if not isinstance(error, (ConnectionError, TimeoutError, OSError)):
+                super().handle_error(request, client_address)
+
+    try:
+        server = Server((args.host, args.port), handler)
+    except OSError as e:
+        raise QueueError(f"cannot serve on {args.host}:{args.port}: {e.strerror}") \
+            from None
+    port = server.server_address[1]
+    server.dashboard = Dashboard(args.db, args.host, port, token)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"queuectl dashboard of {args.db}: http://{host}:{port}/ "
+          f"(Ctrl-C to stop)", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
+def http_server():
+    """http.server, imported only by the dashboard."""
+    import http.server
+    return http.server
+
+
+def socket_family(host):
+    import socket
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 ####
@@ -4367,6 +5411,17 @@ def build_parser():
     sub.add_argument("value", metavar="VALUE")
 
     command(commands, "stats", cmd_stats, "show throughput and run times", [json_opt])
+
+    sub = command(commands, "dashboard", cmd_dashboard, "serve a web dashboard of the "
+                  "queue (Ctrl-C to stop)")
+    sub.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1; any other "
+                          "needs a token)")
+    sub.add_argument("--port", type=int_between(0, 65535), default=DASHBOARD_PORT,
+                     metavar="N", help=f"port (default {DASHBOARD_PORT}; 0: any free one)")
+    sub.add_argument("--token", metavar="TOKEN",
+                     help=f"the token every request must carry (default: "
+                          f"${ENV_TOKEN}, which `ps` does not show)")
     return parser
 
 
@@ -4393,8 +5448,7 @@ def main(argv=None):
         return code
     except QueueError as e:
         # One line, whatever a job id or path in the message contains.
-        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
         return e.code
     except UnicodeEncodeError:
         # An argument that is not UTF-8 (the shell passed raw bytes) reaching SQLite.

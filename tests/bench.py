@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +63,7 @@ class Bench:
         self.rows = []
         self.notes = []
         self.count = 0
+        self.big = {}                  # size: database of build_big
 
     # -- helpers ------------------------------------------------------------------
 
@@ -364,8 +367,11 @@ class Bench:
     def build_big(self, jobs):
         """A database of JOBS jobs: half completed with a run each, a tenth dead
         after four failed runs, the rest pending. Jobs are added by `enqueue -`;
-        their runs are written with SQL, as years of work would have left them."""
-        db = self.db(f"big{jobs}")
+        their runs are written with SQL, as years of work would have left them.
+        Built once per size, and shared by the figures that only read it."""
+        if jobs in self.big:
+            return self.big[jobs]
+        db = self.big[jobs] = self.db(f"big{jobs}")
         chunk = 200000
         for start in range(0, jobs, chunk):
             self.enqueue_lines(db, ['{"command": "true"}'] * min(chunk, jobs - start))
@@ -410,6 +416,53 @@ class Bench:
                      f"1,000 jobs {base * 1000:.0f} ms", f"{ours / base:.2f}x",
                      "<= 2x", ours / base <= 2)
 
+    def dashboard_times(self, db, paths, runs):
+        """{path: median seconds of a GET} from a `queuectl dashboard` on DB."""
+        proc = subprocess.Popen([PY, self.queuectl, "--db", db, "dashboard", "--port",
+                                 "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            url = re.search(r"(http://\S+/)", proc.stdout.readline().decode()).group(1)
+            times = {}
+            for path in paths:
+                def get():
+                    started = time.perf_counter()
+                    with urllib.request.urlopen(url + path.lstrip("/")) as response:
+                        response.read()
+                    return time.perf_counter() - started
+                get()                                   # warm the page cache
+                times[path] = statistics.median(get() for _ in range(runs))
+            return times
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    def bench_dashboard(self, jobs, runs=9):
+        print(f"dashboard API on {jobs:,} jobs ...", flush=True)
+        small, big = self.build_big(1000), self.build_big(jobs)
+        paths = ["/api/overview", "/metrics", "/api/jobs", "/api/jobs?state=dead",
+                 "/api/jobs?before={old}", "/api/jobs?q=no-such-text"]
+
+        def timed(db, path):
+            path = path.format(old=self.oldest_id(db, 100))
+            return self.best(lambda: self.dashboard_times(db, [path], runs)[path])
+        for path in paths:
+            base, ours = timed(small, path), timed(big, path)
+            ratio = ours / base
+            bounded = "q=" in path
+            shown = path.format(old="(the 100th oldest job)")
+            self.add(f"dashboard `GET {shown}` on {jobs:,} jobs", f"{ours * 1000:.1f} ms",
+                     f"1,000 jobs {base * 1000:.1f} ms", f"{ratio:.2f}x",
+                     "< 100 ms (it scans at most 100,000 jobs)" if bounded else "<= 2x",
+                     ours < 0.1 if bounded else ratio <= 2)
+
+    def oldest_id(self, db, nth):
+        conn = sqlite3.connect(db)
+        try:
+            return conn.execute("SELECT id FROM jobs ORDER BY rowid LIMIT 1 OFFSET ?",
+                                (nth,)).fetchone()[0]
+        finally:
+            conn.close()
+
     # -- report ---------------------------------------------------------------------------
 
     def table(self):
@@ -439,7 +492,7 @@ def main():
     parser.add_argument("--queuectl", default=os.path.join(ROOT, "queuectl.py"),
                         help="the queuectl.py to measure")
     parser.add_argument("--only", help="comma-separated: run1k,run10k,one,batch,"
-                                       "pickup,idle,waiting,big")
+                                       "pickup,idle,waiting,big,dashboard")
     args = parser.parse_args()
     quick = args.quick
     only = set(args.only.split(",")) if args.only else None
@@ -455,6 +508,7 @@ def main():
             ("idle", lambda: bench.bench_idle(5 if quick else 30)),
             ("waiting", lambda: bench.bench_waiting(20000 if quick else 100000, 1000)),
             ("big", lambda: bench.bench_big(100000 if quick else 1000000)),
+            ("dashboard", lambda: bench.bench_dashboard(100000 if quick else 1000000)),
         ]
         for name, step in steps:
             if only is None or name in only:

@@ -59,7 +59,7 @@ class ReadmeTest(unittest.TestCase):
         for name in ("enqueue", "worker start", "worker stop", "status", "list", "show",
                      "logs", "wait", "cancel", "pause", "resume", "purge",
                      "dlq list", "dlq retry", "delete", "config show", "config get",
-                     "config set", "stats"):
+                     "config set", "stats", "dashboard"):
             self.assertIn(f"queuectl {name}", self.readme)
         for key in queuectl.CONFIG:
             self.assertIn(f"`{key}`", self.readme)

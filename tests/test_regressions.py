@@ -365,7 +365,8 @@ class RecoveryTest(RegressionTestCase):
         self.wait_state(job_id, "processing", timeout=10)
         pid = int(wait_until(lambda: self.read("pid").strip(), 10, "the job's pid"))
         wait_until(lambda: "sleep" in cmdline(pid), 10, "the exec into env -i sleep")
-        self.assertNotIn(b"QUEUECTL_CLAIM", open(f"/proc/{pid}/environ", "rb").read())
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            self.assertNotIn(b"QUEUECTL_CLAIM", f.read())
         worker = self.worker_pids(proc.pid, 1)[0]
         os.kill(worker, signal.SIGKILL)
         job = self.wait_state(job_id, "failed", timeout=15)

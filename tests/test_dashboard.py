@@ -1,0 +1,630 @@
+"""The web dashboard: a real `queuectl dashboard` on a free port, real workers,
+requests through http.client and sockets, and a real browser where one exists."""
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+from urllib.parse import quote
+
+from tests.support import QUEUECTL, wait_until
+from tests.test_regressions import RegressionTestCase
+from tests.test_cli import CliTestCase
+
+q = shlex.quote
+PROMETHEUS_LINE = re.compile(
+    r'(# (HELP|TYPE) queuectl_\w+ .+|queuectl_\w+(\{(\w+="[^"]*",?)+\})? [0-9.e+-]+)')
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = {key.lower(): value for key, value in headers}
+        self.body = body
+        self.text = body.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class DashboardTestCase(RegressionTestCase, CliTestCase):
+    """A dashboard subprocess on this test's database, and ways to talk to it."""
+
+    def start_dashboard(self, *args, env=None):
+        """Start `queuectl dashboard --port 0 ARGS`; wait for the URL it prints."""
+        proc = subprocess.Popen([sys.executable, QUEUECTL, "dashboard", "--port", "0",
+                                 *args], env=env or self.env, cwd=self.dir,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        self.addCleanup(self.stop_dashboard, proc)
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        self.assertTrue(ready, "the dashboard printed no URL within 20 s")
+        line = proc.stdout.readline().decode()
+        match = re.search(r"http://([\d.]+):(\d+)/ \(Ctrl-C to stop\)$", line.strip())
+        self.assertIsNotNone(match, f"no URL in {line!r}")
+        self.host, self.port = match.group(1), int(match.group(2))
+        return proc
+
+    def stop_dashboard(self, proc):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+
+    def request(self, method, path, headers=None, body=None, host=None):
+        """One request; the Host header is HOST (default: 127.0.0.1:PORT)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=15)
+        try:
+            conn.request(method, path, body=body, headers={
+                "Host": host or f"{self.host}:{self.port}", **(headers or {})})
+            response = conn.getresponse()
+            return Response(response.status, response.getheaders(), response.read())
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def get_json(self, path, **kw):
+        response = self.get(path, **kw)
+        self.assertEqual(response.status, 200, f"{path}: {response.text}")
+        self.assertTrue(response.headers["content-type"].startswith("application/json"))
+        return response.json()
+
+    def csrf(self, **kw):
+        page = self.get("/", **kw)
+        return re.search(r'<meta name="csrf-token" content="([0-9a-f]+)">',
+                         page.text).group(1)
+
+    def post(self, path, origin=True, csrf=True, headers=None):
+        """A POST as the dashboard's own page sends it (Origin and CSRF token)."""
+        sent = dict(headers or {})
+        if origin:
+            sent["Origin"] = (origin if isinstance(origin, str)
+                              else f"http://{self.host}:{self.port}")
+        if csrf:
+            sent["X-CSRF-Token"] = csrf if isinstance(csrf, str) else self.csrf()
+        return self.request("POST", path, headers=sent)
+
+    def assertError(self, response, status, needle=""):
+        """A short error body: JSON {"error": ...} under /api/, else one text line."""
+        self.assertEqual(response.status, status, response.text)
+        text = response.text.strip()
+        self.assertLess(len(text), 300)
+        self.assertNotIn("Traceback", text)
+        self.assertIn(needle, text)
+
+
+class DashboardApiTest(DashboardTestCase):
+
+    def test_pages_and_api_documents_equal_the_cli_with_workers_running(self):
+        """Each page loads with its own script and style only; each API document
+        is the CLI's --json document, while real workers run jobs."""
+        self.enqueue(id="hello", command="echo hello; echo oops >&2")
+        self.enqueue(id="bad", command="exit 3", max_retries=0)
+        self.enqueue(id="later", command="true", delay="1h")
+        self.enqueue(id="child", command="true", after=["hello"])
+        self.start_workers(2)
+        self.start_dashboard()
+        for job_id in ("hello", "child"):
+            self.wait_state(job_id, "completed")
+        self.wait_state("bad", "dead")
+
+        for path in ("/", "/jobs", "/jobs?state=dead&q=ba", "/jobs/hello", "/dlq"):
+            page = self.get(path)
+            self.assertEqual(page.status, 200, path)
+            self.assertEqual(page.headers["content-type"], "text/html; charset=utf-8")
+            self.assertIn("script-src 'self'", page.headers["content-security-policy"])
+            self.assertEqual(re.findall(r"<script[^>]*>", page.text),
+                             ['<script src="/static/app.js" defer>'], path)
+        for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+            static = self.get("/static/" + name)
+            self.assertEqual(static.status, 200)
+            self.assertTrue(static.headers["content-type"].startswith(kind))
+
+        status = self.get_json("/api/status")
+        cli_status = self.json_out("status", "--json")
+        for key in ("db", "counts", "dlq", "paused", "supervisor_pid", "workers",
+                    "healthy", "problems"):
+            self.assertEqual(status[key], cli_status[key], key)
+        self.assertEqual(len(status["workers"]), 2)
+        self.assertEqual(status["counts"]["completed"], 2)
+        for path, argv in (("/api/jobs/hello", ("show", "hello")),
+                           ("/api/jobs/child", ("show", "child")),
+                           ("/api/jobs/hello/logs", ("logs", "hello")),
+                           ("/api/jobs/bad/logs?attempt=1", ("logs", "bad", "--attempt",
+                                                              "1")),
+                           ("/api/dlq", ("dlq", "list")),
+                           ("/api/config", ("config", "show")),
+                           ("/api/stats", ("stats",)),
+                           ("/api/jobs?state=pending&limit=5",
+                            ("list", "--state", "pending", "--limit", "5"))):
+            self.assertEqual(self.get_json(path), self.json_out(*argv, "--json"), path)
+        logs = self.get_json("/api/jobs/hello/logs")
+        self.assertEqual((logs["stdout"], logs["stderr"]), ("hello\n", "oops\n"))
+        self.assertEqual([job["id"] for job in self.get_json("/api/dlq")], ["bad"])
+
+        overview = self.get_json("/api/overview")
+        self.assertEqual(overview["status"]["counts"], status["counts"])
+        self.assertEqual(len(overview["minutes"]), 60)
+        self.assertEqual(sum(m["completed"] for m in overview["minutes"]), 2)
+        self.assertEqual(sum(m["failed"] for m in overview["minutes"]), 1)
+        self.assertIsNone(overview["oldest_waiting"])     # "later" is not due yet
+
+    def test_jobs_are_filtered_searched_and_paged(self):
+        for n in range(25):
+            self.enqueue(id=f"job{n:02}", command=f"echo {'needle' if n % 5 == 0 else n}")
+        self.ok("cancel", "job03", "job04")
+        self.start_dashboard()
+        page = self.get("/api/jobs?limit=10")
+        first = [job["id"] for job in page.json()]
+        self.assertEqual(first, [f"job{n:02}" for n in range(24, 14, -1)])
+        self.assertEqual(page.headers["x-next-before"], "job15")
+        second = self.get_json("/api/jobs?limit=10&before=job15")
+        self.assertEqual([job["id"] for job in second],
+                         [f"job{n:02}" for n in range(14, 4, -1)])
+        last = self.get("/api/jobs?limit=10&before=job05")
+        self.assertEqual(len(last.json()), 5)
+        self.assertNotIn("x-next-before", last.headers)
+        found = self.get_json("/api/jobs?q=needle")
+        self.assertEqual([job["id"] for job in found], ["job20", "job15", "job10", "job05",
+                                                        "job00"])
+        self.assertEqual([job["id"] for job in self.get_json("/api/jobs?q=job1&limit=3")],
+                         ["job19", "job18", "job17"])
+        self.assertEqual([job["id"] for job in self.get_json("/api/jobs?state=cancelled")],
+                         ["job04", "job03"])
+        self.assertEqual(self.get_json("/api/jobs?q=%25"), [])    # LIKE's % is literal
+
+    def test_a_search_looks_at_a_bounded_window_and_says_so(self):
+        """On a big database a text search stops after the newest SEARCH_SCAN jobs,
+        says so, and pages on from there."""
+        lines = "".join(json.dumps({"id": f"j{n}", "command": "true"}) + "\n"
+                        for n in range(30))
+        self.ok("enqueue", "-", stdin=lines)
+        store = self.store()
+        jobs, short = store.search_jobs(text="j1", limit=50, scan=10)
+        self.assertEqual((jobs, short), ([], True))          # it saw j29..j20 only
+        jobs, short = store.search_jobs(text="j1", before="j20", limit=50, scan=10)
+        self.assertEqual(([job["id"] for job in jobs], short),
+                         ([f"j{n}" for n in range(19, 9, -1)], True))
+        jobs, short = store.search_jobs(text="j1", before="j10", limit=50, scan=10)
+        self.assertEqual(([job["id"] for job in jobs], short), (["j1"], False))
+
+    def test_unknown_paths_and_ids_get_404_and_bad_parameters_400(self):
+        self.enqueue(id="a", command="true")
+        self.start_dashboard()
+        for path in ("/nope", "/api/nope", "/jobs/nope", "/api/jobs/nope",
+                     "/api/jobs/nope/logs", "/static/other.js", "/jobs/a/b"):
+            self.assertError(self.get(path), 404)
+        self.assertError(self.get("/api/jobs/nope"), 404, "no such job: nope")
+        self.assertEqual(self.get("/api/nope").json(), {"error": "not found"})
+        for path, needle in (("/api/jobs?state=weird", "unknown state: weird"),
+                             ("/jobs?state=weird", "unknown state: weird"),
+                             ("/api/jobs?limit=abc", "limit must be a whole number"),
+                             ("/api/jobs?limit=0", "limit must be from 1 to 1000"),
+                             ("/api/jobs?limit=5000", "limit must be from 1 to 1000"),
+                             ("/api/jobs?before=nope", "no such job: nope"),
+                             ("/api/jobs/a/logs?attempt=x", "attempt must be a whole"),
+                             ("/api/jobs/a/logs?attempt=7", "")):
+            response = self.get(path)
+            self.assertIn(response.status, (400, 404), path)
+            self.assertError(response, response.status, needle)
+        self.assertError(self.get("/api/jobs?limit=0"), 400)
+
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.db + suffix)
+        self.assertError(self.get("/api/status"), 503, "no database at")
+        self.assertError(self.get("/jobs/a"), 503, "no database at")
+        with open(self.db, "wb") as f:
+            f.write(b"this is not a database" * 100)
+        self.assertError(self.get("/api/jobs"), 503)
+
+    def test_metrics_in_the_prometheus_text_format(self):
+        self.enqueue(id="ok1", command="true")
+        self.enqueue(id="ok2", command="sleep 0.2")
+        self.ok("config", "set", "backoff_base", "1")            # retry after 1 s
+        self.enqueue(id="bad", command="false", max_retries=1)
+        self.start_workers(2)
+        self.start_dashboard()
+        for job_id in ("ok1", "ok2"):
+            self.wait_state(job_id, "completed")
+        self.wait_state("bad", "dead")
+        response = self.get("/metrics")
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.headers["content-type"].startswith("text/plain; "
+                                                                   "version=0.0.4"))
+        samples = {}
+        for line in response.text.splitlines():
+            self.assertRegex(line, PROMETHEUS_LINE)
+            if not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        self.assertEqual(samples['queuectl_jobs{state="completed"}'], 2)
+        self.assertEqual(samples['queuectl_jobs{state="dead"}'], 1)
+        self.assertEqual(samples['queuectl_jobs{state="pending"}'], 0)
+        self.assertEqual(samples['queuectl_runs_total{outcome="completed"}'], 2)
+        self.assertEqual(samples['queuectl_runs_total{outcome="failed"}'], 2)
+        self.assertEqual(samples["queuectl_workers"], 2)
+        self.assertEqual(samples["queuectl_paused"], 0)
+        self.assertEqual(samples["queuectl_healthy"], 0)             # a dead job
+        buckets = [value for name, value in samples.items()
+                   if name.startswith("queuectl_run_duration_seconds_bucket")]
+        self.assertEqual(buckets, sorted(buckets))
+        self.assertEqual(buckets[-1], samples["queuectl_run_duration_seconds_count"])
+        self.assertEqual(buckets[-1], 2)
+        self.assertGreaterEqual(samples["queuectl_run_duration_seconds_sum"], 0.2)
+        self.assertEqual(samples['queuectl_run_duration_seconds_bucket{le="0.1"}'], 1)
+
+
+class DashboardActionTest(DashboardTestCase):
+
+    def test_actions_change_jobs_when_sent_from_the_dashboard(self):
+        """Cancel (pending, failed, running), retry a dead job and all of them,
+        pause and resume: each changes what the CLI then shows."""
+        marker = self.path("second-time")
+        flaky = f"test -e {q(marker)} || {{ touch {q(marker)}; exit 1; }}"
+        self.enqueue(id="flaky", command=flaky, max_retries=0)
+        self.enqueue(id="flaky2", command=flaky + "2", max_retries=0)
+        self.ok("config", "set", "backoff_base", "100")
+        self.enqueue(id="retrying", command="false", max_retries=5)
+        self.enqueue(id="long", command="sleep 60")
+        self.start_workers(2)
+        self.start_dashboard()
+        self.wait_state("flaky", "dead")
+        self.wait_state("flaky2", "dead")
+        self.wait_state("retrying", "failed")
+        running = self.wait_state("long", "processing")
+
+        response = self.post("/api/jobs/long/cancel")
+        self.assertEqual(response.status, 200, response.text)
+        self.assertEqual(response.json(), {"message": "cancelled job long (its run was "
+                                                      "killed)"})
+        self.wait_state("long", "cancelled", timeout=5)
+        wait_until(lambda: self.job("long")["history"][-1]["outcome"] == "cancelled", 5,
+                   "the killed run to be recorded")
+        self.assertTrue(running["worker_pid"])
+        self.assertEqual(self.post("/api/jobs/retrying/cancel").status, 200)
+        self.assertEqual(self.state("retrying"), "cancelled")
+        self.assertError(self.post("/api/jobs/retrying/cancel"), 409, "cancelled")
+
+        self.assertEqual(self.post("/api/jobs/flaky/retry").json(),
+                         {"message": "job flaky is back to pending"})
+        self.wait_state("flaky", "completed")
+        self.assertError(self.post("/api/jobs/flaky/retry"), 409)
+        self.assertError(self.post("/api/jobs/nope/retry"), 404, "nope")
+        self.assertEqual(self.post("/api/dlq/retry").json(),
+                         {"message": "1 dead job(s) back to pending"})
+        self.wait_state("flaky2", ("completed", "dead"))
+
+        self.assertEqual(self.post("/api/pause").status, 200)
+        self.assertTrue(self.json_out("status", "--json")["paused"])
+        self.enqueue(id="held", command="true")
+        self.assertEqual(self.post("/api/resume").json(), {"message": "resumed"})
+        self.assertFalse(self.json_out("status", "--json")["paused"])
+        self.wait_state("held", "completed")
+
+    def test_actions_without_origin_or_csrf_token_or_by_get_change_nothing(self):
+        """Each rule alone refuses the action: GET (405), no or foreign Origin
+        (403), no or wrong CSRF token (403)."""
+        self.enqueue(id="a", command="true", run_at="2999-01-01T00:00:00Z")
+        self.start_dashboard()
+        before = self.rows()
+        cases = [
+            (self.get("/api/jobs/a/cancel"), 405),
+            (self.request("GET", "/api/pause"), 405),
+            (self.post("/api/jobs/a/cancel", origin=False), 403),
+            (self.post("/api/jobs/a/cancel", origin="http://evil.example"), 403),
+            (self.post("/api/jobs/a/cancel", origin=f"http://localhost:{self.port}"),
+             403),
+            (self.post("/api/jobs/a/cancel", csrf=False), 403),
+            (self.post("/api/jobs/a/cancel", csrf="0" * 32), 403),
+            (self.post("/api/pause", csrf=False), 403),
+        ]
+        for response, status in cases:
+            self.assertError(response, status)
+        self.assertEqual(self.get("/api/jobs/a/cancel").headers["allow"], "POST")
+        self.assertEqual(self.rows(), before)
+        self.assertEqual(self.post("/api/jobs/a/cancel").status, 200)    # control
+        self.assertEqual(self.state("a"), "cancelled")
+
+    def test_everything_from_the_database_is_escaped(self):
+        """A job whose id and command hold HTML shows as text on every page the
+        server fills; JSON is served as JSON, never sniffed as HTML."""
+        evil = '<img/src=x/onerror=alert(1)>"'
+        self.enqueue(id=evil, command="echo '<script>alert(1)</script>'")
+        self.start_dashboard()
+        page = self.get("/jobs/" + quote(evil, safe=""))
+        self.assertEqual(page.status, 200)
+        self.assertNotIn("<img", page.text)
+        self.assertIn("&lt;img/src=x/onerror=alert(1)&gt;&quot;", page.text)
+        search = self.get("/jobs?q=" + quote('"><script>alert(1)</script>'))
+        self.assertNotIn("<script>alert", search.text)
+        self.assertIn('value="&quot;&gt;&lt;script&gt;', search.text)
+        api = self.get("/api/jobs/" + quote(evil, safe=""))
+        self.assertEqual(api.json()["id"], evil)
+        self.assertEqual(api.headers["x-content-type-options"], "nosniff")
+        self.assertEqual(api.headers["content-type"], "application/json; charset=utf-8")
+        self.assertEqual(self.get("/api/jobs/%3Cb%3E").json(),
+                         {"error": "no such job: <b>"})           # JSON, not HTML
+
+
+class DashboardSafetyTest(DashboardTestCase):
+
+    def test_a_token_guards_every_request(self):
+        """With a token, the API needs it as a Bearer header, pages a cookie from the
+        login form; the static files and the form itself are open."""
+        self.enqueue(id="a", command="true", run_at="2999-01-01T00:00:00Z")
+        self.start_dashboard("--token", "s3cret")
+        bearer = {"Authorization": "Bearer s3cret"}
+        self.assertError(self.get("/api/status"), 401, "token")
+        self.assertError(self.get("/metrics"), 401)
+        self.assertError(self.get("/api/status", headers={"Authorization":
+                                                          "Bearer wrong"}), 401)
+        self.assertError(self.get("/api/status", headers={"Cookie":
+                                                          "queuectl_session=forged"}), 401)
+        self.assertEqual(self.get("/api/status", headers=bearer).status, 200)
+        self.assertEqual(self.get("/metrics", headers=bearer).status, 200)
+        self.assertEqual(self.get("/static/app.js").status, 200)
+        for path in ("/", "/jobs", "/dlq", "/jobs/a"):
+            response = self.get(path)
+            self.assertEqual((response.status, response.headers["location"]),
+                             (303, "/login"), path)
+
+        form = self.get("/login")
+        self.assertEqual(form.status, 200)
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', form.text).group(1)
+        origin = {"Origin": f"http://{self.host}:{self.port}",
+                  "Content-Type": "application/x-www-form-urlencoded"}
+        wrong = self.request("POST", "/login", headers=origin,
+                             body=f"token=guess&csrf={csrf}")
+        self.assertEqual(wrong.status, 200)
+        self.assertIn("That is not the token.", wrong.text)
+        self.assertNotIn("set-cookie", wrong.headers)
+        no_csrf = self.request("POST", "/login", headers=origin, body="token=s3cret")
+        self.assertNotIn("set-cookie", no_csrf.headers)
+        signed = self.request("POST", "/login", headers=origin,
+                              body=f"token=s3cret&csrf={csrf}")
+        self.assertEqual((signed.status, signed.headers["location"]), (303, "/"))
+        cookie = signed.headers["set-cookie"]
+        self.assertIn("HttpOnly", cookie)
+        self.assertIn("SameSite=Strict", cookie)
+        self.assertNotIn("s3cret", cookie)
+        session = {"Cookie": cookie.split(";")[0]}
+        self.assertEqual(self.get("/", headers=session).status, 200)
+        self.assertEqual(self.get("/api/status", headers=session).status, 200)
+
+        # Actions: a cookie alone is not enough (CSRF); a Bearer header is.
+        self.assertError(self.post("/api/pause", csrf=False, headers=session), 403)
+        self.assertError(self.post("/api/pause", origin=False, csrf=False), 401)
+        self.assertFalse(self.json_out("status", "--json")["paused"])
+        page_csrf = self.csrf(headers=session)
+        self.assertEqual(self.post("/api/pause", csrf=page_csrf, headers=session).status,
+                         200)
+        self.assertEqual(self.post("/api/resume", origin=False, csrf=False,
+                                   headers=bearer).status, 200)
+        self.assertEqual(self.request("POST", "/api/jobs/a/cancel",
+                                      headers=bearer).status, 200)
+        self.assertEqual(self.state("a"), "cancelled")
+
+    def test_any_other_address_needs_a_token_or_it_refuses_to_start(self):
+        self.store()                                  # create the database
+        before = self.rows()
+        code, out, err = self.run_bounded("dashboard", "--host", "0.0.0.0", "--port", "0")
+        self.assertOneErrorLine(2, code, out, err)
+        self.assertIn("without a token", err)
+        self.assertEqual(self.rows(), before)
+        self.start_dashboard("--host", "0.0.0.0",
+                             env=dict(self.env, QUEUECTL_TOKEN="from-env"))
+        self.host = "127.0.0.1"
+        self.assertError(self.get("/api/status"), 401)
+        self.assertEqual(self.get("/api/status", headers={
+            "Authorization": "Bearer from-env"}).status, 200)
+
+    def test_without_a_token_only_loopback_names_are_answered(self):
+        """DNS rebinding: a page of evil.example that resolves to 127.0.0.1 sends
+        Host: evil.example, and gets nothing."""
+        self.store()
+        self.start_dashboard()
+        for host in ("evil.example", f"evil.example:{self.port}", "10.0.0.1"):
+            self.assertError(self.get("/api/status", host=host), 421)
+        for host in (f"localhost:{self.port}", f"127.0.0.1:{self.port}", "localhost"):
+            self.assertEqual(self.get("/api/status", host=host).status, 200, host)
+
+    def test_missing_database_and_busy_port_are_one_line_errors(self):
+        code, out, err = self.run_bounded("dashboard", "--port", "0")
+        self.assertOneErrorLine(1, code, out, err)
+        self.assertFalse(os.path.exists(self.db))
+        self.store()
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, out, err = self.run_bounded("dashboard", "--port",
+                                          str(taken.getsockname()[1]))
+        self.assertOneErrorLine(1, code, out, err)
+        self.assertIn("cannot serve on 127.0.0.1", err)
+        for bad in (["--port", "-1"], ["--port", "x"], ["--port", "70000"]):
+            code, out, err = self.run_bounded("dashboard", *bad)
+            self.assertOneErrorLine(2, code, out, err)
+
+
+class DashboardServerTest(DashboardTestCase):
+
+    def test_bad_slow_and_vanishing_clients_do_not_stop_or_block_it(self):
+        """A garbage request gets 400; a silent client and one that hangs up in the
+        middle of a big answer leave the server answering others at once."""
+        lines = "".join(json.dumps({"id": f"j{n}", "command": "echo " + "x" * 2000})
+                        + "\n" for n in range(1000))
+        self.ok("enqueue", "-", stdin=lines)
+        proc = self.start_dashboard()
+
+        silent = socket.create_connection((self.host, self.port))
+        self.addCleanup(silent.close)
+        half = socket.create_connection((self.host, self.port))
+        self.addCleanup(half.close)
+        half.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")   # no end
+        started = time.monotonic()
+        self.assertEqual(self.get("/api/status").status, 200)
+        self.assertLess(time.monotonic() - started, 5)
+
+        with socket.create_connection((self.host, self.port)) as garbage:
+            garbage.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+            self.assertIn(b"400", read_all(garbage))
+        with socket.create_connection((self.host, self.port)) as long_line:
+            long_line.sendall(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
+            self.assertIn(b" 414 ", read_all(long_line))
+
+        for _ in range(5):
+            gone = socket.create_connection((self.host, self.port))
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            gone.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            gone.recv(100)
+            gone.close()                                   # RST in mid-answer
+        self.assertEqual(len(self.get_json("/api/jobs?limit=1000")), 1000)
+
+        for client in (silent, half):                   # dropped after 10 s
+            client.settimeout(30)
+            self.assertEqual(client.recv(100), b"")
+        self.assertEqual(self.get("/api/status").status, 200)
+        self.assertIsNone(proc.poll())
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        self.assertEqual(proc.returncode, 0)
+        self.assertNotIn(b"Traceback", err)
+        self.assertEqual(err.count(b"Request timed out"), 2, err)
+        self.assertIn(b'127.0.0.1 "\\x16\\x03\\x01 not http at all" 400', err)
+
+    def test_ctrl_c_and_sigterm_stop_it_at_once_with_exit_0(self):
+        """Even with a client connected and silent, it stops at once."""
+        self.store()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            proc = self.start_dashboard()
+            silent = socket.create_connection((self.host, self.port))
+            self.addCleanup(silent.close)
+            self.assertEqual(self.get("/api/status").status, 200)
+            started = time.monotonic()
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=10)
+            self.assertLess(time.monotonic() - started, 3)
+            self.assertEqual((proc.returncode, err), (0, b""), sig)
+
+    def test_reads_do_not_hold_up_workers_or_enqueue(self):
+        """A big page being read does not hold a lock writers wait on."""
+        lines = "".join(json.dumps({"id": f"j{n}", "command": "true"}) + "\n"
+                        for n in range(3000))
+        self.ok("enqueue", "-", stdin=lines)
+        self.start_dashboard()
+        slow = socket.create_connection((self.host, self.port))
+        self.addCleanup(slow.close)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        slow.recv(100)                                  # and read no more for now
+        started = time.monotonic()
+        self.ok("enqueue", json.dumps({"id": "new", "command": "true"}))
+        self.ok("cancel", "j5")
+        self.assertLess(time.monotonic() - started, 5)
+
+
+def read_all(sock):
+    """Everything SOCK receives until the other end closes it."""
+    sock.settimeout(15)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@unittest.skipUnless(chromium(), "no Chromium: install Debian's chromium package "
+                                 "(.ci/run does) to run the browser tests")
+class DashboardBrowserTest(DashboardTestCase):
+    """Headless Chromium loads the live pages, runs their script, and shows what a
+    user would see."""
+
+    def browse(self, path, *flags):
+        profile = tempfile.mkdtemp(dir=self.dir)
+        result = subprocess.run(
+            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}", "--virtual-time-budget=3000", *flags,
+             f"http://{self.host}:{self.port}{path}"],
+            capture_output=True, timeout=90, cwd=self.dir)
+        return result
+
+    def dom(self, path):
+        result = self.browse(path, "--dump-dom")
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        return result.stdout.decode("utf-8", "replace")
+
+    def test_the_browser_renders_counts_output_and_keeps_injected_script_inert(self):
+        inject = ("<script>document.documentElement.setAttribute('data-pwned','1')"
+                  "</script><img src=x onerror=\"document.documentElement"
+                  ".setAttribute('data-pwned','2')\">")
+        for n in range(3):
+            self.enqueue(id=f"ok{n}", command="true")
+        self.enqueue(id="evil", command=f"echo {q(inject)}; echo {q(inject)} >&2")
+        self.enqueue(id="bad", command="false", max_retries=0)
+        self.start_workers(1)
+        self.start_dashboard()
+        self.wait_state("evil", "completed")
+        self.wait_state("bad", "dead")
+        wait_until(lambda: all(self.state(f"ok{n}") == "completed" for n in range(3)),
+                   20, "the ok jobs to complete")
+
+        overview = self.dom("/")
+        counts = dict(re.findall(r'<a class="card (\w+)" href="/jobs\?state=\w+">'
+                                 r'<span class="n">(\d+)</span>', overview))
+        self.assertEqual(counts, {"pending": "0", "processing": "0", "completed": "4",
+                                  "failed": "0", "dead": "1", "cancelled": "0"})
+        self.assertIn("Needs attention: 1 dead job(s) in the DLQ", overview)
+        self.assertIn("1 worker(s), running", overview)
+        self.assertEqual(len(re.findall(r'<rect [^>]*class="ok"', overview)), 1)
+
+        job = self.dom("/jobs/evil")
+        self.assertIn('<span id="job-id">evil</span>', job)
+        self.assertIn("Output of run 1 (completed)", job)
+        shown = inject.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        self.assertIn(f'<pre id="stdout">{shown}\n</pre>', job)
+        self.assertIn(f'<pre id="stderr">{shown}\n</pre>', job)
+        self.assertTrue(job.startswith('<!DOCTYPE html>\n<html lang="en"><head>'),
+                        job[:100])                     # no data-pwned attribute
+        self.assertNotIn('<img src="x"', job)
+        self.assertTrue(self.dom("/jobs").startswith(
+            '<!DOCTYPE html>\n<html lang="en"><head>'))
+
+        dlq = self.dom("/dlq")
+        self.assertIn('<a href="/jobs/bad">bad</a>', dlq)
+        self.assertIn("exit 1", dlq)
+
+        shot = os.path.join(self.dir, "overview.png")
+        result = self.browse("/", f"--screenshot={shot}", "--window-size=1200,800",
+                             "--hide-scrollbars")
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        with open(shot, "rb") as f:
+            png = f.read()
+        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+        self.assertEqual(struct.unpack(">II", png[16:24]), (1200, 800))
+        self.assertGreater(len(png), 20000)            # not a blank page
+
+
+if __name__ == "__main__":
+    unittest.main()
