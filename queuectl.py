@@ -183,6 +183,7 @@ ID_MAX_LEN = 128
 ID_SPACE = 16 ** 10         # generated ids are 10 hex digits
 MAX_WORKERS = 256
 INT_LIMIT = 2 ** 31        # priorities and retries stay well inside SQLite's int64
+DURATION_EXAMPLES = "90s, 10m, 2h, 7d or 1h30m"
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 APPLICATION_ID = 0x51435444  # "QCTD": marks a SQLite file as a queuectl database
@@ -492,7 +493,10 @@ def parse_duration(text):
         return float(text)
     match = DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
     if match is None or not text.strip():
-        raise ValueError(f"not a duration such as 90s, 10m, 2h or 7d: {text!r}")
+        if isinstance(text, str) and text.strip().startswith("-") and \
+                DURATION.fullmatch(text.strip()[1:].lower()):
+            raise ValueError(f"must not be negative: {text!r}")
+        raise ValueError(f"not a duration such as {DURATION_EXAMPLES}: {text!r}")
     if match.group(1) is not None:
         return float(match.group(1))
     return sum(float(number) * DURATION_UNITS[unit]
@@ -513,6 +517,20 @@ def format_duration(seconds):
     if seconds < 86400:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+
+
+def format_span(seconds):
+    """Render a duration someone gave, exactly as they could have typed it: 7d,
+    1h30m, 1d1s, 0.5s."""
+    whole = int(seconds)
+    if seconds != whole or whole == 0:
+        return f"{seconds:g}s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size:
+            parts.append(f"{whole // size}{unit}")
+            whole %= size
+    return "".join(parts)
 
 
 def is_int(value):
@@ -591,15 +609,9 @@ def validate_job(doc, now=None, stamp=None):
         except ValueError as e:
             raise UsageError(f"field 'run_at': {e}") from None
     if "delay" in doc:
-        value = _duration_field(doc, "delay")
-        if not 0 <= value < INT_LIMIT:
-            raise UsageError("field 'delay' must be a duration >= 0, such as 30 or 10m")
-        job["run_at"] = iso(now + timedelta(seconds=value))
+        job["run_at"] = iso(now + timedelta(seconds=_duration_field(doc, "delay")))
     if "timeout" in doc:
-        value = _duration_field(doc, "timeout")
-        if not 0 < value < INT_LIMIT:
-            raise UsageError("field 'timeout' must be a duration > 0, such as 60 or 5m")
-        job["timeout_s"] = value
+        job["timeout_s"] = _duration_field(doc, "timeout", positive=True)
     if "after" in doc:
         value = doc["after"]
         if isinstance(value, str):
@@ -612,22 +624,32 @@ def validate_job(doc, now=None, stamp=None):
         job["after"] = tuple(dict.fromkeys(after))
     if "unique_key" in doc:
         value = doc["unique_key"]
-        if not isinstance(value, str) or not value:
-            raise UsageError("field 'unique_key' must be a non-empty string")
+        if not isinstance(value, str) or not value.strip():
+            raise UsageError("field 'unique_key' must be a string that is not blank")
         check_text(value, "field 'unique_key'")
         job["unique_key"] = value
     return job
 
 
-def _duration_field(doc, name):
+def _duration_field(doc, name, positive=False):
     """A job field holding a duration: seconds, or text such as '10m'."""
     value = doc[name]
     try:
-        seconds = parse_duration(value)
-    except ValueError:
-        seconds = None
-    if isinstance(value, bool) or seconds is None or not math.isfinite(seconds):
-        raise UsageError(f"field {name!r} must be a duration, such as 30 or 10m")
+        if isinstance(value, bool):
+            raise ValueError(f"not a duration such as {DURATION_EXAMPLES}: {value!r}")
+        return check_duration(parse_duration(value), value, positive)
+    except ValueError as e:
+        raise UsageError(f"field {name!r}: {e}") from None
+
+
+def check_duration(seconds, text, positive=False):
+    """SECONDS, if it is a duration a job or command may use; else ValueError
+    naming TEXT, the duration as given."""
+    if seconds < 0 or (positive and seconds == 0):
+        raise ValueError(f"must be more than 0: {text!r}" if positive else
+                         f"must not be negative: {text!r}")
+    if seconds >= INT_LIMIT:
+        raise ValueError(f"too long: {text!r} (at most {format_span(INT_LIMIT - 1)})")
     return seconds
 
 
@@ -1048,9 +1070,10 @@ class Store:
     # -- jobs: adding, reading, deleting -----------------------------------------
 
     def enqueue(self, jobs, cwd, now=None):
-        """Insert validated jobs in one transaction. Return (ids, kept): each job's
-        id, and {index: unique key} of the jobs not added because an unfinished
-        job held their unique key (their id is that job's)."""
+        """Insert validated jobs in one transaction. Return (ids, notes): each
+        job's id, and {index: a note for the user} of the jobs not added because
+        an unfinished job held their unique key (their id is that job's), and of
+        those that were added dead because a dependency had already failed."""
         stamp = iso(now or now_utc())
         fresh = iter(new_job_ids(len(jobs)))
         rows = [[job["id"] or next(fresh), job["command"], cwd, PENDING,
@@ -1059,9 +1082,9 @@ class Store:
                  job["unique_key"], None] for job in jobs]
 
         def body(conn):
-            kept = {}
+            notes = {}
             if any(job["after"] or job["unique_key"] for job in jobs):
-                added = self._enqueue_linked(conn, jobs, rows, kept)
+                added = self._enqueue_linked(conn, jobs, rows, notes)
             else:
                 added = rows
                 conn.execute("SAVEPOINT batch")
@@ -1075,7 +1098,7 @@ class Store:
             for state in (PENDING, DEAD):
                 conn.execute("UPDATE counts SET jobs = jobs + ? WHERE state = ?",
                              (sum(1 for row in added if row[3] == state), state))
-            return [row[0] for row in rows], kept
+            return [row[0] for row in rows], notes
         return self._write(body)
 
     @staticmethod
@@ -1090,7 +1113,7 @@ class Store:
                     raise QueueError(f"duplicate job id: {job['id']}") from None
                 row[0] = new_job_id()
 
-    def _enqueue_linked(self, conn, jobs, rows, kept):
+    def _enqueue_linked(self, conn, jobs, rows, notes):
         """Insert jobs with unique keys or dependencies, one by one; return the
         rows added."""
         added, states, keys = [], {}, {}
@@ -1099,17 +1122,22 @@ class Store:
             if key is not None:
                 holder = keys.get(key) or self._key_holder(conn, key)
                 if holder:
-                    kept[index] = key
+                    notes[index] = (f"job {holder} holds unique key {key!r} already: "
+                                    f"nothing added")
                     row[0] = holder
                     continue
-            for dep in job["after"]:
-                state = states.get(dep) or self._state_of(conn, dep)
-                if state is None:
-                    raise QueueError(f"no such job: {dep} (in 'after' of "
-                                     f"{job['id'] or 'a new job'})")
+            found = {dep: states.get(dep) or self._state_of(conn, dep)
+                     for dep in job["after"]}
+            unknown = [dep for dep, state in found.items() if state is None]
+            if unknown:
+                where = f"line {index + 1}: " if len(jobs) > 1 else ""
+                raise NotFound(f"{where}no such job: {', '.join(unknown)} (in 'after')")
+            for dep, state in found.items():
                 if state in (DEAD, CANCELLED):
                     row[3], row[4] = DEAD, 0
                     row[12] = _dependency_error(dep, state)
+                    notes[index] = (f"job {row[0]} is dead already: its "
+                                    f"{row[12]}")
                     break
                 if state != COMPLETED:
                     row[4] = -1                 # waits for its dependencies
@@ -3248,7 +3276,7 @@ class Supervisor:
             purged = self.store.purge(COMPLETED, retention, limit=PURGE_BATCH)
             if purged:
                 log(f"supervisor: purged {purged} completed job(s) older than "
-                    f"{format_duration(retention)} (retention)")
+                    f"{format_span(retention)} (retention)")
         self.store.trim_run_minutes()
         return IDLE_RECHECK_S if purged == PURGE_BATCH else UPKEEP_EVERY_S
 
@@ -3667,17 +3695,17 @@ def cmd_enqueue(args):
     check_text(cwd, "the current directory's name")
     if not os.path.exists(args.db):        # refuse unknown dependencies uncreated
         earlier = set()
-        for job in jobs:
-            for dep in job["after"]:
-                if dep not in earlier:
-                    raise QueueError(f"no such job: {dep} (in 'after')")
+        for index, job in enumerate(jobs):
+            unknown = [dep for dep in job["after"] if dep not in earlier]
+            if unknown:
+                where = f"line {index + 1}: " if len(jobs) > 1 else ""
+                raise NotFound(f"{where}no such job: {', '.join(unknown)} (in 'after')")
             earlier.add(job["id"])
     with open_store(args, create=True) as store:
-        ids, kept = store.enqueue(jobs, cwd, now)
+        ids, notes = store.enqueue(jobs, cwd, now)
     wake_supervisor(store.path)
-    for index, key in kept.items():
-        print(f"job {ids[index]} holds unique key {key!r} already: nothing added",
-              file=sys.stderr)
+    for index in sorted(notes):
+        print(notes[index], file=sys.stderr)
     sys.stdout.write("".join(f"{job_id}\n" for job_id in ids))
 
 
@@ -3803,13 +3831,12 @@ def cmd_worker_stop(args):
     interrupted = sorted(job_id for job_id, (state, _, last_run) in ends.items()
                          if state == PENDING and last_run == INTERRUPTED)
     finished = [job_id for job_id, (state, _, _) in ends.items() if state != PENDING]
-    report = f"stopped workers (supervisor pid {pid})"
-    if finished or interrupted:
-        report += f": {len(finished)} running job(s) finished"
+    parts = [f"{len(finished)} running job(s) finished"] if finished else []
     if interrupted:
-        report += (f", {len(interrupted)} interrupted and put back as pending "
-                   f"({', '.join(interrupted)})")
-    print(report)
+        parts.append(f"{len(interrupted)}{'' if finished else ' running job(s)'} "
+                     f"interrupted and put back as pending ({', '.join(interrupted)})")
+    print(f"stopped workers (supervisor pid {pid})" +
+          (": " + ", ".join(parts) if parts else ""))
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
@@ -3994,7 +4021,7 @@ def cmd_show(args):
         print("  (not run yet)")
     for h in history:
         how = h["outcome"]
-        if h["reason"]:
+        if h["reason"] and h["reason"] != how:       # not "cancelled: cancelled"
             how += f": {h['reason']}"
         elif h["exit_code"] is not None:
             how += f" (exit {h['exit_code']})"
@@ -4112,8 +4139,10 @@ def cmd_logs(args):
 
 def logs_document(db_path, job, run):
     """The logs --json document of a job's RUN (an attempts row, or None)."""
-    if run is None:
-        return {"id": job["id"], "state": job["state"], "run": None}
+    if run is None:                      # the same fields, all empty
+        return {"id": job["id"], "state": job["state"], "run": None, "outcome": None,
+                "stdout": "", "stdout_dropped_bytes": 0, "stderr": "",
+                "stderr_dropped_bytes": 0}
     return dict({"id": job["id"], "state": job["state"], "run": run["number"],
                  "outcome": run["outcome"]}, **_run_output(db_path, run))
 
@@ -4151,6 +4180,11 @@ def follow_logs(store, job, run, number):
 
     version = None
     while True:
+        if run is None and job["state"] in FINISHED:     # it ended without a run
+            print(f"job {job['id']} ended {job['state']} without running"
+                  + (f": {job['last_error']}" if job.get("last_error") else ""),
+                  file=sys.stderr)
+            return EXIT_NOT_COMPLETED
         if run is not None and run["outcome"] != RUNNING:
             for stream, _, dest in streams:        # the rest, from the stored copy
                 data = (run[stream] or "").encode("utf-8", "replace")
@@ -4174,7 +4208,7 @@ def follow_logs(store, job, run, number):
 def cmd_wait(args):
     ids = _unique(args.ids)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    ended = {}
+    ended, last_seen = {}, {}
     with open_store(args) as store:
         store.require_jobs(ids)
         version = None
@@ -4187,6 +4221,7 @@ def cmd_wait(args):
                     if job_id in ended:
                         continue
                     state, error, _ = ends.get(job_id, ("deleted", None, None))
+                    last_seen[job_id] = (state, error)
                     if state in FINISHED or state == "deleted":
                         ended[job_id] = (state, error)
                         if not args.json:
@@ -4203,13 +4238,12 @@ def cmd_wait(args):
     waiting = [job_id for job_id in ids if job_id not in ended]
     completed = all(ended.get(job_id, ("",))[0] == COMPLETED for job_id in ids)
     if args.json:
-        print_json({"jobs": [{"id": job_id,
-                              "state": ended.get(job_id, (None, None))[0],
-                              "last_error": ended.get(job_id, (None, None))[1]}
-                             for job_id in ids],
+        print_json({"jobs": [{"id": job_id, "state": last_seen[job_id][0],
+                              "last_error": last_seen[job_id][1],
+                              "finished": job_id in ended} for job_id in ids],
                     "completed": completed, "timed_out": bool(waiting)})
     if waiting:
-        print(f"queuectl: timed out after {format_duration(args.timeout)}; still "
+        print(f"queuectl: timed out after {format_span(args.timeout)}; still "
               f"waiting for {', '.join(waiting)}", file=sys.stderr)
         return EXIT_TIMEOUT
     return EXIT_OK if completed else EXIT_NOT_COMPLETED
@@ -4233,7 +4267,7 @@ def cmd_resume(args):
 def cmd_purge(args):
     with open_store(args) as store:
         purged = store.purge(args.state, args.older_than or 0)
-    age = f" older than {format_duration(args.older_than)}" if args.older_than else ""
+    age = f" older than {format_span(args.older_than)}" if args.older_than else ""
     print(f"purged {purged} {args.state} job(s){age}")
 
 
@@ -5228,6 +5262,10 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        # "-5s" is a (negative) value, not an unknown option: let the option's own
+        # check say what is wrong with it. (argparse's own test, which knows only
+        # numbers, from Python 3.13 looks like this.)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} "
@@ -5260,12 +5298,9 @@ def non_negative_float(text):
 def duration(text):
     """An argparse type: a duration >= 0 (90, 90s, 10m, 2h, 7d)."""
     try:
-        value = parse_duration(text)
+        return check_duration(parse_duration(text), text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if not 0 <= value < INT_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be a duration >= 0: {text!r}")
-    return value
 
 
 DB_HELP = (f"database file (default: ${ENV_DB}, else $XDG_DATA_HOME/queuectl/"
@@ -5274,7 +5309,7 @@ EPILOG = ("exit codes: 0 ok, 1 runtime error (unknown job, wrong state, workers 
           "running, unusable database), 2 usage or validation error; status --check: "
           "3 dead jobs, 4 no workers, 5 a job waited too long; wait and logs "
           "--follow: 6 a job ended without completing, 124 wait timed out; worker "
-          "stop: 7 running jobs were interrupted. Durations: 90, 90s, 10m, 2h, 7d.")
+          "stop: 7 running jobs were interrupted. Durations: 90, 90s, 10m, 2h, 7d, 1h30m.")
 ENQUEUE_EPILOG = (
     "job fields: command (required), id, max_retries, priority, run_at (ISO-8601 "
     "with Z or an offset) or delay (a duration), timeout (a duration), after (ids "
@@ -5317,7 +5352,7 @@ def build_parser():
     sub.add_argument("-c", "--command", dest="shell_command", metavar="COMMAND",
                      help="the job's command, instead of JSON; the flags below give "
                           "its other fields")
-    sub.add_argument("--id", metavar="ID")
+    sub.add_argument("--id", metavar="ID", help="its id (default: a new one)")
     sub.add_argument("--priority", metavar="N", help="higher runs first (0)")
     sub.add_argument("--max-retries", metavar="N", help="retries after the first run")
     sub.add_argument("--timeout", metavar="DURATION", help="kill it after this long")
@@ -5344,13 +5379,13 @@ def build_parser():
                      help="exit 3/4/5 when the queue needs attention (for cron)")
     sub.add_argument("--max-age", type=duration, default=None, metavar="DURATION",
                      help="with --check: problem if a runnable job waited longer")
-    sub.add_argument("--max-dead", type=int_between(0, INT_LIMIT), default=0, metavar="N",
-                     help="with --check: problem if the DLQ holds more than N (0)")
+    sub.add_argument("--max-dead", type=int_between(0, INT_LIMIT - 1), default=0,
+                     metavar="N", help="with --check: problem if the DLQ holds more than N (0)")
 
     sub = command(commands, "list", cmd_list, "list jobs, newest first", [json_opt])
     sub.add_argument("--state", choices=STATES, help="only jobs in this state")
-    sub.add_argument("--limit", type=int_between(1, INT_LIMIT), default=None, metavar="N",
-                     help="at most N jobs")
+    sub.add_argument("--limit", type=int_between(1, INT_LIMIT - 1), default=None,
+                     metavar="N", help="at most N jobs")
 
     sub = command(commands, "show", cmd_show, "show one job whole", [json_opt])
     sub.add_argument("id", metavar="ID")
@@ -5358,7 +5393,7 @@ def build_parser():
     sub = command(commands, "logs", cmd_logs, "print a run's stdout and stderr",
                   [json_opt])
     sub.add_argument("id", metavar="ID")
-    sub.add_argument("--attempt", type=int_between(1, INT_LIMIT), metavar="N",
+    sub.add_argument("--attempt", type=int_between(1, INT_LIMIT - 1), metavar="N",
                      help="run N (1 is the first; default: the last)")
     sub.add_argument("-f", "--follow", action="store_true",
                      help="stream a running job's output until the run ends; exit 0 "
@@ -5389,7 +5424,7 @@ def build_parser():
     actions = group("dlq", "the dead letter queue")
     sub = command(actions, "list", cmd_dlq_list, "list dead jobs, newest first",
                   [json_opt])
-    sub.add_argument("--limit", type=int_between(1, INT_LIMIT), default=None,
+    sub.add_argument("--limit", type=int_between(1, INT_LIMIT - 1), default=None,
                      metavar="N", help="at most N jobs")
     sub = command(actions, "retry", cmd_dlq_retry, "put dead jobs back to pending")
     sub.add_argument("ids", nargs="*", metavar="ID")

@@ -134,8 +134,9 @@ class WaitTest(VerbTestCase):
         self.assertGreaterEqual(time.monotonic() - started, 0.3)
         self.assertIn("still waiting for slow", err)
         code, out, _ = self.cli("wait", "slow", "--timeout", "0.1", "--json")
-        self.assertEqual(json.loads(out), {"jobs": [{"id": "slow", "state": None,
-                                                     "last_error": None}],
+        self.assertEqual(json.loads(out), {"jobs": [{"id": "slow", "state": "pending",
+                                                     "last_error": None,
+                                                     "finished": False}],
                                            "completed": False, "timed_out": True})
 
     def test_wait_for_finished_jobs_returns_their_verdict(self):
@@ -194,7 +195,7 @@ class PurgeTest(VerbTestCase):
         self.enqueue(id="dead", command="false", max_retries=0, priority=3)
         self.finish_next(failed(), now=now - timedelta(hours=3))
         self.assertEqual(self.ok("purge", "--state", "completed", "--older-than", "2h"),
-                         "purged 3 completed job(s) older than 2h00m\n")
+                         "purged 3 completed job(s) older than 2h\n")
         left = {j["id"] for j in self.json_out("list", "--json")}
         self.assertEqual(left, {"new", "dead"})
         store = self.store()
@@ -265,7 +266,9 @@ class DependencyTest(VerbTestCase):
         self.assertEqual([(self.state(j), self.job(j)["last_error"]) for j in "bc"],
                          [("dead", "dependency a is dead"),
                           ("dead", "dependency b is dead")])
-        self.enqueue(id="d", command="true", after=["a"])
+        self.assertEqual(self.cli("enqueue", json.dumps({"id": "d", "command": "true",
+                                                         "after": ["a"]})),
+                         (0, "d\n", "job d is dead already: its dependency a is dead\n"))
         self.assertEqual(self.job("d")["last_error"], "dependency a is dead")
         self.assertEqual(self.json_out("status", "--json")["counts"]["dead"], 4)
         # Retried together with its dependency, a dependant waits for it again.
@@ -413,6 +416,9 @@ class VerbProcessTest(RegressionTestCase):
                    "the run's output to be kept")
         wait_until(lambda: f"job {job_id} was cancelled" in self.log_text(proc), 10,
                    "the supervisor to log the cancel")
+        shown = [line for line in self.ok("show", job_id).splitlines()
+                 if line.startswith("  run 1:")]
+        self.assertRegex(shown[0], r"  cancelled \(exit -15\)  \(worker pid \d+\)$")
         # The worker is free again.
         self.wait_state(self.enqueue(command="true"), "completed")
         self.assertNotIn("Traceback", self.log_text(proc))
@@ -622,3 +628,72 @@ class VerbProcessTest(RegressionTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class WalkthroughTest(VerbTestCase):
+    """What a new user's walkthrough of the verbs found."""
+
+    def test_logs_follow_ends_for_a_job_that_ended_without_running(self):
+        """A follower of a job that is cancelled, or dead through a dependency,
+        before any run exits 6 at once (it used to wait forever)."""
+        self.enqueue(id="first", command="false", max_retries=0)
+        self.finish_next(failed())
+        code, out, err = self.cli("enqueue", "-c", "true", "--id", "next",
+                                  "--after", "first")
+        self.assertEqual((code, out), (0, "next\n"))
+        self.assertEqual(err, "job next is dead already: its dependency first is dead\n")
+        self.assertEqual(self.state("next"), "dead")
+        result = self.run_cli("logs", "next", "--follow")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (6, "", "job next ended dead without running: dependency "
+                                 "first is dead\n"))
+        follower = subprocess.Popen(
+            [sys.executable, QUEUECTL, "logs", self.enqueue(id="later", command="true",
+                                                            delay="1h"), "--follow"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: follower.poll() is None and follower.kill())
+        time.sleep(0.3)                          # let it start waiting for a run
+        self.ok("cancel", "later")
+        out, err = follower.communicate(timeout=10)
+        self.assertEqual((follower.returncode, out, err),
+                         (6, "", "job later ended cancelled without running\n"))
+
+    def test_logs_json_of_a_job_not_run_has_every_field(self):
+        self.enqueue(id="new", command="true")
+        self.assertEqual(self.json_out("logs", "new", "--json"),
+                         {"id": "new", "state": "pending", "run": None, "outcome": None,
+                          "stdout": "", "stdout_dropped_bytes": 0, "stderr": "",
+                          "stderr_dropped_bytes": 0})
+
+    def test_every_unknown_dependency_is_named_with_its_line(self):
+        self.enqueue(id="real", command="true")
+        err = self.assertFailsCleanly(1, "enqueue", "-c", "true", "--after", "nope",
+                                      "--after", "real", "--after", "nope2")
+        self.assertIn("no such job: nope, nope2 (in 'after')", err)
+        batch = '{"command": "true"}\n{"command": "x", "after": ["real", "zz"]}\n'
+        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
+        self.assertIn("line 2: no such job: zz (in 'after')", err)
+
+    def test_durations_are_echoed_as_given_and_refused_in_one_wording(self):
+        self.store()
+        for given, shown in (("7d", "7d"), ("10m", "10m"), ("1d1s", "1d1s"),
+                             ("1h30m", "1h30m"), ("90", "1m30s")):
+            self.assertEqual(self.ok("purge", "--state", "completed", "--older-than",
+                                     given),
+                             f"purged 0 completed job(s) older than {shown}\n")
+        for argv, message in (
+                (("worker", "stop", "--timeout", "-5s"), "must not be negative: '-5s'"),
+                (("enqueue", "-c", "true", "--delay", "-5s"),
+                 "--delay: must not be negative: '-5s'"),
+                (("enqueue", "-c", "true", "--delay", "99999999999d"),
+                 "--delay: too long: '99999999999d'"),
+                (("enqueue", "-c", "true", "--timeout", "0"),
+                 "--timeout: must be more than 0: '0'"),
+                (("enqueue", '{"command": "true", "delay": "10 m"}'),
+                 "field 'delay': not a duration such as 90s, 10m, 2h, 7d or 1h30m: "
+                 "'10 m'"),
+                (("config", "set", "retention", "-5s"), "bad value for retention: '-5s'"),
+                (("list", "--limit", "0"), "must be from 1 to 2147483647"),
+                (("enqueue", "-c", "true", "--unique-key", "  "),
+                 "--unique-key must be a string that is not blank")):
+            self.assertIn(message, self.assertFailsCleanly(2, *argv))

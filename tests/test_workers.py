@@ -256,7 +256,7 @@ class TestWorkers(WorkerTestCase):
                                    code=queuectl.EXIT_INTERRUPTED)
         self.assertLess(time.monotonic() - started, 15)
         self.assertIn("stopped", result.stdout)
-        self.assertIn(f"0 running job(s) finished, 1 interrupted and put back as "
+        self.assertIn(f": 1 running job(s) interrupted and put back as "
                       f"pending ({job_id})", result.stdout)
         job = self.job(job_id)
         self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
