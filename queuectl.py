@@ -4394,7 +4394,8 @@ DASHBOARD_MAIN = {
  job?">Retry all</button></p>
 <table id="dlq"><thead><tr><th>id</th><th>tries</th><th>updated (UTC)</th>
 <th>last error</th><th>command</th><th></th></tr></thead><tbody></tbody></table>
-<p id="note"></p>""",
+<p id="note"></p>
+<p><a id="older" href="/dlq" hidden>Older dead jobs</a></p>""",
     "login": """<h1>Sign in</h1>
 <form method="post" action="/login">
 <label>Token <input type="password" name="token" autocomplete="current-password"
@@ -4546,6 +4547,18 @@ function replaceRows(tbody, rows) {
   tbody.replaceChildren(...rows);
 }
 
+// The link to the next page of a paged list, from the API's X-Next-Before.
+function pageOn(response, path, params) {
+  const next = response.headers.get("X-Next-Before");
+  const older = document.getElementById("older");
+  older.hidden = !next;
+  if (next) {
+    const more = new URLSearchParams(params);
+    more.set("before", next);
+    older.setAttribute("href", path + "?" + more.toString());
+  }
+}
+
 function setPaused(paused) {
   document.getElementById("paused").hidden = !paused;
 }
@@ -4605,20 +4618,13 @@ const pages = {
     const params = new URLSearchParams(location.search);
     every(async () => {
       const {doc, response} = await api("/api/jobs?" + params.toString());
+      pageOn(response, "/jobs", params);
       replaceRows(document.querySelector("#jobs tbody"), doc.map(job => el("tr", {},
         el("td", {class: "nowrap"}, jobLink(job.id)), el("td", {}, job.state),
         el("td", {}, job.attempts + "/" + (job.max_retries + 1)),
         el("td", {}, job.priority), el("td", {class: "nowrap"}, when(job.updated_at)),
         el("td", {class: "error"}, short(job.last_error, 60)),
         el("td", {class: "command"}, short(job.command, 120)))));
-      const next = response.headers.get("X-Next-Before");
-      const older = document.getElementById("older");
-      older.hidden = !next;
-      if (next) {
-        const more = new URLSearchParams(params);
-        more.set("before", next);
-        older.setAttribute("href", "/jobs?" + more.toString());
-      }
       document.getElementById("note").textContent =
         (doc.length ? "" : "No jobs. ") + (response.headers.get("X-Search-Limited") ?
         "The search looked at the newest " + response.headers.get("X-Search-Limited") +
@@ -4670,8 +4676,10 @@ const pages = {
   },
 
   dlq() {
+    const params = new URLSearchParams(location.search);
     const refresh = every(async () => {
-      const {doc} = await api("/api/dlq");
+      const {doc, response} = await api("/api/dlq?" + params.toString());
+      pageOn(response, "/dlq", params);
       replaceRows(document.querySelector("#dlq tbody"), doc.map(job => {
         const retry = el("button", {}, "Retry");
         retry.addEventListener("click", () => act(
@@ -4746,16 +4754,16 @@ class HttpError(Exception):
 
 class Dashboard:
     """What every request of one `queuectl dashboard` shares: the database path,
-    the token (if any), and the CSRF token its pages carry."""
+    the token (if any), and the CSRF tokens its pages carry: one for actions, on
+    the pages a token guards, and one for the sign-in form, which anyone sees."""
 
-    def __init__(self, db_path, host, port, token):
+    def __init__(self, db_path, token):
         import hashlib
         import hmac
         self.db_path = db_path
-        self.host = host
-        self.port = port
         self.token = token
         self.csrf = os.urandom(16).hex()
+        self.login_csrf = os.urandom(16).hex()
         # The login cookie: derived from the token, so it stays valid across
         # restarts and proves the token without holding it.
         self.session = (hmac.new(token.encode(), b"queuectl session",
@@ -4917,12 +4925,13 @@ class DashboardHandler:
 
     def send_page(self, dashboard, page, title, job="", **fields):
         import html
+        csrf = dashboard.login_csrf if page == "login" else dashboard.csrf
         main = DASHBOARD_MAIN[page].format(
-            csrf=dashboard.csrf, job=html.escape(job),
+            csrf=csrf, job=html.escape(job),
             **{key: html.escape(str(value)) if key != "state_options" else value
                for key, value in fields.items()})
         self.send(200, DASHBOARD_PAGE.format(
-            csrf=dashboard.csrf, title=html.escape(title), page=page,
+            csrf=csrf, title=html.escape(title), page=page,
             job=html.escape(job, quote=True), db=html.escape(dashboard.db_path),
             main=main), "text/html; charset=utf-8")
 
@@ -4979,7 +4988,7 @@ class DashboardHandler:
         form = parse_qs(self.rfile.read(max(0, min(length, 4096))).decode("utf-8",
                                                                          "replace"))
         token = form.get("token", [""])[-1]
-        if not dashboard.compare(form.get("csrf", [""])[-1], dashboard.csrf) or \
+        if not dashboard.compare(form.get("csrf", [""])[-1], dashboard.login_csrf) or \
                 not dashboard.compare(token, dashboard.token):
             return self.page_login(dashboard, query, error="That is not the token.")
         raise HttpError(303, "signed in", {
@@ -5003,8 +5012,8 @@ class DashboardHandler:
         with dashboard.store() as store:
             self.send_json(store.config())
 
-    def api_jobs(self, dashboard, query):
-        state = query.get("state") or None
+    def api_jobs(self, dashboard, query, state=None):
+        state = state or query.get("state") or None
         if state is not None and state not in STATES:
             raise HttpError(400, f"unknown state: {state}")
         try:
@@ -5039,8 +5048,7 @@ class DashboardHandler:
             self.send_json(logs_document(store.path, job, run))
 
     def api_dlq(self, dashboard, query):
-        with dashboard.store() as store:
-            self.send_json(store.list_jobs(DEAD))
+        self.api_jobs(dashboard, query, state=DEAD)
 
     def api_overview(self, dashboard, query):
         """What the overview page shows: status, the last hour's runs by minute,
@@ -5210,7 +5218,7 @@ def cmd_dashboard(args):
         raise QueueError(f"cannot serve on {args.host}:{args.port}: {e.strerror}") \
             from None
     port = server.server_address[1]
-    server.dashboard = Dashboard(args.db, args.host, port, token)
+    server.dashboard = Dashboard(args.db, token)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"queuectl dashboard of {args.db}: http://{host}:{port}/ "
           f"(Ctrl-C to stop)", flush=True)

@@ -440,7 +440,7 @@ class Bench:
         print(f"dashboard API on {jobs:,} jobs ...", flush=True)
         small, big = self.build_big(1000), self.build_big(jobs)
         paths = ["/api/overview", "/metrics", "/api/jobs", "/api/jobs?state=dead",
-                 "/api/jobs?before={old}", "/api/jobs?q=no-such-text"]
+                 "/api/jobs?before={old}", "/api/dlq", "/api/jobs?q=no-such-text"]
 
         def timed(db, path):
             path = path.format(old=self.oldest_id(db, 100))

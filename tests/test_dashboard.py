@@ -155,6 +155,8 @@ class DashboardApiTest(DashboardTestCase):
         logs = self.get_json("/api/jobs/hello/logs")
         self.assertEqual((logs["stdout"], logs["stderr"]), ("hello\n", "oops\n"))
         self.assertEqual([job["id"] for job in self.get_json("/api/dlq")], ["bad"])
+        self.assertEqual(self.get("/api/dlq?limit=1").headers["x-next-before"], "bad")
+        self.assertEqual(self.get_json("/api/dlq?before=bad"), [])
 
         overview = self.get_json("/api/overview")
         self.assertEqual(overview["status"]["counts"], status["counts"])
@@ -406,8 +408,10 @@ class DashboardSafetyTest(DashboardTestCase):
         self.assertEqual(self.get("/", headers=session).status, 200)
         self.assertEqual(self.get("/api/status", headers=session).status, 200)
 
-        # Actions: a cookie alone is not enough (CSRF); a Bearer header is.
+        # Actions: a cookie alone is not enough (CSRF), nor the sign-in form's token,
+        # which anyone can read; a Bearer header is.
         self.assertError(self.post("/api/pause", csrf=False, headers=session), 403)
+        self.assertError(self.post("/api/pause", csrf=csrf, headers=session), 403)
         self.assertError(self.post("/api/pause", origin=False, csrf=False), 401)
         self.assertFalse(self.json_out("status", "--json")["paused"])
         page_csrf = self.csrf(headers=session)
