@@ -153,6 +153,7 @@ DURATION = re.compile(r"(\d+(?:\.\d+)?)|(?:\d+(?:\.\d+)?[smhdw])+")
 USER_TIME = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
     r"(?:([zZ])|([+-])(\d{2}):?(\d{2}))?")
+DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 # SQLite's own busy handler sleeps up to 100 ms between tries, so under heavy load a
 # waiting writer can starve for seconds. So SQLite waits only briefly, and _run
@@ -455,6 +456,9 @@ def parse_user_time(text):
     other forms on newer Pythons, and a job file must mean the same on all of them.
     """
     match = USER_TIME.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None and isinstance(text, str) and DATE_ONLY.fullmatch(text.strip()):
+        raise ValueError(f"a date needs a time and a zone too, as in "
+                         f"{text.strip()}T00:00:00Z: {text!r}")
     if match is None:
         raise ValueError(f"not an ISO-8601 time such as 2026-11-24T10:00:00Z: "
                          f"{text!r}")
@@ -593,13 +597,14 @@ def validate_job(doc, now=None, stamp=None):
     if "max_retries" in doc:
         value = doc["max_retries"]
         if not is_int(value) or not 0 <= value < INT_LIMIT:
-            raise UsageError("field 'max_retries' must be a whole number >= 0")
+            raise UsageError(f"field 'max_retries' must be a whole number from 0 to "
+                             f"{INT_LIMIT - 1}")
         job["max_retries"] = value
     if "priority" in doc:
         value = doc["priority"]
         if not is_int(value) or abs(value) >= INT_LIMIT:
-            raise UsageError("field 'priority' must be a whole number "
-                             "(higher runs first)")
+            raise UsageError(f"field 'priority' must be a whole number from "
+                             f"{1 - INT_LIMIT} to {INT_LIMIT - 1} (higher runs first)")
         job["priority"] = value
     if "run_at" in doc and "delay" in doc:
         raise UsageError("give either 'run_at' or 'delay', not both")
@@ -1393,8 +1398,7 @@ class Store:
                 if row["state"] == PROCESSING:
                     conn.execute(
                         "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ?, "
-                        "duration_s = round(max(0.0, (julianday(?) - "
-                        "julianday(started_at)) * 86400.0), 3) "
+                        f"duration_s = {_DURATION_UNTIL} "
                         "WHERE run_token = ? AND outcome = ?",
                         (CANCELLED, ABORT_CANCELLED, stamp, stamp, row["run_token"],
                          RUNNING))
@@ -1621,7 +1625,11 @@ class Store:
                 "run_time_p50_s": _percentile(recent, 0.50),
                 "run_time_p95_s": _percentile(recent, 0.95),
                 "completed_last_minute": finished_since(conn, 60),
-                "completed_last_hour": finished_since(conn, 3600),
+                # By the minute, as the dashboard counts: purged jobs too.
+                "completed_last_hour": int(conn.execute(
+                    "SELECT total(runs) FROM run_minutes WHERE minute >= ? AND "
+                    "outcome = ?", (iso(now - timedelta(minutes=59))[:16],
+                                    COMPLETED)).fetchone()[0]),
             }
         return self._read(body)
 
@@ -1816,8 +1824,9 @@ class Store:
                 "lease_until = NULL, updated_at = ? WHERE id = ?",
                 (PENDING, stamp, stamp, job_id))
             conn.execute(
-                "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ? "
-                "WHERE run_token = ?", (INTERRUPTED, reason, stamp, row["run_token"]))
+                "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ?, "
+                f"duration_s = {_DURATION_UNTIL} WHERE run_token = ?",
+                (INTERRUPTED, reason, stamp, stamp, row["run_token"]))
             return True
         return self._write(body)
 
@@ -1877,6 +1886,9 @@ class Store:
         return self._read(body)
 
 
+# SQL: an attempt's duration from its start until the time given as a parameter.
+_DURATION_UNTIL = ("round(max(0.0, (julianday(?) - julianday(started_at)) * 86400.0), "
+                   "3)")
 _INSERT_JOB = ("INSERT INTO jobs (id, command, cwd, state, ready, priority, max_retries, "
                "timeout_s, run_at, created_at, updated_at, unique_key, last_error) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -3676,8 +3688,11 @@ def cmd_enqueue(args):
     now = now_utc()
     flags = _job_flags(args)
     if args.shell_command is not None:
-        if args.job is not None:
+        if args.job is not None and (args.job == "-" or args.job.lstrip().startswith("{")):
             raise UsageError("give a job as JSON or as -c COMMAND, not both")
+        if args.job is not None:            # -c echo hi: the shell split the command
+            raise UsageError(f"-c takes the whole command as one argument: quote it, "
+                             f"as in -c '{args.shell_command} {args.job}'")
         jobs = [_validate_flags(dict(flags, command=args.shell_command), now)]
     elif flags:
         raise UsageError(f"{next(iter(_FLAG_NAMES[k] for k in flags))} goes with "
@@ -3690,7 +3705,7 @@ def cmd_enqueue(args):
         if not jobs:
             raise UsageError("no jobs on standard input")
     else:
-        jobs = [validate_job(_parse_json(args.job), now)]
+        jobs = [validate_job(_parse_argument(args.job), now)]
     cwd = current_dir()
     check_text(cwd, "the current directory's name")
     if not os.path.exists(args.db):        # refuse unknown dependencies uncreated
@@ -3769,6 +3784,20 @@ def _parse_json(text):
     except RecursionError:
         raise UsageError("invalid JSON: nested too deeply") from None
     return value
+
+
+def _parse_argument(text):
+    """Parse the JSON job given as an argument; say how to give it if it is not
+    JSON: a command without -c, or a document the shell took the quotes off."""
+    try:
+        return _parse_json(text)
+    except UsageError as e:
+        if text.lstrip().startswith("{"):
+            hint = ("put the whole document in single quotes, as in "
+                    "'{\"command\": \"echo hi\"}'")
+        else:
+            hint = f"to give a command without JSON: -c '{clip(text, 60)}'"
+        raise UsageError(f"{e} ({hint})") from None
 
 
 def _no_duplicate_keys(pairs):
@@ -4023,8 +4052,8 @@ def cmd_show(args):
         how = h["outcome"]
         if h["reason"] and h["reason"] != how:       # not "cancelled: cancelled"
             how += f": {h['reason']}"
-        elif h["exit_code"] is not None:
-            how += f" (exit {h['exit_code']})"
+        elif h["exit_code"] is not None:            # "killed by SIGTERM", "exit 0"
+            how += f" ({describe_exit(h['exit_code'])})"
         print(f"  run {h['number']}: {h['started_at']} -> "
               f"{h['finished_at'] or '...'}  {how}  (worker pid {h['worker_pid']})")
     if output is not None:
@@ -4134,6 +4163,9 @@ def cmd_logs(args):
     if run["outcome"] == RUNNING:
         print(f"queuectl: job {job['id']} is still running (logs --follow streams "
               f"the rest)", file=sys.stderr)
+    elif run["stdout"] is None and run["stderr"] is None:
+        print(f"queuectl: {run_ending(job, run)}; the run's output was not kept",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -4191,7 +4223,11 @@ def follow_logs(store, job, run, number):
                 start = run[f"{stream}_dropped"]
                 at = max(printed[stream], start)
                 emit(stream, dest, data[at - start:], at - printed[stream])
-            return EXIT_OK if run["outcome"] == COMPLETED else EXIT_NOT_COMPLETED
+            if run["outcome"] == COMPLETED:
+                return EXIT_OK
+            sys.stderr.flush()
+            print(f"queuectl: {run_ending(job, run)}", file=sys.stderr)
+            return EXIT_NOT_COMPLETED
         if run is not None:
             for stream, short, dest in streams:
                 spooled = Spool.read(spool_path(store.path, run["run_token"], short),
@@ -4203,6 +4239,17 @@ def follow_logs(store, job, run, number):
         if current != version:                     # something was committed
             version = current
             job, run = store.run_of(job["id"], number)
+
+
+def run_ending(job, run):
+    """How a run that did not complete ended, and what became of its job:
+    'run 2 of job X failed (exit 3); the job will be retried'."""
+    how = run["reason"] if run["reason"] and run["reason"] != run["outcome"] else None
+    after = {FAILED: "the job will be retried", DEAD: "the job is dead (in the DLQ)",
+             PENDING: "the job is back to pending",
+             PROCESSING: "the job runs again"}.get(job["state"])
+    return (f"run {run['number']} of job {job['id']} ended {run['outcome']}"
+            + (f" ({how})" if how else "") + (f"; {after}" if after else ""))
 
 
 def cmd_wait(args):
@@ -4328,6 +4375,7 @@ DASHBOARD_PAGE = """<!DOCTYPE html>
 <meta name="csrf-token" content="{csrf}">
 <title>{title} - queuectl</title>
 <link rel="stylesheet" href="/static/app.css">
+<link rel="icon" href="/static/icon.svg" type="image/svg+xml">
 <script src="/static/app.js" defer></script>
 </head>
 <body data-page="{page}" data-job="{job}">
@@ -4405,6 +4453,15 @@ DASHBOARD_MAIN = {
 </form>
 <p class="error">{error}</p>""",
 }
+
+# The tab's icon: three queued bars.
+DASHBOARD_ICON = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">
+<rect width="32" height="32" rx="6" fill="#1d2733"/>
+<rect x="7" y="8" width="18" height="4" rx="1" fill="#2e9d52"/>
+<rect x="7" y="14" width="14" height="4" rx="1" fill="#e6edf3"/>
+<rect x="7" y="20" width="10" height="4" rx="1" fill="#e6edf3"/>
+</svg>
+"""
 
 DASHBOARD_CSS = """
 * { box-sizing: border-box; }
@@ -4803,6 +4860,21 @@ class DashboardHandler:
     def do_POST(self):
         self.answer("POST")
 
+    def do_OTHER(self):
+        self.answer(self.command)              # 405 where a path is known, else 404
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_OTHER
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request, a method it does not
+        know) in the dashboard's short form, with its headers."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":   # too broken to say: answer in 1.0
+            self.request_version = "HTTP/1.0"
+        message = message or self.responses.get(code, ("error",))[0]
+        self.send_text(code, message, {"Connection": "close"},
+                       json_error=path_is_api(self))
+
     def answer(self, method):
         from urllib.parse import parse_qs, unquote, urlsplit
         dashboard = self.server.dashboard
@@ -4923,14 +4995,14 @@ class DashboardHandler:
         else:
             self.send(status, message + "\n", "text/plain; charset=utf-8", headers)
 
-    def send_page(self, dashboard, page, title, job="", **fields):
+    def send_page(self, dashboard, page, title, job="", status=200, **fields):
         import html
         csrf = dashboard.login_csrf if page == "login" else dashboard.csrf
         main = DASHBOARD_MAIN[page].format(
             csrf=csrf, job=html.escape(job),
             **{key: html.escape(str(value)) if key != "state_options" else value
                for key, value in fields.items()})
-        self.send(200, DASHBOARD_PAGE.format(
+        self.send(status, DASHBOARD_PAGE.format(
             csrf=csrf, title=html.escape(title), page=page,
             job=html.escape(job, quote=True), db=html.escape(dashboard.db_path),
             main=main), "text/html; charset=utf-8")
@@ -4968,10 +5040,10 @@ class DashboardHandler:
     def page_dlq(self, dashboard, query):
         self.send_page(dashboard, "dlq", "DLQ")
 
-    def page_login(self, dashboard, query, error=""):
+    def page_login(self, dashboard, query, error="", status=200):
         if not dashboard.token:
             raise HttpError(303, "no sign-in needed", {"Location": "/"})
-        self.send_page(dashboard, "login", "Sign in", error=error)
+        self.send_page(dashboard, "login", "Sign in", status=status, error=error)
 
     def post_login(self, dashboard, query):
         from urllib.parse import parse_qs, urlsplit
@@ -4990,13 +5062,17 @@ class DashboardHandler:
         token = form.get("token", [""])[-1]
         if not dashboard.compare(form.get("csrf", [""])[-1], dashboard.login_csrf) or \
                 not dashboard.compare(token, dashboard.token):
-            return self.page_login(dashboard, query, error="That is not the token.")
+            return self.page_login(dashboard, query, error="That is not the token.",
+                                   status=403)
         raise HttpError(303, "signed in", {
             "Location": "/", "Set-Cookie": f"queuectl_session={dashboard.session}; "
                                            f"HttpOnly; SameSite=Strict; Path=/"})
 
     def static(self, dashboard, query, name):
         self.send(200, *DASHBOARD_STATIC[name])
+
+    def favicon(self, dashboard, query):
+        self.send(200, *DASHBOARD_STATIC["icon.svg"])
 
     # -- the JSON API: the CLI's --json documents ---------------------------------------
 
@@ -5111,7 +5187,7 @@ class DashboardHandler:
 
 
 def path_is_api(handler):
-    return handler.path.startswith("/api/")
+    return getattr(handler, "path", "").startswith("/api/")
 
 
 def prometheus_metrics(report, totals):
@@ -5160,6 +5236,7 @@ def prometheus_metrics(report, totals):
 DASHBOARD_STATIC = {
     "app.js": (DASHBOARD_JS, "text/javascript; charset=utf-8"),
     "app.css": (DASHBOARD_CSS, "text/css; charset=utf-8"),
+    "icon.svg": (DASHBOARD_ICON, "image/svg+xml"),
 }
 DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
                  "img-src 'self'; connect-src 'self'; form-action 'self'; "
@@ -5172,7 +5249,8 @@ ROUTES = [
     ("GET", r"/dlq", "page_dlq"),
     ("GET", r"/login", "page_login"),
     ("POST", r"/login", "post_login"),
-    ("GET", r"/static/(app\.js|app\.css)", "static"),
+    ("GET", r"/static/(app\.js|app\.css|icon\.svg)", "static"),
+    ("GET", r"/favicon\.ico", "favicon"),            # what browsers ask for anyway
     ("GET", r"/api/status", "api_status"),
     ("GET", r"/api/stats", "api_stats"),
     ("GET", r"/api/config", "api_config"),
@@ -5189,7 +5267,7 @@ ROUTES = [
     ("GET", r"/metrics", "metrics"),
 ]
 PAGE_PATHS = ("/", "/jobs", "/dlq")
-PUBLIC = ("static", "page_login", "post_login")    # no token needed to load these
+PUBLIC = ("static", "favicon", "page_login", "post_login")    # no token needed to load these
 
 
 def cmd_dashboard(args):
@@ -5219,9 +5297,13 @@ def cmd_dashboard(args):
             from None
     port = server.server_address[1]
     server.dashboard = Dashboard(args.db, token)
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    host, where = args.host, ""
+    if host in ("0.0.0.0", "::"):              # every address: name one to open
+        import socket
+        host, where = socket.gethostname(), "on every address of this machine; "
+    host = f"[{host}]" if ":" in host else host
     print(f"queuectl dashboard of {args.db}: http://{host}:{port}/ "
-          f"(Ctrl-C to stop)", flush=True)
+          f"({where}Ctrl-C to stop)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever(poll_interval=0.5)

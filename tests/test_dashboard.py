@@ -52,9 +52,11 @@ class DashboardTestCase(RegressionTestCase, CliTestCase):
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         self.assertTrue(ready, "the dashboard printed no URL within 20 s")
         line = proc.stdout.readline().decode()
-        match = re.search(r"http://([\d.]+):(\d+)/ \(Ctrl-C to stop\)$", line.strip())
+        match = re.search(r"http://([^/]+):(\d+)/ \((.*)Ctrl-C to stop\)$",
+                          line.strip())
         self.assertIsNotNone(match, f"no URL in {line!r}")
         self.host, self.port = match.group(1), int(match.group(2))
+        self.where = match.group(3)
         return proc
 
     def stop_dashboard(self, proc):
@@ -225,6 +227,22 @@ class DashboardApiTest(DashboardTestCase):
             self.assertError(response, response.status, needle)
         self.assertError(self.get("/api/jobs?limit=0"), 400)
 
+        # Other methods: 405 naming the right one where the path is known, 404
+        # where not; one http.server does not know, 501; each short, with the CSP.
+        for method, path, status in (("DELETE", "/api/jobs/a", 405),
+                                     ("PUT", "/api/pause", 405),
+                                     ("OPTIONS", "/", 405),
+                                     ("PATCH", "/api/nope", 404),
+                                     ("BREW", "/api/status", 501)):
+            response = self.request(method, path)
+            self.assertError(response, status)
+            self.assertIn("script-src 'self'", response.headers[
+                "content-security-policy"], method)
+            if path.startswith("/api/"):
+                self.assertIn("error", response.json(), method)
+        self.assertEqual(self.request("DELETE", "/api/jobs/a").headers["allow"], "GET")
+        self.assertEqual(self.state("a"), "pending")
+
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.db + suffix)
@@ -380,6 +398,10 @@ class DashboardSafetyTest(DashboardTestCase):
         self.assertEqual(self.get("/api/status", headers=bearer).status, 200)
         self.assertEqual(self.get("/metrics", headers=bearer).status, 200)
         self.assertEqual(self.get("/static/app.js").status, 200)
+        for path in ("/favicon.ico", "/static/icon.svg"):     # no 404 in the log
+            icon = self.get(path)
+            self.assertEqual((icon.status, icon.headers["content-type"]),
+                             (200, "image/svg+xml"), path)
         for path in ("/", "/jobs", "/dlq", "/jobs/a"):
             response = self.get(path)
             self.assertEqual((response.status, response.headers["location"]),
@@ -392,7 +414,7 @@ class DashboardSafetyTest(DashboardTestCase):
                   "Content-Type": "application/x-www-form-urlencoded"}
         wrong = self.request("POST", "/login", headers=origin,
                              body=f"token=guess&csrf={csrf}")
-        self.assertEqual(wrong.status, 200)
+        self.assertEqual(wrong.status, 403)
         self.assertIn("That is not the token.", wrong.text)
         self.assertNotIn("set-cookie", wrong.headers)
         no_csrf = self.request("POST", "/login", headers=origin, body="token=s3cret")
@@ -432,6 +454,9 @@ class DashboardSafetyTest(DashboardTestCase):
         self.assertEqual(self.rows(), before)
         self.start_dashboard("--host", "0.0.0.0",
                              env=dict(self.env, QUEUECTL_TOKEN="from-env"))
+        # It prints a URL to open from elsewhere: this machine's name, not 0.0.0.0.
+        self.assertEqual((self.host, self.where),
+                         (socket.gethostname(), "on every address of this machine; "))
         self.host = "127.0.0.1"
         self.assertError(self.get("/api/status"), 401)
         self.assertEqual(self.get("/api/status", headers={

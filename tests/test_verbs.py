@@ -418,7 +418,7 @@ class VerbProcessTest(RegressionTestCase):
                    "the supervisor to log the cancel")
         shown = [line for line in self.ok("show", job_id).splitlines()
                  if line.startswith("  run 1:")]
-        self.assertRegex(shown[0], r"  cancelled \(exit -15\)  \(worker pid \d+\)$")
+        self.assertRegex(shown[0], r"  cancelled \(killed by SIGTERM\)  \(worker pid \d+\)$")
         # The worker is free again.
         self.wait_state(self.enqueue(command="true"), "completed")
         self.assertNotIn("Traceback", self.log_text(proc))
@@ -697,3 +697,66 @@ class WalkthroughTest(VerbTestCase):
                 (("enqueue", "-c", "true", "--unique-key", "  "),
                  "--unique-key must be a string that is not blank")):
             self.assertIn(message, self.assertFailsCleanly(2, *argv))
+
+
+class SecondWalkthroughTest(VerbTestCase):
+    """What a second new user's walkthrough of README found."""
+
+    def test_a_command_given_as_json_or_split_by_the_shell_gets_a_hint(self):
+        """The likeliest first mistakes say how to do it right."""
+        err = self.assertFailsCleanly(2, "enqueue", "echo hi")
+        self.assertIn("invalid JSON", err)
+        self.assertIn("to give a command without JSON: -c 'echo hi'", err)
+        err = self.assertFailsCleanly(2, "enqueue", "{command:echo hi}")   # unquoted
+        self.assertIn("put the whole document in single quotes", err)
+        err = self.assertFailsCleanly(2, "enqueue", "-c", "echo", "hi")
+        self.assertIn("-c takes the whole command as one argument: quote it, as in "
+                      "-c 'echo hi'", err)
+        err = self.assertFailsCleanly(2, "enqueue", "-c", "true", '{"command": "x"}')
+        self.assertIn("give a job as JSON or as -c COMMAND, not both", err)
+
+    def test_out_of_range_numbers_and_a_bare_date_say_what_is_wrong(self):
+        self.store()
+        for argv, message in (
+                (("enqueue", '{"command": "x", "priority": 99999999999}'),
+                 "field 'priority' must be a whole number from -2147483647 to "
+                 "2147483647"),
+                (("enqueue", "-c", "x", "--max-retries", "99999999999"),
+                 "--max-retries must be a whole number from 0 to 2147483647"),
+                (("enqueue", "-c", "x", "--run-at", "2027-01-15"),
+                 "a date needs a time and a zone too, as in 2027-01-15T00:00:00Z")):
+            self.assertIn(message, self.assertFailsCleanly(2, *argv))
+
+    def test_logs_says_why_a_run_did_not_complete(self):
+        """logs --follow of a run that failed says how it ended and what became
+        of its job; logs of a run whose output was not kept says so."""
+        self.enqueue(id="f", command="x", max_retries=1)
+        self.finish_next(queuectl.RunResult(exit_code=3, reason="exit 3",
+                                            stdout="partial\n"))
+        result = self.run_cli("logs", "f", "--follow")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (6, "partial\n", "queuectl: run 1 of job f ended failed "
+                                          "(exit 3); the job will be retried\n"))
+        self.enqueue(id="i", command="x")
+        store = self.store()
+        claim = claim_one(store, 4321)
+        store.requeue(claim.id, claim.token, queuectl.ABORT_COLD)
+        store.close()
+        self.assertEqual(self.cli("logs", "i"),
+                         (0, "", "queuectl: run 1 of job i ended interrupted (cold "
+                                 "stop); the job is back to pending; the run's output "
+                                 "was not kept\n"))
+        self.assertIsNotNone(self.job("i")["history"][0]["duration_s"])
+
+    def test_hourly_throughput_survives_a_purge(self):
+        """stats counts the last hour's completions by the minute, as the
+        dashboard does: purging the jobs does not take them back."""
+        for n in range(3):
+            self.enqueue(id=f"j{n}", command="true")
+            self.finish_next()
+        before = self.json_out("stats", "--json")
+        self.assertEqual((before["completed_last_minute"], before["completed_last_hour"]),
+                         (3, 3))
+        self.ok("purge", "--state", "completed")
+        after = self.json_out("stats", "--json")
+        self.assertEqual((after["completed"], after["completed_last_hour"]), (0, 3))
