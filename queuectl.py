@@ -88,6 +88,7 @@ DEAD = "dead"              # in the DLQ
 CANCELLED = "cancelled"    # stopped by `cancel`: no retry, not in the DLQ
 STATES = (PENDING, PROCESSING, COMPLETED, FAILED, DEAD, CANCELLED)
 FINISHED = (COMPLETED, DEAD, CANCELLED)
+DELETED = "deleted"        # not a state: what wait and show say of a deleted job
 
 # What ended an attempt (attempts.outcome).
 RUNNING = "running"
@@ -175,6 +176,7 @@ READ_CHUNK = 65536         # bytes read from a job's output pipe at a time
 KILL_POLL_S = 0.02         # while a run is being killed, how often to look again
 RECOVERY_POLL_S = 0.05     # the same, for the supervisor, which has other work too
 RECORD_EVERY_S = 0.005     # results are written (and fsynced) in batches this often
+SPOOL_LINGER_S = 5.0       # an ended run's spool stays this long for its followers
 UPKEEP_EVERY_S = 60.0      # how often the supervisor purges (config retention)
 KILL_GRACE_S = 2.0         # between SIGTERM and SIGKILL for a job's process group
 COLD_STOP_GRACE_S = 10.0   # how long a cold-stopped worker may take before SIGKILL
@@ -1298,13 +1300,18 @@ class Store:
     def _delete_job(conn, job_id):
         conn.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
         conn.execute("DELETE FROM deps WHERE job_id = ?", (job_id,))
-        conn.execute("DELETE FROM deps WHERE after_id = ?", (job_id,))
+        # Jobs that ran after a completed job need it no more. Those that one
+        # that did not complete left dead go on naming it: never retried as if
+        # it had completed.
+        conn.execute("DELETE FROM deps WHERE after_id = ? AND (SELECT state FROM jobs "
+                     "WHERE id = ?) = 'completed'", (job_id, job_id))
         conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def retry_dead(self, job_ids=None, now=None):
-        """Put dead jobs (all of them if job_ids is None) back to pending, attempts
-        0. A job whose dependency is still dead or cancelled is refused, unless
-        that dependency is retried with it."""
+        """Put dead jobs back to pending, attempts 0; return (the ids retried,
+        {id: why not} of those left dead). Named jobs are retried all or none:
+        any that cannot be is refused (Refused, naming each). With JOB_IDS None,
+        every dead job that can be is retried, and the rest are returned."""
         stamp = iso(now or now_utc())
 
         def body(conn):
@@ -1313,34 +1320,61 @@ class Store:
                 ids = [r["id"] for r in conn.execute(
                     "SELECT id FROM jobs INDEXED BY jobs_state WHERE state = ? "
                     "ORDER BY rowid", (DEAD,))]
-            self._require_jobs(conn, ids, {DEAD}, "retry")
-            for job_id in ids:
+            else:
+                self._require_jobs(conn, ids, {DEAD}, "retry")
+            left = self._not_retryable(conn, ids)
+            if left and job_ids is not None:
+                raise Refused("; ".join(f"cannot retry job {job_id}: {why}"
+                                        for job_id, why in left.items()))
+            retried = [job_id for job_id in ids if job_id not in left]
+            for job_id in retried:
                 conn.execute(
                     "UPDATE jobs SET state = ?, ready = 1, attempts = 0, run_at = ?, "
                     "updated_at = ? WHERE id = ? AND state = ?",
                     (PENDING, stamp, stamp, job_id, DEAD))
-            problems = []
-            for job_id in ids:
-                states = self._dependency_states(conn, job_id)
-                broken = [dep for dep, state in states if state in (DEAD, CANCELLED)]
-                if broken:
-                    problems.append(f"cannot retry job {job_id}: its dependency "
-                                    f"{broken[0]} is {self._state_of(conn, broken[0])} "
-                                    f"(retry them together)")
-                elif any(state != COMPLETED for _, state in states):
+            for job_id in retried:          # those that wait for others, wait again
+                if any(state != COMPLETED for _, state in
+                       self._dependency_states(conn, job_id)):
                     conn.execute("UPDATE jobs SET ready = -1 WHERE id = ?", (job_id,))
-            if problems:
-                raise Refused("; ".join(problems))
-            return ids
+            return retried, left
         return self._write(body)
+
+    def _not_retryable(self, conn, ids):
+        """{id: why} of the dead jobs IDS that cannot go back to pending together:
+        a dependency that was cancelled, deleted unfinished, or is dead and not
+        retried with it; or a unique key that an unfinished job (or one of IDS
+        before it) holds."""
+        left, keys = {}, {}
+        for job_id in ids:
+            key = conn.execute("SELECT unique_key FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()[0]
+            if key is not None:
+                holder = keys.get(key) or self._key_holder(conn, key)
+                if holder:
+                    left[job_id] = f"job {holder} holds its unique key {key!r}"
+                else:
+                    keys[key] = job_id
+        chosen, changed = set(ids), True
+        while changed:                     # until no job is left for its dependencies
+            changed = False
+            for job_id in ids:
+                if job_id in left:
+                    continue
+                for dep, state in self._dependency_states(conn, job_id):
+                    why = _unretryable_dependency(dep, state, chosen, left)
+                    if why:
+                        left[job_id], changed = why, True
+                        break
+        return {job_id: left[job_id] for job_id in ids if job_id in left}
 
     @staticmethod
     def _dependency_states(conn, job_id):
-        """[(dependency id, its state)] of a job; deleted dependencies are left out."""
+        """[(dependency id, its state)] of a job; DELETED for a dependency deleted
+        before it completed."""
         return [tuple(row) for row in conn.execute(
-            "SELECT deps.after_id, jobs.state FROM deps JOIN jobs ON "
-            "jobs.id = deps.after_id WHERE deps.job_id = ? ORDER BY deps.after_id",
-            (job_id,))]
+            "SELECT deps.after_id, coalesce(jobs.state, ?) FROM deps LEFT JOIN jobs "
+            "ON jobs.id = deps.after_id WHERE deps.job_id = ? ORDER BY deps.after_id",
+            (DELETED, job_id))]
 
     @staticmethod
     def _after_ended(conn, job_id, state, stamp):
@@ -1356,9 +1390,9 @@ class Store:
                     "SELECT job_id FROM deps INDEXED BY deps_after WHERE after_id = ?",
                     (job_id,)).fetchall():
                 if conn.execute(
-                        "SELECT 1 FROM deps JOIN jobs ON jobs.id = deps.after_id "
-                        "WHERE deps.job_id = ? AND jobs.state <> 'completed' LIMIT 1",
-                        (dependant,)).fetchone() is None:
+                        "SELECT 1 FROM deps LEFT JOIN jobs ON jobs.id = deps.after_id "
+                        "WHERE deps.job_id = ? AND coalesce(jobs.state, '') <> "
+                        "'completed' LIMIT 1", (dependant,)).fetchone() is None:
                     runnable += conn.execute(
                         "UPDATE jobs SET ready = 0 WHERE id = ? AND state = 'pending' "
                         "AND ready = -1", (dependant,)).rowcount
@@ -1894,6 +1928,20 @@ _INSERT_JOB = ("INSERT INTO jobs (id, command, cwd, state, ready, priority, max_
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
+def _unretryable_dependency(dep, state, chosen, left):
+    """Why a dead job cannot be retried with the jobs CHOSEN, of which those in
+    LEFT stay dead, because of its dependency DEP in STATE; or None."""
+    if state == CANCELLED:
+        return f"its dependency {dep} was cancelled and cannot run again"
+    if state == DELETED:
+        return f"its dependency {dep} was deleted before it completed"
+    if state == DEAD and dep in left:
+        return f"its dependency {dep} stays dead too"
+    if state == DEAD and dep not in chosen:
+        return f"its dependency {dep} is dead (retry them together)"
+    return None
+
+
 def _dependency_error(dep, state):
     return (f"dependency {dep} was cancelled" if state == CANCELLED
             else f"dependency {dep} is dead")
@@ -1984,8 +2032,13 @@ class OutputTail:
     def _trim(self):
         excess = len(self.data) - self.limit
         if excess > 0:
-            del self.data[:excess]
-            self.dropped += excess
+            # Cut at a character's start (UTF-8 continuation bytes are 10xxxxxx),
+            # so that the text kept is exactly the bytes kept.
+            cut = excess
+            while cut < min(excess + 3, len(self.data)) and self.data[cut] & 0xC0 == 0x80:
+                cut += 1
+            del self.data[:cut]
+            self.dropped += cut
 
     def text(self):
         self._trim()
@@ -2035,9 +2088,10 @@ class Spool:
         self._header()
 
     def close(self):
+        """Stop writing. The file stays a little longer (SPOOL_LINGER_S), so that
+        a follower ends with exactly the bytes it has not printed yet; the
+        supervisor removes it once the run's result is written."""
         os.close(self.fd)
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
 
     @classmethod
     def read(cls, path, position):
@@ -2890,6 +2944,7 @@ class Worker:
         """Orphaned: write the end of a run as the supervisor would have. AGAIN: it
         was reported, and its supervisor may have written it already."""
         store = self.open_store()
+        remove_spools(self.db_path, claim.token)
         if result.aborted == ABORT_COLD:
             if store.requeue(claim.id, claim.token, ABORT_COLD):
                 log(f"{self.name}: job {claim.id} interrupted; back to pending")
@@ -3158,6 +3213,8 @@ class Supervisor:
         self.started = []            # (job id, token, pgid, pgid's start ticks)
         self.renewed = []            # (job id, token, lease_s)
         self.unstarted = []          # (slot, claim) given back unrun
+        self.spooled = set()         # tokens of runs that spool their output
+        self.spent = collections.deque()   # (when, token): spools to remove then
         self.record_at = None        # when to write them: RECORD_EVERY_S after the first
 
     def run(self):
@@ -3251,6 +3308,8 @@ class Supervisor:
         if self.recoveries:
             self.step_recoveries()
         now = time.monotonic()
+        while self.spent and self.spent[0][0] <= now:
+            remove_spools(self.db_path, self.spent.popleft()[1])
         if self.stop.level > self.relayed:
             self.relay_stop()
             if self.stop.level >= COLD and self.cold_deadline is None:
@@ -3301,6 +3360,8 @@ class Supervisor:
             times.append(self.cold_deadline)
         if self.record_at is not None:
             times.append(self.record_at)
+        if self.spent:
+            times.append(self.spent[0][0])
         if self.recoveries:
             times.append(time.monotonic() + RECOVERY_POLL_S)
         return max(0.0, min(times) - time.monotonic())
@@ -3335,6 +3396,7 @@ class Supervisor:
             self.reported()
         elif kind == "started" and position is not None:
             slot.quick = False
+            self.spooled.add(message[2])
             self.started.append(message[1:])
             self.reported()
         elif kind == "beat" and position is not None:
@@ -3428,6 +3490,12 @@ class Supervisor:
             self.record_at = time.monotonic() + IDLE_RECHECK_S / 4
             return [f"supervisor: could not write what workers reported ({e}); will "
                     f"retry"]
+        # Followers of those runs read the rest from their spools, for a while.
+        linger = time.monotonic() + SPOOL_LINGER_S
+        for _, claim, _ in finished:
+            if claim.token in self.spooled:
+                self.spooled.discard(claim.token)
+                self.spent.append((linger, claim.token))
         # Tell each worker what it no longer needs to keep.
         written = {}
         for slot, claim in [(slot, claim) for slot, claim, _ in finished] + self.unstarted:
@@ -3541,6 +3609,7 @@ class Supervisor:
     def recover(self, slot, cold):
         """Recover the jobs of a worker that is gone (see Slot.run_facts)."""
         for claim in list(slot.claims):
+            self.spooled.discard(claim.token)       # the recovery removes its spools
             how = slot.run_facts(claim)
             try:
                 self.start_recovery(self.store, claim.id, claim.token, "supervisor",
@@ -3614,6 +3683,8 @@ class Supervisor:
             time.sleep(KILL_POLL_S)
         if self.store is not None and self.record_at is not None:
             log(*self.record())
+        while self.spent:
+            remove_spools(self.db_path, self.spent.popleft()[1])
 
     # -- the PID file --------------------------------------------------------------------
 
@@ -4095,12 +4166,14 @@ def cmd_dlq_retry(args):
     if bool(args.ids) == bool(args.all):
         raise UsageError("give job ids or --all, not both or neither")
     with open_store(args) as store:
-        ids = store.retry_dead(None if args.all else _unique(args.ids))
+        ids, left = store.retry_dead(None if args.all else _unique(args.ids))
     wake_supervisor(store.path)
-    if not ids:
+    if not ids and not left:
         print("the DLQ is empty", file=sys.stderr)
     for job_id in ids:
         print(f"{job_id}: back to pending")
+    for job_id, why in left.items():           # --all: what could not go back
+        print(f"queuectl: job {job_id} stays dead: {why}", file=sys.stderr)
 
 
 def _unique(items):
@@ -4218,7 +4291,14 @@ def follow_logs(store, job, run, number):
                   file=sys.stderr)
             return EXIT_NOT_COMPLETED
         if run is not None and run["outcome"] != RUNNING:
-            for stream, _, dest in streams:        # the rest, from the stored copy
+            for stream, short, dest in streams:
+                # The rest: from its spool, which stays a while after the run, so
+                # every byte is printed once; else from the stored copy.
+                spooled = Spool.read(spool_path(store.path, run["run_token"], short),
+                                     printed[stream])
+                if spooled:
+                    emit(stream, dest, spooled[0], spooled[1])
+                    continue
                 data = (run[stream] or "").encode("utf-8", "replace")
                 start = run[f"{stream}_dropped"]
                 at = max(printed[stream], start)
@@ -4267,9 +4347,9 @@ def cmd_wait(args):
                 for job_id in ids:
                     if job_id in ended:
                         continue
-                    state, error, _ = ends.get(job_id, ("deleted", None, None))
+                    state, error, _ = ends.get(job_id, (DELETED, None, None))
                     last_seen[job_id] = (state, error)
-                    if state in FINISHED or state == "deleted":
+                    if state in FINISHED or state == DELETED:
                         ended[job_id] = (state, error)
                         if not args.json:
                             note = f" ({error})" if error and state != COMPLETED else ""
@@ -5160,9 +5240,14 @@ class DashboardHandler:
 
     def act_retry_all(self, dashboard, query):
         with dashboard.store() as store:
-            ids = store.retry_dead()
+            ids, left = store.retry_dead()
         wake_supervisor(dashboard.db_path)
-        self.send_json({"message": f"{len(ids)} dead job(s) back to pending"})
+        message = f"{len(ids)} dead job(s) back to pending"
+        if left:
+            whys = [f"{job_id} ({why})" for job_id, why in left.items()]
+            message += (f"; {len(left)} stay dead: {', '.join(whys[:3])}" +
+                        (", ..." if len(whys) > 3 else ""))
+        self.send_json({"message": message})
 
     def act_pause(self, dashboard, query):
         with dashboard.store() as store:

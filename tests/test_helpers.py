@@ -430,3 +430,22 @@ class ProcTest(unittest.TestCase):
         self.assertIsInstance(queuectl.start_ticks(proc.pid), int)
         self.assertTrue(queuectl.holder_running(proc.pid, queuectl.start_ticks(proc.pid)))
         self.assertFalse(queuectl.holder_running(proc.pid, 1))   # another start: reused
+
+
+class OutputTailTest(unittest.TestCase):
+
+    def test_keeps_the_last_bytes_cut_at_a_character(self):
+        """The tail keeps the last LIMIT bytes, less the pieces of a character
+        cut in two: the text kept is then exactly the bytes kept (and logs
+        --follow can line the two up)."""
+        tail = queuectl.OutputTail(10)
+        tail.add("€".encode() * 10)                  # 30 bytes, 3 a character
+        self.assertEqual((tail.text(), tail.dropped), ("€€€", 21))
+        self.assertEqual(len(tail.text().encode()) + tail.dropped, 30)
+        ascii_tail = queuectl.OutputTail(4)
+        ascii_tail.add(b"abcdefgh")
+        self.assertEqual((ascii_tail.text(), ascii_tail.dropped), ("efgh", 4))
+        binary = queuectl.OutputTail(4)
+        binary.add(b"\x80" * 10)                     # no character to find: cut at 3
+        binary.text()
+        self.assertEqual((len(binary.data), binary.dropped), (1, 9))

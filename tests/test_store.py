@@ -371,11 +371,11 @@ class RetryTest(StoreTestCase):
         job_id = self.add(max_retries=0)
         claim = claim_one(self.store, 1, now=T0)
         self.store.finish(job_id, claim.token, failed(), now=T0)
-        self.assertEqual(self.store.retry_dead(now=at(5)), [job_id])
+        self.assertEqual(self.store.retry_dead(now=at(5)), ([job_id], {}))
         job = self.get(job_id)
         self.assertEqual((job["state"], job["attempts"], job["run_at"]),
                          (queuectl.PENDING, 0, queuectl.iso(at(5))))
-        self.assertEqual(self.store.retry_dead(), [])
+        self.assertEqual(self.store.retry_dead(), ([], {}))
 
 
 class EnqueueTest(StoreTestCase):

@@ -472,6 +472,21 @@ class VerbProcessTest(RegressionTestCase):
         self.assertEqual((result.returncode, result.stdout),
                          (queuectl.EXIT_NOT_COMPLETED, "x\n"))
 
+    def test_logs_follow_prints_every_byte_once_even_if_not_text(self):
+        """Output that is not UTF-8 text, written just before the run ends, is
+        printed exactly once: the follower ends from the run's spool, not from
+        the stored text (in which each bad byte became a U+FFFD)."""
+        self.start_workers(1)
+        tail = bytes(range(128, 256)) * 10
+        job_id = self.enqueue(command="echo start; sleep 1; " + q(sys.executable) +
+                              " -c 'import sys; sys.stdout.buffer.write(bytes(range("
+                              "128, 256)) * 10)'")
+        self.wait_state(job_id, "processing", timeout=10)
+        follower = subprocess.run([sys.executable, QUEUECTL, "logs", job_id, "-f"],
+                                  env=self.env, capture_output=True, timeout=30)
+        self.assertEqual((follower.returncode, follower.stdout, follower.stderr),
+                         (0, b"start\n" + tail, b""))
+
     def test_a_job_that_writes_without_end_stays_bounded(self):
         """A job that writes without end keeps only output_limit bytes of it while
         it runs, on disk too; --follow says what it skipped."""
@@ -491,7 +506,9 @@ class VerbProcessTest(RegressionTestCase):
         out = job["output"]
         self.assertEqual(len(out["stdout"]), 10000)
         self.assertGreater(out["stdout_dropped_bytes"], 1000000)
-        self.assertEqual(os.listdir(spool), [], "the spool outlived its run")
+        # It stays a while for followers (SPOOL_LINGER_S), then goes.
+        wait_until(lambda: os.listdir(spool) == [], queuectl.SPOOL_LINGER_S + 5,
+                   "the spool to be removed after its run")
         self.assertTrue(token)
 
     def test_spool_stays_within_its_capacity_while_written(self):
@@ -760,3 +777,74 @@ class SecondWalkthroughTest(VerbTestCase):
         self.ok("purge", "--state", "completed")
         after = self.json_out("stats", "--json")
         self.assertEqual((after["completed"], after["completed_last_hour"]), (0, 3))
+
+
+class RetryReviewTest(VerbTestCase):
+    """What an adversarial review of dlq retry, dependencies and unique keys
+    found."""
+
+    def test_a_dependant_is_never_retried_after_its_unfinished_dependency_went(self):
+        """Deleting or purging a dependency that did not complete does not free
+        its dead dependants to run without it; one that completed does."""
+        self.enqueue(id="p", command="sleep 30", delay="1h")
+        self.enqueue(id="c", command="echo c ran", after=["p"])
+        self.ok("cancel", "p")
+        self.assertEqual(self.job("c")["last_error"], "dependency p was cancelled")
+        self.assertEqual(self.ok("purge", "--state", "cancelled"),
+                         "purged 1 cancelled job(s)\n")
+        err = self.assertFailsCleanly(1, "dlq", "retry", "c")
+        self.assertIn("cannot retry job c: its dependency p was deleted before it "
+                      "completed", err)
+        self.assertEqual(self.job("c")["after"], [{"id": "p", "state": "deleted"}])
+        self.assertIn("after:         p (deleted)", self.ok("show", "c"))
+
+        self.enqueue(id="a", command="true", priority=9)
+        self.finish_next()                                 # a completed
+        self.enqueue(id="b", command="false", max_retries=0)
+        self.enqueue(id="d", command="true", after=["a", "b"])
+        self.finish_next(failed())                         # b dead, so d dead
+        self.ok("delete", "a")
+        self.ok("dlq", "retry", "b", "d")                  # a had completed: fine
+        self.assertEqual(self.job("d")["after"], [{"id": "b", "state": "pending"}])
+        self.assertEqual(self.claimable(), ["b"])
+
+    def test_retry_all_retries_every_dead_job_it_can(self):
+        """--all is not blocked by a dead job whose dependency was cancelled: it
+        retries the others, and says which stay dead and why."""
+        self.enqueue(id="fails", command="false", max_retries=0)
+        self.finish_next(failed())
+        self.enqueue(id="mid", command="true", delay="1h")
+        self.enqueue(id="tail", command="true", after=["mid"])
+        self.enqueue(id="end", command="true", after=["tail"])
+        self.ok("cancel", "mid")
+        self.assertEqual([self.state(j) for j in ("fails", "tail", "end")],
+                         ["dead"] * 3)
+        err = self.assertFailsCleanly(1, "dlq", "retry", "tail", "fails")
+        self.assertIn("cannot retry job tail: its dependency mid was cancelled and "
+                      "cannot run again", err)
+        self.assertNotIn("retry them together", err)
+        code, out, err = self.cli("dlq", "retry", "--all")
+        self.assertEqual((code, out), (0, "fails: back to pending\n"))
+        self.assertEqual(err, "queuectl: job tail stays dead: its dependency mid was "
+                              "cancelled and cannot run again\n"
+                              "queuectl: job end stays dead: its dependency tail stays "
+                              "dead too\n")
+        self.assertEqual([self.state(j) for j in ("fails", "tail", "end")],
+                         ["pending", "dead", "dead"])
+
+    def test_retrying_jobs_that_share_a_unique_key(self):
+        """Two dead jobs with one unique key are not retried together, nor one
+        whose key an unfinished job holds: refused naming the holder, no raw
+        SQLite error; --all retries the first."""
+        for job_id in ("u1", "u3"):
+            self.enqueue(id=job_id, command="false", max_retries=0, unique_key="nightly")
+            self.finish_next(failed())
+        err = self.assertFailsCleanly(1, "dlq", "retry", "u1", "u3")
+        self.assertIn("cannot retry job u3: job u1 holds its unique key 'nightly'", err)
+        code, out, err = self.cli("dlq", "retry", "--all")
+        self.assertEqual((code, out, err),
+                         (0, "u1: back to pending\n", "queuectl: job u3 stays dead: "
+                                                      "job u1 holds its unique key "
+                                                      "'nightly'\n"))
+        err = self.assertFailsCleanly(1, "dlq", "retry", "u3")
+        self.assertIn("job u1 holds its unique key 'nightly'", err)
