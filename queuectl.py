@@ -72,7 +72,8 @@ PROG = "queuectl"
 ENV_DB = "QUEUECTL_DB"
 ENV_TOKEN = "QUEUECTL_TOKEN"               # the dashboard's token, if not --token
 DASHBOARD_PORT = 8765
-DASHBOARD_CLIENT_TIMEOUT_S = 10.0          # a silent dashboard client is dropped
+DASHBOARD_CLIENT_TIMEOUT_S = 10.0          # a client slower to send its request is dropped
+DASHBOARD_MAX_CLIENTS = 64                 # connections served at once; more get 503
 ENV_LOG_MAX = "QUEUECTL_LOG_MAX_BYTES"   # where a detached supervisor's log rotates
 LOG_MAX_BYTES = 10 * 1024 * 1024
 DB_FILENAME = "queuectl.db"
@@ -168,6 +169,7 @@ FOLLOW_POLL_S = 0.1
 CANCEL_RECHECK_S = 0.3     # cancel looks again for a run that started as it cancelled
 PURGE_BATCH = 2000         # jobs deleted a transaction by purge and retention
 SEARCH_SCAN = 100000       # the dashboard's search looks at this many newest jobs
+SEARCH_MAX_LEN = 1000      # and for text of at most this many characters
 RUN_MINUTES_KEPT_S = 86400 # per-minute run counts are kept for a day
 IDLE_RECHECK_S = 1.0       # the supervisor checks leases and looks for jobs this often
 STARTED_AFTER_S = 0.01     # a run that lasts this long has its process group recorded
@@ -681,6 +683,8 @@ def validate_job_id(value, what="field 'id'"):
     if value.startswith("-") or any(c.isspace() or not c.isprintable() for c in value):
         raise UsageError(f"{what}: id {value!r} must not start with '-' or contain "
                          f"spaces or control characters")
+    if value in (".", ".."):                 # a URL would take it for a directory
+        raise UsageError(f"{what}: id {value!r} is not allowed")
     return value
 
 
@@ -4691,7 +4695,7 @@ function pageOn(response, path, params) {
   older.hidden = !next;
   if (next) {
     const more = new URLSearchParams(params);
-    more.set("before", next);
+    more.set("before", decodeURIComponent(next));
     older.setAttribute("href", path + "?" + more.toString());
   }
 }
@@ -4877,7 +4881,15 @@ function drawChart(minutes) {
 ####
 
 def _loopback(host):
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    """Whether HOST is this machine's loopback: localhost, or a loopback address
+    written as one (127.0.0.1, ::1); never a name that merely starts with 127."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class HttpError(Exception):
@@ -4955,10 +4967,17 @@ class DashboardHandler:
         self.send_text(code, message, {"Connection": "close"},
                        json_error=path_is_api(self))
 
+    def setup(self):
+        super().setup()
+        self.rfile = RequestDeadline(self.rfile, self.connection,
+                                     time.monotonic() + DASHBOARD_CLIENT_TIMEOUT_S)
+
     def answer(self, method):
+        import socket
         from urllib.parse import parse_qs, unquote, urlsplit
         dashboard = self.server.dashboard
         self.bearer = False
+        self.connection.settimeout(self.timeout)   # for the answer: the read is done
         try:
             url = urlsplit(self.path)
             path = url.path                  # still quoted: an id may hold a "/"
@@ -4978,8 +4997,8 @@ class DashboardHandler:
             status = (404 if isinstance(e, NotFound) else 400 if isinstance(e, UsageError)
                       else 409 if isinstance(e, Refused) else 503)
             self.send_text(status, str(e), json_error=path_is_api(self))
-        except (BrokenPipeError, ConnectionResetError):
-            pass                                     # the client went away
+        except (ConnectionError, TimeoutError, socket.timeout):
+            self.close_connection = True             # the client went away, or stalled
         except Exception as e:                       # a bug: say so, keep serving
             log(f"dashboard: {self.command} {self.path}: {type(e).__name__}: {e}")
             with contextlib.suppress(OSError):
@@ -5050,6 +5069,9 @@ class DashboardHandler:
 
     def send(self, status, body, content_type, headers=()):
         data = body.encode("utf-8") if isinstance(body, str) else body
+        headers = dict(headers)
+        for value in headers.values():
+            value.encode("latin-1")        # raise before anything is sent, not after
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -5058,7 +5080,7 @@ class DashboardHandler:
         self.send_header("X-Frame-Options", "DENY")
         self.send_header("Referrer-Policy", "no-referrer")
         self.send_header("Cache-Control", "no-store")
-        for key, value in dict(headers).items():
+        for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
@@ -5069,6 +5091,7 @@ class DashboardHandler:
                   "application/json; charset=utf-8", headers)
 
     def send_text(self, status, message, headers=(), json_error=False):
+        message = clip(message, 200)          # an error names what it got, briefly
         if json_error:
             self.send(status, json.dumps({"error": message}) + "\n",
                       "application/json; charset=utf-8", headers)
@@ -5084,18 +5107,20 @@ class DashboardHandler:
                for key, value in fields.items()})
         self.send(status, DASHBOARD_PAGE.format(
             csrf=csrf, title=html.escape(title), page=page,
-            job=html.escape(job, quote=True), db=html.escape(dashboard.db_path),
+            job=html.escape(job, quote=True),
+            db="" if page == "login" else html.escape(dashboard.db_path),
             main=main), "text/html; charset=utf-8")
 
     def log_request(self, code="-", size="-"):
         """Log only what a reader wants: errors and actions, not every poll."""
         code = getattr(code, "value", code)
         if str(code).startswith(("4", "5")) or self.command == "POST":
-            log(f'dashboard: {self.address_string()} "{self.requestline}" {code}')
+            log(f'dashboard: {self.address_string()} "{clip(self.requestline, 300)}" '
+                f'{code}')                         # a line of any request stays short
 
     def log_error(self, format, *args):
         if not format.startswith("code %d"):      # send_error's: log_request follows
-            log(f"dashboard: {self.address_string()} {format % args}")
+            log(f"dashboard: {self.address_string()} {clip(format % args, 300)}")
 
     # -- pages ------------------------------------------------------------------------
 
@@ -5169,6 +5194,7 @@ class DashboardHandler:
             self.send_json(store.config())
 
     def api_jobs(self, dashboard, query, state=None):
+        from urllib.parse import quote
         state = state or query.get("state") or None
         if state is not None and state not in STATES:
             raise HttpError(400, f"unknown state: {state}")
@@ -5178,12 +5204,14 @@ class DashboardHandler:
             raise HttpError(400, "limit must be a whole number") from None
         if not 1 <= limit <= 1000:
             raise HttpError(400, "limit must be from 1 to 1000")
+        if len(query.get("q", "")) > SEARCH_MAX_LEN:
+            raise HttpError(400, f"q must be at most {SEARCH_MAX_LEN} characters")
         with dashboard.store() as store:
             jobs, short = store.search_jobs(state, query.get("q") or None,
                                             query.get("before") or None, limit)
         headers = {}
         if len(jobs) == limit:
-            headers["X-Next-Before"] = jobs[-1]["id"]
+            headers["X-Next-Before"] = quote(jobs[-1]["id"], safe="")   # URL-ready
         if short:
             headers["X-Search-Limited"] = str(SEARCH_SCAN)
         self.send_json(jobs, headers)
@@ -5199,6 +5227,8 @@ class DashboardHandler:
                 number = int(query["attempt"])
             except ValueError:
                 raise HttpError(400, "attempt must be a whole number") from None
+            if not 1 <= number < INT_LIMIT:
+                raise HttpError(400, f"attempt must be from 1 to {INT_LIMIT - 1}")
         with dashboard.store() as store:
             job, run = store.run_of(job_id, number)
             self.send_json(logs_document(store.path, job, run))
@@ -5271,6 +5301,35 @@ class DashboardHandler:
                   "text/plain; version=0.0.4; charset=utf-8")
 
 
+class RequestDeadline:
+    """A request's input, read against one deadline in all, not one a read: a
+    client that sends its request a byte at a time is dropped as surely as a
+    silent one (http.server drops it as it drops one that timed out)."""
+
+    def __init__(self, rfile, sock, deadline):
+        self.rfile = rfile
+        self.sock = sock
+        self.deadline = deadline
+
+    def _arm(self):
+        import socket
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("the request took too long to arrive")
+        self.sock.settimeout(left)
+
+    def readline(self, *args):
+        self._arm()
+        return self.rfile.readline(*args)
+
+    def read(self, *args):
+        self._arm()
+        return self.rfile.read(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.rfile, name)
+
+
 def path_is_api(handler):
     return getattr(handler, "path", "").startswith("/api/")
 
@@ -5284,8 +5343,7 @@ def prometheus_metrics(report, totals):
         lines.append(f"# TYPE queuectl_{name} {kind}")
         for labels, value in samples:
             label = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
-            lines.append(f"queuectl_{name}{label} {value:g}" if isinstance(value, float)
-                         else f"queuectl_{name}{label} {value}")
+            lines.append(f"queuectl_{name}{label} {value!r}")   # floats exact
 
     metric("jobs", "gauge", "Jobs by state.",
            [((("state", state),), report["counts"][state]) for state in STATES])
@@ -5304,7 +5362,7 @@ def prometheus_metrics(report, totals):
     for labels, value in samples:
         lines.append(f'queuectl_run_duration_seconds_bucket{{le="{labels[0][1]}"}} {value}')
     seconds = sum(s for _, _, s in totals.get(COMPLETED, ()))
-    lines.append(f"queuectl_run_duration_seconds_sum {seconds:g}")
+    lines.append(f"queuectl_run_duration_seconds_sum {float(seconds)!r}")
     lines.append(f"queuectl_run_duration_seconds_count {cumulative}")
     metric("workers", "gauge", "Worker processes of the running supervisor.",
            [((), len(report["workers"]))])
@@ -5363,12 +5421,36 @@ def cmd_dashboard(args):
                          f"it through an SSH tunnel)")
     Store(args.db, create=False).close()           # there must be a queue to show
     server_module = http_server()
+    import threading
     handler = type("Handler", (DashboardHandler, server_module.BaseHTTPRequestHandler),
                    {})
 
     class Server(server_module.ThreadingHTTPServer):
         daemon_threads = True                       # Ctrl-C does not wait for them
         address_family = socket_family(args.host)
+        request_queue_size = DASHBOARD_MAX_CLIENTS  # a burst is taken in, not stalled
+        clients = threading.BoundedSemaphore(DASHBOARD_MAX_CLIENTS)
+
+        def process_request(self, request, client_address):
+            if not self.clients.acquire(blocking=False):
+                with contextlib.suppress(OSError):    # too many at once: not this one
+                    request.setblocking(False)
+                    request.send(b"HTTP/1.0 503 Service Unavailable\r\n"
+                                 b"Content-Type: text/plain\r\nConnection: close\r\n"
+                                 b"\r\ntoo many clients at once\n")
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.clients.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.clients.release()
 
         def handle_error(self, request, client_address):
             error = sys.exc_info()[1]

@@ -19,7 +19,7 @@ import time
 import unittest
 from urllib.parse import quote
 
-from tests.support import QUEUECTL, wait_until
+from tests.support import QUEUECTL, queuectl, wait_until
 from tests.test_regressions import RegressionTestCase
 from tests.test_cli import CliTestCase
 
@@ -657,3 +657,82 @@ class DashboardBrowserTest(DashboardTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class DashboardReviewTest(DashboardTestCase):
+    """What an adversarial review of the dashboard found."""
+
+    def test_a_name_that_only_starts_with_127_is_not_loopback(self):
+        """DNS rebinding through 127.attacker.example: refused like any other
+        foreign name, and it is no address to serve on without a token."""
+        self.enqueue(id="a", command="true")
+        self.start_dashboard()
+        for host in (f"127.attacker.example:{self.port}", "127.0.0.1.nip.io",
+                     "localhost.attacker.example"):
+            self.assertError(self.get("/api/status", host=host), 421)
+            self.assertError(self.request("POST", "/api/pause", host=host, headers={
+                "Origin": f"http://{host}"}), 421)
+        self.assertFalse(self.json_out("status", "--json")["paused"])
+        for host in ("[::1]", f"[::1]:{self.port}", "127.0.0.2"):
+            self.assertEqual(self.get("/api/status", host=host).status, 200, host)
+        self.assertTrue(queuectl._loopback("127.0.0.1"))
+        self.assertFalse(queuectl._loopback("127.attacker.example"))
+        code, out, err = self.run_bounded("dashboard", "--host", "127.attacker.example",
+                                          "--port", "0")
+        self.assertOneErrorLine(2, code, out, err)
+
+    def test_paging_past_an_id_that_is_not_latin_1(self):
+        """X-Next-Before is percent-encoded, so any id can end a page."""
+        self.enqueue(id="first", command="true")
+        self.enqueue(id="ジョブ", command="true")
+        self.start_dashboard()
+        response = self.get("/api/jobs?limit=1")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers["x-next-before"], quote("ジョブ", safe=""))
+        older = self.get_json("/api/jobs?limit=1&before=" +
+                              response.headers["x-next-before"])
+        self.assertEqual([job["id"] for job in older], ["first"])
+
+    def test_odd_parameters_and_slow_bodies_get_short_answers(self):
+        self.enqueue(id="a", command="true")
+        self.start_dashboard("--token", "s3cret")
+        bearer = {"Authorization": "Bearer s3cret"}
+        for path in ("/api/jobs/a/logs?attempt=99999999999999999999",
+                     "/api/jobs/a/logs?attempt=0", "/api/jobs/a/logs?attempt=-1",
+                     "/api/jobs?q=" + "x" * 50010):
+            self.assertError(self.get(path, headers=bearer), 400)
+        self.assertError(self.get("/api/jobs/" + "x" * 60000, headers=bearer), 404,
+                         "no such job")
+        login = self.get("/login")
+        self.assertNotIn(self.db, login.text)               # no path before sign-in
+        with socket.create_connection((self.host, self.port)) as short:
+            short.sendall(b"POST /login HTTP/1.0\r\nContent-Length: 100\r\n\r\ntoken=x")
+            short.settimeout(30)
+            self.assertNotIn(b" 500 ", read_all(short))     # dropped, no 500
+        self.assertFailsCleanly(2, "enqueue", '{"id": "..", "command": "true"}')
+        self.assertFailsCleanly(2, "enqueue", "-c", "true", "--id", ".")
+
+    def test_too_many_clients_at_once_get_503_and_the_rest_go_on(self):
+        self.store()
+        self.start_dashboard()
+        held = []
+        for _ in range(queuectl.DASHBOARD_MAX_CLIENTS):
+            client = socket.create_connection((self.host, self.port))
+            client.sendall(b"GET /api/status HTTP/1.0\r\n")   # and no more yet
+            held.append(client)
+        # The server accepts in order: these came first, so they hold every slot.
+        with socket.create_connection((self.host, self.port)) as extra:
+            extra.settimeout(10)
+            self.assertIn(b" 503 ", read_all(extra))
+        for client in held:
+            client.close()
+        wait_until(lambda: self.get("/api/status").status == 200, 10,
+                   "the dashboard to answer again")
+
+    def test_metrics_keep_every_digit(self):
+        text = queuectl.prometheus_metrics(
+            {"counts": dict.fromkeys(queuectl.STATES, 0), "workers": [],
+             "paused": False, "oldest_runnable_age_s": 1234567.891, "healthy": True},
+            {"completed": [(5, 3, 1234569.5)]})
+        self.assertIn("queuectl_run_duration_seconds_sum 1234569.5\n", text)
+        self.assertIn("queuectl_oldest_waiting_seconds 1234567.891\n", text)
