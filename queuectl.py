@@ -45,6 +45,7 @@ import argparse
 import collections
 import contextlib
 import fcntl
+import io
 import json
 import marshal
 import math
@@ -90,6 +91,7 @@ CANCELLED = "cancelled"    # stopped by `cancel`: no retry, not in the DLQ
 STATES = (PENDING, PROCESSING, COMPLETED, FAILED, DEAD, CANCELLED)
 FINISHED = (COMPLETED, DEAD, CANCELLED)
 DELETED = "deleted"        # not a state: what wait and show say of a deleted job
+DELETED_MARK = " deleted"  # deps.after_id of a dependency deleted unfinished
 
 # What ended an attempt (attempts.outcome).
 RUNNING = "running"
@@ -1305,10 +1307,13 @@ class Store:
         conn.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
         conn.execute("DELETE FROM deps WHERE job_id = ?", (job_id,))
         # Jobs that ran after a completed job need it no more. Those that one
-        # that did not complete left dead go on naming it: never retried as if
-        # it had completed.
-        conn.execute("DELETE FROM deps WHERE after_id = ? AND (SELECT state FROM jobs "
-                     "WHERE id = ?) = 'completed'", (job_id, job_id))
+        # that did not complete left dead go on naming it, marked deleted (no
+        # id holds a space), so that neither a retry nor a new job of the same
+        # id can pass for it having completed.
+        conn.execute("UPDATE deps SET after_id = after_id || ? WHERE after_id = ? AND "
+                     "(SELECT state FROM jobs WHERE id = ?) <> 'completed'",
+                     (DELETED_MARK, job_id, job_id))
+        conn.execute("DELETE FROM deps WHERE after_id = ?", (job_id,))
         conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def retry_dead(self, job_ids=None, now=None):
@@ -1348,18 +1353,25 @@ class Store:
         a dependency that was cancelled, deleted unfinished, or is dead and not
         retried with it; or a unique key that an unfinished job (or one of IDS
         before it) holds."""
-        left, keys = {}, {}
+        left, chosen = {}, set(ids)
+        self._left_for_dependencies(conn, ids, chosen, left)
+        keys = {}
         for job_id in ids:
             key = conn.execute("SELECT unique_key FROM jobs WHERE id = ?",
                                (job_id,)).fetchone()[0]
-            if key is not None:
+            if key is not None and job_id not in left:
                 holder = keys.get(key) or self._key_holder(conn, key)
                 if holder:
                     left[job_id] = f"job {holder} holds its unique key {key!r}"
                 else:
                     keys[key] = job_id
-        chosen, changed = set(ids), True
-        while changed:                     # until no job is left for its dependencies
+        self._left_for_dependencies(conn, ids, chosen, left)   # after those
+        return {job_id: left[job_id] for job_id in ids if job_id in left}
+
+    def _left_for_dependencies(self, conn, ids, chosen, left):
+        """Add to LEFT each of IDS that a dependency keeps dead, until none is."""
+        changed = True
+        while changed:
             changed = False
             for job_id in ids:
                 if job_id in left:
@@ -1369,16 +1381,16 @@ class Store:
                     if why:
                         left[job_id], changed = why, True
                         break
-        return {job_id: left[job_id] for job_id in ids if job_id in left}
 
     @staticmethod
     def _dependency_states(conn, job_id):
         """[(dependency id, its state)] of a job; DELETED for a dependency deleted
         before it completed."""
-        return [tuple(row) for row in conn.execute(
-            "SELECT deps.after_id, coalesce(jobs.state, ?) FROM deps LEFT JOIN jobs "
-            "ON jobs.id = deps.after_id WHERE deps.job_id = ? ORDER BY deps.after_id",
-            (DELETED, job_id))]
+        return [(dep, state) if state else (dep.split(" ")[0], DELETED)
+                for dep, state in conn.execute(
+                    "SELECT deps.after_id, jobs.state FROM deps LEFT JOIN jobs "
+                    "ON jobs.id = deps.after_id WHERE deps.job_id = ? "
+                    "ORDER BY deps.after_id", (job_id,))]
 
     @staticmethod
     def _after_ended(conn, job_id, state, stamp):
@@ -4969,8 +4981,8 @@ class DashboardHandler:
 
     def setup(self):
         super().setup()
-        self.rfile = RequestDeadline(self.rfile, self.connection,
-                                     time.monotonic() + DASHBOARD_CLIENT_TIMEOUT_S)
+        self.rfile = io.BufferedReader(RequestDeadline(
+            self.connection, time.monotonic() + DASHBOARD_CLIENT_TIMEOUT_S))
 
     def answer(self, method):
         import socket
@@ -5301,33 +5313,27 @@ class DashboardHandler:
                   "text/plain; version=0.0.4; charset=utf-8")
 
 
-class RequestDeadline:
-    """A request's input, read against one deadline in all, not one a read: a
-    client that sends its request a byte at a time is dropped as surely as a
-    silent one (http.server drops it as it drops one that timed out)."""
+class RequestDeadline(io.RawIOBase):
+    """A request's input, read against one deadline in all: every receive waits
+    only for what is left of it, so a client that sends its request a byte at a
+    time is dropped as surely as a silent one (http.server drops it as it drops
+    one that timed out)."""
 
-    def __init__(self, rfile, sock, deadline):
-        self.rfile = rfile
+    def __init__(self, sock, deadline):
+        super().__init__()
         self.sock = sock
         self.deadline = deadline
 
-    def _arm(self):
-        import socket
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
         left = self.deadline - time.monotonic()
         if left <= 0:
+            import socket
             raise socket.timeout("the request took too long to arrive")
         self.sock.settimeout(left)
-
-    def readline(self, *args):
-        self._arm()
-        return self.rfile.readline(*args)
-
-    def read(self, *args):
-        self._arm()
-        return self.rfile.read(*args)
-
-    def __getattr__(self, name):
-        return getattr(self.rfile, name)
+        return self.sock.recv_into(buffer)
 
 
 def path_is_api(handler):

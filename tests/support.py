@@ -147,8 +147,10 @@ class QueueTestCase(unittest.TestCase):
             return None
         conn = sqlite3.connect(self.db)
         try:
-            return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
-                    for t in ("jobs", "attempts", "config")}
+            tables = [row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+                    for t in tables}
         finally:
             conn.close()
 

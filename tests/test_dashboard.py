@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 from urllib.parse import quote
@@ -505,6 +506,10 @@ class DashboardServerTest(DashboardTestCase):
         half = socket.create_connection((self.host, self.port))
         self.addCleanup(half.close)
         half.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")   # no end
+        drip = socket.create_connection((self.host, self.port))
+        self.addCleanup(drip.close)
+        dripped = threading.Thread(target=send_a_byte_a_second, args=(drip, 30))
+        dripped.start()
         started = time.monotonic()
         self.assertEqual(self.get("/api/status").status, 200)
         self.assertLess(time.monotonic() - started, 5)
@@ -527,13 +532,16 @@ class DashboardServerTest(DashboardTestCase):
         for client in (silent, half):                   # dropped after 10 s
             client.settimeout(30)
             self.assertEqual(client.recv(100), b"")
+        dripped.join(timeout=30)                        # a byte at a time: the same
+        self.assertFalse(dripped.is_alive())
+        self.assertLess(time.monotonic() - started, 20, "the drip was not dropped")
         self.assertEqual(self.get("/api/status").status, 200)
         self.assertIsNone(proc.poll())
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
         self.assertEqual(proc.returncode, 0)
         self.assertNotIn(b"Traceback", err)
-        self.assertEqual(err.count(b"Request timed out"), 2, err)
+        self.assertEqual(err.count(b"Request timed out"), 3, err)
         self.assertIn(b'127.0.0.1 "\\x16\\x03\\x01 not http at all" 400', err)
 
     def test_ctrl_c_and_sigterm_stop_it_at_once_with_exit_0(self):
@@ -565,6 +573,19 @@ class DashboardServerTest(DashboardTestCase):
         self.ok("enqueue", json.dumps({"id": "new", "command": "true"}))
         self.ok("cancel", "j5")
         self.assertLess(time.monotonic() - started, 5)
+
+
+def send_a_byte_a_second(sock, seconds):
+    """Send a request a byte a second until the server hangs up (or SECONDS)."""
+    for byte in (b"GET /api/status HTTP/1.0\r\n" * 10)[:seconds]:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return                                     # hung up on
+        time.sleep(1)
+        ready, _, _ = select.select([sock], [], [], 0)
+        if ready and not sock.recv(100):
+            return
 
 
 def read_all(sock):
@@ -655,10 +676,6 @@ class DashboardBrowserTest(DashboardTestCase):
         self.assertGreater(len(png), 20000)            # not a blank page
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class DashboardReviewTest(DashboardTestCase):
     """What an adversarial review of the dashboard found."""
 
@@ -736,3 +753,7 @@ class DashboardReviewTest(DashboardTestCase):
             {"completed": [(5, 3, 1234569.5)]})
         self.assertIn("queuectl_run_duration_seconds_sum 1234569.5\n", text)
         self.assertIn("queuectl_oldest_waiting_seconds 1234567.891\n", text)
+
+
+if __name__ == "__main__":
+    unittest.main()

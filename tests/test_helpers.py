@@ -378,10 +378,6 @@ class DescribeExitTest(unittest.TestCase):
         self.assertEqual(queuectl.describe_exit(-999), "killed by signal 999")
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class StopFlagTest(unittest.TestCase):
 
     def levels(self, *signals):
@@ -449,3 +445,7 @@ class OutputTailTest(unittest.TestCase):
         binary.add(b"\x80" * 10)                     # no character to find: cut at 3
         binary.text()
         self.assertEqual((len(binary.data), binary.dropped), (1, 9))
+
+
+if __name__ == "__main__":
+    unittest.main()

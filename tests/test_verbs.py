@@ -643,10 +643,6 @@ class VerbProcessTest(RegressionTestCase):
             self.assertNotIn("Traceback", f.read())
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class WalkthroughTest(VerbTestCase):
     """What a new user's walkthrough of the verbs found."""
 
@@ -797,6 +793,15 @@ class RetryReviewTest(VerbTestCase):
                       "completed", err)
         self.assertEqual(self.job("c")["after"], [{"id": "p", "state": "deleted"}])
         self.assertIn("after:         p (deleted)", self.ok("show", "c"))
+        # A new job that takes the old one's id does not stand in for it.
+        self.enqueue(id="p", command="true", priority=99)
+        self.finish_next()
+        self.assertEqual(self.state("p"), "completed")
+        self.assertIn("its dependency p was deleted before it completed",
+                      self.assertFailsCleanly(1, "dlq", "retry", "c"))
+        self.assertEqual(self.job("c")["after"], [{"id": "p", "state": "deleted"}])
+        self.ok("delete", "c")                           # and its marks go with it
+        self.assertEqual(self.rows()["deps"], [])
 
         self.enqueue(id="a", command="true", priority=9)
         self.finish_next()                                 # a completed
@@ -848,3 +853,17 @@ class RetryReviewTest(VerbTestCase):
                                                       "'nightly'\n"))
         err = self.assertFailsCleanly(1, "dlq", "retry", "u3")
         self.assertIn("job u1 holds its unique key 'nightly'", err)
+
+    def test_a_job_that_stays_dead_holds_no_unique_key_for_retry_all(self):
+        self.enqueue(id="c", command="true", delay="1h")
+        self.enqueue(id="a", command="true", unique_key="k", after=["c"])
+        self.ok("cancel", "c")                                   # a: dead
+        self.enqueue(id="b0", command="false", max_retries=0, unique_key="k")
+        self.finish_next(failed())                               # b0: dead
+        code, out, err = self.cli("dlq", "retry", "--all")
+        self.assertEqual((code, out), (0, "b0: back to pending\n"))
+        self.assertIn("job a stays dead: its dependency c was cancelled", err)
+
+
+if __name__ == "__main__":
+    unittest.main()
