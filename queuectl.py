@@ -5039,8 +5039,8 @@ class DashboardHandler:
         host = self.headers.get("Host") or ""
         host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
         if not _loopback(host):
-            raise HttpError(421, "this dashboard answers only to 127.0.0.1 and "
-                                 "localhost")
+            raise HttpError(421, "this dashboard answers only to localhost and "
+                                 "loopback addresses such as 127.0.0.1")
 
     def authenticate(self, dashboard, page=False):
         """With a token, every request must carry it: in an Authorization header
