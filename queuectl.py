@@ -1352,35 +1352,25 @@ class Store:
         """{id: why} of the dead jobs IDS that cannot go back to pending together:
         a dependency that was cancelled, deleted unfinished, or is dead and not
         retried with it; or a unique key that an unfinished job (or one of IDS
-        before it) holds."""
-        left, chosen = {}, set(ids)
-        self._left_for_dependencies(conn, ids, chosen, left)
-        keys = {}
-        for job_id in ids:
-            key = conn.execute("SELECT unique_key FROM jobs WHERE id = ?",
-                               (job_id,)).fetchone()[0]
-            if key is not None and job_id not in left:
+        that goes back) holds."""
+        rows = {job_id: conn.execute("SELECT rowid, unique_key FROM jobs WHERE id = ?",
+                                     (job_id,)).fetchone() for job_id in ids}
+        chosen, left, keys = set(ids), {}, {}
+        # A job is added after its dependencies: in the order they were added,
+        # whether each dependency goes back is known before its dependants ask.
+        for job_id in sorted(ids, key=lambda job_id: rows[job_id][0]):
+            why, key = None, rows[job_id][1]
+            for dep, state in self._dependency_states(conn, job_id):
+                why = why or _unretryable_dependency(dep, state, chosen, left)
+            if why is None and key is not None:
                 holder = keys.get(key) or self._key_holder(conn, key)
                 if holder:
-                    left[job_id] = f"job {holder} holds its unique key {key!r}"
-                else:
-                    keys[key] = job_id
-        self._left_for_dependencies(conn, ids, chosen, left)   # after those
+                    why = f"job {holder} holds its unique key {key!r}"
+            if why:
+                left[job_id] = why
+            elif key is not None:
+                keys[key] = job_id
         return {job_id: left[job_id] for job_id in ids if job_id in left}
-
-    def _left_for_dependencies(self, conn, ids, chosen, left):
-        """Add to LEFT each of IDS that a dependency keeps dead, until none is."""
-        changed = True
-        while changed:
-            changed = False
-            for job_id in ids:
-                if job_id in left:
-                    continue
-                for dep, state in self._dependency_states(conn, job_id):
-                    why = _unretryable_dependency(dep, state, chosen, left)
-                    if why:
-                        left[job_id], changed = why, True
-                        break
 
     @staticmethod
     def _dependency_states(conn, job_id):
@@ -5432,12 +5422,13 @@ def cmd_dashboard(args):
                    {})
 
     class Server(server_module.ThreadingHTTPServer):
-        daemon_threads = True                       # Ctrl-C does not wait for them
         address_family = socket_family(args.host)
         request_queue_size = DASHBOARD_MAX_CLIENTS  # a burst is taken in, not stalled
         clients = threading.BoundedSemaphore(DASHBOARD_MAX_CLIENTS)
 
         def process_request(self, request, client_address):
+            """Serve the request in a thread of its own, which gives its slot back
+            when it ends; with no slot free, answer 503 and hang up."""
             if not self.clients.acquire(blocking=False):
                 with contextlib.suppress(OSError):    # too many at once: not this one
                     request.setblocking(False)
@@ -5446,11 +5437,14 @@ def cmd_dashboard(args):
                                  b"\r\ntoo many clients at once\n")
                 self.shutdown_request(request)
                 return
+            thread = threading.Thread(target=self.process_request_thread,
+                                      args=(request, client_address),
+                                      daemon=True)    # Ctrl-C does not wait for it
             try:
-                super().process_request(request, client_address)
-            except BaseException:
+                thread.start()
+            except RuntimeError:                      # no thread to be had
                 self.clients.release()
-                raise
+                self.shutdown_request(request)
 
         def process_request_thread(self, request, client_address):
             try:

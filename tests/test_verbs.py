@@ -864,6 +864,23 @@ class RetryReviewTest(VerbTestCase):
         self.assertEqual((code, out), (0, "b0: back to pending\n"))
         self.assertIn("job a stays dead: its dependency c was cancelled", err)
 
+    def test_a_key_goes_to_the_first_job_that_does_go_back(self):
+        """Found by a review: d stays dead (an unfinished job holds its key), so
+        a, after d, stays dead too, and its key k must not keep b dead."""
+        self.enqueue(id="d", command="false", max_retries=0, unique_key="k2")
+        self.finish_next(failed())
+        self.cli("enqueue", "-c", "true", "--id", "a", "--unique-key", "k",
+                 "--after", "d")                                   # dead at once
+        self.enqueue(id="b", command="false", max_retries=0, unique_key="k")
+        self.finish_next(failed())
+        self.enqueue(id="h", command="true", delay="1h", unique_key="k2")
+        code, out, err = self.cli("dlq", "retry", "--all")
+        self.assertEqual((code, out, err),
+                         (0, "b: back to pending\n",
+                          "queuectl: job d stays dead: job h holds its unique key "
+                          "'k2'\nqueuectl: job a stays dead: its dependency d stays "
+                          "dead too\n"))
+
 
 if __name__ == "__main__":
     unittest.main()
