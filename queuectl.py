@@ -1135,8 +1135,8 @@ class Store:
             if key is not None:
                 holder = keys.get(key) or self._key_holder(conn, key)
                 if holder:
-                    notes[index] = (f"job {holder} holds unique key {key!r} already: "
-                                    f"nothing added")
+                    notes[index] = (f"queuectl: job {holder} holds unique key {key!r} "
+                                    f"already: nothing added")
                     row[0] = holder
                     continue
             found = {dep: states.get(dep) or self._state_of(conn, dep)
@@ -1149,7 +1149,7 @@ class Store:
                 if state in (DEAD, CANCELLED):
                     row[3], row[4] = DEAD, 0
                     row[12] = _dependency_error(dep, state)
-                    notes[index] = (f"job {row[0]} is dead already: its "
+                    notes[index] = (f"queuectl: job {row[0]} is dead already: its "
                                     f"{row[12]}")
                     break
                 if state != COMPLETED:
@@ -1361,16 +1361,49 @@ class Store:
         for job_id in sorted(ids, key=lambda job_id: rows[job_id][0]):
             why, key = None, rows[job_id][1]
             for dep, state in self._dependency_states(conn, job_id):
-                why = why or _unretryable_dependency(dep, state, chosen, left)
+                why = why or self._dependency_problem(conn, dep, state, chosen, left)
             if why is None and key is not None:
-                holder = keys.get(key) or self._key_holder(conn, key)
-                if holder:
-                    why = f"job {holder} holds its unique key {key!r}"
+                if key in keys:
+                    why = (f"job {keys[key]}, retried with it, has the same unique key "
+                           f"{key!r}")
+                elif self._key_holder(conn, key):
+                    why = (f"job {self._key_holder(conn, key)} holds its unique key "
+                           f"{key!r}")
             if why:
                 left[job_id] = why
             elif key is not None:
                 keys[key] = job_id
         return {job_id: left[job_id] for job_id in ids if job_id in left}
+
+    def _dependency_problem(self, conn, dep, state, chosen=(), left=()):
+        """Why a dead job cannot go back with the jobs CHOSEN, of which those in
+        LEFT stay dead, because of its dependency DEP in STATE; or None."""
+        if state == CANCELLED:
+            return f"its dependency {dep} was cancelled and cannot run again"
+        if state == DELETED:
+            return f"its dependency {dep} was deleted before it completed"
+        if state == DEAD and dep in left:
+            return f"its dependency {dep} stays dead too"
+        if state == DEAD and dep not in chosen:
+            why = self._never_again(conn, dep)
+            if why:                          # no retry can bring it back: say why
+                return f"its dependency {dep} can never run again ({why})"
+            return f"its dependency {dep} is dead (retry them together)"
+        return None
+
+    def _never_again(self, conn, job_id):
+        """Why dead job JOB_ID can never run again, or None: a job it runs after,
+        or one those run after, was cancelled or deleted before it completed."""
+        seen, todo = {job_id}, [job_id]
+        while todo:
+            for dep, state in self._dependency_states(conn, todo.pop()):
+                if state in (CANCELLED, DELETED):
+                    return (f"job {dep}, before it, was " +
+                            ("cancelled" if state == CANCELLED else "deleted"))
+                if state == DEAD and dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return None
 
     @staticmethod
     def _dependency_states(conn, job_id):
@@ -1932,20 +1965,6 @@ _DURATION_UNTIL = ("round(max(0.0, (julianday(?) - julianday(started_at)) * 8640
 _INSERT_JOB = ("INSERT INTO jobs (id, command, cwd, state, ready, priority, max_retries, "
                "timeout_s, run_at, created_at, updated_at, unique_key, last_error) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
-def _unretryable_dependency(dep, state, chosen, left):
-    """Why a dead job cannot be retried with the jobs CHOSEN, of which those in
-    LEFT stay dead, because of its dependency DEP in STATE; or None."""
-    if state == CANCELLED:
-        return f"its dependency {dep} was cancelled and cannot run again"
-    if state == DELETED:
-        return f"its dependency {dep} was deleted before it completed"
-    if state == DEAD and dep in left:
-        return f"its dependency {dep} stays dead too"
-    if state == DEAD and dep not in chosen:
-        return f"its dependency {dep} is dead (retry them together)"
-    return None
 
 
 def _dependency_error(dep, state):
@@ -4226,8 +4245,12 @@ def cmd_logs(args):
     if run is None:
         if args.json:
             print_json(logs_document(store.path, job, run))
+        elif job["state"] in FINISHED:
+            print(f"queuectl: job {job['id']} ended {job['state']} without running"
+                  + (f": {job['last_error']}" if job["last_error"] else ""),
+                  file=sys.stderr)
         else:
-            print(f"job {job['id']} has not run yet", file=sys.stderr)
+            print(f"queuectl: job {job['id']} has not run yet", file=sys.stderr)
         return EXIT_OK
     output = logs_document(store.path, job, run)
     if args.json:
@@ -4290,13 +4313,21 @@ def follow_logs(store, job, run, number):
         printed[stream] += skipped + len(data)
 
     version = None
+    # A job that a cold stop put back will run again: follow its next run.
+    past = None
+    if number is None and run is not None and run["outcome"] == INTERRUPTED and \
+            job["state"] == PENDING:
+        past = run["number"]
     while True:
-        if run is None and job["state"] in FINISHED:     # it ended without a run
-            print(f"job {job['id']} ended {job['state']} without running"
+        if (run is None or run["number"] == past) and job["state"] in FINISHED:
+            print(f"queuectl: job {job['id']} ended {job['state']} without running"
+                  + (" again" if run else "")
                   + (f": {job['last_error']}" if job.get("last_error") else ""),
                   file=sys.stderr)
             return EXIT_NOT_COMPLETED
-        if run is not None and run["outcome"] != RUNNING:
+        if run is not None and run["number"] == past:
+            pass                                       # waiting for its next run
+        elif run is not None and run["outcome"] != RUNNING:
             for stream, short, dest in streams:
                 # The rest: from its spool, which stays a while after the run, so
                 # every byte is printed once; else from the stored copy.
@@ -4314,7 +4345,7 @@ def follow_logs(store, job, run, number):
             sys.stderr.flush()
             print(f"queuectl: {run_ending(job, run)}", file=sys.stderr)
             return EXIT_NOT_COMPLETED
-        if run is not None:
+        elif run is not None:
             for stream, short, dest in streams:
                 spooled = Spool.read(spool_path(store.path, run["run_token"], short),
                                      printed[stream])
@@ -4398,10 +4429,11 @@ def cmd_resume(args):
 
 
 def cmd_purge(args):
-    with open_store(args) as store:
-        purged = store.purge(args.state, args.older_than or 0)
     age = f" older than {format_span(args.older_than)}" if args.older_than else ""
-    print(f"purged {purged} {args.state} job(s){age}")
+    with open_store(args) as store:
+        for state in _unique(args.state):
+            purged = store.purge(state, args.older_than or 0)
+            print(f"purged {purged} {state} job(s){age}")
 
 
 def cmd_config_show(args):
@@ -4734,7 +4766,7 @@ const pages = {
       const failed = doc.minutes.reduce((sum, m) => sum + m.failed, 0);
       document.getElementById("rate").textContent = done + " runs completed, " + failed +
         " failed" + (done + failed ? " (" + (100 * failed / (done + failed)).toFixed(1) +
-        "%)" : "");
+        "% of runs failed)" : "");
       document.getElementById("supervisor").textContent = status.supervisor_pid ?
         status.workers.length + " worker(s), " + status.supervisor_state +
         " (supervisor pid " + status.supervisor_pid + ")" : "No workers running.";
@@ -4804,8 +4836,10 @@ const pages = {
       document.getElementById("retry").hidden = job.state !== "dead";
       // The output of its last run; while it runs, what it wrote so far.
       const {doc: logs} = await api(path + "/logs");
-      document.getElementById("output-title").textContent = logs.run === null ?
-        "Output (not run yet)" : "Output of run " + logs.run + " (" + logs.outcome + ")";
+      document.getElementById("output-title").textContent = logs.run !== null ?
+        "Output of run " + logs.run + " (" + logs.outcome + ")" :
+        ["completed", "dead", "cancelled"].includes(logs.state) ?
+        "Output (it ended " + logs.state + " without running)" : "Output (not run yet)";
       for (const stream of ["stdout", "stderr"]) {
         const dropped = logs[stream + "_dropped_bytes"];
         document.getElementById(stream).textContent = (dropped ? "[the first " + dropped +
@@ -4865,7 +4899,7 @@ function drawChart(minutes) {
       bar.setAttribute("height", height.toFixed(1));
       bar.setAttribute("class", cls);
       const title = document.createElementNS(ns, "title");
-      title.textContent = m.minute + ": " + m.completed + " completed, " + m.failed +
+      title.textContent = m.minute.slice(0, 16).replace("T", " ") + ": " + m.completed + " completed, " + m.failed +
         " failed";
       bar.append(title);
       bars.push(bar);
@@ -5037,16 +5071,17 @@ class DashboardHandler:
         (scripts, Prometheus) or in the cookie the login form sets (browsers)."""
         if not dashboard.token:
             return
-        bearer = self.headers.get("Authorization", "")
-        if bearer.startswith("Bearer ") and dashboard.compare(bearer[7:].strip(),
-                                                              dashboard.token):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        bearer = scheme.lower() == "bearer"            # the scheme's case is free
+        if bearer and dashboard.compare(given.strip(), dashboard.token):
             self.bearer = True
             return
         if dashboard.compare(self.cookie("queuectl_session"), dashboard.session):
             return
         if page:
             raise HttpError(303, "sign in first", {"Location": "/login"})
-        raise HttpError(401, "a token is needed: Authorization: Bearer TOKEN",
+        raise HttpError(401, "wrong token" if bearer else
+                        "a token is needed: Authorization: Bearer TOKEN",
                         {"WWW-Authenticate": "Bearer"})
 
     def check_same_origin(self, dashboard):
@@ -5250,7 +5285,8 @@ class DashboardHandler:
         for n in range(59, -1, -1):
             minute = iso(now - timedelta(minutes=n))[:16]
             runs = by_minute.get(minute, {})
-            minutes.append({"minute": minute, "completed": runs.get(COMPLETED, 0),
+            minutes.append({"minute": minute + ":00.000Z",    # as every time here
+                            "completed": runs.get(COMPLETED, 0),
                             "failed": runs.get(FAILED, 0)})
         self.send_json({"status": report, "minutes": minutes,
                         "oldest_waiting": oldest})
@@ -5674,7 +5710,8 @@ def build_parser():
 
     sub = command(commands, "purge", cmd_purge, "delete finished jobs with their "
                   "history and output")
-    sub.add_argument("--state", choices=FINISHED, required=True)
+    sub.add_argument("--state", choices=FINISHED, required=True, action="append",
+                     help="completed, dead or cancelled (repeat for more)")
     sub.add_argument("--older-than", type=duration, metavar="DURATION",
                      help="only jobs that finished longer ago than this")
 
@@ -5717,6 +5754,18 @@ def build_parser():
     return parser
 
 
+def _enqueue_hint(args, extra):
+    """For enqueue given words it did not expect, how to give a command."""
+    if getattr(args, "func", None) is not cmd_enqueue:
+        return ""
+    if args.shell_command is not None:         # -c ls -l: the shell split it
+        words = " ".join([args.shell_command, *([args.job] if args.job else []), *extra])
+        return f" (-c takes the whole command as one argument: -c '{words}')"
+    if args.job not in (None, "-") and not args.job.lstrip().startswith("{"):
+        return f" (to give a command without JSON: -c '{' '.join([args.job, *extra])}')"
+    return ""
+
+
 def main(argv=None):
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else argv):
@@ -5724,7 +5773,8 @@ def main(argv=None):
         return EXIT_USAGE
     args, extra = parser.parse_known_args(argv)
     if extra:       # name the command whose --help to read, not just "queuectl"
-        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}"
+                          f"{_enqueue_hint(args, extra)}")
     if args.db == "":
         parser.error("argument --db: expected a file path, got ''")
     try:

@@ -758,5 +758,18 @@ class DashboardReviewTest(DashboardTestCase):
         self.assertIn("queuectl_oldest_waiting_seconds 1234567.891\n", text)
 
 
+    def test_the_bearer_scheme_is_case_blind_and_a_wrong_token_says_so(self):
+        self.enqueue(id="a", command="true")
+        self.start_dashboard("--token", "s3cret")
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            self.assertEqual(self.get("/api/status", headers={
+                "Authorization": f"{scheme} s3cret"}).status, 200, scheme)
+        self.assertError(self.get("/api/status", headers={
+            "Authorization": "bearer nope"}), 401, "wrong token")
+        self.assertError(self.get("/api/status"), 401, "a token is needed")
+        minutes = self.get_json("/api/overview", headers={
+            "Authorization": "Bearer s3cret"})["minutes"]
+        self.assertRegex(minutes[-1]["minute"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:00\.000Z$")
+
 if __name__ == "__main__":
     unittest.main()

@@ -120,7 +120,8 @@ class LogsTest(VerbTestCase):
         self.assertFailsCleanly(1, "logs", "nope")
         self.assertFailsCleanly(2, "logs", "j", "--follow", "--json")
         self.enqueue(id="new", command="true")
-        self.assertEqual(self.cli("logs", "new"), (0, "", "job new has not run yet\n"))
+        self.assertEqual(self.cli("logs", "new"), (0, "", "queuectl: job new has not run "
+                                                          "yet\n"))
 
 
 class WaitTest(VerbTestCase):
@@ -219,7 +220,7 @@ class UniqueTest(VerbTestCase):
         first = self.ok("enqueue", job).strip()
         code, out, err = self.cli("enqueue", job)
         self.assertEqual((code, out), (0, f"{first}\n"))
-        self.assertEqual(err, f"job {first} holds unique key 'nightly' already: "
+        self.assertEqual(err, f"queuectl: job {first} holds unique key 'nightly' already: "
                               f"nothing added\n")
         self.assertEqual(len(self.json_out("list", "--json")), 1)
         self.assertEqual(self.job(first)["unique_key"], "nightly")
@@ -268,7 +269,8 @@ class DependencyTest(VerbTestCase):
                           ("dead", "dependency b is dead")])
         self.assertEqual(self.cli("enqueue", json.dumps({"id": "d", "command": "true",
                                                          "after": ["a"]})),
-                         (0, "d\n", "job d is dead already: its dependency a is dead\n"))
+                         (0, "d\n", "queuectl: job d is dead already: its dependency a "
+                                     "is dead\n"))
         self.assertEqual(self.job("d")["last_error"], "dependency a is dead")
         self.assertEqual(self.json_out("status", "--json")["counts"]["dead"], 4)
         # Retried together with its dependency, a dependant waits for it again.
@@ -654,12 +656,13 @@ class WalkthroughTest(VerbTestCase):
         code, out, err = self.cli("enqueue", "-c", "true", "--id", "next",
                                   "--after", "first")
         self.assertEqual((code, out), (0, "next\n"))
-        self.assertEqual(err, "job next is dead already: its dependency first is dead\n")
+        self.assertEqual(err, "queuectl: job next is dead already: its dependency first "
+                              "is dead\n")
         self.assertEqual(self.state("next"), "dead")
         result = self.run_cli("logs", "next", "--follow")
         self.assertEqual((result.returncode, result.stdout, result.stderr),
-                         (6, "", "job next ended dead without running: dependency "
-                                 "first is dead\n"))
+                         (6, "", "queuectl: job next ended dead without running: "
+                                 "dependency first is dead\n"))
         follower = subprocess.Popen(
             [sys.executable, QUEUECTL, "logs", self.enqueue(id="later", command="true",
                                                             delay="1h"), "--follow"],
@@ -669,7 +672,7 @@ class WalkthroughTest(VerbTestCase):
         self.ok("cancel", "later")
         out, err = follower.communicate(timeout=10)
         self.assertEqual((follower.returncode, out, err),
-                         (6, "", "job later ended cancelled without running\n"))
+                         (6, "", "queuectl: job later ended cancelled without running\n"))
 
     def test_logs_json_of_a_job_not_run_has_every_field(self):
         self.enqueue(id="new", command="true")
@@ -845,12 +848,13 @@ class RetryReviewTest(VerbTestCase):
             self.enqueue(id=job_id, command="false", max_retries=0, unique_key="nightly")
             self.finish_next(failed())
         err = self.assertFailsCleanly(1, "dlq", "retry", "u1", "u3")
-        self.assertIn("cannot retry job u3: job u1 holds its unique key 'nightly'", err)
+        self.assertIn("cannot retry job u3: job u1, retried with it, has the same unique "
+                      "key 'nightly'", err)
         code, out, err = self.cli("dlq", "retry", "--all")
         self.assertEqual((code, out, err),
                          (0, "u1: back to pending\n", "queuectl: job u3 stays dead: "
-                                                      "job u1 holds its unique key "
-                                                      "'nightly'\n"))
+                                                      "job u1, retried with it, has the "
+                                                      "same unique key 'nightly'\n"))
         err = self.assertFailsCleanly(1, "dlq", "retry", "u3")
         self.assertIn("job u1 holds its unique key 'nightly'", err)
 
@@ -880,6 +884,64 @@ class RetryReviewTest(VerbTestCase):
                           "queuectl: job d stays dead: job h holds its unique key "
                           "'k2'\nqueuectl: job a stays dead: its dependency d stays "
                           "dead too\n"))
+
+
+class ThirdWalkthroughTest(VerbTestCase):
+    """What a last new-user walkthrough found."""
+
+    def test_more_enqueue_mistakes_get_a_hint(self):
+        self.store()
+        self.assertIn("(to give a command without JSON: -c 'echo hi')",
+                      self.assertFailsCleanly(2, "enqueue", "echo", "hi"))
+        self.assertIn("(-c takes the whole command as one argument: -c 'ls -l')",
+                      self.assertFailsCleanly(2, "enqueue", "-c", "ls", "-l"))
+
+    def test_purge_takes_several_states(self):
+        for job_id, result in (("ok", OK), ("bad", failed())):
+            self.enqueue(id=job_id, command="x", max_retries=0)
+            self.finish_next(result)
+        self.assertEqual(self.ok("purge", "--state", "completed", "--state", "dead"),
+                         "purged 1 completed job(s)\npurged 1 dead job(s)\n")
+        self.assertEqual(self.json_out("list", "--json"), [])
+
+    def test_a_dead_dependency_that_can_never_run_is_named_as_such(self):
+        self.enqueue(id="e", command="true", delay="1h")
+        self.enqueue(id="f", command="true", after=["e"])
+        self.enqueue(id="f2", command="true", after=["f"])
+        self.ok("cancel", "e")
+        err = self.assertFailsCleanly(1, "dlq", "retry", "f2")
+        self.assertIn("its dependency f can never run again (job e, before it, was "
+                      "cancelled)", err)
+        self.assertNotIn("retry them together", err)
+        self.assertEqual(self.cli("logs", "f2"),
+                         (0, "", "queuectl: job f2 ended dead without running: "
+                                 "dependency f is dead\n"))
+
+
+class FollowColdStopTest(RegressionTestCase, CliTestCase):
+
+    def test_logs_follow_of_a_job_a_cold_stop_put_back_follows_its_next_run(self):
+        """It used to exit 6 at once, though the job runs again."""
+        job_id = self.enqueue(command="echo run-$QUEUECTL_ATTEMPT; sleep 30")
+        proc = self.start_workers(1)
+        wait_until(lambda: "run-1" in self.cli("logs", job_id)[1], 10,
+                   "the command to start")
+        self.assertEqual(self.run_cli("worker", "stop", "--timeout", "0.5s",
+                                      timeout=60).returncode, queuectl.EXIT_INTERRUPTED)
+        proc.wait(timeout=30)
+        self.assertEqual(self.state(job_id), "pending")
+        follower = subprocess.Popen(
+            [sys.executable, QUEUECTL, "logs", job_id, "--follow"], env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: follower.poll() is None and follower.kill())
+        self.start_workers(1)
+        # The interrupted run kept no output: this line is the next run's.
+        self.assertEqual(follower.stdout.readline(), "run-1\n")
+        self.ok("cancel", job_id)
+        out, err = follower.communicate(timeout=20)
+        self.assertEqual(follower.returncode, queuectl.EXIT_NOT_COMPLETED)
+        self.assertIn("ended cancelled", err)
+
 
 
 if __name__ == "__main__":
