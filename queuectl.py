@@ -1,14 +1,5 @@
-#!/bin/sh
-# sh runs the next line, which starts Python on this file's cached bytecode,
-# isolated and without site-packages (see "Start-up" in README.md).
-"exec" "python3" "-I" "-S" "-c" "import sys; \
-from importlib.machinery import SourceFileLoader; \
-path = __import__('os').path.realpath(sys.argv[1]); \
-queuectl = sys.modules['queuectl'] = type(sys)('queuectl'); \
-queuectl.__file__ = path; \
-exec(SourceFileLoader('queuectl', path).get_code('queuectl'), vars(queuectl)); \
-sys.argv[:2] = [path]; sys.exit(queuectl.main())" "$0" "$@"
-__doc__ = """queuectl: a durable background job queue for shell commands, in one file.
+#!/usr/bin/env python3
+"""queuectl: a durable background job queue for shell commands, in one file.
 
 Jobs live in a SQLite database; a supervisor runs a pool of worker processes that
 claim jobs, run them through /bin/sh with a timeout, retry failures with exponential

@@ -710,6 +710,8 @@ class ExecutableTest(CliTestCase):
         dest = self.clone()
         script = os.path.join(dest, "queuectl.py")
         self.assertTrue(os.access(script, os.X_OK), "queuectl.py is not executable")
+        with open(script) as f:                       # the scripting contract's #! line
+            self.assertEqual(f.readline(), "#!/usr/bin/env python3\n")
         missing = os.path.join(self.dir, "missing.db")
         result = subprocess.run(["./queuectl.py", "--db", missing, "status"], cwd=dest,
                                 env=self.env, capture_output=True, text=True, timeout=30)
