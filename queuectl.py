@@ -4237,9 +4237,7 @@ def cmd_logs(args):
         if args.json:
             print_json(logs_document(store.path, job, run))
         elif job["state"] in FINISHED:
-            print(f"queuectl: job {job['id']} ended {job['state']} without running"
-                  + (f": {job['last_error']}" if job["last_error"] else ""),
-                  file=sys.stderr)
+            print(f"queuectl: {ended_unrun(job)}", file=sys.stderr)
         else:
             print(f"queuectl: job {job['id']} has not run yet", file=sys.stderr)
         return EXIT_OK
@@ -4260,6 +4258,14 @@ def cmd_logs(args):
         print(f"queuectl: {run_ending(job, run)}; the run's output was not kept",
               file=sys.stderr)
     return EXIT_OK
+
+
+def ended_unrun(job, again=False):
+    """Say that a job ended without a (new) run: cancelled, or dead through a
+    dependency."""
+    return (f"job {job['id']} ended {job['state']} without running"
+            + (" again" if again else "")
+            + (f": {job['last_error']}" if job["last_error"] else ""))
 
 
 def logs_document(db_path, job, run):
@@ -4311,9 +4317,7 @@ def follow_logs(store, job, run, number):
         past = run["number"]
     while True:
         if (run is None or run["number"] == past) and job["state"] in FINISHED:
-            print(f"queuectl: job {job['id']} ended {job['state']} without running"
-                  + (" again" if run else "")
-                  + (f": {job['last_error']}" if job.get("last_error") else ""),
+            print(f"queuectl: {ended_unrun(job, again=run is not None)}",
                   file=sys.stderr)
             return EXIT_NOT_COMPLETED
         if run is not None and run["number"] == past:
