@@ -400,6 +400,25 @@ MIGRATIONS = (
                   AND outcome = NEW.outcome;
             END""",
     ),
+    (
+        # Version 3 (queuectl 1.2): who supervises this database, recorded where
+        # deleting a file cannot hide it. A row is only a claim: a reader proves
+        # it live (same host and boot, the pid with the same start time).
+        """CREATE TABLE supervisors (
+            id          TEXT PRIMARY KEY,      -- a token of this supervisor's run
+            host        TEXT NOT NULL,         -- the host name
+            boot_id     TEXT NOT NULL,         -- the host's boot; '' if unknown
+            pid         INTEGER NOT NULL,
+            pid_start   INTEGER,               -- its start time (/proc ticks)
+            workers     TEXT NOT NULL DEFAULT '',   -- worker pids, space-separated
+            state       TEXT NOT NULL,         -- starting, running or stopping
+            started_at  TEXT NOT NULL,
+            seen_at     TEXT NOT NULL
+        )""",
+        # The jobs that wait for their dependencies, which status counts apart.
+        """CREATE INDEX jobs_blocked ON jobs (ready)
+           WHERE state = 'pending' AND ready = -1""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
