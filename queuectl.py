@@ -743,16 +743,36 @@ def clip(text, width):
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def log(*messages):
-    """Write timestamped lines to stderr, one line each, in a single write."""
-    stamp = iso(now_utc())
+def log(*messages, at=None):
+    """Write timestamped lines to stderr, one line each, in a single write; AT
+    is when what they say happened (default: now)."""
+    stamp = iso(at or now_utc())
     lines = "".join(f"{stamp} {_one_line(message)}\n" for message in messages)
-    try:
-        os.write(sys.stderr.fileno(), lines.encode("utf-8", "replace"))
-    except (OSError, ValueError):
-        pass  # a closed or full log must not stop the queue
+    _write_whole(sys.stderr, lines.encode("utf-8", "replace"))
     if LogRotation.path is not None:
         LogRotation.check()
+
+
+def _write_whole(stream, data):
+    """Write DATA to STREAM's file in one write, whole or not at all: on a full
+    disk a log keeps no torn line. A closed or full log must not stop the queue."""
+    try:
+        fd = stream.fileno()
+        info = os.fstat(fd)
+        written = os.write(fd, data)
+        if written < len(data) and stat.S_ISREG(info.st_mode):
+            os.ftruncate(fd, os.fstat(fd).st_size - written)
+    except (OSError, ValueError):
+        pass
+
+
+def wall_time(mono):
+    """The wall-clock time at which time.monotonic() read MONO.
+
+    Workers and the supervisor share the host's monotonic clock, so an event one
+    process timed is stamped by another as when it happened, not when it was
+    written down."""
+    return now_utc() - timedelta(seconds=max(0.0, time.monotonic() - mono))
 
 
 def _open_owner_only(path, flags):
@@ -823,10 +843,10 @@ class RunResult:
     """How one run of a command ended."""
 
     __slots__ = ("exit_code", "reason", "stdout", "stderr", "stdout_dropped",
-                 "stderr_dropped", "duration_s", "aborted")
+                 "stderr_dropped", "duration_s", "aborted", "started_mono")
 
     def __init__(self, exit_code, reason=None, stdout="", stderr="", stdout_dropped=0,
-                 stderr_dropped=0, duration_s=None, aborted=None):
+                 stderr_dropped=0, duration_s=None, aborted=None, started_mono=None):
         self.exit_code = exit_code
         self.reason = reason                  # why it failed; None when it succeeded
         self.stdout = stdout
@@ -835,6 +855,7 @@ class RunResult:
         self.stderr_dropped = stderr_dropped
         self.duration_s = duration_s
         self.aborted = aborted                # why the run was stopped from outside
+        self.started_mono = started_mono      # time.monotonic() when it started
 
     @property
     def ok(self):
@@ -1426,10 +1447,11 @@ class Store:
                     "ORDER BY deps.after_id", (job_id,))]
 
     @staticmethod
-    def _after_ended(conn, job_id, state, stamp):
+    def _after_ended(conn, job_id, state, stamp, ended=None):
         """JOB_ID has just ended in STATE. If it completed, its dependants that now
         wait for nothing become runnable; if it died or was cancelled, they end
-        dead naming it, and theirs in turn. Return how many became runnable."""
+        dead naming it, and theirs in turn (added to ENDED, if a list, as (job
+        id, why)). Return how many became runnable."""
         if conn.execute("SELECT 1 FROM deps INDEXED BY deps_after WHERE after_id = ? "
                         "LIMIT 1", (job_id,)).fetchone() is None:
             return 0                                # the common case: nothing waits
@@ -1446,27 +1468,33 @@ class Store:
                         "UPDATE jobs SET ready = 0 WHERE id = ? AND state = 'pending' "
                         "AND ready = -1", (dependant,)).rowcount
             return runnable
-        ended = [(job_id, state)]
-        while ended:
-            failed, how = ended.pop()
+        chain = [(job_id, state)]
+        while chain:
+            failed, how = chain.pop()
             for (dependant,) in conn.execute(
                     "SELECT job_id FROM deps INDEXED BY deps_after WHERE after_id = ?",
                     (failed,)).fetchall():
+                why = _dependency_error(failed, how)
                 if conn.execute(
                         "UPDATE jobs SET state = ?, ready = 0, last_error = ?, "
                         "updated_at = ? WHERE id = ? AND state = 'pending' AND ready = -1",
-                        (DEAD, _dependency_error(failed, how), stamp,
-                         dependant)).rowcount:
-                    ended.append((dependant, DEAD))
+                        (DEAD, why, stamp, dependant)).rowcount:
+                    chain.append((dependant, DEAD))
+                    if ended is not None:
+                        ended.append((dependant, why))
         return 0
 
-    def cancel(self, job_ids, now=None):
+    def cancel(self, job_ids, now=None, ended=None):
         """Cancel jobs that have not finished, in one transaction. Return (id,
         state it had, run) for each: run is the (run token, pgid, pgid's start
-        ticks) of a running job's run, for the caller to kill, or None."""
+        ticks) of a running job's run, for the caller to kill, or None. ENDED,
+        if a list, is filled with (job id, why) of the jobs that waited for them
+        and so ended dead."""
         stamp = iso(now or now_utc())
 
         def body(conn):
+            if ended is not None:
+                del ended[:]                  # a retried transaction starts afresh
             self._require_jobs(conn, job_ids, (PENDING, FAILED, PROCESSING), "cancel")
             done = []
             for job_id in job_ids:
@@ -1486,7 +1514,7 @@ class Store:
                         (CANCELLED, ABORT_CANCELLED, stamp, stamp, row["run_token"],
                          RUNNING))
                     run = (row["run_token"], row["run_pgid"], row["run_pg_start"])
-                self._after_ended(conn, job_id, CANCELLED, stamp)
+                self._after_ended(conn, job_id, CANCELLED, stamp, ended)
                 done.append((job_id, row["state"], run))
             return done
         return self._write(body)
@@ -1718,10 +1746,13 @@ class Store:
 
     # -- the claim protocol ----------------------------------------------------------
 
-    def claim(self, holders, now=None):
+    def claim(self, holders, now=None, ended=None):
         """Take the best runnable jobs, one for each holder (pid, start ticks) in
         turn; return (claims, next_due). next_due is when the next waiting job is
         due, or None; it is looked up only if fewer jobs than holders were found.
+        ENDED, if a list, is filled with (job id, why) of jobs that it found had
+        no retry left (max_retries was lowered) and so ended dead, and of their
+        dependants.
 
         One EXCLUSIVE transaction selects the jobs and moves each to processing
         with a fresh claim token, so no two holders can ever hold the same job.
@@ -1733,6 +1764,8 @@ class Store:
             at = now or now_utc()    # read the clock once the lock is ours
             stamp = iso(at)
             config = self._config(conn)
+            if ended is not None:
+                del ended[:]                  # a retried transaction starts afresh
             if self._paused:
                 return [], None
             lease = iso(at + timedelta(seconds=config["lease_timeout"]))
@@ -1755,7 +1788,10 @@ class Store:
                         conn.execute("UPDATE jobs SET state = ?, updated_at = ? "
                                      "WHERE id = ? AND state = ?",
                                      (DEAD, stamp, row["id"], FAILED))
-                        self._after_ended(conn, row["id"], DEAD, stamp)
+                        if ended is not None:
+                            ended.append((row["id"], f"no retry left (max_retries is "
+                                                     f"now {max_retries})"))
+                        self._after_ended(conn, row["id"], DEAD, stamp, ended)
                         continue
                     pid, start = holders[len(claims)]
                     token = new_token()
@@ -1788,39 +1824,58 @@ class Store:
             return claims, next_due
         return self._write(body, "EXCLUSIVE", durable=False)
 
-    def record(self, finished=(), started=(), renewed=(), unstarted=(), now=None):
+    def record(self, finished=(), started=(), renewed=(), unstarted=(), now=None,
+               ended=None):
         """Write what workers reported, in one transaction. FINISHED holds (job id,
         token, RunResult) to end attempts with; STARTED (job id, token, pgid, start
-        ticks) of commands that started; RENEWED (job id, token, lease_s) of leases
-        to extend; UNSTARTED (job id, token) of claims given back unrun. Every
-        write is a compare-and-set on the claim token.
+        ticks, time.monotonic() at its start) of commands that started; RENEWED
+        (job id, token, lease_s) of leases to extend; UNSTARTED (job id, token) of
+        claims given back unrun. Every write is a compare-and-set on the claim
+        token. Each event is stamped when it happened (a run's start, and its end
+        = start + duration), not when this batch writes it.
 
         Return (states, lost, runnable): each finished job's new state (None if
         its claim was taken away, and then nothing is written for it; CANCELLED if
         it was cancelled, and then only the run's output is kept), the (job id,
         token) of started or renewed claims no longer held, and how many waiting
-        jobs became runnable (their dependencies completed).
+        jobs became runnable (their dependencies completed). ENDED, if a list, is
+        filled with (job id, why) of the jobs that ended dead because a job they
+        ran after died.
 
         Durable before it returns if anything finished: a recorded result
         survives a power cut. Starts and renewals alone are not synced; losing
         one only delays the recovery of a run that is lost anyway.
         """
         def body(conn):
-            at = now or now_utc()
+            at, mono = now or now_utc(), time.monotonic()
+            if ended is not None:
+                del ended[:]                  # a retried transaction starts afresh
             config = self._config(conn) if finished else None
             states, runnable = [], 0
             for job_id, token, result in finished:
-                state = self._end_attempt(conn, job_id, token, at, result, config)
+                start = end = None
+                if result.started_mono is not None and now is None:
+                    start = at - timedelta(seconds=max(0.0, mono - result.started_mono))
+                    end = start + timedelta(seconds=result.duration_s or 0.0)
+                    end = min(end, at)
+                state = self._end_attempt(conn, job_id, token, end or at, result,
+                                          config, start)
                 if state in (COMPLETED, DEAD):
-                    runnable += self._after_ended(conn, job_id, state, iso(at))
+                    runnable += self._after_ended(conn, job_id, state, iso(end or at),
+                                                  ended)
                 states.append(state)
             lost = []
-            for job_id, token, pgid, pg_start in started:
+            for job_id, token, pgid, pg_start, started_mono in started:
                 if not conn.execute(
                         "UPDATE jobs SET run_pgid = ?, run_pg_start = ? "
                         "WHERE id = ? AND claim_token = ? AND state = 'processing'",
                         (pgid, pg_start, job_id, token)).rowcount:
                     lost.append((job_id, token))
+                elif started_mono is not None and now is None:
+                    conn.execute(
+                        "UPDATE attempts SET started_at = ? WHERE run_token = ? "
+                        "AND outcome = ?", (iso(at - timedelta(
+                            seconds=max(0.0, mono - started_mono))), token, RUNNING))
             for job_id, token, lease_s in renewed:
                 if not conn.execute(
                         "UPDATE jobs SET lease_until = ? "
@@ -1913,7 +1968,9 @@ class Store:
             return True
         return self._write(body)
 
-    def _end_attempt(self, conn, job_id, token, now, result, config):
+    def _end_attempt(self, conn, job_id, token, now, result, config, started=None):
+        """End the attempt of a claim with RESULT, at NOW (when the run ended);
+        STARTED, if known, is when its command started."""
         row = conn.execute(
             "SELECT attempts, max_retries, run_at, run_token FROM jobs "
             "WHERE id = ? AND claim_token = ? AND state = 'processing'",
@@ -1947,13 +2004,14 @@ class Store:
             (state, run_at, error, stamp, job_id, token))
         # Without a measured duration (a lost run), it ran from its start until now.
         conn.execute(
-            "UPDATE attempts SET outcome = ?, finished_at = ?, exit_code = ?, "
+            "UPDATE attempts SET outcome = ?, started_at = coalesce(?, started_at), "
+            "finished_at = ?, exit_code = ?, "
             "reason = ?, duration_s = round(coalesce(?, max(0.0, (julianday(?) - "
             "julianday(started_at)) * 86400.0)), 3), stdout = ?, stderr = ?, "
             "stdout_dropped = ?, stderr_dropped = ? WHERE run_token = ?",
-            (COMPLETED if result.ok else FAILED, stamp, result.exit_code, error,
-             result.duration_s, stamp, result.stdout, result.stderr,
-             result.stdout_dropped, result.stderr_dropped, run_token))
+            (COMPLETED if result.ok else FAILED, started and iso(started), stamp,
+             result.exit_code, error, result.duration_s, stamp, result.stdout,
+             result.stderr, result.stdout_dropped, result.stderr_dropped, run_token))
         return state
 
     def expired_claims(self, now=None):
@@ -2339,6 +2397,7 @@ class Run:
             os.close(out_w)
             return self.failed(f"cannot start: no pipe for its output: {e.strerror}")
         try:
+            self.started = time.monotonic()
             self.pid = spawn(self.claim.command, self.env, out_w, err_w)
         except OSError as e:
             for fd in (out_r, err_r):
@@ -2471,7 +2530,7 @@ class Run:
         return RunResult(exit_code=returncode, reason=reason, stdout=out.text(),
                          stderr=err.text(), stdout_dropped=out.dropped,
                          stderr_dropped=err.dropped, duration_s=self.duration_s,
-                         aborted=self.aborted)
+                         aborted=self.aborted, started_mono=self.started)
 
     def _drain(self):
         """Read whatever is in the pipes now, without waiting for more."""
@@ -2949,7 +3008,7 @@ class Worker:
                 # group by it, even if the command cleared its environment) and
                 # a spool of its output.
                 self.send(("started", claim.id, claim.token, run.pid,
-                           start_ticks(run.pid)))
+                           start_ticks(run.pid), run.started))
                 run.follow(self.db_path)
                 tell_start = None
             if not tell_start or self.stop.level:
@@ -3245,11 +3304,12 @@ class Supervisor:
         self.next_tick = 0.0
         self.cold_deadline = None
         self.finished = []           # (slot, claim, RunResult) not yet written
-        self.started = []            # (job id, token, pgid, pgid's start ticks)
+        self.started = []            # (job id, token, pgid, its start ticks, start mono)
         self.renewed = []            # (job id, token, lease_s)
         self.unstarted = []          # (slot, claim) given back unrun
         self.spooled = set()         # tokens of runs that spool their output
         self.spent = collections.deque()   # (when, token): spools to remove then
+        self.announced = set()       # tokens of runs whose start was logged
         self.record_at = None        # when to write them: RECORD_EVERY_S after the first
 
     def run(self):
@@ -3421,6 +3481,10 @@ class Supervisor:
         if kind == "done" and position is not None:
             claim = slot.claims.pop(position)
             result = RunResult(*message[3])
+            if claim.token in self.announced:
+                self.announced.discard(claim.token)
+            elif result.started_mono is not None:     # a run too short to say so
+                self.announce(slot, claim, result.started_mono)
             slot.quick = (result.duration_s or 0) < STARTED_AFTER_S
             self.finished.append((slot, claim, result))
             self.look = True
@@ -3433,6 +3497,8 @@ class Supervisor:
             slot.quick = False
             self.spooled.add(message[2])
             self.started.append(message[1:])
+            self.announce(slot, slot.claims[position], message[5])
+            self.announced.add(message[2])
             self.reported()
         elif kind == "beat" and position is not None:
             claim = slot.claims[position]
@@ -3444,6 +3510,14 @@ class Supervisor:
                 self.signal_worker(slot, self.relayed)
         elif kind == "log":
             log(message[1])
+
+    @staticmethod
+    def announce(slot, claim, started_mono):
+        """Log that a job's command started, stamped when it did: once, and only
+        for a run that really started (not a claim given back unused)."""
+        log(f"{slot.name}: job {claim.id} started (attempt {claim.attempt} of "
+            f"{claim.max_retries + 1}): {clip(claim.command, 200)}",
+            at=wall_time(started_mono))
 
     # -- writing: claims, then results ---------------------------------------------
 
@@ -3481,18 +3555,17 @@ class Supervisor:
         slots += [slot for slot, n in wants if n == 2]            # then one more
         if not slots:
             return []
+        ended = []
         try:
-            claims, next_due = self.store.claim([(s.pid, s.start) for s in slots])
+            claims, next_due = self.store.claim([(s.pid, s.start) for s in slots],
+                                                ended=ended)
         except QueueError as e:
             self.look = False                   # the next tick tries again
             return [f"supervisor: could not claim jobs: {e}"]
-        lines = []
+        lines = [f"supervisor: job {job_id} dead: {why}" for job_id, why in ended]
         for slot, claim in zip(slots, claims):
             slot.claims.append(claim)
             slot.send(("run", tuple(claim)))    # if it died, on_exit recovers the job
-            lines.append(f"{slot.name}: job {claim.id} started (attempt "
-                         f"{claim.attempt} of {claim.max_retries + 1}): "
-                         f"{clip(claim.command, 200)}")
         if len(claims) < len(slots):
             self.look = False
             self.next_due = None
@@ -3510,12 +3583,12 @@ class Supervisor:
         # that was cancelled or taken over meanwhile.
         ended = [(slot, claim, result) for slot, claim, result in finished
                  if result.aborted != ABORT_COLD]
-        lines = []
+        lines, dead = [], []
         try:
             states, lost, runnable = self.store.record(
                 [(claim.id, claim.token, result) for _, claim, result in ended],
                 started, renewed,
-                [(claim.id, claim.token) for _, claim in self.unstarted])
+                [(claim.id, claim.token) for _, claim in self.unstarted], ended=dead)
             for slot, claim, result in finished:
                 if result.aborted == ABORT_COLD:
                     if self.store.requeue(claim.id, claim.token, ABORT_COLD):
@@ -3544,6 +3617,7 @@ class Supervisor:
             lines.append(result_line(slot.name, claim, result, state))
             if state == FAILED:
                 self.look = True                # to learn when its retry is due
+        lines += [f"supervisor: job {job_id} dead: {why}" for job_id, why in dead]
         if runnable:
             self.look = True                    # their dependencies completed
         self.abort(lost, ABORT_LOST)
@@ -3645,6 +3719,7 @@ class Supervisor:
         """Recover the jobs of a worker that is gone (see Slot.run_facts)."""
         for claim in list(slot.claims):
             self.spooled.discard(claim.token)       # the recovery removes its spools
+            self.announced.discard(claim.token)
             how = slot.run_facts(claim)
             try:
                 self.start_recovery(self.store, claim.id, claim.token, "supervisor",

@@ -179,14 +179,14 @@ class FencingTest(StoreTestCase):
         """A second take-over still returns the first run's token and process group."""
         job_id = self.add()
         claim = claim_one(self.store, 1, 111, now=T0)
-        self.assertEqual(self.store.record(started=[(job_id, claim.token, 4242, 999)],
+        self.assertEqual(self.store.record(started=[(job_id, claim.token, 4242, 999, None)],
                                            now=at(1)), ([], [], 0))
         first = self.store.take_over(job_id, claim.token, "a" * 32, 2, now=at(20))
         self.assertEqual(first, (claim.token, 4242, 999))
         # The first recoverer died mid-kill; the next one takes over from it.
         second = self.store.take_over(job_id, "a" * 32, "b" * 32, 3, now=at(40))
         self.assertEqual(second, first)
-        self.assertEqual(self.store.record(started=[(job_id, claim.token, 1, 1)],
+        self.assertEqual(self.store.record(started=[(job_id, claim.token, 1, 1, None)],
                                            now=at(41)), ([], [(job_id, claim.token)], 0))
         self.assertEqual(self.raw("SELECT claim_token, run_pgid FROM jobs")[0][:],
                          ("b" * 32, 4242))
