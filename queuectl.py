@@ -4298,15 +4298,21 @@ def cmd_delete(args):
 
 
 def cmd_cancel(args):
+    ended = []
     with open_store(args) as store:
-        cancelled = cancel_jobs(store, _unique(args.ids))
+        cancelled = cancel_jobs(store, _unique(args.ids), ended)
     for job_id, state, run in cancelled:
         print(f"{job_id}: cancelled" + (" (its run was killed)" if run else ""))
+    for job_id, why in ended:
+        if job_id not in args.ids:
+            print(f"{job_id}: dead ({why})")
 
 
-def cancel_jobs(store, job_ids):
-    """Cancel jobs (Store.cancel), kill what runs of them, wake the supervisor."""
-    cancelled = store.cancel(job_ids)
+def cancel_jobs(store, job_ids, ended=None):
+    """Cancel jobs (Store.cancel), kill what runs of them, wake the supervisor.
+    ENDED, if a list, gets (job id, why) of the jobs that waited for them and so
+    ended dead."""
+    cancelled = store.cancel(job_ids, ended=ended)
     wake_supervisor(store.path)            # so that its workers drop these at once
     runs = [run for _, _, run in cancelled if run]
     for run in runs:

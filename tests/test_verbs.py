@@ -257,6 +257,15 @@ class DependencyTest(VerbTestCase):
         self.enqueue(id="d", command="true", after="a")
         self.assertEqual(self.claimable(), ["c", "d"])
 
+    def test_cancel_names_the_jobs_that_die_with_it(self):
+        """cancel says which waiting jobs ended dead because of it."""
+        self.enqueue(id="a", command="true")
+        self.enqueue(id="b", command="true", after=["a"])
+        self.enqueue(id="c", command="true", after=["b"])
+        self.assertEqual(self.ok("cancel", "a"),
+                         "a: cancelled\nb: dead (dependency a was cancelled)\n"
+                         "c: dead (dependency b is dead)\n")
+
     def test_a_dead_dependency_ends_the_chain_dead(self):
         """If a dependency ends dead, its dependants end dead naming it, and
         theirs too; a new job after a dead one is dead at once."""
@@ -392,6 +401,20 @@ class CommandLineTest(VerbTestCase):
 
 class VerbProcessTest(RegressionTestCase):
     """The verbs against real workers."""
+
+    def test_jobs_that_die_with_their_dependency_are_logged(self):
+        """A job ended dead because the job it runs after died gets a line in the
+        worker log, naming why, and so do the jobs after it."""
+        proc = self.start_workers(1)
+        self.ok("enqueue", "-", stdin="".join(json.dumps(job) + "\n" for job in (
+            {"id": "a", "command": "exit 3", "max_retries": 0},
+            {"id": "b", "command": "true", "after": ["a"]},
+            {"id": "c", "command": "true", "after": ["b"]})))
+        self.wait_state("c", "dead", timeout=15)
+        wait_until(lambda: "job c dead" in self.log_text(proc), 10, "the log line of c")
+        log = self.log_text(proc)
+        self.assertIn("supervisor: job b dead: dependency a is dead\n", log)
+        self.assertIn("supervisor: job c dead: dependency b is dead\n", log)
 
     def test_cancel_kills_a_running_job_within_a_second(self):
         """cancel of a running job kills its whole process group within a second,
