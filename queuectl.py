@@ -2686,18 +2686,21 @@ class Recovery:
                    cold, started)
 
     def end(self, store):
-        """Once its run is gone: end the attempt (and say so in the log)."""
+        """Once its run is gone: end the attempt (and say so in the log). Return
+        True if a run was interrupted and its job put back (a cold stop)."""
         remove_spools(store.path, self.run_token)
         if not self.started:
             store.give_back(self.job_id, self.taker)
         elif self.cold:
             if store.requeue(self.job_id, self.taker, ABORT_COLD):
                 log(f"{self.who}: job {self.job_id} interrupted; back to pending")
+                return True
         else:
             state = store.fence(self.job_id, self.taker, WORKER_LOST)
             if state:
                 log(f"{self.who}: job {self.job_id} failed: {WORKER_LOST}; "
                     f"{AFTER_FAILURE[state]}")
+        return False
 
 
 def recover_claim(store, job_id, token, who, **how):
@@ -3310,6 +3313,7 @@ class Supervisor:
         self.spooled = set()         # tokens of runs that spool their output
         self.spent = collections.deque()   # (when, token): spools to remove then
         self.announced = set()       # tokens of runs whose start was logged
+        self.interrupted = []        # ids of jobs a cold stop killed and put back
         self.record_at = None        # when to write them: RECORD_EVERY_S after the first
 
     def run(self):
@@ -3358,6 +3362,10 @@ class Supervisor:
                 for fd in self.wake_fds:
                     os.close(fd)
                 self.pidfile.release()
+        if self.interrupted:
+            log(f"supervisor: stopped; {len(self.interrupted)} running job(s) "
+                f"interrupted and put back as pending ({', '.join(self.interrupted)})")
+            return EXIT_INTERRUPTED
         log("supervisor: stopped")
         return EXIT_OK
 
@@ -3592,6 +3600,7 @@ class Supervisor:
             for slot, claim, result in finished:
                 if result.aborted == ABORT_COLD:
                     if self.store.requeue(claim.id, claim.token, ABORT_COLD):
+                        self.interrupted.append(claim.id)
                         lines.append(f"{slot.name}: job {claim.id} interrupted; back "
                                      f"to pending")
         except QueueError as e:
@@ -3750,7 +3759,8 @@ class Supervisor:
             if not recovery.kill.poll():
                 continue
             try:
-                recovery.end(self.store)
+                if recovery.end(self.store):
+                    self.interrupted.append(recovery.job_id)
             except QueueError as e:
                 log(f"supervisor: could not end the recovery of job "
                     f"{recovery.job_id} ({e}); will retry")

@@ -563,7 +563,8 @@ class ShutdownTest(ReliabilityTestCase):
         self.assertCleanLog(sup)
 
     def test_second_sigterm_kills_job_and_gives_it_back(self):
-        """Second SIGTERM: the job's group dies, job pending with 0 attempts, exit 0."""
+        """Second SIGTERM: the job's group dies, job pending with 0 attempts, exit 7
+        (as worker stop reports a cold stop)."""
         starts = self.path("starts")
         job_id = self.enqueue(command=f"echo $$ >> {q(starts)}; sleep 30")
         sup = self.start_workers(1)
@@ -579,7 +580,9 @@ class ShutdownTest(ReliabilityTestCase):
         self.assertEqual(self.state(job_id), "processing")
         started = time.monotonic()
         os.kill(sup.pid, signal.SIGTERM)
-        self.assertEqual(sup.wait(timeout=20), 0)
+        self.assertEqual(sup.wait(timeout=20), queuectl.EXIT_INTERRUPTED)
+        self.assertIn(f"1 running job(s) interrupted and put back as pending ({job_id})",
+                      self.log_text(sup))
         self.assertLess(time.monotonic() - started, queuectl.COLD_STOP_GRACE_S,
                         "the cold stop needed the SIGKILL fallback")
 
@@ -593,6 +596,25 @@ class ShutdownTest(ReliabilityTestCase):
         wait_until(lambda: not self.leftovers(), 5, "no process left on the database")
         self.assertNotIn("did not stop in time", self.log_text(sup))
         self.assertCleanLog(sup)
+
+    def test_two_ctrl_c_that_kill_a_job_exit_7(self):
+        """Two Ctrl-C (SIGINT to the foreground group) that kill a running job end
+        worker start with exit 7; two with nothing running end it with 0."""
+        starts = self.path("starts")
+        self.enqueue(command=f"echo $$ >> {q(starts)}; sleep 30")
+        sup = self.start_workers(1)
+        wait_until(lambda: lines(starts), 20, "the job to start")
+        os.killpg(sup.pid, signal.SIGINT)
+        wait_until(lambda: "running jobs finish first" in self.log_text(sup), 10,
+                   "the supervisor to begin a warm stop")
+        os.killpg(sup.pid, signal.SIGINT)
+        self.assertEqual(sup.wait(timeout=20), queuectl.EXIT_INTERRUPTED)
+        self.ok("cancel", *[job["id"] for job in json.loads(
+            self.ok("list", "--state", "pending", "--json"))])
+        idle = self.start_workers(1)
+        os.killpg(idle.pid, signal.SIGINT)
+        os.killpg(idle.pid, signal.SIGINT)
+        self.assertEqual(idle.wait(timeout=20), 0)
 
 
 if __name__ == "__main__":
