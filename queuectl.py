@@ -35,6 +35,7 @@ Exit codes:
 import argparse
 import collections
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -121,6 +122,7 @@ EXIT_CHECK_NO_WORKERS = 4
 EXIT_CHECK_STALE = 5
 EXIT_NOT_COMPLETED = 6     # wait, logs --follow: a job ended without completing
 EXIT_INTERRUPTED = 7       # worker stop: running jobs were killed and put back
+EXIT_NO_ANSWER = 8         # worker stop: the supervisor does not answer (frozen)
 EXIT_TIMEOUT = 124         # wait --timeout ran out (as timeout(1) does)
 
 # key: (default, type, smallest valid value or None for "above 0", valid values)
@@ -176,6 +178,9 @@ UPKEEP_EVERY_S = 60.0      # how often the supervisor purges (config retention)
 KILL_GRACE_S = 2.0         # between SIGTERM and SIGKILL for a job's process group
 COLD_STOP_GRACE_S = 10.0   # how long a cold-stopped worker may take before SIGKILL
 RESTART_DELAY_S = 1.0      # before restarting a worker that crashed right after start
+STOP_RECORD_TRIES_S = 2.0  # a stopping supervisor retries writing results this long
+ANSWER_GRACE_S = 3.0       # worker stop: a supervisor that has not taken its signal
+                           # (or was stopped) this long does not answer
 DETACH_WAIT_S = 15.0       # how long --detach waits for the workers to come up
 ID_MAX_LEN = 128
 ID_SPACE = 16 ** 10         # generated ids are 10 hex digits
@@ -441,6 +446,12 @@ class UsageError(QueueError):
 
 class NotFound(QueueError):
     """An id that names no job, or a run number that names no run."""
+
+
+class NoAnswer(QueueError):
+    """A supervisor that does not act on worker stop's signals (frozen)."""
+
+    code = EXIT_NO_ANSWER
 
 
 class Refused(QueueError):
@@ -831,8 +842,10 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r"}
 # Records ####
 ####
 
-# A live supervisor as its PID file describes it.
-Supervised = collections.namedtuple("Supervised", "pid workers state")
+# A live supervisor as its PID file (or the database's record of it) describes it;
+# start is its start time in /proc ticks, None if unknown.
+Supervised = collections.namedtuple("Supervised", "pid workers state start",
+                                    defaults=(None,))
 
 # A job claimed for a worker, with the settings in force when it was claimed.
 Claim = collections.namedtuple(
@@ -880,17 +893,45 @@ def _sqlite_message(error, path):
         return f"database or disk is full: {path}"
     if "not a database" in lowered or "malformed" in lowered:
         return f"not a queuectl database, or corrupt: {path}"
-    if "unable to open" in lowered:
+    if "unable to open" in lowered or "disk i/o" in lowered:
+        # SQLite names neither a full nor a read-only disk when it fails to make
+        # or grow its -shm and -wal files, even to read: ask the file system.
         folder = os.path.dirname(path)
-        if not os.access(folder, os.W_OK):
-            # WAL needs its -wal and -shm files beside the database.
-            return f"database is read-only (cannot write in {folder}): {path}"
-        return f"cannot open database: {path}"
+        disk = _disk_state(folder)
+        if disk == "full":
+            return f"the disk is full (no space left in {folder}): {path}"
+        if disk == "read-only":
+            return f"database is read-only (its file system is): {path}"
+        if "unable to open" in lowered:
+            if not os.access(folder, os.W_OK):
+                # WAL needs its -wal and -shm files beside the database.
+                return f"database is read-only (cannot write in {folder}): {path}"
+            return f"cannot open database: {path}"
+        return f"disk I/O error on database: {path}"
     if "locked" in lowered or "busy" in lowered:
         return f"database is busy (still locked after {BUSY_DEADLINE_S:.0f}s): {path}"
-    if "disk i/o" in lowered:
-        return f"disk I/O error on database: {path}"
     return f"database error ({text}): {path}"
+
+
+def _disk_state(folder):
+    """"full" or "read-only" if the file system holding FOLDER is, else None."""
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return None
+    if info.f_flag & os.ST_RDONLY:
+        return "read-only"
+    if info.f_bavail == 0:
+        return "full"
+    # A failing disk turned read-only by the kernel shows it only when written.
+    probe = os.path.join(folder, f".queuectl-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        return {errno.EROFS: "read-only", errno.ENOSPC: "full"}.get(e.errno)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
 
 
 def _is_busy(error):
@@ -1518,6 +1559,40 @@ class Store:
                 done.append((job_id, row["state"], run))
             return done
         return self._write(body)
+
+    # -- supervisors --------------------------------------------------------------
+
+    def register_supervisor(self, record, alive):
+        """Record a supervisor (a dict of the supervisors table's columns) unless
+        another one recorded is ALIVE(row): then refuse, naming its pid. Rows of
+        dead ones are forgotten. One transaction, so two supervisors starting at
+        once cannot both be recorded."""
+        def body(conn):
+            for row in conn.execute("SELECT * FROM supervisors").fetchall():
+                if alive(dict(row)):
+                    raise QueueError(f"workers are already running on this database "
+                                     f"(supervisor pid {row['pid']})")
+                conn.execute("DELETE FROM supervisors WHERE id = ?", (row["id"],))
+            conn.execute(
+                "INSERT INTO supervisors (id, host, boot_id, pid, pid_start, workers, "
+                "state, started_at, seen_at) VALUES (:id, :host, :boot_id, :pid, "
+                ":pid_start, :workers, :state, :started_at, :seen_at)", record)
+        self._write(body)
+
+    def update_supervisor(self, supervisor_id, workers, state, now=None):
+        self._write(lambda conn: conn.execute(
+            "UPDATE supervisors SET workers = ?, state = ?, seen_at = ? WHERE id = ?",
+            (" ".join(map(str, workers)), state, iso(now or now_utc()),
+             supervisor_id)))
+
+    def remove_supervisor(self, supervisor_id):
+        self._write(lambda conn: conn.execute("DELETE FROM supervisors WHERE id = ?",
+                                              (supervisor_id,)))
+
+    def supervisors(self):
+        """The recorded supervisors (dicts), live or not."""
+        return self._read(lambda conn: [dict(row) for row in conn.execute(
+            "SELECT * FROM supervisors ORDER BY started_at")])
 
     # -- pausing and purging ------------------------------------------------------
 
@@ -2667,6 +2742,7 @@ class Recovery:
         self.who = who
         self.cold = cold
         self.started = started
+        self.killed = False          # its run is gone; only its record is left
 
     @classmethod
     def begin(cls, store, job_id, token, who, only_expired=False, cold=False,
@@ -3106,11 +3182,16 @@ class PidFile:
     a stale file from a crash holds no lock, whatever process now has its pid.
     Line 1 is the supervisor pid, line 2 the worker pids, line 3 the supervisor's
     state: starting, running or stopping.
+
+    The file is a fast path, not the only proof: the supervisor also records itself
+    in the database (see find_supervisor), and writes the file again if something
+    deletes it. Every OS error here is the caller's to log, as one line.
     """
 
     def __init__(self, path):
         self.path = path
         self.fd = None
+        self.content = ([], STARTING)
 
     def acquire(self):
         """Lock and claim the file, or raise QueueError if a supervisor holds it."""
@@ -3118,11 +3199,8 @@ class PidFile:
         # held lock is only conclusive once it has stayed held a little while.
         deadline = time.monotonic() + 0.5
         while True:
-            fd = _open_owner_only(self.path, os.O_RDWR | os.O_CREAT)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = self._lock()
+            if fd is None:
                 if time.monotonic() > deadline:
                     supervised = self._parse(self.path)
                     pid = supervised.pid if supervised else "?"
@@ -3130,30 +3208,65 @@ class PidFile:
                                      f"(supervisor pid {pid})") from None
                 time.sleep(0.02)
                 continue
-            # The file may have been unlinked by an exiting supervisor after we
-            # opened it; then our lock guards nothing, so start over.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if fd is not False:
                 self.fd = fd
-                self.write([], STARTING)
+                self.write(*self.content)
                 return
+
+    def _lock(self):
+        """Open and lock the file at PATH: its fd; None if another process holds
+        it; False if it was replaced meanwhile (try again)."""
+        fd = _open_owner_only(self.path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
+            return None
+        # The file may have been unlinked by an exiting supervisor after we
+        # opened it; then our lock guards nothing, so start over.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return False
+        return fd
 
     def write(self, worker_pids, state):
+        """Write the file's content (raise OSError if the disk refuses)."""
+        self.content = (worker_pids, state)
         data = f"{os.getpid()}\n{' '.join(map(str, worker_pids))}\n{state}\n".encode()
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 
+    def restore(self):
+        """If the file was deleted or replaced, write and lock it again; return
+        True if it did. Raise QueueError or OSError if it cannot."""
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                return False
+        except FileNotFoundError:
+            pass
+        fd = self._lock()
+        if fd is None or fd is False:
+            return False          # another process holds the new one: look again later
+        os.close(self.fd)
+        self.fd = fd
+        self.write(*self.content)
+        return True
+
     def release(self):
+        """Unlock, and remove the file if it is still ours (raise OSError if the
+        disk refuses; the lock is released all the same)."""
         if self.fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                    os.unlink(self.path)      # ours: not one put there since
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                        os.unlink(self.path)      # ours: not one put there since
+            finally:
+                os.close(fd)
 
     @staticmethod
     def _parse(path):
@@ -3161,8 +3274,9 @@ class PidFile:
         try:
             with open(path) as f:
                 lines = f.read().split("\n")
-            return Supervised(int(lines[0]), [int(p) for p in lines[1].split()],
-                              lines[2])
+            pid = int(lines[0])
+            return Supervised(pid, [int(p) for p in lines[1].split()], lines[2],
+                              start_ticks(pid))
         except (OSError, ValueError, IndexError):
             return None
 
@@ -3189,6 +3303,62 @@ class PidFile:
                 return supervised
             time.sleep(0.02)                     # locked, not written yet
         return None
+
+
+def host_identity():
+    """(host name, boot id) of this machine: a pid means something only on the
+    host, and in the boot, that it was recorded on."""
+    boot = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    return os.uname().nodename, boot
+
+
+def supervisor_alive(row):
+    """Whether the supervisor a supervisors row describes still runs: the same
+    host and boot, and its pid still the process that started then."""
+    if (row["host"], row["boot_id"]) != host_identity():
+        return False
+    if row["pid_start"] is None or start_ticks(row["pid"]) is None:
+        return _pid_exists(row["pid"])         # no /proc: the pid alone
+    return start_ticks(row["pid"]) == row["pid_start"]
+
+
+def _pid_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                                  # exists, but another user's
+    return True
+
+
+def find_supervisor(db_path, store=None):
+    """The live supervisor of DB_PATH as a Supervised, or None.
+
+    Its PID file's lock answers first. Something may have deleted that file (a
+    cleaner of old files), so the database's record of the supervisor, proven
+    alive, is asked next: deleting a file cannot hide a supervisor, nor let a
+    second one start."""
+    with contextlib.suppress(QueueError):      # not a file of ours: ask the database
+        running = PidFile.running(pid_path(db_path))
+        if running:
+            return running
+    try:
+        if store is not None:
+            rows = store.supervisors()
+        else:
+            with Store(db_path, create=False) as opened:
+                rows = opened.supervisors()
+    except QueueError:
+        return None                           # no database: no supervisor either
+    for row in rows:
+        if supervisor_alive(row):
+            return Supervised(row["pid"], [int(p) for p in row["workers"].split()],
+                              row["state"], row["pid_start"])
+    return None
 
 
 def pid_path(db_path):
@@ -3315,6 +3485,8 @@ class Supervisor:
         self.announced = set()       # tokens of runs whose start was logged
         self.interrupted = []        # ids of jobs a cold stop killed and put back
         self.record_at = None        # when to write them: RECORD_EVERY_S after the first
+        self.id = new_token()        # this run's row in the supervisors table
+        self.complaints = {}         # what it could not do -> the last error it logged
 
     def run(self):
         import selectors
@@ -3329,6 +3501,7 @@ class Supervisor:
             os.chdir("/")    # hold no directory busy; every path used is absolute
             LogRotation.enable(self.db_path + LOG_SUFFIX)
             with Store(self.db_path) as store:
+                self.register(store)
                 recovered = reclaim_expired(store, "supervisor")
                 running = store.running_tokens()
             if recovered:
@@ -3356,18 +3529,63 @@ class Supervisor:
             finally:
                 signal.set_wakeup_fd(-1)
                 if self.store is not None:
+                    self.attempt("remove its record from the database",
+                                 self.store.remove_supervisor, self.id)
                     self.store.close()
                 if self.selector is not None:
                     self.selector.close()
                 for fd in self.wake_fds:
                     os.close(fd)
-                self.pidfile.release()
+                self.attempt("remove its PID file", self.pidfile.release)
+        unrecorded = self.unrecorded()
+        if unrecorded:
+            log(f"supervisor: stopped; could not record what became of "
+                f"{len(unrecorded)} running job(s) ({', '.join(unrecorded)}); they "
+                f"stay processing until workers start again and recover them")
+            return EXIT_ERROR
         if self.interrupted:
             log(f"supervisor: stopped; {len(self.interrupted)} running job(s) "
                 f"interrupted and put back as pending ({', '.join(self.interrupted)})")
             return EXIT_INTERRUPTED
         log("supervisor: stopped")
         return EXIT_OK
+
+    def register(self, store):
+        """Record this supervisor in the database, or refuse to run beside another
+        one that is alive (its PID file may have been deleted)."""
+        host, boot = host_identity()
+        stamp = iso(now_utc())
+        store.register_supervisor(
+            {"id": self.id, "host": host, "boot_id": boot, "pid": os.getpid(),
+             "pid_start": start_ticks(os.getpid()), "workers": "", "state": STARTING,
+             "started_at": stamp, "seen_at": stamp},
+            lambda row: row["pid"] != os.getpid() and supervisor_alive(row))
+
+    def attempt(self, what, action, *args):
+        """Do ACTION(*ARGS); if the disk or database refuses, log it (once for as
+        long as the same error repeats) and go on: a read-only or full disk
+        must not stop a supervisor mid-stop, nor leave a traceback."""
+        try:
+            action(*args)
+        except (OSError, QueueError) as e:
+            self.complain(what, e)
+            return False
+        self.complaints.pop(what, None)
+        return True
+
+    def complain(self, what, error):
+        """Log that the supervisor could not do WHAT, unless it said so already."""
+        error = error.strerror if isinstance(error, OSError) and error.strerror \
+            else str(error)
+        if self.complaints.get(what) != error:
+            self.complaints[what] = error
+            log(f"supervisor: could not {what}: {error}")
+
+    def unrecorded(self):
+        """Ids of jobs whose end this supervisor could not write down."""
+        ids = [claim.id for _, claim, _ in self.finished]
+        ids += [recovery.job_id for recovery in self.recoveries]
+        return list(dict.fromkeys(ids))
 
     def wake(self, signum, frame):
         """WAKE_SIGNAL: something was enqueued, cancelled, paused or resumed."""
@@ -3427,6 +3645,7 @@ class Supervisor:
         if now >= self.next_tick:
             self.next_tick = now + IDLE_RECHECK_S
             self.look = True                    # the safety net for a missed wake-up
+            self.restore_pidfile()
             if not self.stop.level:
                 try:
                     lost = reclaim_expired(self.store, "supervisor",
@@ -3440,6 +3659,15 @@ class Supervisor:
                     # A worker of ours, frozen: when it wakes it must not start
                     # the job, or go on running it.
                     self.abort(lost, ABORT_LOST)
+
+    def restore_pidfile(self):
+        """Write the PID file again if something deleted it, so that the next
+        worker stop finds it at once."""
+        def restore():
+            if self.pidfile.restore():
+                log(f"supervisor: its PID file {self.pidfile.path} was deleted or "
+                    f"replaced; wrote it again")
+        self.attempt("write its PID file again", restore)
 
     def upkeep(self):
         """Purge completed jobs older than config `retention`, a batch at a time;
@@ -3605,8 +3833,9 @@ class Supervisor:
                                      f"to pending")
         except QueueError as e:
             self.record_at = time.monotonic() + IDLE_RECHECK_S / 4
-            return [f"supervisor: could not write what workers reported ({e}); will "
-                    f"retry"]
+            self.complain("write what workers reported; will retry", e)
+            return []
+        self.complaints.pop("write what workers reported; will retry", None)
         # Followers of those runs read the rest from their spools, for a while.
         linger = time.monotonic() + SPOOL_LINGER_S
         for _, claim, _ in finished:
@@ -3758,13 +3987,13 @@ class Supervisor:
         for recovery in list(self.recoveries):
             if not recovery.kill.poll():
                 continue
-            try:
-                if recovery.end(self.store):
-                    self.interrupted.append(recovery.job_id)
-            except QueueError as e:
-                log(f"supervisor: could not end the recovery of job "
-                    f"{recovery.job_id} ({e}); will retry")
+            recovery.killed = True
+            ended = []
+            if not self.attempt("write the end of a recovered job; will retry",
+                                lambda: ended.append(recovery.end(self.store))):
                 continue
+            if ended[0]:
+                self.interrupted.append(recovery.job_id)
             self.recoveries.remove(recovery)
             self.look = True
 
@@ -3798,11 +4027,18 @@ class Supervisor:
                 for claim, how in known:
                     self.start_recovery(self.store, claim.id, claim.token,
                                         "supervisor", cold=True, **how)
-        while self.recoveries and self.store is not None:
+        # Kill every run; then write what became of them, for a short while if the
+        # database refuses (read-only, full): processes must go, records may wait.
+        give_up = None
+        while self.store is not None and (self.recoveries or self.record_at):
             self.step_recoveries()
+            if self.record_at is not None:
+                log(*self.record())
+            if all(recovery.killed for recovery in self.recoveries):
+                give_up = give_up or time.monotonic() + STOP_RECORD_TRIES_S
+                if time.monotonic() > give_up:
+                    break
             time.sleep(KILL_POLL_S)
-        if self.store is not None and self.record_at is not None:
-            log(*self.record())
         while self.spent:
             remove_spools(self.db_path, self.spent.popleft()[1])
 
@@ -3814,11 +4050,14 @@ class Supervisor:
         return RUNNING_STATE if ready and not self.restarts else STARTING
 
     def publish(self, state):
-        """Write the live worker pids and the state to the PID file, if changed."""
+        """Write the live worker pids and the state to the PID file and the
+        database's record, if changed."""
         now = ([slot.pid for slot in self.slots.values()], state)
         if now != self.published:
-            self.pidfile.write(*now)
             self.published = now
+            self.attempt("write its PID file", self.pidfile.write, *now)
+            self.attempt("record its state in the database",
+                         self.store.update_supervisor, self.id, *now)
 
 
 def start_detached(db_path, count, log_path):
@@ -4008,12 +4247,12 @@ _JSON = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
 def cmd_worker_start(args):
     db_path = args.db
     Store(db_path).close()         # create or check the database before forking
+    running = find_supervisor(db_path)
+    if running:
+        raise QueueError(f"workers are already running on this database "
+                         f"(supervisor pid {running.pid})")
     if args.detach:
         log_path = db_path + LOG_SUFFIX
-        running = PidFile.running(pid_path(db_path))
-        if running:
-            raise QueueError(f"workers are already running on this database "
-                             f"(supervisor pid {running.pid})")
         running = start_detached(db_path, args.count, log_path)
         print(f"started {len(running.workers)} worker(s) in the background "
               f"(supervisor pid {running.pid}); log: {log_path}")
@@ -4022,8 +4261,7 @@ def cmd_worker_start(args):
 
 
 def cmd_worker_stop(args):
-    path = pid_path(args.db)
-    running = PidFile.running(path)
+    running = find_supervisor(args.db)
     if not running:
         print("no workers running")
         return EXIT_OK
@@ -4034,9 +4272,10 @@ def cmd_worker_stop(args):
                 f"up to {args.timeout:g}s for its running jobs to finish")
     print(f"asked supervisor {pid} to stop; waiting {how_long}", file=sys.stderr)
     try:
-        if not _wait_stopped(path, args.timeout):
+        if not _wait_stopped(running, args.timeout, WARM_SIGNAL):
             _signal_supervisor(pid, COLD_SIGNAL)
-            if not _wait_stopped(path, COLD_STOP_GRACE_S + KILL_GRACE_S + 10):
+            if not _wait_stopped(running, COLD_STOP_GRACE_S + KILL_GRACE_S + 10,
+                                 COLD_SIGNAL):
                 raise QueueError(f"supervisor {pid} did not stop")
     except KeyboardInterrupt:
         print("stopped waiting; the workers go on stopping (run worker stop again "
@@ -4046,18 +4285,85 @@ def cmd_worker_stop(args):
     # a worker held but had not started went back as it was: it was not running.
     ends = {}
     if held:
-        with Store(args.db, create=False) as store:
-            ends = store.job_ends(held)
+        try:
+            with Store(args.db, create=False) as store:
+                ends = store.job_ends(held)
+        except QueueError as e:
+            print(f"stopped workers (supervisor pid {pid})")
+            raise QueueError(f"could not read what became of its running jobs: "
+                             f"{e}") from None
     interrupted = sorted(job_id for job_id, (state, _, last_run) in ends.items()
                          if state == PENDING and last_run == INTERRUPTED)
-    finished = [job_id for job_id, (state, _, _) in ends.items() if state != PENDING]
+    unrecorded = sorted(job_id for job_id, (state, _, _) in ends.items()
+                        if state == PROCESSING)
+    finished = [job_id for job_id, (state, _, _) in ends.items()
+                if state not in (PENDING, PROCESSING)]
     parts = [f"{len(finished)} running job(s) finished"] if finished else []
     if interrupted:
-        parts.append(f"{len(interrupted)}{'' if finished else ' running job(s)'} "
+        parts.append(f"{len(interrupted)}{'' if parts else ' running job(s)'} "
                      f"interrupted and put back as pending ({', '.join(interrupted)})")
+    if unrecorded:
+        parts.append(f"{len(unrecorded)}{'' if parts else ' running job(s)'} not "
+                     f"recorded ({', '.join(unrecorded)})")
     print(f"stopped workers (supervisor pid {pid})" +
           (": " + ", ".join(parts) if parts else ""))
+    if unrecorded:
+        raise QueueError(f"the supervisor could not record what became of "
+                         f"{', '.join(unrecorded)} (see its log); they stay processing "
+                         f"until workers start again and recover them")
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+def _wait_stopped(running, timeout_s, sig):
+    """Wait until the supervisor RUNNING has exited; False if TIMEOUT_S ran out
+    first. Raise NoAnswer if it does not act on the stop: the signal SIG sent to
+    it is still pending, or it has been stopped (SIGSTOP), after ANSWER_GRACE_S.
+
+    Pending signals are the kernel's to tell (/proc), so this needs nothing
+    written by the supervisor: it holds on a read-only or full disk too."""
+    started = time.monotonic()
+    deadline = None if timeout_s is None else started + timeout_s
+    frozen_since = None
+    while _still_running(running):
+        now = time.monotonic()
+        fields = _proc_stat(running.pid)
+        frozen = bool(fields) and fields[0] in "Tt"
+        frozen_since = (frozen_since or now) if frozen else None
+        if frozen_since is not None and now - frozen_since > ANSWER_GRACE_S:
+            raise NoAnswer(f"supervisor pid {running.pid} does not answer: it is "
+                           f"stopped (SIGSTOP?); it stops once resumed (kill -CONT "
+                           f"{running.pid}), or end it with kill -KILL {running.pid} "
+                           f"and its jobs are recovered")
+        if now - started > ANSWER_GRACE_S and _signal_pending(running.pid, sig) and \
+                _still_running(running):
+            raise NoAnswer(f"supervisor pid {running.pid} does not answer: it has not "
+                           f"taken the stop signal after {ANSWER_GRACE_S:g}s")
+        if deadline is not None and now >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _still_running(running):
+    """Whether the supervisor RUNNING (a Supervised) is still that process, and
+    not a zombie: one that exited, waiting for its parent to reap it."""
+    fields = _proc_stat(running.pid)
+    if fields is None:
+        return not os.path.isdir("/proc/self") and _pid_exists(running.pid)
+    return fields[0] not in "ZX" and (running.start is None or
+                                      int(fields[19]) == running.start)
+
+
+def _signal_pending(pid, sig):
+    """Whether signal SIG sent to PID waits undelivered (Linux /proc; False if
+    unknown). A live process takes a signal at once, whatever it is doing."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = [int(line.split()[1], 16) for line in f
+                     if line.startswith(("SigPnd:", "ShdPnd:"))]
+    except (OSError, ValueError, IndexError):
+        return False
+    return any(mask >> (sig - 1) & 1 for mask in masks)
 
 
 def _jobs_of_workers(db_path, worker_pids):
@@ -4070,16 +4376,6 @@ def _jobs_of_workers(db_path, worker_pids):
         return []            # stopping must not depend on the database
 
 
-def _pid_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass                                  # exists, but another user's
-    return True
-
-
 def _signal_supervisor(pid, sig):
     try:
         os.kill(pid, sig)
@@ -4087,15 +4383,6 @@ def _signal_supervisor(pid, sig):
         pass                                  # it exited meanwhile
     except PermissionError:
         raise QueueError(f"not allowed to signal supervisor pid {pid}") from None
-
-
-def _wait_stopped(path, timeout_s):
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while PidFile.running(path):
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def cmd_status(args):
@@ -4116,7 +4403,7 @@ def status_report(store, max_age=None, max_dead=0):
     paused = store.paused()
     now = now_utc()
     oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
-    supervisor = PidFile.running(pid_path(store.path))
+    supervisor = find_supervisor(store.path, store)
     worker_pids = supervisor.workers if supervisor else []
     workers = [{"pid": pid,
                 "job_id": running[pid]["id"] if pid in running else None,

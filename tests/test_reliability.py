@@ -421,6 +421,39 @@ class BadEnvironmentTest(ReliabilityTestCase):
         self.addCleanup(self.unmount, folder)
         return folder
 
+    def mount_ext4(self, size_mb=16):
+        """Mount a fresh ext4 file system of SIZE_MB (a loop device, errors=
+        remount-ro, as root file systems are); return (folder, device)."""
+        if os.geteuid() != 0:
+            self.skipTest("mounting a loop device needs root")
+        image, folder = self.path("disk.img"), self.path(f"ext4-{time.monotonic_ns()}")
+        os.mkdir(folder)
+        with open(image, "wb") as f:
+            f.truncate(size_mb * 1024 * 1024)
+        steps = [["mkfs.ext4", "-q", image], ["losetup", "-f", "--show", image]]
+        results = [subprocess.run(step, capture_output=True, text=True, timeout=30)
+                   for step in steps]
+        if any(r.returncode for r in results):
+            self.skipTest(f"no loop device: {results[-1].stderr.strip()}")
+        device = results[-1].stdout.strip()
+        self.addCleanup(subprocess.run, ["losetup", "-d", device], timeout=10)
+        subprocess.run(["blockdev", "--setrw", device], timeout=10)
+        mounted = subprocess.run(["mount", "-o", "errors=remount-ro", device, folder],
+                                 capture_output=True, text=True, timeout=10)
+        if mounted.returncode:
+            self.skipTest(f"cannot mount ext4: {mounted.stderr.strip()}")
+        self.addCleanup(self.unmount, folder)
+        return folder, device
+
+    def fail_disk(self, device):
+        """Make the ext4 file system on DEVICE fail as a failing disk does: the
+        kernel turns it read-only at once, open files and all."""
+        trigger = f"/sys/fs/ext4/{os.path.basename(device)}/trigger_fs_error"
+        if not os.path.exists(trigger):
+            self.skipTest("this kernel cannot fail an ext4 file system on demand")
+        with open(trigger, "w") as f:
+            f.write("queuectl test\n")
+
     def unmount(self, folder):
         result = subprocess.run(["umount", folder], capture_output=True, timeout=10)
         if result.returncode:
@@ -445,6 +478,107 @@ class BadEnvironmentTest(ReliabilityTestCase):
             self.assertTrue(status.stderr.startswith("queuectl: error: "))
         self.assertEqual(sha256(db), before)
         self.assertTrue(job_id)
+
+    def test_a_disk_turned_read_only_mid_run_is_reported_honestly(self):
+        """The disk turns read-only while two jobs run: the supervisor logs each OS
+        error as one line and stops with 1; worker stop says their results were
+        not recorded and exits 1; with the disk back, they run again."""
+        folder, device = self.mount_ext4()
+        db = os.path.join(folder, "q.db")
+        env = dict(self.env, QUEUECTL_DB=db)
+        marks = self.path("ran")
+        lines_in = "".join(json.dumps({"command": f"echo x >> {q(marks)}; sleep 1"}) +
+                           "\n" for _ in range(2))
+        ids = self.run_cli("enqueue", "-", stdin=lines_in, env=env).stdout.split()
+        self.assertEqual(len(ids), 2)
+        sup, log = self.supervise(env, 2)
+        wait_until(lambda: len(lines(marks)) == 2, 20, "both jobs to start")
+        self.fail_disk(device)
+        stop = self.run_cli("worker", "stop", env=env, timeout=60)
+        self.assertEqual(stop.returncode, 1, stop.stderr)
+        self.assertNotIn("Traceback", stop.stderr)
+        self.assertNotIn("finished", stop.stdout)
+        self.assertEqual(len(stop.stderr.splitlines()), 2, stop.stderr)   # asked; error
+        self.assertTrue(stop.stderr.splitlines()[-1].startswith("queuectl: error: "))
+        self.assertEqual(sup.wait(timeout=20), 1)
+        log.seek(0)
+        text = log.read()
+        self.assertNotIn("Traceback", text)
+        for line in text.splitlines():
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT[\d:.]+Z \S", text)
+        self.assertIn("could not record what became of 2 running job(s)", text)
+        self.assertIn("database is read-only (its file system is)", text)
+        self.assertLessEqual(text.count("could not write what workers reported"), 1, text)
+        # The disk back (mounted again): the jobs are recovered and run again.
+        self.unmount(folder)
+        subprocess.run(["mount", device, folder], check=True, timeout=10)
+        self.run_cli("config", "set", "lease_timeout", "1", env=env)
+        self.supervise(env, 1)
+        for job_id in ids:
+            wait_until(lambda: json.loads(self.run_cli(
+                "show", job_id, "--json", env=env).stdout)["state"] == "completed",
+                30, f"job {job_id} to run again")
+        self.assertEqual(len(lines(marks)), 4)
+
+    def supervise(self, env, count):
+        """Start a foreground supervisor on ENV's database; (process, its log)."""
+        log = open(self.path(f"supervisor-{time.monotonic_ns()}.log"), "w+")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "queuectl.py"),
+                                 "worker", "start", "--count", str(count)], env=env,
+                                cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, start_new_session=True)
+        self.addCleanup(self.end_supervisor, proc)
+        return proc, log
+
+    def end_supervisor(self, proc):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def fill(self, folder):
+        """Fill the file system of FOLDER to the last byte."""
+        fd = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for size in (65536, 4096, 1):
+                with contextlib.suppress(OSError):
+                    while os.write(fd, b"\0" * size):
+                        pass
+        finally:
+            os.close(fd)
+
+    def test_reads_on_a_completely_full_disk_say_it_is_full(self):
+        """On a disk with not a byte left, status and list say the disk is full,
+        in one line, not "disk I/O error"."""
+        folder = self.mount_tmpfs("256k")
+        db = os.path.join(folder, "q.db")
+        self.make_queue_db(db)
+        self.fill(folder)
+        for argv in (["status"], ["list"], ["enqueue", '{"command": "true"}']):
+            with self.subTest(command=argv[0]):
+                error = self.assertRefused(db, argv)
+                self.assertIn("the disk is full", error)
+
+    def test_a_log_line_is_written_whole_or_not_at_all(self):
+        """A log that can take only part of a line (a disk filling up, a file size
+        limit) keeps no torn line: the line is written whole or not at all."""
+        path = self.path("q.db.log")
+        with open(path, "w") as f:
+            f.write(("x" * 99 + "\n") * 40)          # 4000 bytes
+        limit = 4000 + 50                            # room for 50 more bytes
+
+        def small_files():
+            import resource
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        with open(path, "a") as log:
+            result = subprocess.run(
+                [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                 "import queuectl; queuectl.log('y' * 300); queuectl.log('z')", ROOT],
+                stderr=log, preexec_fn=small_files, timeout=20)
+        self.assertEqual(result.returncode, 0)
+        with open(path) as f:
+            text = f.read()
+        self.assertRegex(text, r"^(x{99}\n){40}\S+Z z\n$")
 
     def test_full_disk_fails_in_one_line_and_keeps_acknowledged_jobs(self):
         """A full disk: enqueue fails in one line saying full; acknowledged jobs stay."""

@@ -648,7 +648,7 @@ class VerbProcessTest(RegressionTestCase):
         self.assertTrue(result.stderr.endswith("\n"))
         self.assertEqual(len(result.stderr.splitlines()), 1)
         self.assertTrue(result.stdout.startswith("stopped workers"), result.stdout)
-        self.assertEqual(proc.wait(timeout=10), 0)
+        self.assertEqual(proc.wait(timeout=10), queuectl.EXIT_INTERRUPTED)
 
     def test_detached_log_is_rotated(self):
         """A detached supervisor's log is rotated to one .1 file at its size limit."""

@@ -34,10 +34,11 @@ class WorkerTestCase(QueueTestCase):
 
     def stop_workers(self, proc, *extra, timeout=30, code=0):
         """Run `worker stop` as a process; assert it exits CODE and the supervisor
-        exits with 0."""
+        exits with 0, or like it with 7 after a cold stop."""
         result = self.run_cli("worker", "stop", *extra, timeout=timeout)
         self.assertEqual(result.returncode, code, result.stderr)
-        self.assertEqual(proc.wait(timeout=10), 0, self.log_text(proc))
+        self.assertEqual(proc.wait(timeout=10), code if code == queuectl.EXIT_INTERRUPTED
+                         else 0, self.log_text(proc))
         return result
 
     def kill_stray(self, pid, needle):
@@ -279,6 +280,60 @@ class TestWorkers(WorkerTestCase):
         self.assertEqual(self.worker_pids(proc.pid, 1), workers)
         job_id = self.enqueue(command="true")
         self.wait_state(job_id, "completed")
+
+    def test_a_deleted_pid_file_hides_no_supervisor(self):
+        """With its PID file gone (a cleaner of old files), the live supervisor is
+        still found by its record in the database: status shows it, a second
+        worker start is refused, worker stop stops it."""
+        proc = self.start_workers(1)
+        pid_file = self.db + ".pid"
+        os.unlink(pid_file)
+        os.mkdir(pid_file)                # and it cannot be written again there
+        self.addCleanup(lambda: os.path.isdir(pid_file) and os.rmdir(pid_file))
+        status = json.loads(self.ok("status", "--json"))
+        self.assertEqual(status["supervisor_pid"], proc.pid)
+        second = self.run_cli("worker", "start", timeout=20)
+        self.assertEqual(second.returncode, 1, second.stderr)
+        self.assertEqual(second.stderr, f"queuectl: error: workers are already running "
+                                        f"on this database (supervisor pid {proc.pid})\n")
+        self.assertTrue(os.path.isdir(pid_file))
+        job_id = self.enqueue(command="true")
+        self.wait_state(job_id, "completed")
+        self.stop_workers(proc)
+        self.assertEqual(self.run_cli("worker", "stop").stdout, "no workers running\n")
+        log = self.log_text(proc)
+        self.assertEqual(log.count("could not write its PID file again"), 1, log)
+
+    def test_a_supervisor_writes_its_deleted_pid_file_again(self):
+        """A supervisor whose PID file was deleted writes it again within about
+        a second, so worker stop and enqueue's wake-up find it at once."""
+        proc = self.start_workers(1)
+        os.unlink(self.db + ".pid")
+        wait_until(lambda: self.worker_pids(proc.pid, 1), 5, "the PID file again")
+        self.assertIn("PID file", self.log_text(proc))
+        self.stop_workers(proc)
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+
+    def test_worker_stop_gives_up_on_a_frozen_supervisor(self):
+        """worker stop --timeout 2 on a supervisor frozen by SIGSTOP returns soon
+        after its timeout: exit 8, naming the pid; resumed, the supervisor stops."""
+        proc = self.start_workers(1)
+        job_id = self.enqueue(command="sleep 30")
+        self.wait_state(job_id, "processing", timeout=10)
+        os.kill(proc.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: proc.poll() is None and os.kill(proc.pid, signal.SIGCONT))
+        started = time.monotonic()
+        result = self.run_cli("worker", "stop", "--timeout", "2", timeout=60)
+        took = time.monotonic() - started
+        self.assertEqual(result.returncode, queuectl.EXIT_NO_ANSWER, result.stderr)
+        self.assertLess(took, 2 + 2 * queuectl.ANSWER_GRACE_S + 2)
+        last = result.stderr.splitlines()[-1]
+        self.assertRegex(last, rf"^queuectl: error: supervisor pid {proc.pid} does not "
+                               rf"answer: it is stopped")
+        self.assertNotIn("Traceback", result.stderr)
+        os.kill(proc.pid, signal.SIGCONT)        # the stop it was sent takes effect
+        self.assertEqual(proc.wait(timeout=30), queuectl.EXIT_INTERRUPTED)
+        self.assertEqual(self.state(job_id), "pending")
 
     def test_stale_pid_file_of_a_live_process_is_replaced(self):
         """An unlocked PID file naming a live unrelated process does not block start."""
