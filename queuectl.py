@@ -28,7 +28,9 @@ Exit codes:
     4    status --check: runnable jobs are waiting but no workers are running
     5    status --check: the oldest runnable job has waited longer than --max-age
     6    wait, logs --follow: a job ended without completing (dead or cancelled)
-    7    worker stop: running jobs were killed and put back (a cold stop)
+    7    worker stop, worker start: running jobs were killed and put back (a
+         cold stop)
+    8    worker stop: the supervisor does not answer (stopped by SIGSTOP)
     124  wait --timeout ran out first
 """
 
@@ -5994,7 +5996,8 @@ EPILOG = ("exit codes: 0 ok, 1 runtime error (unknown job, wrong state, workers 
           "running, unusable database), 2 usage or validation error; status --check: "
           "3 dead jobs, 4 no workers, 5 a job waited too long; wait and logs "
           "--follow: 6 a job ended without completing, 124 wait timed out; worker "
-          "stop: 7 running jobs were interrupted. Durations: 90, 90s, 10m, 2h, 7d, 1h30m.")
+          "stop and worker start: 7 running jobs were interrupted; worker stop: 8 the "
+          "supervisor does not answer. Durations: 90, 90s, 10m, 2h, 7d, 1h30m.")
 ENQUEUE_EPILOG = (
     "job fields: command (required), id, max_retries, priority, run_at (ISO-8601 "
     "with Z or an offset) or delay (a duration), timeout (a duration), after (ids "
@@ -6057,7 +6060,8 @@ def build_parser():
     sub = command(actions, "stop", cmd_worker_stop, "stop the workers gracefully")
     sub.add_argument("--timeout", type=duration, default=None, metavar="DURATION",
                      help="after this long, kill running jobs and put them back "
-                          "(default: wait for them); exit 7 if it did")
+                          "(default: wait for them); exit 7 if it did, 8 if the "
+                          "supervisor does not answer (frozen)")
 
     sub = command(commands, "status", cmd_status, "show queue health", [json_opt])
     sub.add_argument("--check", action="store_true",
