@@ -123,12 +123,17 @@ EXIT_NOT_COMPLETED = 6     # wait, logs --follow: a job ended without completing
 EXIT_INTERRUPTED = 7       # worker stop: running jobs were killed and put back
 EXIT_TIMEOUT = 124         # wait --timeout ran out (as timeout(1) does)
 
-# key: (default, type, smallest valid value or None for "above 0", valid values)
+# A timeout shorter than this (a job's own or config job_timeout) is refused: it
+# could only kill the command before it starts, or be stored as 1e-05.
+MIN_TIMEOUT_S = 0.01
+
+# key: (default, type, smallest valid value, valid values)
 CONFIG = {
     "max_retries": (3, int, 0, "a whole number >= 0"),
     "backoff_base": (2, float, 1, "a number >= 1"),
     "backoff_max": (3600, "duration", 0, "a duration >= 0, such as 600 or 10m"),
-    "job_timeout": (300, "duration", None, "a duration > 0, such as 300 or 5m"),
+    "job_timeout": (300, "duration", MIN_TIMEOUT_S,
+                    f"a duration >= {MIN_TIMEOUT_S}s, such as 300 or 5m"),
     "output_limit": (65536, int, 0, "a whole number of bytes >= 0"),
     "lease_timeout": (15, "duration", 1, "a duration >= 1s, such as 15"),
     "retention": (0, "duration", 0, "a duration such as 7d, or 0 to keep forever"),
@@ -139,16 +144,22 @@ JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "ti
               "after", "unique_key")
 _JOB_FIELD_SET = frozenset(JOB_FIELDS)
 
+# Numbers as users write them: ASCII digits only ([0-9], never \d, which takes
+# any script's digits: int("١٢") is 12), no exponent, no "_", no inf or nan.
+WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
 # A duration as users write it: seconds alone, or numbers with units (1h30m).
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-DURATION = re.compile(r"(\d+(?:\.\d+)?)|(?:\d+(?:\.\d+)?[smhdw])+")
+DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
+DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)|(?:[0-9]+(?:\.[0-9]+)?[smhdw])+")
 
 # An ISO-8601 time as users write it: date, T or space, time, Z or an offset.
 USER_TIME = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
-    r"(?:([zZ])|([+-])(\d{2}):?(\d{2}))?")
-DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2})"
+    r"(?::([0-9]{2})(?:[.,]([0-9]{1,9}))?)?"
+    r"(?:([zZ])|([+-])([0-9]{2}):?([0-9]{2}))?")
+DATE_ONLY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 # SQLite's own busy handler sleeps up to 100 ms between tries, so under heavy load a
 # waiting writer can starve for seconds. So SQLite waits only briefly, and _run
@@ -508,7 +519,8 @@ def backoff_delay(failures, base, maximum):
 
 
 def parse_duration(text):
-    """Seconds in a duration as users write it: 90, 1.5, 90s, 10m, 2h, 7d, 1h30m."""
+    """Seconds in a duration as users write it: 90, 1.5, 90s, 10m, 2h, 7d, 1h30m
+    (ASCII digits only)."""
     if is_number(text):
         return float(text)
     match = DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
@@ -571,21 +583,40 @@ def config_key(name):
 
 
 def parse_config_value(key, text):
-    """Validate TEXT as a value for config KEY and return it as a number."""
+    """Validate TEXT as a value for config KEY and return it as a number. The one
+    reader of config values: what config set stores, and what the store reads."""
     _, kind, minimum, wanted = CONFIG[key]
+    text = str(text).strip()
     try:
-        value = (parse_duration if kind == "duration" else kind)(str(text).strip())
+        if kind == "duration":
+            value = parse_duration(text)
+        elif (WHOLE_NUMBER if kind == int else DECIMAL).fullmatch(text):
+            value = kind(text)
+        else:
+            raise ValueError(text)
     except ValueError:
         raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})") from None
-    if kind != int:
-        if not math.isfinite(value):
-            raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
-        if value == int(value):
-            value = int(value)
-    too_small = value <= 0 if minimum is None else value < minimum
-    if too_small or value >= INT_LIMIT:
+    if kind != int and value == int(value):
+        value = int(value)
+    if value < minimum or value >= INT_LIMIT:
         raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
     return value
+
+
+def config_text(key, value):
+    """How config KEY's VALUE is stored: plain decimal, never an exponent (str(1e-05)
+    is '1e-05'), durations to the millisecond; refused (UsageError) unless
+    parse_config_value reads it back."""
+    if CONFIG[key][1] == "duration" and not is_int(value):
+        text = f"{value:.3f}".rstrip("0").rstrip(".")
+    else:
+        text = repr(value)                 # an int, or a float from 1 to 2**31
+    try:
+        parse_config_value(key, text)
+    except UsageError:
+        raise UsageError(f"bad value for {key}: {value!r} (expected "
+                         f"{CONFIG[key][3]})") from None
+    return text
 
 
 def validate_job(doc, now=None, stamp=None):
@@ -665,10 +696,12 @@ def _duration_field(doc, name, positive=False):
 
 def check_duration(seconds, text, positive=False):
     """SECONDS, if it is a duration a job or command may use; else ValueError
-    naming TEXT, the duration as given."""
-    if seconds < 0 or (positive and seconds == 0):
-        raise ValueError(f"must be more than 0: {text!r}" if positive else
-                         f"must not be negative: {text!r}")
+    naming TEXT, the duration as given. POSITIVE: a timeout, at least
+    MIN_TIMEOUT_S."""
+    if positive and seconds < MIN_TIMEOUT_S:
+        raise ValueError(f"must be at least {MIN_TIMEOUT_S}s: {text!r}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative: {text!r}")
     if seconds >= INT_LIMIT:
         raise ValueError(f"too long: {text!r} (at most {format_span(INT_LIMIT - 1)})")
     return seconds
@@ -884,6 +917,7 @@ class Store:
         self.path = os.path.abspath(os.path.expanduser(path))
         self.conn = None
         self._config_cache = self._config_version = self._paused = None
+        self._config_problems = {}
         if self._check_file(create):
             self._identify()
         try:
@@ -1070,25 +1104,48 @@ class Store:
 
     def _config(self, conn):
         """The settings, read again only if another connection has committed
-        since the last read (the supervisor reads them for every batch)."""
+        since the last read (the supervisor reads them for every batch).
+
+        A stored value the reader refuses (written by hand, or by an older
+        version) must not stop the queue: its key keeps its default, and
+        config_problems() says why.
+        """
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._config_version:
-            values, self._paused = dict(CONFIG_DEFAULTS), None
+            values, problems, self._paused = dict(CONFIG_DEFAULTS), {}, None
             for key, value in conn.execute("SELECT key, value FROM config"):
                 if key in values:
-                    values[key] = parse_config_value(key, value)
+                    try:
+                        values[key] = parse_config_value(key, value)
+                    except UsageError:
+                        problems[key] = (
+                            f"config {key}: stored value {value!r} is not "
+                            f"{CONFIG[key][3]}; using the default, {CONFIG[key][0]} "
+                            f"(config set {key} to fix it)")
                 elif key == PAUSED_KEY:
                     self._paused = value
             self._config_cache, self._config_version = values, version
+            self._config_problems = problems
         return dict(self._config_cache)
 
     def config(self):
         return self._read(self._config)
 
+    def config_problems(self):
+        """{key: why its stored value is not used} of the settings that fell back
+        to their defaults; {} when every stored value is good."""
+        def body(conn):
+            self._config(conn)
+            return dict(self._config_problems)
+        return self._read(body)
+
     def set_config(self, key, value):
+        """Store VALUE for KEY in its canonical form (config_text); return that."""
+        text = config_text(key, value)
         self._config_version = None
         self._write(lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, str(value))))
+            "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, text)))
+        return text
 
     # -- jobs: adding, reading, deleting -----------------------------------------
 
@@ -3377,6 +3434,7 @@ class Supervisor:
         """Purge completed jobs older than config `retention`, a batch at a time;
         trim the per-minute run counts. Return seconds until the next upkeep."""
         retention = self.store.config()["retention"]
+        log(*(f"supervisor: {why}" for why in self.store.config_problems().values()))
         purged = 0
         if retention:
             purged = self.store.purge(COMPLETED, retention, limit=PURGE_BATCH)
@@ -3844,9 +3902,9 @@ def _job_flags(args):
         value = getattr(args, field, None)
         if value is None:
             continue
-        if field in ("priority", "max_retries"):
-            with contextlib.suppress(ValueError):
-                value = int(value)
+        if field in ("priority", "max_retries") and \
+                WHOLE_NUMBER.fullmatch(value.strip()):
+            value = int(value)
         fields[field] = value
     return fields
 
@@ -4452,26 +4510,33 @@ def cmd_purge(args):
 
 def cmd_config_show(args):
     with open_store(args) as store:
-        values = store.config()
+        values, problems = store.config(), store.config_problems()
     if args.json:
+        for key in problems:
+            print(f"queuectl: {_one_line(problems[key])}", file=sys.stderr)
         print_json(values)
     else:
         for key, value in values.items():
-            print(f"{key} = {value}")
+            note = f"  ({_one_line(problems[key])})" if key in problems else ""
+            print(f"{key} = {value}{note}")
 
 
 def cmd_config_get(args):
     key = config_key(args.key)
     with open_store(args) as store:
-        print(store.config()[key])
+        value, problem = store.config()[key], store.config_problems().get(key)
+    if problem:
+        print(f"queuectl: {_one_line(problem)}", file=sys.stderr)
+    print(value)
 
 
 def cmd_config_set(args):
     key = config_key(args.key)
     value = parse_config_value(key, args.value)
+    config_text(key, value)              # refuse it before creating a database
     with open_store(args, create=True) as store:
-        store.set_config(key, value)
-    print(f"{key} = {value}")
+        text = store.set_config(key, value)
+    print(f"{key} = {text}")
 
 
 def cmd_stats(args):
@@ -5572,7 +5637,7 @@ class Parser(argparse.ArgumentParser):
         # "-5s" is a (negative) value, not an unknown option: let the option's own
         # check say what is wrong with it. (argparse's own test, which knows only
         # numbers, from Python 3.13 looks like this.)
-        self._negative_number_matcher = re.compile(r"^-\.?\d")
+        self._negative_number_matcher = re.compile(r"^-\.?[0-9]")
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} "
@@ -5582,10 +5647,9 @@ class Parser(argparse.ArgumentParser):
 def int_between(low, high):
     """An argparse type: a whole number from LOW to HIGH."""
     def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not WHOLE_NUMBER.fullmatch(text.strip()):     # int("٣") would be 3
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+        value = int(text)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {text!r}")
         return value
@@ -5593,10 +5657,9 @@ def int_between(low, high):
 
 
 def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not DECIMAL.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
+    value = float(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
     return value

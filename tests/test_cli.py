@@ -11,7 +11,7 @@ import subprocess
 import unittest
 from datetime import timedelta
 
-from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl
+from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl, wait_until
 
 PY39 = "/root/.pyenv/versions/3.9.18/bin/python3"
 JOB_FIELDS = {"id", "command", "state", "attempts", "max_retries", "priority", "run_at",
@@ -546,6 +546,111 @@ class ConfigTest(CliTestCase):
         self.assertEqual((self.job("j")["max_retries"], self.job("j")["timeout"]), (7, 42))
         self.assertEqual((self.job("own")["max_retries"], self.job("own")["timeout"]),
                          (1, 9))
+
+
+class ConfigValueTest(CliTestCase):
+    """What config set stores, and what the queue does with a bad stored value."""
+
+    def stored(self, key):
+        conn = sqlite3.connect(self.db)
+        try:
+            row = conn.execute("SELECT value FROM config WHERE key = ?", (key,)).fetchone()
+            return row and row[0]
+        finally:
+            conn.close()
+
+    def store_raw(self, key, value):
+        """Write a config value the way an older version or sqlite3 by hand could."""
+        conn = sqlite3.connect(self.db)
+        try:
+            with conn:
+                conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
+                             (key, value))
+        finally:
+            conn.close()
+
+    def test_a_tiny_duration_is_refused_and_values_are_stored_plainly(self):
+        """config set refuses a job_timeout under 0.01 s (it used to store 1e-05,
+        which the queue then could not read) and stores plain decimals."""
+        self.enqueue(id="j", command="true")
+        err = self.assertFailsCleanly(2, "config", "set", "job_timeout", "0.00001")
+        self.assertIn("expected a duration >= 0.01s", err)
+        self.assertEqual(self.ok("config", "set", "job_timeout", "0.0104"),
+                         "job_timeout = 0.01\n")
+        self.assertEqual(self.stored("job_timeout"), "0.01")
+        self.assertEqual(self.ok("config", "set", "backoff_max", "1.5m"),
+                         "backoff_max = 90\n")
+        self.assertEqual(self.stored("backoff_max"), "90")
+        self.assertEqual(self.json_out("config", "show", "--json")["job_timeout"], 0.01)
+        self.assertEqual(self.job("j")["timeout"], 0.01)
+
+    def test_a_bad_stored_value_falls_back_to_its_default_and_says_so(self):
+        """A stored value the reader refuses never stops the queue: every command
+        works with that key's default, and config show and get say why."""
+        self.enqueue(id="j", command="true")
+        self.store_raw("job_timeout", "1e-05")
+        self.store_raw("max_retries", "١٢")
+        for argv in (("status",), ("status", "--json"), ("list",), ("show", "j"),
+                     ("stats",)):
+            with self.subTest(argv=argv):
+                self.ok(*argv)
+        self.assertEqual((self.job("j")["timeout"], self.job("j")["max_retries"]),
+                         (300, 3))
+        text = self.ok("config", "show")
+        line = next(l for l in text.splitlines() if l.startswith("job_timeout"))
+        self.assertIn("job_timeout = 300  (config job_timeout: stored value '1e-05' "
+                      "is not a duration >= 0.01s", line)
+        self.assertIn("using the default, 300", line)
+        self.assertEqual(len(text.splitlines()), len(queuectl.CONFIG))
+        code, out, err = self.cli("config", "show", "--json")
+        self.assertEqual((code, json.loads(out)["job_timeout"]), (0, 300))
+        self.assertEqual(len(err.splitlines()), 2, err)
+        self.assertTrue(all(l.startswith("queuectl: config ") for l in err.splitlines()))
+        code, out, err = self.cli("config", "get", "job_timeout")
+        self.assertEqual((code, out), (0, "300\n"))
+        self.assertIn("stored value '1e-05'", err)
+        self.assertEqual(set(self.store().config_problems()),
+                         {"job_timeout", "max_retries"})
+        self.ok("config", "set", "job_timeout", "60")
+        self.assertEqual(set(self.store().config_problems()), {"max_retries"})
+
+    def test_a_running_supervisor_goes_on_with_a_bad_stored_value(self):
+        """Workers keep claiming with the default, and the supervisor logs why."""
+        self.enqueue(id="first", command="true")
+        self.store_raw("job_timeout", "1e-05")
+        proc = self.start_workers(1)
+        self.wait_state("first", "completed")
+        self.enqueue(id="second", command="true")
+        self.wait_state("second", "completed")
+        wait_until(lambda: "supervisor: config job_timeout: stored value '1e-05'"
+                   in self.log_text(proc), 10, "the supervisor to log the bad value")
+
+
+class AsciiDigitsCliTest(CliTestCase):
+
+    def test_digits_of_other_scripts_are_refused_everywhere(self):
+        """Numbers, durations and times on the command line and in job fields take
+        ASCII digits only."""
+        self.enqueue(id="j", command="true")
+        for argv in (("config", "set", "max_retries", "١٢"),
+                     ("config", "set", "job_timeout", "١٠"),
+                     ("enqueue", "-c", "x", "--priority", "١"),
+                     ("enqueue", "-c", "x", "--max-retries", "٣"),
+                     ("enqueue", "-c", "x", "--delay", "١٠"),
+                     ("enqueue", "-c", "x", "--timeout", "１０s"),
+                     ("enqueue", "-c", "x", "--run-at", "２０２６-01-01T00:00:00Z"),
+                     ("enqueue", '{"command": "x", "delay": "١٠"}'),
+                     ("enqueue", '{"command": "x", "timeout": "٥m"}'),
+                     ("enqueue", '{"command": "x", "run_at": "2026-01-01T00:00:00+٠٢:00"}'),
+                     ("list", "--limit", "١"), ("dlq", "list", "--limit", "١"),
+                     ("logs", "j", "--attempt", "١"), ("status", "--max-age", "١٠"),
+                     ("status", "--max-dead", "١"), ("wait", "j", "--timeout", "١"),
+                     ("purge", "--state", "dead", "--older-than", "٧d")):
+            with self.subTest(argv=argv):
+                self.assertFailsCleanly(2, *argv)
+        # A process of its own: in-process, a mistaken yes would start workers here.
+        result = self.run_cli("worker", "start", "--count", "٣", timeout=10)
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
 
 
 class DlqDeleteTest(CliTestCase):

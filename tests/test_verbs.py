@@ -704,7 +704,7 @@ class WalkthroughTest(VerbTestCase):
                 (("enqueue", "-c", "true", "--delay", "99999999999d"),
                  "--delay: too long: '99999999999d'"),
                 (("enqueue", "-c", "true", "--timeout", "0"),
-                 "--timeout: must be more than 0: '0'"),
+                 "--timeout: must be at least 0.01s: '0'"),
                 (("enqueue", '{"command": "true", "delay": "10 m"}'),
                  "field 'delay': not a duration such as 90s, 10m, 2h, 7d or 1h30m: "
                  "'10 m'"),
