@@ -619,9 +619,19 @@ def config_text(key, value):
     return text
 
 
-def validate_job(doc, now=None, stamp=None):
+def validate_job(doc, now=None, stamp=None, names=None):
     """Check one job document and return the values to store, or raise UsageError.
-    STAMP is iso(now), for callers that validate many jobs at one time."""
+    STAMP is iso(now), for callers that validate many jobs at one time. NAMES maps
+    a field to what the user typed for it (enqueue -c: {"delay": "--delay"}), for
+    the messages; by default they say "field 'delay'"."""
+    names = names or {}
+
+    def field(name):                       # "field 'delay'", or "--delay"
+        return names.get(name) or f"field {name!r}"
+
+    def short(name):                       # "'delay'", or "--delay"
+        return names.get(name) or repr(name)
+
     if not isinstance(doc, dict):
         raise UsageError("a job must be a JSON object like "
                          "{\"command\": \"echo hi\"}")
@@ -634,64 +644,67 @@ def validate_job(doc, now=None, stamp=None):
     if command is None:
         raise UsageError("missing field 'command'")
     if not isinstance(command, str) or not command.strip():
-        raise UsageError("field 'command' must be a non-empty string")
-    check_text(command, "field 'command'")
+        raise UsageError(f"{field('command')} must be a non-empty string")
+    check_text(command, field("command"))
     job = {"id": None, "command": command, "max_retries": None, "priority": 0,
            "run_at": stamp or iso(now), "timeout_s": None, "after": (),
            "unique_key": None}
     if "id" in doc:
-        job["id"] = validate_job_id(doc["id"])
+        job["id"] = validate_job_id(doc["id"], field("id"))
     if "max_retries" in doc:
         value = doc["max_retries"]
         if not is_int(value) or not 0 <= value < INT_LIMIT:
-            raise UsageError(f"field 'max_retries' must be a whole number from 0 to "
-                             f"{INT_LIMIT - 1}")
+            raise UsageError(f"{field('max_retries')} must be a whole number from 0 "
+                             f"to {INT_LIMIT - 1}")
         job["max_retries"] = value
     if "priority" in doc:
         value = doc["priority"]
         if not is_int(value) or abs(value) >= INT_LIMIT:
-            raise UsageError(f"field 'priority' must be a whole number from "
+            raise UsageError(f"{field('priority')} must be a whole number from "
                              f"{1 - INT_LIMIT} to {INT_LIMIT - 1} (higher runs first)")
         job["priority"] = value
     if "run_at" in doc and "delay" in doc:
-        raise UsageError("give either 'run_at' or 'delay', not both")
+        raise UsageError(f"give either {short('run_at')} or {short('delay')}, not both")
     if "run_at" in doc:
         try:
             job["run_at"] = iso(parse_user_time(doc["run_at"]))
         except ValueError as e:
-            raise UsageError(f"field 'run_at': {e}") from None
+            raise UsageError(f"{field('run_at')}: {e}") from None
     if "delay" in doc:
-        job["run_at"] = iso(now + timedelta(seconds=_duration_field(doc, "delay")))
+        delay_s = _duration_field(doc["delay"], field("delay"))
+        job["run_at"] = iso(now + timedelta(seconds=delay_s))
     if "timeout" in doc:
-        job["timeout_s"] = _duration_field(doc, "timeout", positive=True)
+        job["timeout_s"] = _duration_field(doc["timeout"], field("timeout"),
+                                           positive=True)
     if "after" in doc:
         value = doc["after"]
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise UsageError("field 'after' must be a list of job ids")
-        after = [validate_job_id(item, "field 'after'") for item in value]
+            raise UsageError(f"{field('after')} must be a list of job ids")
+        after = [validate_job_id(item, field("after"), one=False) for item in value]
         if job["id"] is not None and job["id"] in after:
             raise UsageError(f"job {job['id']} cannot run after itself")
         job["after"] = tuple(dict.fromkeys(after))
     if "unique_key" in doc:
         value = doc["unique_key"]
         if not isinstance(value, str) or not value.strip():
-            raise UsageError("field 'unique_key' must be a string that is not blank")
-        check_text(value, "field 'unique_key'")
+            raise UsageError(f"{field('unique_key')} must be a string that is not "
+                             f"blank")
+        check_text(value, field("unique_key"))
         job["unique_key"] = value
     return job
 
 
-def _duration_field(doc, name, positive=False):
-    """A job field holding a duration: seconds, or text such as '10m'."""
-    value = doc[name]
+def _duration_field(value, what, positive=False):
+    """A job field holding a duration: seconds, or text such as '10m'. WHAT
+    names it in a message."""
     try:
         if isinstance(value, bool):
             raise ValueError(f"not a duration such as {DURATION_EXAMPLES}: {value!r}")
         return check_duration(parse_duration(value), value, positive)
     except ValueError as e:
-        raise UsageError(f"field {name!r}: {e}") from None
+        raise UsageError(f"{what}: {e}") from None
 
 
 def check_duration(seconds, text, positive=False):
@@ -717,10 +730,12 @@ def check_text(text, what):
         raise UsageError(f"{what} is not valid UTF-8 text") from None
 
 
-def validate_job_id(value, what="field 'id'"):
+def validate_job_id(value, what="field 'id'", one=True):
+    """VALUE, if it is a good job id; WHAT names where it was given (ONE id, or
+    one of a list)."""
     if not isinstance(value, str) or not value:
-        raise UsageError(f"{what} must hold non-empty strings" if what != "field 'id'"
-                         else "field 'id' must be a non-empty string")
+        raise UsageError(f"{what} must be a non-empty string" if one
+                         else f"{what} must hold non-empty strings")
     check_text(value, what)
     if len(value) > ID_MAX_LEN:
         raise UsageError(f"{what}: id {value[:20]!r}... is longer than {ID_MAX_LEN} "
@@ -3857,7 +3872,8 @@ def cmd_enqueue(args):
         if args.job is not None:            # -c echo hi: the shell split the command
             raise UsageError(f"-c takes the whole command as one argument: quote it, "
                              f"as in -c '{args.shell_command} {args.job}'")
-        jobs = [_validate_flags(dict(flags, command=args.shell_command), now)]
+        jobs = [validate_job(dict(flags, command=args.shell_command), now,
+                             names=_FLAG_LABELS)]
     elif flags:
         raise UsageError(f"{next(iter(_FLAG_NAMES[k] for k in flags))} goes with "
                          f"-c COMMAND; in JSON, give it as a field")
@@ -3892,6 +3908,8 @@ def cmd_enqueue(args):
 _FLAG_NAMES = {"id": "--id", "priority": "--priority", "max_retries": "--max-retries",
                "timeout": "--timeout", "delay": "--delay", "run_at": "--run-at",
                "after": "--after", "unique_key": "--unique-key"}
+# What validate_job's messages call each field given that way.
+_FLAG_LABELS = dict(_FLAG_NAMES, command="-c")
 
 
 def _job_flags(args):
@@ -3907,17 +3925,6 @@ def _job_flags(args):
             value = int(value)
         fields[field] = value
     return fields
-
-
-def _validate_flags(doc, now):
-    """validate_job, its messages naming the flags rather than the JSON fields."""
-    try:
-        return validate_job(doc, now)
-    except UsageError as e:
-        message = str(e)
-        for field, flag in _FLAG_NAMES.items():
-            message = message.replace(f"field {field!r}", flag)
-        raise UsageError(message) from None
 
 
 def read_jobs(data, now):

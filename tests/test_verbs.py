@@ -335,6 +335,24 @@ class EnqueueFlagsTest(VerbTestCase):
         self.assertFailsCleanly(2, "enqueue")
         self.assertFailsCleanly(2, "enqueue", "-c", "")
 
+    def test_messages_name_the_flags_that_were_typed(self):
+        """A mistake in enqueue -c names -c, --run-at, --delay, not JSON fields."""
+        for argv, message in (
+                (("-c", ""), "queuectl: error: -c must be a non-empty string\n"),
+                (("-c", "x", "--run-at", "2030-01-01T00:00:00Z", "--delay", "5"),
+                 "queuectl: error: give either --run-at or --delay, not both\n"),
+                (("-c", "x", "--id", ""),
+                 "queuectl: error: --id must be a non-empty string\n"),
+                (("-c", "x\x00y"), "queuectl: error: -c contains a NUL character\n"),
+                (("-c", "x", "--unique-key", "a\x00"),
+                 "queuectl: error: --unique-key contains a NUL character\n")):
+            with self.subTest(argv=argv):
+                self.assertEqual(self.assertFailsCleanly(2, "enqueue", *argv), message)
+        err = self.assertFailsCleanly(
+            2, "enqueue", '{"command": "x", "run_at": "2030-01-01T00:00:00Z", '
+                          '"delay": 5}')
+        self.assertIn("give either 'run_at' or 'delay', not both", err)
+
 
 class CommandLineTest(VerbTestCase):
 
