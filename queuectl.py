@@ -189,6 +189,9 @@ COLD_STOP_GRACE_S = 10.0   # how long a cold-stopped worker may take before SIGK
 RESTART_DELAY_S = 1.0      # before restarting a worker that crashed right after start
 DETACH_WAIT_S = 15.0       # how long --detach waits for the workers to come up
 ID_MAX_LEN = 128
+# The longest command /bin/sh -c can be given: Linux refuses a single argument of
+# MAX_ARG_STRLEN (131072) bytes or more, NUL included, with E2BIG.
+COMMAND_MAX_BYTES = 131071
 ID_SPACE = 16 ** 10         # generated ids are 10 hex digits
 MAX_WORKERS = 256
 INT_LIMIT = 2 ** 31        # priorities and retries stay well inside SQLite's int64
@@ -646,6 +649,13 @@ def validate_job(doc, now=None, stamp=None, names=None):
     if not isinstance(command, str) or not command.strip():
         raise UsageError(f"{field('command')} must be a non-empty string")
     check_text(command, field("command"))
+    if len(command) > COMMAND_MAX_BYTES // 4:      # else it cannot be too long
+        size = len(command.encode("utf-8"))
+        if size > COMMAND_MAX_BYTES:
+            raise UsageError(f"{field('command')} is {size} bytes long; /bin/sh -c "
+                             f"takes at most {COMMAND_MAX_BYTES} bytes (the kernel's "
+                             f"limit on one argument): put the commands in a script "
+                             f"file and enqueue the script")
     job = {"id": None, "command": command, "max_retries": None, "priority": 0,
            "run_at": stamp or iso(now), "timeout_s": None, "after": (),
            "unique_key": None}

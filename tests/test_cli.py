@@ -175,6 +175,37 @@ class EnqueueTest(CliTestCase):
         self.assertEqual(job["cwd"], os.getcwd())
 
 
+class CommandLengthTest(CliTestCase):
+
+    def test_a_command_longer_than_the_kernel_takes_is_refused_at_enqueue(self):
+        """A command of more than 131071 bytes (the kernel's limit on one argument)
+        is refused naming the limit, instead of failing every run."""
+        limit = 131071
+        long_command = ": " + "é" * ((limit - 1) // 2)        # limit + 1 bytes
+        self.assertEqual(len(long_command.encode()), limit + 1)
+        for argv, stdin in ((("enqueue", "-c", long_command), None),
+                            (("enqueue", json.dumps({"command": long_command})), None),
+                            (("enqueue", "-"), json.dumps({"command": "true"}) + "\n" +
+                             json.dumps({"command": long_command}) + "\n")):
+            with self.subTest(how=argv[1][:2]):
+                err = self.assertFailsCleanly(2, *argv, stdin=stdin)
+                self.assertIn(f"is {limit + 1} bytes long", err)
+                self.assertIn(f"at most {limit} bytes", err)
+                self.assertIn("script file", err)
+                self.assertFalse(os.path.exists(self.db))
+        self.assertIn("-c is 131072 bytes long", self.cli("enqueue", "-c",
+                                                          long_command)[2])
+
+    def test_a_command_of_exactly_the_limit_runs(self):
+        """The longest command accepted does run (the limit is not one byte off)."""
+        command = ": " + "x" * (131071 - 8) + "; true"
+        self.assertEqual(len(command.encode()), 131071)
+        job_id = self.ok("enqueue", "-", stdin=json.dumps({"command": command})).strip()
+        self.start_workers(1)
+        self.assertEqual(self.wait_state(job_id, ("completed", "dead"))["state"],
+                         "completed")
+
+
 class UsageErrorTest(CliTestCase):
     """Bad input: exit 2, one stderr line, database unchanged."""
 
