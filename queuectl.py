@@ -1221,7 +1221,7 @@ class Store:
     def _enqueue_linked(self, conn, jobs, rows, notes):
         """Insert jobs with unique keys or dependencies, one by one; return the
         rows added."""
-        added, states, keys = [], {}, {}
+        added, states, keys, skipped = [], {}, {}, {}
         for index, (row, job) in enumerate(zip(rows, jobs)):
             key = job["unique_key"]
             if key is not None:
@@ -1229,14 +1229,15 @@ class Store:
                 if holder:
                     notes[index] = (f"queuectl: job {holder} holds unique key {key!r} "
                                     f"already: nothing added")
+                    if job["id"] is not None:
+                        skipped[job["id"]] = (f"job {holder}", key)
                     row[0] = holder
                     continue
             found = {dep: states.get(dep) or self._state_of(conn, dep)
                      for dep in job["after"]}
             unknown = [dep for dep, state in found.items() if state is None]
             if unknown:
-                where = f"line {index + 1}: " if len(jobs) > 1 else ""
-                raise NotFound(f"{where}no such job: {', '.join(unknown)} (in 'after')")
+                raise NotFound(_unknown_dependencies(unknown, index, len(jobs), skipped))
             for dep, state in found.items():
                 if state in (DEAD, CANCELLED):
                     row[3], row[4] = DEAD, 0
@@ -2057,6 +2058,19 @@ _DURATION_UNTIL = ("round(max(0.0, (julianday(?) - julianday(started_at)) * 8640
 _INSERT_JOB = ("INSERT INTO jobs (id, command, cwd, state, ready, priority, max_retries, "
                "timeout_s, run_at, created_at, updated_at, unique_key, last_error) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _unknown_dependencies(unknown, index, count, skipped):
+    """Why job INDEX of a batch of COUNT cannot run after the ids UNKNOWN: no
+    such job, or (SKIPPED: {id: (its holder, key)}) one not added earlier in
+    the batch because another job held its unique key."""
+    where = f"line {index + 1}: " if count > 1 else ""
+    dep = next((dep for dep in unknown if dep in skipped), None)
+    if dep is not None:
+        holder, key = skipped[dep]
+        return (f"{where}job {dep} (in 'after') was not added: {holder} holds its "
+                f"unique key {key!r}")
+    return f"{where}no such job: {', '.join(unknown)} (in 'after')"
 
 
 def _dependency_error(dep, state):
@@ -3899,13 +3913,21 @@ def cmd_enqueue(args):
     cwd = current_dir()
     check_text(cwd, "the current directory's name")
     if not os.path.exists(args.db):        # refuse unknown dependencies uncreated
-        earlier = set()
+        earlier, keys, skipped = set(), {}, {}
         for index, job in enumerate(jobs):
+            key = job["unique_key"]
+            if key in keys:                    # as Store.enqueue will: not added
+                if job["id"] is not None:
+                    skipped[job["id"]] = (keys[key], key)
+                continue
             unknown = [dep for dep in job["after"] if dep not in earlier]
             if unknown:
-                where = f"line {index + 1}: " if len(jobs) > 1 else ""
-                raise NotFound(f"{where}no such job: {', '.join(unknown)} (in 'after')")
+                raise NotFound(_unknown_dependencies(unknown, index, len(jobs),
+                                                     skipped))
             earlier.add(job["id"])
+            if key is not None:
+                keys[key] = (f"job {job['id']}" if job["id"] is not None
+                             else f"the job of line {index + 1}")
     with open_store(args, create=True) as store:
         ids, notes = store.enqueue(jobs, cwd, now)
     wake_supervisor(store.path)

@@ -233,6 +233,26 @@ class UniqueTest(VerbTestCase):
         self.assertEqual(err.count("nothing added"), 2)
         self.assertEqual(len(self.json_out("list", "--json")), 2)
 
+    def test_a_job_after_one_its_unique_key_kept_out_refuses_the_batch(self):
+        """A batch whose line runs after a job of the batch that a held unique key
+        kept out is refused whole, saying so (it said 'no such job')."""
+        def line(**job):
+            return json.dumps(dict(job, command="true")) + "\n"
+        # In a new database: the key is held by an earlier line of the batch.
+        batch = line(unique_key="k") + line(id="a1", unique_key="k") + \
+            line(id="b", after=["a1"])
+        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
+        self.assertEqual(err, "queuectl: error: line 3: job a1 (in 'after') was not "
+                              "added: the job of line 1 holds its unique key 'k'\n")
+        self.assertFalse(os.path.exists(self.db))
+        # In a database where a job holds the key.
+        self.enqueue(id="x", command="true", unique_key="k")
+        batch = line(id="c") + line(id="a1", unique_key="k") + line(id="b", after="a1")
+        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
+        self.assertEqual(err, "queuectl: error: line 3: job a1 (in 'after') was not "
+                              "added: job x holds its unique key 'k'\n")
+        self.assertEqual([job["id"] for job in self.json_out("list", "--json")], ["x"])
+
 
 class DependencyTest(VerbTestCase):
 
