@@ -5682,6 +5682,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} "
                               f"(see '{self.prog} --help')\n")
 
+    def _check_value(self, action, value):
+        """A choice that is not one, close to one, gets a suggestion in place of
+        the list of every choice: 'stauts' (did you mean 'status'?)."""
+        choices = action.choices
+        if choices is not None and isinstance(value, str) and value not in choices:
+            import difflib        # only here: it would slow down every start
+            near = difflib.get_close_matches(value, list(choices), n=3)
+            # Two letters swapped ('stauts') is the likeliest slip: that first.
+            near.sort(key=lambda choice: sorted(choice) != sorted(value))
+            if near:
+                raise argparse.ArgumentError(
+                    action, f"invalid choice: {value!r} (did you mean {near[0]!r}?)")
+        super()._check_value(action, value)
+
 
 def int_between(low, high):
     """An argparse type: a whole number from LOW to HIGH."""

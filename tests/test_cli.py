@@ -324,6 +324,32 @@ class UsageErrorTest(CliTestCase):
         self.assertFailsCleanly(2, "dlq", "retry", "d1", "--all")
 
 
+class SuggestionTest(CliTestCase):
+
+    def test_a_mistyped_command_or_choice_gets_the_near_one_suggested(self):
+        """A command, action or state close to a real one is suggested on one line
+        (exit 2), rather than listing every choice."""
+        for argv, prog, wanted in (
+                (("stauts",), "queuectl", "argument COMMAND: invalid choice: 'stauts' "
+                                          "(did you mean 'status'?)"),
+                (("lsit",), "queuectl", "(did you mean 'list'?)"),
+                (("worker", "strat"), "queuectl worker",
+                 "argument ACTION: invalid choice: 'strat' (did you mean 'start'?)"),
+                (("dlq", "retyr"), "queuectl dlq", "(did you mean 'retry'?)"),
+                (("config", "sho"), "queuectl config", "(did you mean 'show'?)"),
+                (("list", "--state", "pendng"), "queuectl list",
+                 "(did you mean 'pending'?)")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(2, *argv)
+                self.assertTrue(err.startswith(f"{prog}: error: "), err)
+                self.assertIn(wanted, err)
+                self.assertTrue(err.endswith(f"(see '{prog} --help')\n"), err)
+                self.assertNotIn("choose from", err)
+        err = self.assertFailsCleanly(2, "xyzzy")     # nothing near: every choice
+        self.assertIn("choose from", err)
+        self.assertNotIn("did you mean", err)
+
+
 class RuntimeErrorTest(CliTestCase):
     """Runtime errors: exit 1, one stderr line, database unchanged."""
 
