@@ -1022,8 +1022,8 @@ class Store:
                 header = f.read(len(SQLITE_HEADER))
         except FileNotFoundError:
             if not create:
-                raise QueueError(f"no database at {path} (enqueue a job or start "
-                                 f"workers to create it)") from None
+                raise QueueError(f"no database at {path} (enqueue, config set or "
+                                 f"worker start creates it)") from None
             self._create_file()
             return False
         except OSError as e:
@@ -1032,8 +1032,8 @@ class Store:
             raise QueueError(f"not a queuectl database (not a SQLite file): {path}")
         if not header:            # an empty file (mktemp): a new database, if allowed
             if not create:
-                raise QueueError(f"no database at {path} (the file is empty; enqueue "
-                                 f"a job or start workers to create it)")
+                raise QueueError(f"no database at {path} (the file is empty; enqueue, "
+                                 f"config set or worker start makes it one)")
             with contextlib.suppress(OSError):
                 os.chmod(path, 0o600)
         return bool(header)
@@ -4547,9 +4547,18 @@ def cmd_purge(args):
             print(f"purged {purged} {state} job(s){age}")
 
 
-def cmd_config_show(args):
+def _config_of(args):
+    """(values, problems) of the database's settings (Store.config_problems); the
+    defaults, creating nothing, before there is a database."""
+    path = args.db
+    if not os.path.exists(path) or (os.path.isfile(path) and not os.path.getsize(path)):
+        return dict(CONFIG_DEFAULTS), {}
     with open_store(args) as store:
-        values, problems = store.config(), store.config_problems()
+        return store.config(), store.config_problems()
+
+
+def cmd_config_show(args):
+    values, problems = _config_of(args)
     if args.json:
         for key in problems:
             print(f"queuectl: {_one_line(problems[key])}", file=sys.stderr)
@@ -4562,8 +4571,8 @@ def cmd_config_show(args):
 
 def cmd_config_get(args):
     key = config_key(args.key)
-    with open_store(args) as store:
-        value, problem = store.config()[key], store.config_problems().get(key)
+    values, problems = _config_of(args)
+    value, problem = values[key], problems.get(key)
     if problem:
         print(f"queuectl: {_one_line(problem)}", file=sys.stderr)
     print(value)

@@ -384,7 +384,7 @@ class RuntimeErrorTest(CliTestCase):
         """Reading commands on a missing database fail and create no file."""
         for argv in (("status",), ("status", "--check"), ("list",), ("list", "--json"),
                      ("show", "x"), ("stats",), ("dlq", "list"), ("dlq", "retry", "--all"),
-                     ("delete", "x"), ("config", "show"), ("config", "get", "max_retries")):
+                     ("delete", "x")):
             with self.subTest(argv=argv):
                 err = self.assertFailsCleanly(1, *argv)
                 self.assertIn(self.db, err)
@@ -708,6 +708,34 @@ class AsciiDigitsCliTest(CliTestCase):
         # A process of its own: in-process, a mistaken yes would start workers here.
         result = self.run_cli("worker", "start", "--count", "٣", timeout=10)
         self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
+
+
+class ConfigBeforeFirstJobTest(CliTestCase):
+
+    def test_config_show_and_get_print_the_defaults_and_create_nothing(self):
+        """Before the first job, config show and get print the defaults (they
+        used to fail) and create no file."""
+        want = dict(queuectl.CONFIG_DEFAULTS)
+        self.assertEqual(self.json_out("config", "show", "--json"), want)
+        self.assertEqual(self.ok("config", "show"),
+                         "".join(f"{key} = {value}\n" for key, value in want.items()))
+        self.assertEqual(self.ok("config", "get", "job-timeout"), "300\n")
+        self.assertEqual(self.cli("config", "get", "bogus")[0], 2)
+        open(self.db, "w").close()                  # an empty file (mktemp) too
+        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
+        os.remove(self.db)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_pause_and_resume_without_a_database_say_what_creates_one(self):
+        """pause and resume on a missing database fail (exit 1), create nothing,
+        and name the commands that create a database."""
+        for argv in (("pause",), ("resume",)):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(1, *argv)
+                self.assertEqual(err, f"queuectl: error: no database at {self.db} "
+                                      f"(enqueue, config set or worker start creates "
+                                      f"it)\n")
+                self.assertEqual(os.listdir(self.dir), [])
 
 
 class DlqDeleteTest(CliTestCase):
