@@ -941,6 +941,7 @@ class Store:
     def __init__(self, path, create=True):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.conn = None
+        self.created = False         # whether this open created the file
         self._config_cache = self._config_version = self._paused = None
         self._config_problems = {}
         if self._check_file(create):
@@ -1044,6 +1045,7 @@ class Store:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
+            self.created = True
         except FileExistsError:
             pass  # another process created it first; it is checked when opened
         except OSError as e:
@@ -3883,6 +3885,14 @@ def open_store(args, create=False):
     return Store(args.db, create=create)
 
 
+def note_created(store):
+    """Say that STORE's database is new: a --db path mistyped, or relative to
+    another directory, would otherwise start a second, empty queue unseen."""
+    if store.created:
+        print(f"queuectl: created a new database at {_one_line(store.path)}",
+              file=sys.stderr)
+
+
 def print_json(value):
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
@@ -3930,6 +3940,7 @@ def cmd_enqueue(args):
                              else f"the job of line {index + 1}")
     with open_store(args, create=True) as store:
         ids, notes = store.enqueue(jobs, cwd, now)
+    note_created(store)
     wake_supervisor(store.path)
     for index in sorted(notes):
         print(notes[index], file=sys.stderr)
@@ -4019,7 +4030,8 @@ _JSON = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
 
 def cmd_worker_start(args):
     db_path = args.db
-    Store(db_path).close()         # create or check the database before forking
+    with Store(db_path) as store:  # create or check the database before forking
+        note_created(store)
     if args.detach:
         log_path = db_path + LOG_SUFFIX
         running = PidFile.running(pid_path(db_path))
@@ -4584,6 +4596,7 @@ def cmd_config_set(args):
     config_text(key, value)              # refuse it before creating a database
     with open_store(args, create=True) as store:
         text = store.set_config(key, value)
+    note_created(store)
     print(f"{key} = {text}")
 
 

@@ -523,10 +523,10 @@ class DbOptionTest(CliTestCase):
         after = os.path.join(self.dir, "after.db")
         code, out, err = self.main_raw("--db", before, "enqueue",
                                        '{"id": "b", "command": "true"}')
-        self.assertEqual((code, out, err), (0, "b\n", ""))
+        self.assertEqual((code, out, err), (0, "b\n", self.created_note(before)))
         code, out, err = self.main_raw("enqueue", '{"id": "a", "command": "true"}',
                                        "--db", after)
-        self.assertEqual((code, out, err), (0, "a\n", ""))
+        self.assertEqual((code, out, err), (0, "a\n", self.created_note(after)))
         for path, job_id in ((before, "b"), (after, "a")):
             for argv in (("--db", path, "list", "--json"), ("list", "--json", "--db", path),
                          ("dlq", "list", "--db", path, "--json"),
@@ -547,7 +547,7 @@ class DbOptionTest(CliTestCase):
         """Without --db, $QUEUECTL_DB names the database (subprocess)."""
         result = self.run_cli("enqueue", '{"id": "envjob", "command": "true"}')
         self.assertEqual((result.returncode, result.stdout, result.stderr),
-                         (0, "envjob\n", ""))
+                         (0, "envjob\n", self.created_note()))
         self.assertTrue(os.path.exists(self.db))
         result = self.run_cli("show", "envjob", "--json")
         self.assertEqual((result.returncode, result.stderr), (0, ""))
@@ -708,6 +708,38 @@ class AsciiDigitsCliTest(CliTestCase):
         # A process of its own: in-process, a mistaken yes would start workers here.
         result = self.run_cli("worker", "start", "--count", "٣", timeout=10)
         self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
+
+
+class CreatedDatabaseTest(CliTestCase):
+
+    def test_a_command_that_creates_the_database_says_so_once(self):
+        """enqueue, config set and worker start say on stderr when they created the
+        database (a relative --db from another directory makes a second queue)."""
+        other = self.path("elsewhere")
+        os.mkdir(other)
+        result = self.run_cli("--db", "q.db", "enqueue", "-c", "true", cwd=other)
+        path = os.path.join(other, "q.db")
+        self.assertEqual((result.returncode, result.stderr),
+                         (0, f"queuectl: created a new database at {path}\n"))
+        result = self.run_cli("--db", "q.db", "enqueue", "-c", "true", cwd=other)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        code, out, err = self.cli("config", "set", "max_retries", "1")
+        self.assertEqual((code, out, err), (0, "max_retries = 1\n", self.created_note()))
+        self.assertEqual(self.cli("config", "set", "max_retries", "2")[2], "")
+        fresh = self.path("fresh.db")
+        result = self.run_cli("--db", fresh, "worker", "start", "--detach")
+        self.addCleanup(lambda: self.run_cli("--db", fresh, "worker", "stop"))
+        self.assertEqual((result.returncode, result.stderr),
+                         (0, self.created_note(fresh)))
+        self.assertEqual(self.run_cli("--db", fresh, "worker", "stop").returncode, 0)
+
+    def test_a_refused_or_reading_command_creates_nothing_and_says_nothing(self):
+        """A refused enqueue creates no database, so it says nothing of one."""
+        self.assertFailsCleanly(2, "enqueue", "-c", "")
+        self.assertFailsCleanly(1, "enqueue", "-c", "x", "--after", "ghost")
+        self.assertEqual(self.cli("config", "show"), (0, "".join(
+            f"{key} = {value}\n" for key, value in queuectl.CONFIG_DEFAULTS.items()), ""))
+        self.assertEqual(os.listdir(self.dir), [])
 
 
 class ConfigBeforeFirstJobTest(CliTestCase):
@@ -922,7 +954,8 @@ class ExecutableTest(CliTestCase):
         for argv, want_out in ((("enqueue", job), "z\n"), (("show", "z", "--json"), None)):
             result = subprocess.run([PY39, QUEUECTL, *argv], env=self.env, cwd=self.dir,
                                     capture_output=True, text=True, timeout=30)
-            self.assertEqual((result.returncode, result.stderr), (0, ""), argv)
+            created = self.created_note() if argv[0] == "enqueue" else ""
+            self.assertEqual((result.returncode, result.stderr), (0, created), argv)
             if want_out:
                 self.assertEqual(result.stdout, want_out)
         self.assertEqual(json.loads(result.stdout)["run_at"], "2030-05-06T07:08:09.000Z")

@@ -394,7 +394,7 @@ class CommandLineTest(VerbTestCase):
         """--db works after a command group's name too, and every group lists it."""
         other = self.path("other.db")
         code, out, err = self.cli("enqueue", "--db", other, '{"id": "o", "command": "x"}')
-        self.assertEqual((code, err), (0, ""))
+        self.assertEqual((code, err), (0, self.created_note(other)))
         for argv in (["dlq", "--db", other, "list", "--json"],
                      ["config", "--db", other, "show", "--json"],
                      ["worker", "--db", other, "stop"]):
