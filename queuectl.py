@@ -1293,7 +1293,8 @@ class Store:
             "WHERE state = 'processing'")})
 
     def list_jobs(self, state=None, limit=None):
-        """Jobs, newest first (in the order they were added)."""
+        """Jobs, newest first (in the order they were added), each with
+        waiting_for: the ids of the unfinished jobs it waits for, if any."""
         def body(conn):
             sql = "SELECT * FROM jobs"
             params = []
@@ -1304,9 +1305,23 @@ class Store:
             if limit:
                 sql += " LIMIT ?"
                 params.append(limit)
-            config = self._config(conn)
-            return [job_dict(row, config) for row in conn.execute(sql, params)]
+            return self._listed(conn, conn.execute(sql, params).fetchall())
         return self._read(body)
+
+    def _listed(self, conn, rows):
+        """The job_dict of each jobs row, with waiting_for: the ids of the jobs
+        it runs after that have not completed, while it waits for them."""
+        config = self._config(conn)
+        jobs = []
+        for row in rows:
+            job = job_dict(row, config)
+            job["waiting_for"] = []
+            if row["ready"] == -1 and row["state"] == PENDING:     # jobs_blocked
+                job["waiting_for"] = [dep for dep, state in
+                                      self._dependency_states(conn, row["id"])
+                                      if state != COMPLETED]
+            jobs.append(job)
+        return jobs
 
     def job_ends(self, job_ids):
         """{id: (state, last error, outcome of its last run or None)} of those of
@@ -1660,6 +1675,12 @@ class Store:
             return counts, self._oldest_runnable(conn, stamp), running
         return self._read(body)
 
+    def waiting_for_dependencies(self):
+        """How many pending jobs wait for jobs they run after (ready = -1)."""
+        return self._read(lambda conn: conn.execute(
+            "SELECT count(*) FROM jobs INDEXED BY jobs_blocked "
+            "WHERE state = 'pending' AND ready = -1").fetchone()[0])
+
     @staticmethod
     def _oldest_runnable(conn, stamp):
         """The earliest run_at of the jobs that could run now (at STAMP).
@@ -1738,8 +1759,7 @@ class Store:
                                      params + [scan + 1]).fetchone()[0] > scan
             else:
                 sql, params_all = newest + " LIMIT ?", params + [limit]
-            config = self._config(conn)
-            return [job_dict(row, config) for row in conn.execute(sql, params_all)], short
+            return self._listed(conn, conn.execute(sql, params_all).fetchall()), short
         return self._read(body)
 
     def run_minutes(self, since):
@@ -4137,6 +4157,7 @@ def cmd_status(args):
 def status_report(store, max_age=None, max_dead=0):
     """The status --json document, and the --check exit codes of its problems."""
     counts, oldest, running = store.status()
+    blocked = store.waiting_for_dependencies()
     paused = store.paused()
     now = now_utc()
     oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
@@ -4172,6 +4193,7 @@ def status_report(store, max_age=None, max_dead=0):
     report = {
         "db": store.path,
         "counts": counts,
+        "waiting_for_dependencies": blocked,     # of the pending jobs
         "dlq": counts[DEAD],
         "oldest_runnable_age_s": oldest_age,
         "paused": paused is not None,
@@ -4189,7 +4211,10 @@ def status_report(store, max_age=None, max_dead=0):
 def print_status(report, check):
     counts = report["counts"]
     print(f"database:  {report['db']}")
-    print("jobs:      " + ", ".join(f"{s} {counts[s]}" for s in STATES))
+    blocked = report["waiting_for_dependencies"]
+    print("jobs:      " + ", ".join(
+        f"{s} {counts[s]}" + (f" ({blocked} waiting for other jobs)"
+                              if s == PENDING and blocked else "") for s in STATES))
     age = report["oldest_runnable_age_s"]
     print("waiting:   " + ("no runnable job" if age is None else
                            f"{format_duration(age)} (the oldest runnable job)"))
@@ -4236,9 +4261,12 @@ def print_job_table(jobs):
              "COMMAND")]
     for job in jobs:
         waiting = job["state"] in (PENDING, FAILED)
+        run_at = job["run_at"][:19] + "Z" if waiting else "-"
+        if job.get("waiting_for"):             # not before these complete
+            run_at = clip("after " + ",".join(job["waiting_for"]), len(run_at))
         rows.append((job["id"], job["state"],
                      f"{job['attempts']}/{job['max_retries'] + 1}",
-                     str(job["priority"]), job["run_at"][:19] + "Z" if waiting else "-",
+                     str(job["priority"]), run_at,
                      job["updated_at"][:19] + "Z",
                      clip(job["last_error"] or "-", 32), clip(job["command"], 50)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

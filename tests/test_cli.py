@@ -878,6 +878,46 @@ class StatusTest(CliTestCase):
         self.assertFalse(codes & {0, 1, 2})
 
 
+class WaitingForDependenciesTest(CliTestCase):
+
+    def test_list_and_status_show_jobs_that_wait_for_others(self):
+        """list shows what a job waits for in RUN AT (and waiting_for in --json);
+        status counts such pending jobs apart (waiting_for_dependencies)."""
+        self.enqueue(id="a1", command="true", priority=9)
+        self.enqueue(id="a2", command="true", priority=8)
+        self.enqueue(id="b", command="true", after=["a1", "a2"])
+        self.enqueue(id="c", command="true", priority=7, after=["a2"])
+        table = self.ok("list").splitlines()
+        b_row = next(line for line in table if line.startswith("b "))
+        self.assertIn("after a1,a2", b_row)
+        a_row = next(line for line in table if line.startswith("a1 "))
+        self.assertRegex(a_row, r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  ")
+        jobs = {job["id"]: job for job in self.json_out("list", "--json")}
+        self.assertEqual((jobs["b"]["waiting_for"], jobs["a1"]["waiting_for"]),
+                         (["a1", "a2"], []))
+        self.assertEqual(self.job("b")["waiting_for"], ["a1", "a2"])
+        status = self.json_out("status", "--json")
+        self.assertEqual((status["counts"]["pending"], status["waiting_for_dependencies"]),
+                         (4, 2))
+        self.assertIn("jobs:      pending 4 (2 waiting for other jobs), processing 0",
+                      self.ok("status"))
+        self.assertEqual(self.run_next(), ("a1", "completed"))
+        self.assertEqual(self.json_out("list", "--json")[1]["waiting_for"], ["a2"])
+        self.assertEqual(self.run_next(), ("a2", "completed"))
+        self.assertEqual(self.json_out("status", "--json")["waiting_for_dependencies"], 0)
+        self.assertIn("jobs:      pending 2, processing 0", self.ok("status"))
+        self.assertNotIn("after", self.ok("list"))
+
+    def test_a_long_list_of_dependencies_is_clipped_to_the_column(self):
+        """RUN AT stays as wide as a time: a long list of ids is clipped."""
+        for n in range(5):
+            self.enqueue(id=f"dependency-{n}", command="true")
+        self.enqueue(id="last", command="true", after=[f"dependency-{n}" for n in range(5)])
+        row = next(line for line in self.ok("list").splitlines()
+                   if line.startswith("last "))
+        self.assertIn("after dependency-...", row)
+
+
 class StatsTest(CliTestCase):
 
     def test_stats_json(self):
