@@ -796,8 +796,8 @@ def default_db_path(environ=None):
 
 
 def clip(text, width):
-    """Fold TEXT onto one line of at most WIDTH characters."""
-    text = " ".join(text.split())
+    """Fold TEXT onto one line of at most WIDTH characters, shown() safe."""
+    text = " ".join(shown(text, lines=True).split())
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -854,14 +854,29 @@ class LogRotation:
             os.close(fd)
 
 
+def shown(text, lines=False):
+    """TEXT as it is safe to show on a terminal: control characters (C0 but tab,
+    DEL, C1) and the bidi controls written out, as \\x1b or \\u202e. A job's
+    command, output or error, printed by a human-readable command, cannot then
+    clear the screen, retitle the window or reorder what is shown. LINES keeps
+    newlines, for text shown as lines (a run's output); else it is one line."""
+    return (_CONTROL_LINES if lines else _CONTROL).sub(_escape, text)
+
+
+def _escape(match):
+    char = match.group()
+    code = ord(char)
+    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
 def _one_line(text):
-    """TEXT on one line, its control characters escaped: a log line cannot be
-    split, nor send escape sequences to the terminal that shows it."""
-    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"),
-                        text)
+    """TEXT on one line, shown() safe: a log line cannot be split, nor send
+    escape sequences to the terminal that shows it."""
+    return shown(text)
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _ESCAPES = {"\n": "\\n", "\r": "\\r"}
 
 
@@ -4210,7 +4225,7 @@ def status_report(store, max_age=None, max_dead=0):
 
 def print_status(report, check):
     counts = report["counts"]
-    print(f"database:  {report['db']}")
+    print(f"database:  {shown(report['db'])}")
     blocked = report["waiting_for_dependencies"]
     print("jobs:      " + ", ".join(
         f"{s} {counts[s]}" + (f" ({blocked} waiting for other jobs)"
@@ -4220,8 +4235,8 @@ def print_status(report, check):
                            f"{format_duration(age)} (the oldest runnable job)"))
     print(f"dlq:       {counts[DEAD]}")
     if report["paused"]:
-        print(f"paused:    since {report['paused_since']} (workers start no new job; "
-              f"queuectl resume)")
+        print(f"paused:    since {shown(report['paused_since'])} (workers start no "
+              f"new job; queuectl resume)")
     if report["supervisor_pid"]:
         print(f"workers:   {len(report['workers'])}, {report['supervisor_state']} "
               f"(supervisor pid {report['supervisor_pid']})")
@@ -4287,14 +4302,14 @@ def cmd_show(args):
             value = ", ".join(f"{dep['id']} ({dep['state']})" for dep in value) or None
         elif key == "waiting_for":
             value = ", ".join(value) or None
-        print(f"{key + ':':15}{'-' if value is None else value}")
+        print(f"{key + ':':15}{'-' if value is None else shown(str(value))}")
     print("history:")
     if not history:
         print("  (not run yet)")
     for h in history:
         how = h["outcome"]
         if h["reason"] and h["reason"] != how:       # not "cancelled: cancelled"
-            how += f": {h['reason']}"
+            how += f": {shown(h['reason'])}"
         elif h["exit_code"] is not None:            # "killed by SIGTERM", "exit 0"
             how += f" ({describe_exit(h['exit_code'])})"
         print(f"  run {h['number']}: {h['started_at']} -> "
@@ -4305,6 +4320,7 @@ def cmd_show(args):
             dropped = output[f"{stream}_dropped_bytes"]
             note = f" (first {dropped} bytes dropped)" if dropped else ""
             print(f"{stream} of the last run{note}:" + ("" if text else " (empty)"))
+            text = shown(text, lines=True)
             print(text if text.endswith("\n") or not text else text + "\n", end="")
 
 
@@ -4345,7 +4361,7 @@ def cmd_dlq_retry(args):
     for job_id in ids:
         print(f"{job_id}: back to pending")
     for job_id, why in left.items():           # --all: what could not go back
-        print(f"queuectl: job {job_id} stays dead: {why}", file=sys.stderr)
+        print(f"queuectl: job {job_id} stays dead: {shown(why)}", file=sys.stderr)
 
 
 def _unique(items):
@@ -4393,7 +4409,7 @@ def cmd_logs(args):
         if args.json:
             print_json(logs_document(store.path, job, run))
         elif job["state"] in FINISHED:
-            print(f"queuectl: {ended_unrun(job)}", file=sys.stderr)
+            print(f"queuectl: {shown(ended_unrun(job))}", file=sys.stderr)
         else:
             print(f"queuectl: job {job['id']} has not run yet", file=sys.stderr)
         return EXIT_OK
@@ -4405,14 +4421,16 @@ def cmd_logs(args):
         if output[f"{stream}_dropped_bytes"]:
             print(f"queuectl: the first {output[f'{stream}_dropped_bytes']} bytes of "
                   f"{stream} were not kept (output_limit)", file=sys.stderr)
-        dest.write(output[stream])
+        # To a terminal, escape sequences are shown, not obeyed; elsewhere the bytes
+        # stay exact.
+        dest.write(shown(output[stream], lines=True) if dest.isatty() else output[stream])
         dest.flush()
     if run["outcome"] == RUNNING:
         print(f"queuectl: job {job['id']} is still running (logs --follow streams "
               f"the rest)", file=sys.stderr)
     elif run["stdout"] is None and run["stderr"] is None:
-        print(f"queuectl: {run_ending(job, run)}; the run's output was not kept",
-              file=sys.stderr)
+        print(f"queuectl: {shown(run_ending(job, run))}; the run's output was not "
+              f"kept", file=sys.stderr)
     return EXIT_OK
 
 
@@ -4450,9 +4468,14 @@ def _run_output(db_path, run):
 def follow_logs(store, job, run, number):
     """Stream a run's output as it is written (like tail -f) until the run ends;
     return 0 if it completed, else EXIT_NOT_COMPLETED."""
+    import codecs
     streams = (("stdout", "out", sys.stdout.buffer),
                ("stderr", "err", sys.stderr.buffer))
     printed = {"stdout": 0, "stderr": 0}         # absolute positions reached
+    # To a terminal, a run's escape sequences are shown (shown()), not obeyed; to
+    # a pipe or a file, every byte goes through as the command wrote it.
+    decoders = {stream: codecs.getincrementaldecoder("utf-8")("replace")
+                for stream, _, dest in streams if dest.isatty()}
 
     def emit(stream, dest, data, skipped):
         if skipped:
@@ -4461,7 +4484,9 @@ def follow_logs(store, job, run, number):
                                     f"here: they were not kept]\n".encode())
             sys.stderr.buffer.flush()
         if data:
-            dest.write(data)
+            text = decoders[stream].decode(data) if stream in decoders else None
+            dest.write(data if text is None else
+                       shown(text, lines=True).encode("utf-8", "replace"))
             dest.flush()
         printed[stream] += skipped + len(data)
 
@@ -4473,7 +4498,7 @@ def follow_logs(store, job, run, number):
         past = run["number"]
     while True:
         if (run is None or run["number"] == past) and job["state"] in FINISHED:
-            print(f"queuectl: {ended_unrun(job, again=run is not None)}",
+            print(f"queuectl: {shown(ended_unrun(job, again=run is not None))}",
                   file=sys.stderr)
             return EXIT_NOT_COMPLETED
         if run is not None and run["number"] == past:
@@ -4494,7 +4519,7 @@ def follow_logs(store, job, run, number):
             if run["outcome"] == COMPLETED:
                 return EXIT_OK
             sys.stderr.flush()
-            print(f"queuectl: {run_ending(job, run)}", file=sys.stderr)
+            print(f"queuectl: {shown(run_ending(job, run))}", file=sys.stderr)
             return EXIT_NOT_COMPLETED
         elif run is not None:
             for stream, short, dest in streams:
@@ -4540,7 +4565,8 @@ def cmd_wait(args):
                     if state in FINISHED or state == DELETED:
                         ended[job_id] = (state, error)
                         if not args.json:
-                            note = f" ({error})" if error and state != COMPLETED else ""
+                            note = (f" ({shown(error)})" if error and state != COMPLETED
+                                    else "")
                             print(f"{job_id}: {state}{note}", flush=True)
             if len(ended) == len(ids):
                 break

@@ -8,6 +8,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import unittest
 from datetime import timedelta
 
@@ -916,6 +917,92 @@ class WaitingForDependenciesTest(CliTestCase):
         row = next(line for line in self.ok("list").splitlines()
                    if line.startswith("last "))
         self.assertIn("after dependency-...", row)
+
+
+class TerminalEscapesTest(CliTestCase):
+    """A job's command, directory, error or output cannot drive the terminal."""
+
+    ESC = "\x1b[2J\x1b]0;pwned\x07"          # clear the screen, retitle the window
+    SHOWN = "\\x1b[2J\\x1b]0;pwned\\x07"
+    RAW = ("\x1b", "\x07", "\x9b", "\u202e")
+
+    def make_jobs(self):
+        """Job j: dead, with escapes everywhere; job k: held by a gone process."""
+        folder = self.path("dir" + self.ESC)
+        os.mkdir(folder)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(folder)
+        self.enqueue(id="j", command=f"printf '{self.ESC}'\u202e", max_retries=0)
+        self.enqueue(id="k", command=f"echo {self.ESC}")
+        store = self.store()
+        claim = claim_one(store, 4321)
+        store.finish(claim.id, claim.token, queuectl.RunResult(
+            exit_code=3, reason="exit 3" + self.ESC, stdout=self.ESC + "\nline2\tTab\n",
+            stderr="\x9b31m"))
+        claim_one(store, 4321)
+        return folder
+
+    def assertShown(self, text):
+        for raw in self.RAW:
+            self.assertNotIn(raw, text)
+        self.assertIn(self.SHOWN, text)
+
+    def test_human_output_shows_control_characters_instead_of_obeying_them(self):
+        """list, show, status, wait and dlq list print control characters as
+        \\x1b (keeping show's output lines and tabs); --json keeps them exact."""
+        folder = self.make_jobs()
+        for argv in (("list",), ("dlq", "list"), ("show", "j"), ("status",),
+                     ("wait", "j")):
+            with self.subTest(argv=argv):
+                code, out, err = self.cli(*argv)
+                self.assertEqual(code, 6 if argv[0] == "wait" else 0, err)
+                self.assertShown(out)
+        shown = self.ok("show", "j")
+        self.assertIn(f"command:       printf '{self.SHOWN}'\\u202e\n", shown)
+        self.assertIn(f"cwd:           {folder.replace(self.ESC, self.SHOWN)}\n", shown)
+        self.assertIn(f"stdout of the last run:\n{self.SHOWN}\nline2\tTab\n", shown)
+        self.assertIn("stderr of the last run:\n\\x9b31m\n", shown)
+        job = self.job("j")
+        self.assertEqual((job["command"], job["cwd"], job["output"]["stdout"]),
+                         (f"printf '{self.ESC}'\u202e", folder,
+                          self.ESC + "\nline2\tTab\n"))
+        listed = self.json_out("list", "--json")
+        self.assertEqual(listed[0]["command"], f"echo {self.ESC}")
+
+    def on_terminal(self, *argv):
+        """Run queuectl with stdout and stderr on a pseudo-terminal: (code, text)."""
+        import pty
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, QUEUECTL, *argv], env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:                   # EIO: the other end is closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(master)
+        code = proc.wait(timeout=30)
+        return code, b"".join(chunks).decode("utf-8").replace("\r\n", "\n")
+
+    def test_logs_escapes_on_a_terminal_only(self):
+        """logs and logs --follow show escapes on a terminal; to a pipe or file
+        they write the run's bytes exactly."""
+        self.make_jobs()
+        for argv, code in ((("logs", "j"), 0), (("logs", "j", "--follow"), 6)):
+            with self.subTest(argv=argv):
+                got, text = self.on_terminal(*argv)
+                self.assertEqual(got, code, text)
+                self.assertShown(text)
+                self.assertIn(self.SHOWN + "\nline2\tTab\n", text)
+                result = self.run_cli(*argv)
+                self.assertEqual((result.returncode, result.stdout), (code, self.ESC +
+                                                                      "\nline2\tTab\n"))
+                self.assertTrue(result.stderr.startswith("\x9b31m"), result.stderr)
 
 
 class StatsTest(CliTestCase):

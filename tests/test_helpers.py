@@ -230,6 +230,19 @@ class AsciiDigitsTest(unittest.TestCase):
                     queuectl.int_between(0, 100)(bad)
 
 
+class ShownTest(unittest.TestCase):
+
+    def test_control_characters_are_written_out(self):
+        """shown() writes C0 (but tab), DEL, C1 and bidi controls as escapes; with
+        lines=True it keeps newlines."""
+        text = "a\x1b[2J\x1b]0;t\x07\tb\nc\rd\x7f\x85\x9b\u202e\u2066\u2069é"
+        self.assertEqual(queuectl.shown(text),
+                         "a\\x1b[2J\\x1b]0;t\\x07\tb\\nc\\rd\\x7f\\x85\\x9b"
+                         "\\u202e\\u2066\\u2069é")
+        self.assertEqual(queuectl.shown("x\x1by\nz\t", lines=True), "x\\x1by\nz\t")
+        self.assertEqual(queuectl.clip("echo \x1b[31m\nred", 40), "echo \\x1b[31m red")
+
+
 class ValidateJobTest(unittest.TestCase):
 
     def valid(self, **doc):
