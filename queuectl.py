@@ -4466,8 +4466,11 @@ def _run_output(db_path, run):
 
 
 def follow_logs(store, job, run, number):
-    """Stream a run's output as it is written (like tail -f) until the run ends;
-    return 0 if it completed, else EXIT_NOT_COMPLETED."""
+    """Stream a run's output as it is written (like tail -f). Run NUMBER: until
+    that run ends; return 0 if it completed, else EXIT_NOT_COMPLETED. Without a
+    NUMBER, see the job through: after a run that did not complete, say how it
+    ended and follow the next, until the job is completed (0), dead or
+    cancelled (EXIT_NOT_COMPLETED), as wait does."""
     import codecs
     streams = (("stdout", "out", sys.stdout.buffer),
                ("stderr", "err", sys.stderr.buffer))
@@ -4490,7 +4493,17 @@ def follow_logs(store, job, run, number):
             dest.flush()
         printed[stream] += skipped + len(data)
 
+    def end_run():
+        """After a run's last byte: be ready to print the next run from its first."""
+        for stream, _, dest in streams:
+            if stream in decoders:             # a character cut short at the end
+                dest.write(shown(decoders[stream].decode(b"", True), True).encode())
+                dest.flush()
+                decoders[stream].reset()
+            printed[stream] = 0
+
     version = None
+    following = None       # the run whose output is being printed, till it ends
     # A job that a cold stop put back will run again: follow its next run.
     past = None
     if number is None and run is not None and run["outcome"] == INTERRUPTED and \
@@ -4516,12 +4529,18 @@ def follow_logs(store, job, run, number):
                 start = run[f"{stream}_dropped"]
                 at = max(printed[stream], start)
                 emit(stream, dest, data[at - start:], at - printed[stream])
+            end_run()
+            following = None
             if run["outcome"] == COMPLETED:
                 return EXIT_OK
             sys.stderr.flush()
-            print(f"queuectl: {shown(run_ending(job, run))}", file=sys.stderr)
-            return EXIT_NOT_COMPLETED
+            print(f"queuectl: {shown(run_ending(job, run))}", file=sys.stderr,
+                  flush=True)
+            if number is not None or job["state"] in FINISHED:
+                return EXIT_NOT_COMPLETED
+            past = run["number"]               # it runs again: follow that run
         elif run is not None:
+            following = run["number"]
             for stream, short, dest in streams:
                 spooled = Spool.read(spool_path(store.path, run["run_token"], short),
                                      printed[stream])
@@ -4532,6 +4551,11 @@ def follow_logs(store, job, run, number):
         if current != version:                     # something was committed
             version = current
             job, run = store.run_of(job["id"], number)
+            if following is not None and run["number"] != following:
+                # The run being printed ended, and the next began, between two
+                # looks: print the end of that one first (and look again after).
+                job, run = store.run_of(job["id"], following)
+                job["state"], version = PROCESSING, None
 
 
 def run_ending(job, run):
@@ -5895,8 +5919,9 @@ def build_parser():
     sub.add_argument("--attempt", type=int_between(1, INT_LIMIT - 1), metavar="N",
                      help="run N (1 is the first; default: the last)")
     sub.add_argument("-f", "--follow", action="store_true",
-                     help="stream a running job's output until the run ends; exit 0 "
-                          "if it completed, else 6")
+                     help="stream the job's output as it is written, run after run, "
+                          "until the job completes (exit 0) or ends dead or cancelled "
+                          "(6); with --attempt, that run only")
 
     sub = command(commands, "wait", cmd_wait, "wait until jobs have finished",
                   [json_opt])
