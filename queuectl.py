@@ -127,12 +127,17 @@ EXIT_INTERRUPTED = 7       # worker stop: running jobs were killed and put back
 EXIT_NO_ANSWER = 8         # worker stop: the supervisor does not answer (frozen)
 EXIT_TIMEOUT = 124         # wait --timeout ran out (as timeout(1) does)
 
-# key: (default, type, smallest valid value or None for "above 0", valid values)
+# A timeout shorter than this (a job's own or config job_timeout) is refused: it
+# could only kill the command before it starts, or be stored as 1e-05.
+MIN_TIMEOUT_S = 0.01
+
+# key: (default, type, smallest valid value, valid values)
 CONFIG = {
     "max_retries": (3, int, 0, "a whole number >= 0"),
     "backoff_base": (2, float, 1, "a number >= 1"),
     "backoff_max": (3600, "duration", 0, "a duration >= 0, such as 600 or 10m"),
-    "job_timeout": (300, "duration", None, "a duration > 0, such as 300 or 5m"),
+    "job_timeout": (300, "duration", MIN_TIMEOUT_S,
+                    f"a duration >= {MIN_TIMEOUT_S}s, such as 300 or 5m"),
     "output_limit": (65536, int, 0, "a whole number of bytes >= 0"),
     "lease_timeout": (15, "duration", 1, "a duration >= 1s, such as 15"),
     "retention": (0, "duration", 0, "a duration such as 7d, or 0 to keep forever"),
@@ -143,16 +148,22 @@ JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "ti
               "after", "unique_key")
 _JOB_FIELD_SET = frozenset(JOB_FIELDS)
 
+# Numbers as users write them: ASCII digits only ([0-9], never \d, which takes
+# any script's digits: int("١٢") is 12), no exponent, no "_", no inf or nan.
+WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
 # A duration as users write it: seconds alone, or numbers with units (1h30m).
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-DURATION = re.compile(r"(\d+(?:\.\d+)?)|(?:\d+(?:\.\d+)?[smhdw])+")
+DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
+DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)|(?:[0-9]+(?:\.[0-9]+)?[smhdw])+")
 
 # An ISO-8601 time as users write it: date, T or space, time, Z or an offset.
 USER_TIME = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?"
-    r"(?:([zZ])|([+-])(\d{2}):?(\d{2}))?")
-DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2})"
+    r"(?::([0-9]{2})(?:[.,]([0-9]{1,9}))?)?"
+    r"(?:([zZ])|([+-])([0-9]{2}):?([0-9]{2}))?")
+DATE_ONLY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 # SQLite's own busy handler sleeps up to 100 ms between tries, so under heavy load a
 # waiting writer can starve for seconds. So SQLite waits only briefly, and _run
@@ -185,6 +196,9 @@ ANSWER_GRACE_S = 3.0       # worker stop: a supervisor that has not taken its si
                            # (or was stopped) this long does not answer
 DETACH_WAIT_S = 15.0       # how long --detach waits for the workers to come up
 ID_MAX_LEN = 128
+# The longest command /bin/sh -c can be given: Linux refuses a single argument of
+# MAX_ARG_STRLEN (131072) bytes or more, NUL included, with E2BIG.
+COMMAND_MAX_BYTES = 131071
 ID_SPACE = 16 ** 10         # generated ids are 10 hex digits
 MAX_WORKERS = 256
 INT_LIMIT = 2 ** 31        # priorities and retries stay well inside SQLite's int64
@@ -521,7 +535,8 @@ def backoff_delay(failures, base, maximum):
 
 
 def parse_duration(text):
-    """Seconds in a duration as users write it: 90, 1.5, 90s, 10m, 2h, 7d, 1h30m."""
+    """Seconds in a duration as users write it: 90, 1.5, 90s, 10m, 2h, 7d, 1h30m
+    (ASCII digits only)."""
     if is_number(text):
         return float(text)
     match = DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
@@ -584,26 +599,55 @@ def config_key(name):
 
 
 def parse_config_value(key, text):
-    """Validate TEXT as a value for config KEY and return it as a number."""
+    """Validate TEXT as a value for config KEY and return it as a number. The one
+    reader of config values: what config set stores, and what the store reads."""
     _, kind, minimum, wanted = CONFIG[key]
+    text = str(text).strip()
     try:
-        value = (parse_duration if kind == "duration" else kind)(str(text).strip())
+        if kind == "duration":
+            value = parse_duration(text)
+        elif (WHOLE_NUMBER if kind == int else DECIMAL).fullmatch(text):
+            value = kind(text)
+        else:
+            raise ValueError(text)
     except ValueError:
         raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})") from None
-    if kind != int:
-        if not math.isfinite(value):
-            raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
-        if value == int(value):
-            value = int(value)
-    too_small = value <= 0 if minimum is None else value < minimum
-    if too_small or value >= INT_LIMIT:
+    if kind != int and value == int(value):
+        value = int(value)
+    if value < minimum or value >= INT_LIMIT:
         raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
     return value
 
 
-def validate_job(doc, now=None, stamp=None):
+def config_text(key, value):
+    """How config KEY's VALUE is stored: plain decimal, never an exponent (str(1e-05)
+    is '1e-05'), durations to the millisecond; refused (UsageError) unless
+    parse_config_value reads it back."""
+    if CONFIG[key][1] == "duration" and not is_int(value):
+        text = f"{value:.3f}".rstrip("0").rstrip(".")
+    else:
+        text = repr(value)                 # an int, or a float from 1 to 2**31
+    try:
+        parse_config_value(key, text)
+    except UsageError:
+        raise UsageError(f"bad value for {key}: {value!r} (expected "
+                         f"{CONFIG[key][3]})") from None
+    return text
+
+
+def validate_job(doc, now=None, stamp=None, names=None):
     """Check one job document and return the values to store, or raise UsageError.
-    STAMP is iso(now), for callers that validate many jobs at one time."""
+    STAMP is iso(now), for callers that validate many jobs at one time. NAMES maps
+    a field to what the user typed for it (enqueue -c: {"delay": "--delay"}), for
+    the messages; by default they say "field 'delay'"."""
+    names = names or {}
+
+    def field(name):                       # "field 'delay'", or "--delay"
+        return names.get(name) or f"field {name!r}"
+
+    def short(name):                       # "'delay'", or "--delay"
+        return names.get(name) or repr(name)
+
     if not isinstance(doc, dict):
         raise UsageError("a job must be a JSON object like "
                          "{\"command\": \"echo hi\"}")
@@ -616,72 +660,84 @@ def validate_job(doc, now=None, stamp=None):
     if command is None:
         raise UsageError("missing field 'command'")
     if not isinstance(command, str) or not command.strip():
-        raise UsageError("field 'command' must be a non-empty string")
-    check_text(command, "field 'command'")
+        raise UsageError(f"{field('command')} must be a non-empty string")
+    check_text(command, field("command"))
+    if len(command) > COMMAND_MAX_BYTES // 4:      # else it cannot be too long
+        size = len(command.encode("utf-8"))
+        if size > COMMAND_MAX_BYTES:
+            raise UsageError(f"{field('command')} is {size} bytes long; /bin/sh -c "
+                             f"takes at most {COMMAND_MAX_BYTES} bytes (the kernel's "
+                             f"limit on one argument): put the commands in a script "
+                             f"file and enqueue the script")
     job = {"id": None, "command": command, "max_retries": None, "priority": 0,
            "run_at": stamp or iso(now), "timeout_s": None, "after": (),
            "unique_key": None}
     if "id" in doc:
-        job["id"] = validate_job_id(doc["id"])
+        job["id"] = validate_job_id(doc["id"], field("id"))
     if "max_retries" in doc:
         value = doc["max_retries"]
         if not is_int(value) or not 0 <= value < INT_LIMIT:
-            raise UsageError(f"field 'max_retries' must be a whole number from 0 to "
-                             f"{INT_LIMIT - 1}")
+            raise UsageError(f"{field('max_retries')} must be a whole number from 0 "
+                             f"to {INT_LIMIT - 1}")
         job["max_retries"] = value
     if "priority" in doc:
         value = doc["priority"]
         if not is_int(value) or abs(value) >= INT_LIMIT:
-            raise UsageError(f"field 'priority' must be a whole number from "
+            raise UsageError(f"{field('priority')} must be a whole number from "
                              f"{1 - INT_LIMIT} to {INT_LIMIT - 1} (higher runs first)")
         job["priority"] = value
     if "run_at" in doc and "delay" in doc:
-        raise UsageError("give either 'run_at' or 'delay', not both")
+        raise UsageError(f"give either {short('run_at')} or {short('delay')}, not both")
     if "run_at" in doc:
         try:
             job["run_at"] = iso(parse_user_time(doc["run_at"]))
         except ValueError as e:
-            raise UsageError(f"field 'run_at': {e}") from None
+            raise UsageError(f"{field('run_at')}: {e}") from None
     if "delay" in doc:
-        job["run_at"] = iso(now + timedelta(seconds=_duration_field(doc, "delay")))
+        delay_s = _duration_field(doc["delay"], field("delay"))
+        job["run_at"] = iso(now + timedelta(seconds=delay_s))
     if "timeout" in doc:
-        job["timeout_s"] = _duration_field(doc, "timeout", positive=True)
+        job["timeout_s"] = _duration_field(doc["timeout"], field("timeout"),
+                                           positive=True)
     if "after" in doc:
         value = doc["after"]
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise UsageError("field 'after' must be a list of job ids")
-        after = [validate_job_id(item, "field 'after'") for item in value]
+            raise UsageError(f"{field('after')} must be a list of job ids")
+        after = [validate_job_id(item, field("after"), one=False) for item in value]
         if job["id"] is not None and job["id"] in after:
             raise UsageError(f"job {job['id']} cannot run after itself")
         job["after"] = tuple(dict.fromkeys(after))
     if "unique_key" in doc:
         value = doc["unique_key"]
         if not isinstance(value, str) or not value.strip():
-            raise UsageError("field 'unique_key' must be a string that is not blank")
-        check_text(value, "field 'unique_key'")
+            raise UsageError(f"{field('unique_key')} must be a string that is not "
+                             f"blank")
+        check_text(value, field("unique_key"))
         job["unique_key"] = value
     return job
 
 
-def _duration_field(doc, name, positive=False):
-    """A job field holding a duration: seconds, or text such as '10m'."""
-    value = doc[name]
+def _duration_field(value, what, positive=False):
+    """A job field holding a duration: seconds, or text such as '10m'. WHAT
+    names it in a message."""
     try:
         if isinstance(value, bool):
             raise ValueError(f"not a duration such as {DURATION_EXAMPLES}: {value!r}")
         return check_duration(parse_duration(value), value, positive)
     except ValueError as e:
-        raise UsageError(f"field {name!r}: {e}") from None
+        raise UsageError(f"{what}: {e}") from None
 
 
 def check_duration(seconds, text, positive=False):
     """SECONDS, if it is a duration a job or command may use; else ValueError
-    naming TEXT, the duration as given."""
-    if seconds < 0 or (positive and seconds == 0):
-        raise ValueError(f"must be more than 0: {text!r}" if positive else
-                         f"must not be negative: {text!r}")
+    naming TEXT, the duration as given. POSITIVE: a timeout, at least
+    MIN_TIMEOUT_S."""
+    if positive and seconds < MIN_TIMEOUT_S:
+        raise ValueError(f"must be at least {MIN_TIMEOUT_S}s: {text!r}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative: {text!r}")
     if seconds >= INT_LIMIT:
         raise ValueError(f"too long: {text!r} (at most {format_span(INT_LIMIT - 1)})")
     return seconds
@@ -697,10 +753,12 @@ def check_text(text, what):
         raise UsageError(f"{what} is not valid UTF-8 text") from None
 
 
-def validate_job_id(value, what="field 'id'"):
+def validate_job_id(value, what="field 'id'", one=True):
+    """VALUE, if it is a good job id; WHAT names where it was given (ONE id, or
+    one of a list)."""
     if not isinstance(value, str) or not value:
-        raise UsageError(f"{what} must hold non-empty strings" if what != "field 'id'"
-                         else "field 'id' must be a non-empty string")
+        raise UsageError(f"{what} must be a non-empty string" if one
+                         else f"{what} must hold non-empty strings")
     check_text(value, what)
     if len(value) > ID_MAX_LEN:
         raise UsageError(f"{what}: id {value[:20]!r}... is longer than {ID_MAX_LEN} "
@@ -751,8 +809,8 @@ def default_db_path(environ=None):
 
 
 def clip(text, width):
-    """Fold TEXT onto one line of at most WIDTH characters."""
-    text = " ".join(text.split())
+    """Fold TEXT onto one line of at most WIDTH characters, shown() safe."""
+    text = " ".join(shown(text, lines=True).split())
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -829,14 +887,29 @@ class LogRotation:
             os.close(fd)
 
 
+def shown(text, lines=False):
+    """TEXT as it is safe to show on a terminal: control characters (C0 but tab,
+    DEL, C1) and the bidi controls written out, as \\x1b or \\u202e. A job's
+    command, output or error, printed by a human-readable command, cannot then
+    clear the screen, retitle the window or reorder what is shown. LINES keeps
+    newlines, for text shown as lines (a run's output); else it is one line."""
+    return (_CONTROL_LINES if lines else _CONTROL).sub(_escape, text)
+
+
+def _escape(match):
+    char = match.group()
+    code = ord(char)
+    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
 def _one_line(text):
-    """TEXT on one line, its control characters escaped: a log line cannot be
-    split, nor send escape sequences to the terminal that shows it."""
-    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"),
-                        text)
+    """TEXT on one line, shown() safe: a log line cannot be split, nor send
+    escape sequences to the terminal that shows it."""
+    return shown(text)
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _ESCAPES = {"\n": "\\n", "\r": "\\r"}
 
 
@@ -947,7 +1020,9 @@ class Store:
     def __init__(self, path, create=True):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.conn = None
+        self.created = False         # whether this open created the file
         self._config_cache = self._config_version = self._paused = None
+        self._config_problems = {}
         if self._check_file(create):
             self._identify()
         try:
@@ -1027,8 +1102,8 @@ class Store:
                 header = f.read(len(SQLITE_HEADER))
         except FileNotFoundError:
             if not create:
-                raise QueueError(f"no database at {path} (enqueue a job or start "
-                                 f"workers to create it)") from None
+                raise QueueError(f"no database at {path} (enqueue, config set or "
+                                 f"worker start creates it)") from None
             self._create_file()
             return False
         except OSError as e:
@@ -1037,8 +1112,8 @@ class Store:
             raise QueueError(f"not a queuectl database (not a SQLite file): {path}")
         if not header:            # an empty file (mktemp): a new database, if allowed
             if not create:
-                raise QueueError(f"no database at {path} (the file is empty; enqueue "
-                                 f"a job or start workers to create it)")
+                raise QueueError(f"no database at {path} (the file is empty; enqueue, "
+                                 f"config set or worker start makes it one)")
             with contextlib.suppress(OSError):
                 os.chmod(path, 0o600)
         return bool(header)
@@ -1049,6 +1124,7 @@ class Store:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
+            self.created = True
         except FileExistsError:
             pass  # another process created it first; it is checked when opened
         except OSError as e:
@@ -1134,25 +1210,48 @@ class Store:
 
     def _config(self, conn):
         """The settings, read again only if another connection has committed
-        since the last read (the supervisor reads them for every batch)."""
+        since the last read (the supervisor reads them for every batch).
+
+        A stored value the reader refuses (written by hand, or by an older
+        version) must not stop the queue: its key keeps its default, and
+        config_problems() says why.
+        """
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._config_version:
-            values, self._paused = dict(CONFIG_DEFAULTS), None
+            values, problems, self._paused = dict(CONFIG_DEFAULTS), {}, None
             for key, value in conn.execute("SELECT key, value FROM config"):
                 if key in values:
-                    values[key] = parse_config_value(key, value)
+                    try:
+                        values[key] = parse_config_value(key, value)
+                    except UsageError:
+                        problems[key] = (
+                            f"config {key}: stored value {value!r} is not "
+                            f"{CONFIG[key][3]}; using the default, {CONFIG[key][0]} "
+                            f"(config set {key} to fix it)")
                 elif key == PAUSED_KEY:
                     self._paused = value
             self._config_cache, self._config_version = values, version
+            self._config_problems = problems
         return dict(self._config_cache)
 
     def config(self):
         return self._read(self._config)
 
+    def config_problems(self):
+        """{key: why its stored value is not used} of the settings that fell back
+        to their defaults; {} when every stored value is good."""
+        def body(conn):
+            self._config(conn)
+            return dict(self._config_problems)
+        return self._read(body)
+
     def set_config(self, key, value):
+        """Store VALUE for KEY in its canonical form (config_text); return that."""
+        text = config_text(key, value)
         self._config_version = None
         self._write(lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, str(value))))
+            "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, text)))
+        return text
 
     # -- jobs: adding, reading, deleting -----------------------------------------
 
@@ -1203,7 +1302,7 @@ class Store:
     def _enqueue_linked(self, conn, jobs, rows, notes):
         """Insert jobs with unique keys or dependencies, one by one; return the
         rows added."""
-        added, states, keys = [], {}, {}
+        added, states, keys, skipped = [], {}, {}, {}
         for index, (row, job) in enumerate(zip(rows, jobs)):
             key = job["unique_key"]
             if key is not None:
@@ -1211,14 +1310,15 @@ class Store:
                 if holder:
                     notes[index] = (f"queuectl: job {holder} holds unique key {key!r} "
                                     f"already: nothing added")
+                    if job["id"] is not None:
+                        skipped[job["id"]] = (f"job {holder}", key)
                     row[0] = holder
                     continue
             found = {dep: states.get(dep) or self._state_of(conn, dep)
                      for dep in job["after"]}
             unknown = [dep for dep, state in found.items() if state is None]
             if unknown:
-                where = f"line {index + 1}: " if len(jobs) > 1 else ""
-                raise NotFound(f"{where}no such job: {', '.join(unknown)} (in 'after')")
+                raise NotFound(_unknown_dependencies(unknown, index, len(jobs), skipped))
             for dep, state in found.items():
                 if state in (DEAD, CANCELLED):
                     row[3], row[4] = DEAD, 0
@@ -1272,7 +1372,8 @@ class Store:
             "WHERE state = 'processing'")})
 
     def list_jobs(self, state=None, limit=None):
-        """Jobs, newest first (in the order they were added)."""
+        """Jobs, newest first (in the order they were added), each with
+        waiting_for: the ids of the unfinished jobs it waits for, if any."""
         def body(conn):
             sql = "SELECT * FROM jobs"
             params = []
@@ -1283,9 +1384,23 @@ class Store:
             if limit:
                 sql += " LIMIT ?"
                 params.append(limit)
-            config = self._config(conn)
-            return [job_dict(row, config) for row in conn.execute(sql, params)]
+            return self._listed(conn, conn.execute(sql, params).fetchall())
         return self._read(body)
+
+    def _listed(self, conn, rows):
+        """The job_dict of each jobs row, with waiting_for: the ids of the jobs
+        it runs after that have not completed, while it waits for them."""
+        config = self._config(conn)
+        jobs = []
+        for row in rows:
+            job = job_dict(row, config)
+            job["waiting_for"] = []
+            if row["ready"] == -1 and row["state"] == PENDING:     # jobs_blocked
+                job["waiting_for"] = [dep for dep, state in
+                                      self._dependency_states(conn, row["id"])
+                                      if state != COMPLETED]
+            jobs.append(job)
+        return jobs
 
     def job_ends(self, job_ids):
         """{id: (state, last error, outcome of its last run or None)} of those of
@@ -1680,6 +1795,12 @@ class Store:
             return counts, self._oldest_runnable(conn, stamp), running
         return self._read(body)
 
+    def waiting_for_dependencies(self):
+        """How many pending jobs wait for jobs they run after (ready = -1)."""
+        return self._read(lambda conn: conn.execute(
+            "SELECT count(*) FROM jobs INDEXED BY jobs_blocked "
+            "WHERE state = 'pending' AND ready = -1").fetchone()[0])
+
     @staticmethod
     def _oldest_runnable(conn, stamp):
         """The earliest run_at of the jobs that could run now (at STAMP).
@@ -1758,8 +1879,7 @@ class Store:
                                      params + [scan + 1]).fetchone()[0] > scan
             else:
                 sql, params_all = newest + " LIMIT ?", params + [limit]
-            config = self._config(conn)
-            return [job_dict(row, config) for row in conn.execute(sql, params_all)], short
+            return self._listed(conn, conn.execute(sql, params_all).fetchall()), short
         return self._read(body)
 
     def run_minutes(self, since):
@@ -2110,6 +2230,19 @@ _DURATION_UNTIL = ("round(max(0.0, (julianday(?) - julianday(started_at)) * 8640
 _INSERT_JOB = ("INSERT INTO jobs (id, command, cwd, state, ready, priority, max_retries, "
                "timeout_s, run_at, created_at, updated_at, unique_key, last_error) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _unknown_dependencies(unknown, index, count, skipped):
+    """Why job INDEX of a batch of COUNT cannot run after the ids UNKNOWN: no
+    such job, or (SKIPPED: {id: (its holder, key)}) one not added earlier in
+    the batch because another job held its unique key."""
+    where = f"line {index + 1}: " if count > 1 else ""
+    dep = next((dep for dep in unknown if dep in skipped), None)
+    if dep is not None:
+        holder, key = skipped[dep]
+        return (f"{where}job {dep} (in 'after') was not added: {holder} holds its "
+                f"unique key {key!r}")
+    return f"{where}no such job: {', '.join(unknown)} (in 'after')"
 
 
 def _dependency_error(dep, state):
@@ -3675,6 +3808,7 @@ class Supervisor:
         """Purge completed jobs older than config `retention`, a batch at a time;
         trim the per-minute run counts. Return seconds until the next upkeep."""
         retention = self.store.config()["retention"]
+        log(*(f"supervisor: {why}" for why in self.store.config_problems().values()))
         purged = 0
         if retention:
             purged = self.store.purge(COMPLETED, retention, limit=PURGE_BATCH)
@@ -4112,6 +4246,14 @@ def open_store(args, create=False):
     return Store(args.db, create=create)
 
 
+def note_created(store):
+    """Say that STORE's database is new: a --db path mistyped, or relative to
+    another directory, would otherwise start a second, empty queue unseen."""
+    if store.created:
+        print(f"queuectl: created a new database at {_one_line(store.path)}",
+              file=sys.stderr)
+
+
 def print_json(value):
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
@@ -4125,7 +4267,8 @@ def cmd_enqueue(args):
         if args.job is not None:            # -c echo hi: the shell split the command
             raise UsageError(f"-c takes the whole command as one argument: quote it, "
                              f"as in -c '{args.shell_command} {args.job}'")
-        jobs = [_validate_flags(dict(flags, command=args.shell_command), now)]
+        jobs = [validate_job(dict(flags, command=args.shell_command), now,
+                             names=_FLAG_LABELS)]
     elif flags:
         raise UsageError(f"{next(iter(_FLAG_NAMES[k] for k in flags))} goes with "
                          f"-c COMMAND; in JSON, give it as a field")
@@ -4141,15 +4284,24 @@ def cmd_enqueue(args):
     cwd = current_dir()
     check_text(cwd, "the current directory's name")
     if not os.path.exists(args.db):        # refuse unknown dependencies uncreated
-        earlier = set()
+        earlier, keys, skipped = set(), {}, {}
         for index, job in enumerate(jobs):
+            key = job["unique_key"]
+            if key in keys:                    # as Store.enqueue will: not added
+                if job["id"] is not None:
+                    skipped[job["id"]] = (keys[key], key)
+                continue
             unknown = [dep for dep in job["after"] if dep not in earlier]
             if unknown:
-                where = f"line {index + 1}: " if len(jobs) > 1 else ""
-                raise NotFound(f"{where}no such job: {', '.join(unknown)} (in 'after')")
+                raise NotFound(_unknown_dependencies(unknown, index, len(jobs),
+                                                     skipped))
             earlier.add(job["id"])
+            if key is not None:
+                keys[key] = (f"job {job['id']}" if job["id"] is not None
+                             else f"the job of line {index + 1}")
     with open_store(args, create=True) as store:
         ids, notes = store.enqueue(jobs, cwd, now)
+    note_created(store)
     wake_supervisor(store.path)
     for index in sorted(notes):
         print(notes[index], file=sys.stderr)
@@ -4160,6 +4312,8 @@ def cmd_enqueue(args):
 _FLAG_NAMES = {"id": "--id", "priority": "--priority", "max_retries": "--max-retries",
                "timeout": "--timeout", "delay": "--delay", "run_at": "--run-at",
                "after": "--after", "unique_key": "--unique-key"}
+# What validate_job's messages call each field given that way.
+_FLAG_LABELS = dict(_FLAG_NAMES, command="-c")
 
 
 def _job_flags(args):
@@ -4170,22 +4324,11 @@ def _job_flags(args):
         value = getattr(args, field, None)
         if value is None:
             continue
-        if field in ("priority", "max_retries"):
-            with contextlib.suppress(ValueError):
-                value = int(value)
+        if field in ("priority", "max_retries") and \
+                WHOLE_NUMBER.fullmatch(value.strip()):
+            value = int(value)
         fields[field] = value
     return fields
-
-
-def _validate_flags(doc, now):
-    """validate_job, its messages naming the flags rather than the JSON fields."""
-    try:
-        return validate_job(doc, now)
-    except UsageError as e:
-        message = str(e)
-        for field, flag in _FLAG_NAMES.items():
-            message = message.replace(f"field {field!r}", flag)
-        raise UsageError(message) from None
 
 
 def read_jobs(data, now):
@@ -4248,8 +4391,9 @@ _JSON = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
 
 def cmd_worker_start(args):
     db_path = args.db
-    Store(db_path).close()         # create or check the database before forking
-    running = find_supervisor(db_path)
+    with Store(db_path) as store:  # create or check the database before forking
+        note_created(store)
+        running = find_supervisor(db_path, store)
     if running:
         raise QueueError(f"workers are already running on this database "
                          f"(supervisor pid {running.pid})")
@@ -4402,6 +4546,7 @@ def cmd_status(args):
 def status_report(store, max_age=None, max_dead=0):
     """The status --json document, and the --check exit codes of its problems."""
     counts, oldest, running = store.status()
+    blocked = store.waiting_for_dependencies()
     paused = store.paused()
     now = now_utc()
     oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
@@ -4437,6 +4582,7 @@ def status_report(store, max_age=None, max_dead=0):
     report = {
         "db": store.path,
         "counts": counts,
+        "waiting_for_dependencies": blocked,     # of the pending jobs
         "dlq": counts[DEAD],
         "oldest_runnable_age_s": oldest_age,
         "paused": paused is not None,
@@ -4453,15 +4599,18 @@ def status_report(store, max_age=None, max_dead=0):
 
 def print_status(report, check):
     counts = report["counts"]
-    print(f"database:  {report['db']}")
-    print("jobs:      " + ", ".join(f"{s} {counts[s]}" for s in STATES))
+    print(f"database:  {shown(report['db'])}")
+    blocked = report["waiting_for_dependencies"]
+    print("jobs:      " + ", ".join(
+        f"{s} {counts[s]}" + (f" ({blocked} waiting for other jobs)"
+                              if s == PENDING and blocked else "") for s in STATES))
     age = report["oldest_runnable_age_s"]
     print("waiting:   " + ("no runnable job" if age is None else
                            f"{format_duration(age)} (the oldest runnable job)"))
     print(f"dlq:       {counts[DEAD]}")
     if report["paused"]:
-        print(f"paused:    since {report['paused_since']} (workers start no new job; "
-              f"queuectl resume)")
+        print(f"paused:    since {shown(report['paused_since'])} (workers start no "
+              f"new job; queuectl resume)")
     if report["supervisor_pid"]:
         print(f"workers:   {len(report['workers'])}, {report['supervisor_state']} "
               f"(supervisor pid {report['supervisor_pid']})")
@@ -4501,9 +4650,12 @@ def print_job_table(jobs):
              "COMMAND")]
     for job in jobs:
         waiting = job["state"] in (PENDING, FAILED)
+        run_at = job["run_at"][:19] + "Z" if waiting else "-"
+        if job.get("waiting_for"):             # not before these complete
+            run_at = clip("after " + ",".join(job["waiting_for"]), len(run_at))
         rows.append((job["id"], job["state"],
                      f"{job['attempts']}/{job['max_retries'] + 1}",
-                     str(job["priority"]), job["run_at"][:19] + "Z" if waiting else "-",
+                     str(job["priority"]), run_at,
                      job["updated_at"][:19] + "Z",
                      clip(job["last_error"] or "-", 32), clip(job["command"], 50)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -4524,14 +4676,14 @@ def cmd_show(args):
             value = ", ".join(f"{dep['id']} ({dep['state']})" for dep in value) or None
         elif key == "waiting_for":
             value = ", ".join(value) or None
-        print(f"{key + ':':15}{'-' if value is None else value}")
+        print(f"{key + ':':15}{'-' if value is None else shown(str(value))}")
     print("history:")
     if not history:
         print("  (not run yet)")
     for h in history:
         how = h["outcome"]
         if h["reason"] and h["reason"] != how:       # not "cancelled: cancelled"
-            how += f": {h['reason']}"
+            how += f": {shown(h['reason'])}"
         elif h["exit_code"] is not None:            # "killed by SIGTERM", "exit 0"
             how += f" ({describe_exit(h['exit_code'])})"
         print(f"  run {h['number']}: {h['started_at']} -> "
@@ -4542,6 +4694,7 @@ def cmd_show(args):
             dropped = output[f"{stream}_dropped_bytes"]
             note = f" (first {dropped} bytes dropped)" if dropped else ""
             print(f"{stream} of the last run{note}:" + ("" if text else " (empty)"))
+            text = shown(text, lines=True)
             print(text if text.endswith("\n") or not text else text + "\n", end="")
 
 
@@ -4582,7 +4735,7 @@ def cmd_dlq_retry(args):
     for job_id in ids:
         print(f"{job_id}: back to pending")
     for job_id, why in left.items():           # --all: what could not go back
-        print(f"queuectl: job {job_id} stays dead: {why}", file=sys.stderr)
+        print(f"queuectl: job {job_id} stays dead: {shown(why)}", file=sys.stderr)
 
 
 def _unique(items):
@@ -4636,7 +4789,7 @@ def cmd_logs(args):
         if args.json:
             print_json(logs_document(store.path, job, run))
         elif job["state"] in FINISHED:
-            print(f"queuectl: {ended_unrun(job)}", file=sys.stderr)
+            print(f"queuectl: {shown(ended_unrun(job))}", file=sys.stderr)
         else:
             print(f"queuectl: job {job['id']} has not run yet", file=sys.stderr)
         return EXIT_OK
@@ -4648,14 +4801,16 @@ def cmd_logs(args):
         if output[f"{stream}_dropped_bytes"]:
             print(f"queuectl: the first {output[f'{stream}_dropped_bytes']} bytes of "
                   f"{stream} were not kept (output_limit)", file=sys.stderr)
-        dest.write(output[stream])
+        # To a terminal, escape sequences are shown, not obeyed; elsewhere the bytes
+        # stay exact.
+        dest.write(shown(output[stream], lines=True) if dest.isatty() else output[stream])
         dest.flush()
     if run["outcome"] == RUNNING:
         print(f"queuectl: job {job['id']} is still running (logs --follow streams "
               f"the rest)", file=sys.stderr)
     elif run["stdout"] is None and run["stderr"] is None:
-        print(f"queuectl: {run_ending(job, run)}; the run's output was not kept",
-              file=sys.stderr)
+        print(f"queuectl: {shown(run_ending(job, run))}; the run's output was not "
+              f"kept", file=sys.stderr)
     return EXIT_OK
 
 
@@ -4691,11 +4846,19 @@ def _run_output(db_path, run):
 
 
 def follow_logs(store, job, run, number):
-    """Stream a run's output as it is written (like tail -f) until the run ends;
-    return 0 if it completed, else EXIT_NOT_COMPLETED."""
+    """Stream a run's output as it is written (like tail -f). Run NUMBER: until
+    that run ends; return 0 if it completed, else EXIT_NOT_COMPLETED. Without a
+    NUMBER, see the job through: after a run that did not complete, say how it
+    ended and follow the next, until the job is completed (0), dead or
+    cancelled (EXIT_NOT_COMPLETED), as wait does."""
+    import codecs
     streams = (("stdout", "out", sys.stdout.buffer),
                ("stderr", "err", sys.stderr.buffer))
     printed = {"stdout": 0, "stderr": 0}         # absolute positions reached
+    # To a terminal, a run's escape sequences are shown (shown()), not obeyed; to
+    # a pipe or a file, every byte goes through as the command wrote it.
+    decoders = {stream: codecs.getincrementaldecoder("utf-8")("replace")
+                for stream, _, dest in streams if dest.isatty()}
 
     def emit(stream, dest, data, skipped):
         if skipped:
@@ -4704,11 +4867,23 @@ def follow_logs(store, job, run, number):
                                     f"here: they were not kept]\n".encode())
             sys.stderr.buffer.flush()
         if data:
-            dest.write(data)
+            text = decoders[stream].decode(data) if stream in decoders else None
+            dest.write(data if text is None else
+                       shown(text, lines=True).encode("utf-8", "replace"))
             dest.flush()
         printed[stream] += skipped + len(data)
 
+    def end_run():
+        """After a run's last byte: be ready to print the next run from its first."""
+        for stream, _, dest in streams:
+            if stream in decoders:             # a character cut short at the end
+                dest.write(shown(decoders[stream].decode(b"", True), True).encode())
+                dest.flush()
+                decoders[stream].reset()
+            printed[stream] = 0
+
     version = None
+    following = None       # the run whose output is being printed, till it ends
     # A job that a cold stop put back will run again: follow its next run.
     past = None
     if number is None and run is not None and run["outcome"] == INTERRUPTED and \
@@ -4716,7 +4891,7 @@ def follow_logs(store, job, run, number):
         past = run["number"]
     while True:
         if (run is None or run["number"] == past) and job["state"] in FINISHED:
-            print(f"queuectl: {ended_unrun(job, again=run is not None)}",
+            print(f"queuectl: {shown(ended_unrun(job, again=run is not None))}",
                   file=sys.stderr)
             return EXIT_NOT_COMPLETED
         if run is not None and run["number"] == past:
@@ -4734,12 +4909,18 @@ def follow_logs(store, job, run, number):
                 start = run[f"{stream}_dropped"]
                 at = max(printed[stream], start)
                 emit(stream, dest, data[at - start:], at - printed[stream])
+            end_run()
+            following = None
             if run["outcome"] == COMPLETED:
                 return EXIT_OK
             sys.stderr.flush()
-            print(f"queuectl: {run_ending(job, run)}", file=sys.stderr)
-            return EXIT_NOT_COMPLETED
+            print(f"queuectl: {shown(run_ending(job, run))}", file=sys.stderr,
+                  flush=True)
+            if number is not None or job["state"] in FINISHED:
+                return EXIT_NOT_COMPLETED
+            past = run["number"]               # it runs again: follow that run
         elif run is not None:
+            following = run["number"]
             for stream, short, dest in streams:
                 spooled = Spool.read(spool_path(store.path, run["run_token"], short),
                                      printed[stream])
@@ -4750,6 +4931,11 @@ def follow_logs(store, job, run, number):
         if current != version:                     # something was committed
             version = current
             job, run = store.run_of(job["id"], number)
+            if following is not None and run["number"] != following:
+                # The run being printed ended, and the next began, between two
+                # looks: print the end of that one first (and look again after).
+                job, run = store.run_of(job["id"], following)
+                job["state"], version = PROCESSING, None
 
 
 def run_ending(job, run):
@@ -4783,7 +4969,8 @@ def cmd_wait(args):
                     if state in FINISHED or state == DELETED:
                         ended[job_id] = (state, error)
                         if not args.json:
-                            note = f" ({error})" if error and state != COMPLETED else ""
+                            note = (f" ({shown(error)})" if error and state != COMPLETED
+                                    else "")
                             print(f"{job_id}: {state}{note}", flush=True)
             if len(ended) == len(ids):
                 break
@@ -4830,28 +5017,45 @@ def cmd_purge(args):
             print(f"purged {purged} {state} job(s){age}")
 
 
-def cmd_config_show(args):
+def _config_of(args):
+    """(values, problems) of the database's settings (Store.config_problems); the
+    defaults, creating nothing, before there is a database."""
+    path = args.db
+    if not os.path.exists(path) or (os.path.isfile(path) and not os.path.getsize(path)):
+        return dict(CONFIG_DEFAULTS), {}
     with open_store(args) as store:
-        values = store.config()
+        return store.config(), store.config_problems()
+
+
+def cmd_config_show(args):
+    values, problems = _config_of(args)
     if args.json:
+        for key in problems:
+            print(f"queuectl: {_one_line(problems[key])}", file=sys.stderr)
         print_json(values)
     else:
         for key, value in values.items():
-            print(f"{key} = {value}")
+            note = f"  ({_one_line(problems[key])})" if key in problems else ""
+            print(f"{key} = {value}{note}")
 
 
 def cmd_config_get(args):
     key = config_key(args.key)
-    with open_store(args) as store:
-        print(store.config()[key])
+    values, problems = _config_of(args)
+    value, problem = values[key], problems.get(key)
+    if problem:
+        print(f"queuectl: {_one_line(problem)}", file=sys.stderr)
+    print(value)
 
 
 def cmd_config_set(args):
     key = config_key(args.key)
     value = parse_config_value(key, args.value)
+    config_text(key, value)              # refuse it before creating a database
     with open_store(args, create=True) as store:
-        store.set_config(key, value)
-    print(f"{key} = {value}")
+        text = store.set_config(key, value)
+    note_created(store)
+    print(f"{key} = {text}")
 
 
 def cmd_stats(args):
@@ -5952,20 +6156,33 @@ class Parser(argparse.ArgumentParser):
         # "-5s" is a (negative) value, not an unknown option: let the option's own
         # check say what is wrong with it. (argparse's own test, which knows only
         # numbers, from Python 3.13 looks like this.)
-        self._negative_number_matcher = re.compile(r"^-\.?\d")
+        self._negative_number_matcher = re.compile(r"^-\.?[0-9]")
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} "
                               f"(see '{self.prog} --help')\n")
 
+    def _check_value(self, action, value):
+        """A choice that is not one, close to one, gets a suggestion in place of
+        the list of every choice: 'stauts' (did you mean 'status'?)."""
+        choices = action.choices
+        if choices is not None and isinstance(value, str) and value not in choices:
+            import difflib        # only here: it would slow down every start
+            near = difflib.get_close_matches(value, list(choices), n=3)
+            # Two letters swapped ('stauts') is the likeliest slip: that first.
+            near.sort(key=lambda choice: sorted(choice) != sorted(value))
+            if near:
+                raise argparse.ArgumentError(
+                    action, f"invalid choice: {value!r} (did you mean {near[0]!r}?)")
+        super()._check_value(action, value)
+
 
 def int_between(low, high):
     """An argparse type: a whole number from LOW to HIGH."""
     def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not WHOLE_NUMBER.fullmatch(text.strip()):     # int("٣") would be 3
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+        value = int(text)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {text!r}")
         return value
@@ -5973,10 +6190,9 @@ def int_between(low, high):
 
 
 def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not DECIMAL.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
+    value = float(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
     return value
@@ -6085,8 +6301,9 @@ def build_parser():
     sub.add_argument("--attempt", type=int_between(1, INT_LIMIT - 1), metavar="N",
                      help="run N (1 is the first; default: the last)")
     sub.add_argument("-f", "--follow", action="store_true",
-                     help="stream a running job's output until the run ends; exit 0 "
-                          "if it completed, else 6")
+                     help="stream the job's output as it is written, run after run, "
+                          "until the job completes (exit 0) or ends dead or cancelled "
+                          "(6); with --attempt, that run only")
 
     sub = command(commands, "wait", cmd_wait, "wait until jobs have finished",
                   [json_opt])

@@ -129,9 +129,19 @@ class QueueTestCase(unittest.TestCase):
             sys.stdin = old_stdin
         return code, out.getvalue(), err.getvalue()
 
+    def created_note(self, path=None):
+        """The line a command that creates the database writes on stderr."""
+        return (f"queuectl: created a new database at "
+                f"{os.path.realpath(path or self.db)}\n")
+
     def ok(self, *argv, stdin=None):
-        """Run in-process, assert success with a clean stderr, return stdout."""
+        """Run in-process, assert success with a clean stderr, return stdout. A
+        command that created the database must have said so, and only that."""
+        existed = os.path.exists(self.db)
         code, out, err = self.cli(*argv, stdin=stdin)
+        if not existed and os.path.exists(self.db):
+            self.assertTrue(err.startswith(self.created_note()), err)
+            err = err[len(self.created_note()):]
         self.assertEqual((code, err), (0, ""), f"queuectl {' '.join(argv)}")
         return out
 

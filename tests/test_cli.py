@@ -8,10 +8,11 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import unittest
 from datetime import timedelta
 
-from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl
+from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl, wait_until
 
 PY39 = "/root/.pyenv/versions/3.9.18/bin/python3"
 JOB_FIELDS = {"id", "command", "state", "attempts", "max_retries", "priority", "run_at",
@@ -175,6 +176,37 @@ class EnqueueTest(CliTestCase):
         self.assertEqual(job["cwd"], os.getcwd())
 
 
+class CommandLengthTest(CliTestCase):
+
+    def test_a_command_longer_than_the_kernel_takes_is_refused_at_enqueue(self):
+        """A command of more than 131071 bytes (the kernel's limit on one argument)
+        is refused naming the limit, instead of failing every run."""
+        limit = 131071
+        long_command = ": " + "é" * ((limit - 1) // 2)        # limit + 1 bytes
+        self.assertEqual(len(long_command.encode()), limit + 1)
+        for argv, stdin in ((("enqueue", "-c", long_command), None),
+                            (("enqueue", json.dumps({"command": long_command})), None),
+                            (("enqueue", "-"), json.dumps({"command": "true"}) + "\n" +
+                             json.dumps({"command": long_command}) + "\n")):
+            with self.subTest(how=argv[1][:2]):
+                err = self.assertFailsCleanly(2, *argv, stdin=stdin)
+                self.assertIn(f"is {limit + 1} bytes long", err)
+                self.assertIn(f"at most {limit} bytes", err)
+                self.assertIn("script file", err)
+                self.assertFalse(os.path.exists(self.db))
+        self.assertIn("-c is 131072 bytes long", self.cli("enqueue", "-c",
+                                                          long_command)[2])
+
+    def test_a_command_of_exactly_the_limit_runs(self):
+        """The longest command accepted does run (the limit is not one byte off)."""
+        command = ": " + "x" * (131071 - 8) + "; true"
+        self.assertEqual(len(command.encode()), 131071)
+        job_id = self.ok("enqueue", "-", stdin=json.dumps({"command": command})).strip()
+        self.start_workers(1)
+        self.assertEqual(self.wait_state(job_id, ("completed", "dead"))["state"],
+                         "completed")
+
+
 class UsageErrorTest(CliTestCase):
     """Bad input: exit 2, one stderr line, database unchanged."""
 
@@ -293,6 +325,32 @@ class UsageErrorTest(CliTestCase):
         self.assertFailsCleanly(2, "dlq", "retry", "d1", "--all")
 
 
+class SuggestionTest(CliTestCase):
+
+    def test_a_mistyped_command_or_choice_gets_the_near_one_suggested(self):
+        """A command, action or state close to a real one is suggested on one line
+        (exit 2), rather than listing every choice."""
+        for argv, prog, wanted in (
+                (("stauts",), "queuectl", "argument COMMAND: invalid choice: 'stauts' "
+                                          "(did you mean 'status'?)"),
+                (("lsit",), "queuectl", "(did you mean 'list'?)"),
+                (("worker", "strat"), "queuectl worker",
+                 "argument ACTION: invalid choice: 'strat' (did you mean 'start'?)"),
+                (("dlq", "retyr"), "queuectl dlq", "(did you mean 'retry'?)"),
+                (("config", "sho"), "queuectl config", "(did you mean 'show'?)"),
+                (("list", "--state", "pendng"), "queuectl list",
+                 "(did you mean 'pending'?)")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(2, *argv)
+                self.assertTrue(err.startswith(f"{prog}: error: "), err)
+                self.assertIn(wanted, err)
+                self.assertTrue(err.endswith(f"(see '{prog} --help')\n"), err)
+                self.assertNotIn("choose from", err)
+        err = self.assertFailsCleanly(2, "xyzzy")     # nothing near: every choice
+        self.assertIn("choose from", err)
+        self.assertNotIn("did you mean", err)
+
+
 class RuntimeErrorTest(CliTestCase):
     """Runtime errors: exit 1, one stderr line, database unchanged."""
 
@@ -327,7 +385,7 @@ class RuntimeErrorTest(CliTestCase):
         """Reading commands on a missing database fail and create no file."""
         for argv in (("status",), ("status", "--check"), ("list",), ("list", "--json"),
                      ("show", "x"), ("stats",), ("dlq", "list"), ("dlq", "retry", "--all"),
-                     ("delete", "x"), ("config", "show"), ("config", "get", "max_retries")):
+                     ("delete", "x")):
             with self.subTest(argv=argv):
                 err = self.assertFailsCleanly(1, *argv)
                 self.assertIn(self.db, err)
@@ -466,10 +524,10 @@ class DbOptionTest(CliTestCase):
         after = os.path.join(self.dir, "after.db")
         code, out, err = self.main_raw("--db", before, "enqueue",
                                        '{"id": "b", "command": "true"}')
-        self.assertEqual((code, out, err), (0, "b\n", ""))
+        self.assertEqual((code, out, err), (0, "b\n", self.created_note(before)))
         code, out, err = self.main_raw("enqueue", '{"id": "a", "command": "true"}',
                                        "--db", after)
-        self.assertEqual((code, out, err), (0, "a\n", ""))
+        self.assertEqual((code, out, err), (0, "a\n", self.created_note(after)))
         for path, job_id in ((before, "b"), (after, "a")):
             for argv in (("--db", path, "list", "--json"), ("list", "--json", "--db", path),
                          ("dlq", "list", "--db", path, "--json"),
@@ -490,7 +548,7 @@ class DbOptionTest(CliTestCase):
         """Without --db, $QUEUECTL_DB names the database (subprocess)."""
         result = self.run_cli("enqueue", '{"id": "envjob", "command": "true"}')
         self.assertEqual((result.returncode, result.stdout, result.stderr),
-                         (0, "envjob\n", ""))
+                         (0, "envjob\n", self.created_note()))
         self.assertTrue(os.path.exists(self.db))
         result = self.run_cli("show", "envjob", "--json")
         self.assertEqual((result.returncode, result.stderr), (0, ""))
@@ -546,6 +604,171 @@ class ConfigTest(CliTestCase):
         self.assertEqual((self.job("j")["max_retries"], self.job("j")["timeout"]), (7, 42))
         self.assertEqual((self.job("own")["max_retries"], self.job("own")["timeout"]),
                          (1, 9))
+
+
+class ConfigValueTest(CliTestCase):
+    """What config set stores, and what the queue does with a bad stored value."""
+
+    def stored(self, key):
+        conn = sqlite3.connect(self.db)
+        try:
+            row = conn.execute("SELECT value FROM config WHERE key = ?", (key,)).fetchone()
+            return row and row[0]
+        finally:
+            conn.close()
+
+    def store_raw(self, key, value):
+        """Write a config value the way an older version or sqlite3 by hand could."""
+        conn = sqlite3.connect(self.db)
+        try:
+            with conn:
+                conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
+                             (key, value))
+        finally:
+            conn.close()
+
+    def test_a_tiny_duration_is_refused_and_values_are_stored_plainly(self):
+        """config set refuses a job_timeout under 0.01 s (it used to store 1e-05,
+        which the queue then could not read) and stores plain decimals."""
+        self.enqueue(id="j", command="true")
+        err = self.assertFailsCleanly(2, "config", "set", "job_timeout", "0.00001")
+        self.assertIn("expected a duration >= 0.01s", err)
+        self.assertEqual(self.ok("config", "set", "job_timeout", "0.0104"),
+                         "job_timeout = 0.01\n")
+        self.assertEqual(self.stored("job_timeout"), "0.01")
+        self.assertEqual(self.ok("config", "set", "backoff_max", "1.5m"),
+                         "backoff_max = 90\n")
+        self.assertEqual(self.stored("backoff_max"), "90")
+        self.assertEqual(self.json_out("config", "show", "--json")["job_timeout"], 0.01)
+        self.assertEqual(self.job("j")["timeout"], 0.01)
+
+    def test_a_bad_stored_value_falls_back_to_its_default_and_says_so(self):
+        """A stored value the reader refuses never stops the queue: every command
+        works with that key's default, and config show and get say why."""
+        self.enqueue(id="j", command="true")
+        self.store_raw("job_timeout", "1e-05")
+        self.store_raw("max_retries", "١٢")
+        for argv in (("status",), ("status", "--json"), ("list",), ("show", "j"),
+                     ("stats",)):
+            with self.subTest(argv=argv):
+                self.ok(*argv)
+        self.assertEqual((self.job("j")["timeout"], self.job("j")["max_retries"]),
+                         (300, 3))
+        text = self.ok("config", "show")
+        line = next(l for l in text.splitlines() if l.startswith("job_timeout"))
+        self.assertIn("job_timeout = 300  (config job_timeout: stored value '1e-05' "
+                      "is not a duration >= 0.01s", line)
+        self.assertIn("using the default, 300", line)
+        self.assertEqual(len(text.splitlines()), len(queuectl.CONFIG))
+        code, out, err = self.cli("config", "show", "--json")
+        self.assertEqual((code, json.loads(out)["job_timeout"]), (0, 300))
+        self.assertEqual(len(err.splitlines()), 2, err)
+        self.assertTrue(all(l.startswith("queuectl: config ") for l in err.splitlines()))
+        code, out, err = self.cli("config", "get", "job_timeout")
+        self.assertEqual((code, out), (0, "300\n"))
+        self.assertIn("stored value '1e-05'", err)
+        self.assertEqual(set(self.store().config_problems()),
+                         {"job_timeout", "max_retries"})
+        self.ok("config", "set", "job_timeout", "60")
+        self.assertEqual(set(self.store().config_problems()), {"max_retries"})
+
+    def test_a_running_supervisor_goes_on_with_a_bad_stored_value(self):
+        """Workers keep claiming with the default, and the supervisor logs why."""
+        self.enqueue(id="first", command="true")
+        self.store_raw("job_timeout", "1e-05")
+        proc = self.start_workers(1)
+        self.wait_state("first", "completed")
+        self.enqueue(id="second", command="true")
+        self.wait_state("second", "completed")
+        wait_until(lambda: "supervisor: config job_timeout: stored value '1e-05'"
+                   in self.log_text(proc), 10, "the supervisor to log the bad value")
+
+
+class AsciiDigitsCliTest(CliTestCase):
+
+    def test_digits_of_other_scripts_are_refused_everywhere(self):
+        """Numbers, durations and times on the command line and in job fields take
+        ASCII digits only."""
+        self.enqueue(id="j", command="true")
+        for argv in (("config", "set", "max_retries", "١٢"),
+                     ("config", "set", "job_timeout", "١٠"),
+                     ("enqueue", "-c", "x", "--priority", "١"),
+                     ("enqueue", "-c", "x", "--max-retries", "٣"),
+                     ("enqueue", "-c", "x", "--delay", "١٠"),
+                     ("enqueue", "-c", "x", "--timeout", "１０s"),
+                     ("enqueue", "-c", "x", "--run-at", "２０２６-01-01T00:00:00Z"),
+                     ("enqueue", '{"command": "x", "delay": "١٠"}'),
+                     ("enqueue", '{"command": "x", "timeout": "٥m"}'),
+                     ("enqueue", '{"command": "x", "run_at": "2026-01-01T00:00:00+٠٢:00"}'),
+                     ("list", "--limit", "١"), ("dlq", "list", "--limit", "١"),
+                     ("logs", "j", "--attempt", "١"), ("status", "--max-age", "١٠"),
+                     ("status", "--max-dead", "١"), ("wait", "j", "--timeout", "١"),
+                     ("purge", "--state", "dead", "--older-than", "٧d")):
+            with self.subTest(argv=argv):
+                self.assertFailsCleanly(2, *argv)
+        # A process of its own: in-process, a mistaken yes would start workers here.
+        result = self.run_cli("worker", "start", "--count", "٣", timeout=10)
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
+
+
+class CreatedDatabaseTest(CliTestCase):
+
+    def test_a_command_that_creates_the_database_says_so_once(self):
+        """enqueue, config set and worker start say on stderr when they created the
+        database (a relative --db from another directory makes a second queue)."""
+        other = self.path("elsewhere")
+        os.mkdir(other)
+        result = self.run_cli("--db", "q.db", "enqueue", "-c", "true", cwd=other)
+        path = os.path.join(other, "q.db")
+        self.assertEqual((result.returncode, result.stderr),
+                         (0, f"queuectl: created a new database at {path}\n"))
+        result = self.run_cli("--db", "q.db", "enqueue", "-c", "true", cwd=other)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        code, out, err = self.cli("config", "set", "max_retries", "1")
+        self.assertEqual((code, out, err), (0, "max_retries = 1\n", self.created_note()))
+        self.assertEqual(self.cli("config", "set", "max_retries", "2")[2], "")
+        fresh = self.path("fresh.db")
+        result = self.run_cli("--db", fresh, "worker", "start", "--detach")
+        self.addCleanup(lambda: self.run_cli("--db", fresh, "worker", "stop"))
+        self.assertEqual((result.returncode, result.stderr),
+                         (0, self.created_note(fresh)))
+        self.assertEqual(self.run_cli("--db", fresh, "worker", "stop").returncode, 0)
+
+    def test_a_refused_or_reading_command_creates_nothing_and_says_nothing(self):
+        """A refused enqueue creates no database, so it says nothing of one."""
+        self.assertFailsCleanly(2, "enqueue", "-c", "")
+        self.assertFailsCleanly(1, "enqueue", "-c", "x", "--after", "ghost")
+        self.assertEqual(self.cli("config", "show"), (0, "".join(
+            f"{key} = {value}\n" for key, value in queuectl.CONFIG_DEFAULTS.items()), ""))
+        self.assertEqual(os.listdir(self.dir), [])
+
+
+class ConfigBeforeFirstJobTest(CliTestCase):
+
+    def test_config_show_and_get_print_the_defaults_and_create_nothing(self):
+        """Before the first job, config show and get print the defaults (they
+        used to fail) and create no file."""
+        want = dict(queuectl.CONFIG_DEFAULTS)
+        self.assertEqual(self.json_out("config", "show", "--json"), want)
+        self.assertEqual(self.ok("config", "show"),
+                         "".join(f"{key} = {value}\n" for key, value in want.items()))
+        self.assertEqual(self.ok("config", "get", "job-timeout"), "300\n")
+        self.assertEqual(self.cli("config", "get", "bogus")[0], 2)
+        open(self.db, "w").close()                  # an empty file (mktemp) too
+        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
+        os.remove(self.db)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_pause_and_resume_without_a_database_say_what_creates_one(self):
+        """pause and resume on a missing database fail (exit 1), create nothing,
+        and name the commands that create a database."""
+        for argv in (("pause",), ("resume",)):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(1, *argv)
+                self.assertEqual(err, f"queuectl: error: no database at {self.db} "
+                                      f"(enqueue, config set or worker start creates "
+                                      f"it)\n")
+                self.assertEqual(os.listdir(self.dir), [])
 
 
 class DlqDeleteTest(CliTestCase):
@@ -656,6 +879,132 @@ class StatusTest(CliTestCase):
         self.assertFalse(codes & {0, 1, 2})
 
 
+class WaitingForDependenciesTest(CliTestCase):
+
+    def test_list_and_status_show_jobs_that_wait_for_others(self):
+        """list shows what a job waits for in RUN AT (and waiting_for in --json);
+        status counts such pending jobs apart (waiting_for_dependencies)."""
+        self.enqueue(id="a1", command="true", priority=9)
+        self.enqueue(id="a2", command="true", priority=8)
+        self.enqueue(id="b", command="true", after=["a1", "a2"])
+        self.enqueue(id="c", command="true", priority=7, after=["a2"])
+        table = self.ok("list").splitlines()
+        b_row = next(line for line in table if line.startswith("b "))
+        self.assertIn("after a1,a2", b_row)
+        a_row = next(line for line in table if line.startswith("a1 "))
+        self.assertRegex(a_row, r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  ")
+        jobs = {job["id"]: job for job in self.json_out("list", "--json")}
+        self.assertEqual((jobs["b"]["waiting_for"], jobs["a1"]["waiting_for"]),
+                         (["a1", "a2"], []))
+        self.assertEqual(self.job("b")["waiting_for"], ["a1", "a2"])
+        status = self.json_out("status", "--json")
+        self.assertEqual((status["counts"]["pending"], status["waiting_for_dependencies"]),
+                         (4, 2))
+        self.assertIn("jobs:      pending 4 (2 waiting for other jobs), processing 0",
+                      self.ok("status"))
+        self.assertEqual(self.run_next(), ("a1", "completed"))
+        self.assertEqual(self.json_out("list", "--json")[1]["waiting_for"], ["a2"])
+        self.assertEqual(self.run_next(), ("a2", "completed"))
+        self.assertEqual(self.json_out("status", "--json")["waiting_for_dependencies"], 0)
+        self.assertIn("jobs:      pending 2, processing 0", self.ok("status"))
+        self.assertNotIn("after", self.ok("list"))
+
+    def test_a_long_list_of_dependencies_is_clipped_to_the_column(self):
+        """RUN AT stays as wide as a time: a long list of ids is clipped."""
+        for n in range(5):
+            self.enqueue(id=f"dependency-{n}", command="true")
+        self.enqueue(id="last", command="true", after=[f"dependency-{n}" for n in range(5)])
+        row = next(line for line in self.ok("list").splitlines()
+                   if line.startswith("last "))
+        self.assertIn("after dependency-...", row)
+
+
+class TerminalEscapesTest(CliTestCase):
+    """A job's command, directory, error or output cannot drive the terminal."""
+
+    ESC = "\x1b[2J\x1b]0;pwned\x07"          # clear the screen, retitle the window
+    SHOWN = "\\x1b[2J\\x1b]0;pwned\\x07"
+    RAW = ("\x1b", "\x07", "\x9b", "\u202e")
+
+    def make_jobs(self):
+        """Job j: dead, with escapes everywhere; job k: held by a gone process."""
+        folder = self.path("dir" + self.ESC)
+        os.mkdir(folder)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(folder)
+        self.enqueue(id="j", command=f"printf '{self.ESC}'\u202e", max_retries=0)
+        self.enqueue(id="k", command=f"echo {self.ESC}")
+        store = self.store()
+        claim = claim_one(store, 4321)
+        store.finish(claim.id, claim.token, queuectl.RunResult(
+            exit_code=3, reason="exit 3" + self.ESC, stdout=self.ESC + "\nline2\tTab\n",
+            stderr="\x9b31m"))
+        claim_one(store, 4321)
+        return folder
+
+    def assertShown(self, text):
+        for raw in self.RAW:
+            self.assertNotIn(raw, text)
+        self.assertIn(self.SHOWN, text)
+
+    def test_human_output_shows_control_characters_instead_of_obeying_them(self):
+        """list, show, status, wait and dlq list print control characters as
+        \\x1b (keeping show's output lines and tabs); --json keeps them exact."""
+        folder = self.make_jobs()
+        for argv in (("list",), ("dlq", "list"), ("show", "j"), ("status",),
+                     ("wait", "j")):
+            with self.subTest(argv=argv):
+                code, out, err = self.cli(*argv)
+                self.assertEqual(code, 6 if argv[0] == "wait" else 0, err)
+                self.assertShown(out)
+        shown = self.ok("show", "j")
+        self.assertIn(f"command:       printf '{self.SHOWN}'\\u202e\n", shown)
+        self.assertIn(f"cwd:           {folder.replace(self.ESC, self.SHOWN)}\n", shown)
+        self.assertIn(f"stdout of the last run:\n{self.SHOWN}\nline2\tTab\n", shown)
+        self.assertIn("stderr of the last run:\n\\x9b31m\n", shown)
+        job = self.job("j")
+        self.assertEqual((job["command"], job["cwd"], job["output"]["stdout"]),
+                         (f"printf '{self.ESC}'\u202e", folder,
+                          self.ESC + "\nline2\tTab\n"))
+        listed = self.json_out("list", "--json")
+        self.assertEqual(listed[0]["command"], f"echo {self.ESC}")
+
+    def on_terminal(self, *argv):
+        """Run queuectl with stdout and stderr on a pseudo-terminal: (code, text)."""
+        import pty
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, QUEUECTL, *argv], env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:                   # EIO: the other end is closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(master)
+        code = proc.wait(timeout=30)
+        return code, b"".join(chunks).decode("utf-8").replace("\r\n", "\n")
+
+    def test_logs_escapes_on_a_terminal_only(self):
+        """logs and logs --follow show escapes on a terminal; to a pipe or file
+        they write the run's bytes exactly."""
+        self.make_jobs()
+        for argv, code in ((("logs", "j"), 0), (("logs", "j", "--follow"), 6)):
+            with self.subTest(argv=argv):
+                got, text = self.on_terminal(*argv)
+                self.assertEqual(got, code, text)
+                self.assertShown(text)
+                self.assertIn(self.SHOWN + "\nline2\tTab\n", text)
+                result = self.run_cli(*argv)
+                self.assertEqual((result.returncode, result.stdout), (code, self.ESC +
+                                                                      "\nline2\tTab\n"))
+                self.assertTrue(result.stderr.startswith("\x9b31m"), result.stderr)
+
+
 class StatsTest(CliTestCase):
 
     def test_stats_json(self):
@@ -732,7 +1081,8 @@ class ExecutableTest(CliTestCase):
         for argv, want_out in ((("enqueue", job), "z\n"), (("show", "z", "--json"), None)):
             result = subprocess.run([PY39, QUEUECTL, *argv], env=self.env, cwd=self.dir,
                                     capture_output=True, text=True, timeout=30)
-            self.assertEqual((result.returncode, result.stderr), (0, ""), argv)
+            created = self.created_note() if argv[0] == "enqueue" else ""
+            self.assertEqual((result.returncode, result.stderr), (0, created), argv)
             if want_out:
                 self.assertEqual(result.stdout, want_out)
         self.assertEqual(json.loads(result.stdout)["run_at"], "2030-05-06T07:08:09.000Z")

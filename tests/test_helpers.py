@@ -177,6 +177,72 @@ class ConfigTest(unittest.TestCase):
                 self.assertIn(key, str(cm.exception))
 
 
+class ConfigTextTest(unittest.TestCase):
+
+    def test_stored_form_is_plain_decimal_that_the_reader_reads_back(self):
+        """A config value is stored without an exponent, durations to the
+        millisecond, and only if parse_config_value reads it back."""
+        for key, value, text in (("job_timeout", 0.0104, "0.01"),
+                                 ("job_timeout", 300, "300"),
+                                 ("backoff_max", 90.5, "90.5"),
+                                 ("backoff_base", 1.0000001, "1.0000001"),
+                                 ("retention", 0, "0")):
+            with self.subTest(key=key, value=value):
+                self.assertEqual(queuectl.config_text(key, value), text)
+                self.assertNotIn("e", text)
+                queuectl.parse_config_value(key, text)
+        with self.assertRaises(queuectl.UsageError):
+            queuectl.config_text("backoff_max", 2 ** 31 - 0.0001)   # rounds to 2**31
+
+    def test_a_timeout_below_the_floor_is_refused_naming_it(self):
+        """job_timeout, and a job's own timeout, are at least 0.01 s."""
+        for text in ("0.00001", "0.009", "1e-05"):
+            with self.subTest(text=text), self.assertRaises(queuectl.UsageError) as cm:
+                queuectl.parse_config_value("job_timeout", text)
+            self.assertIn(">= 0.01s", str(cm.exception))
+        self.assertEqual(queuectl.parse_config_value("job_timeout", "0.01"), 0.01)
+        for bad in (5e-324, 0.001, "0.009s"):
+            with self.subTest(timeout=bad), self.assertRaises(queuectl.UsageError) as cm:
+                queuectl.validate_job({"command": "true", "timeout": bad}, NOW)
+            self.assertIn("at least 0.01s", str(cm.exception))
+
+
+class AsciiDigitsTest(unittest.TestCase):
+
+    def test_numbers_durations_and_times_take_ascii_digits_only(self):
+        """Digits of other scripts are refused wherever a number is read."""
+        for bad in ("١٠", "１０", "١٠m", "1h٣٠m"):
+            with self.subTest(duration=bad), self.assertRaises(ValueError):
+                queuectl.parse_duration(bad)
+        for bad in ("２０２６-01-01T00:00:00Z", "2026-01-01T00:00:00+０２:00",
+                    "2026-01-01T10:00:00.１Z", "２０２６-01-01"):
+            with self.subTest(time=bad), self.assertRaises(ValueError):
+                queuectl.parse_user_time(bad)
+        for key, bad in (("max_retries", "١٢"), ("backoff_base", "٣"),
+                         ("backoff_base", "1_0"), ("backoff_base", "1e3"),
+                         ("lease_timeout", "٣٠"), ("output_limit", "１０")):
+            with self.subTest(key=key, value=bad):
+                with self.assertRaises(queuectl.UsageError):
+                    queuectl.parse_config_value(key, bad)
+        for bad in ("١", "١٠", "+-1", "1_0"):
+            with self.subTest(int_arg=bad):
+                with self.assertRaises(queuectl.argparse.ArgumentTypeError):
+                    queuectl.int_between(0, 100)(bad)
+
+
+class ShownTest(unittest.TestCase):
+
+    def test_control_characters_are_written_out(self):
+        """shown() writes C0 (but tab), DEL, C1 and bidi controls as escapes; with
+        lines=True it keeps newlines."""
+        text = "a\x1b[2J\x1b]0;t\x07\tb\nc\rd\x7f\x85\x9b\u202e\u2066\u2069é"
+        self.assertEqual(queuectl.shown(text),
+                         "a\\x1b[2J\\x1b]0;t\\x07\tb\\nc\\rd\\x7f\\x85\\x9b"
+                         "\\u202e\\u2066\\u2069é")
+        self.assertEqual(queuectl.shown("x\x1by\nz\t", lines=True), "x\\x1by\nz\t")
+        self.assertEqual(queuectl.clip("echo \x1b[31m\nred", 40), "echo \\x1b[31m red")
+
+
 class ValidateJobTest(unittest.TestCase):
 
     def valid(self, **doc):

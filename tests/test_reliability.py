@@ -362,7 +362,8 @@ class BadEnvironmentTest(ReliabilityTestCase):
 
     def make_queue_db(self, path):
         result = self.run_cli("--db", path, "enqueue", '{"command": "true"}')
-        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual((result.returncode, result.stderr),
+                         (0, self.created_note(path)))
         return result.stdout.strip()
 
     def test_foreign_and_broken_files_are_refused_unchanged(self):
@@ -591,7 +592,7 @@ class BadEnvironmentTest(ReliabilityTestCase):
                                   timeout=20)
             if result.returncode:
                 break
-            self.assertEqual(result.stderr, "")
+            self.assertEqual(result.stderr, self.created_note(db) if n == 0 else "")
             acknowledged[result.stdout.strip()] = command
         else:
             self.fail("the 256k filesystem never filled up")
@@ -619,7 +620,8 @@ class FilesTest(ReliabilityTestCase):
         self.addCleanup(os.umask, old)
         nested = os.path.join(self.dir, "new", "sub", "q.db")
         result = self.run_cli("--db", nested, "enqueue", '{"command": "true"}')
-        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual((result.returncode, result.stderr),
+                         (0, self.created_note(nested)))
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(nested)).st_mode), 0o700)
         self.assertEqual(stat.S_IMODE(os.stat(nested).st_mode), 0o600)
 

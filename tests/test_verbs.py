@@ -233,6 +233,26 @@ class UniqueTest(VerbTestCase):
         self.assertEqual(err.count("nothing added"), 2)
         self.assertEqual(len(self.json_out("list", "--json")), 2)
 
+    def test_a_job_after_one_its_unique_key_kept_out_refuses_the_batch(self):
+        """A batch whose line runs after a job of the batch that a held unique key
+        kept out is refused whole, saying so (it said 'no such job')."""
+        def line(**job):
+            return json.dumps(dict(job, command="true")) + "\n"
+        # In a new database: the key is held by an earlier line of the batch.
+        batch = line(unique_key="k") + line(id="a1", unique_key="k") + \
+            line(id="b", after=["a1"])
+        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
+        self.assertEqual(err, "queuectl: error: line 3: job a1 (in 'after') was not "
+                              "added: the job of line 1 holds its unique key 'k'\n")
+        self.assertFalse(os.path.exists(self.db))
+        # In a database where a job holds the key.
+        self.enqueue(id="x", command="true", unique_key="k")
+        batch = line(id="c") + line(id="a1", unique_key="k") + line(id="b", after="a1")
+        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
+        self.assertEqual(err, "queuectl: error: line 3: job a1 (in 'after') was not "
+                              "added: job x holds its unique key 'k'\n")
+        self.assertEqual([job["id"] for job in self.json_out("list", "--json")], ["x"])
+
 
 class DependencyTest(VerbTestCase):
 
@@ -344,6 +364,24 @@ class EnqueueFlagsTest(VerbTestCase):
         self.assertFailsCleanly(2, "enqueue")
         self.assertFailsCleanly(2, "enqueue", "-c", "")
 
+    def test_messages_name_the_flags_that_were_typed(self):
+        """A mistake in enqueue -c names -c, --run-at, --delay, not JSON fields."""
+        for argv, message in (
+                (("-c", ""), "queuectl: error: -c must be a non-empty string\n"),
+                (("-c", "x", "--run-at", "2030-01-01T00:00:00Z", "--delay", "5"),
+                 "queuectl: error: give either --run-at or --delay, not both\n"),
+                (("-c", "x", "--id", ""),
+                 "queuectl: error: --id must be a non-empty string\n"),
+                (("-c", "x\x00y"), "queuectl: error: -c contains a NUL character\n"),
+                (("-c", "x", "--unique-key", "a\x00"),
+                 "queuectl: error: --unique-key contains a NUL character\n")):
+            with self.subTest(argv=argv):
+                self.assertEqual(self.assertFailsCleanly(2, "enqueue", *argv), message)
+        err = self.assertFailsCleanly(
+            2, "enqueue", '{"command": "x", "run_at": "2030-01-01T00:00:00Z", '
+                          '"delay": 5}')
+        self.assertIn("give either 'run_at' or 'delay', not both", err)
+
 
 class CommandLineTest(VerbTestCase):
 
@@ -365,7 +403,7 @@ class CommandLineTest(VerbTestCase):
         """--db works after a command group's name too, and every group lists it."""
         other = self.path("other.db")
         code, out, err = self.cli("enqueue", "--db", other, '{"id": "o", "command": "x"}')
-        self.assertEqual((code, err), (0, ""))
+        self.assertEqual((code, err), (0, self.created_note(other)))
         for argv in (["dlq", "--db", other, "list", "--json"],
                      ["config", "--db", other, "show", "--json"],
                      ["worker", "--db", other, "stop"]):
@@ -727,7 +765,7 @@ class WalkthroughTest(VerbTestCase):
                 (("enqueue", "-c", "true", "--delay", "99999999999d"),
                  "--delay: too long: '99999999999d'"),
                 (("enqueue", "-c", "true", "--timeout", "0"),
-                 "--timeout: must be more than 0: '0'"),
+                 "--timeout: must be at least 0.01s: '0'"),
                 (("enqueue", '{"command": "true", "delay": "10 m"}'),
                  "field 'delay': not a duration such as 90s, 10m, 2h, 7d or 1h30m: "
                  "'10 m'"),
@@ -772,7 +810,8 @@ class SecondWalkthroughTest(VerbTestCase):
         self.enqueue(id="f", command="x", max_retries=1)
         self.finish_next(queuectl.RunResult(exit_code=3, reason="exit 3",
                                             stdout="partial\n"))
-        result = self.run_cli("logs", "f", "--follow")
+        # Run 1 only: without --attempt, it would wait for the retry.
+        result = self.run_cli("logs", "f", "--follow", "--attempt", "1")
         self.assertEqual((result.returncode, result.stdout, result.stderr),
                          (6, "partial\n", "queuectl: run 1 of job f ended failed "
                                           "(exit 3); the job will be retried\n"))
@@ -964,6 +1003,76 @@ class FollowColdStopTest(RegressionTestCase, CliTestCase):
         out, err = follower.communicate(timeout=20)
         self.assertEqual(follower.returncode, queuectl.EXIT_NOT_COMPLETED)
         self.assertIn("ended cancelled", err)
+
+
+class FollowRetriesTest(RegressionTestCase, CliTestCase):
+
+    def follow(self, job_id):
+        follower = subprocess.Popen([sys.executable, QUEUECTL, "logs", job_id, "--follow"],
+                                    env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: follower.poll() is None and follower.kill())
+        return follower
+
+    def test_logs_follow_sees_a_job_through_its_retries(self):
+        """Without --attempt, logs --follow says how a failed run ended and follows
+        the retry, until the job completes (exit 0); it used to exit 6 at once."""
+        self.ok("config", "set", "backoff_base", "1")         # retries 1 s later
+        marker = q(self.path("marker"))
+        job_id = self.enqueue(command=f"echo run-$QUEUECTL_ATTEMPT; test -e {marker} "
+                                      f"|| {{ touch {marker}; echo oops >&2; exit 3; }}; "
+                                      f"echo done")
+        follower = self.follow(job_id)
+        self.start_workers(1)
+        out, err = follower.communicate(timeout=30)
+        self.assertEqual((follower.returncode, out, err), (
+            0, "run-1\nrun-2\ndone\n",
+            f"oops\nqueuectl: run 1 of job {job_id} ended failed (exit 3); the job will "
+            f"be retried\n"))
+        self.assertEqual(self.job(job_id)["attempts"], 2)
+
+    def test_logs_follow_exits_6_once_the_job_is_dead(self):
+        """Following a job that fails every run ends with exit 6 when it is dead,
+        having said how each run ended; a follower that joins during the backoff
+        replays the failed run and waits for the next."""
+        self.ok("config", "set", "backoff_base", "1")
+        job_id = self.enqueue(command="echo run-$QUEUECTL_ATTEMPT; exit 3",
+                              max_retries=1)
+        follower = self.follow(job_id)
+        self.start_workers(1)
+        self.wait_state(job_id, ("failed", "processing", "dead"))
+        late = self.follow(job_id)
+        out, err = follower.communicate(timeout=30)
+        ending = f"queuectl: run %d of job {job_id} ended failed (exit 3); the job %s\n"
+        self.assertEqual((follower.returncode, out, err), (
+            6, "run-1\nrun-2\n", ending % (1, "will be retried") +
+            ending % (2, "is dead (in the DLQ)")))
+        out, err = late.communicate(timeout=30)
+        self.assertEqual(late.returncode, 6)
+        self.assertTrue(out.endswith("run-2\n"), out)
+        self.assertTrue(err.endswith(ending % (2, "is dead (in the DLQ)")), err)
+
+    def test_a_follower_that_missed_a_runs_end_prints_it_before_the_next(self):
+        """A follower that looks again only after its run ended and the next one
+        ran (here: stopped meanwhile) prints the rest of its run and how it
+        ended, then the next run whole."""
+        self.ok("config", "set", "backoff_base", "1")
+        job_id = self.enqueue(command="echo run-$QUEUECTL_ATTEMPT; sleep 0.5; exit 3",
+                              max_retries=1)
+        follower = self.follow(job_id)
+        self.start_workers(1)
+        self.assertEqual(follower.stdout.readline(), "run-1\n")
+        os.kill(follower.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: follower.poll() is None and
+                        os.kill(follower.pid, signal.SIGCONT))
+        self.wait_state(job_id, "dead")
+        os.kill(follower.pid, signal.SIGCONT)
+        out, err = follower.communicate(timeout=30)
+        self.assertEqual((follower.returncode, out, err), (
+            6, "run-2\n",
+            f"queuectl: run 1 of job {job_id} ended failed (exit 3); the job runs "
+            f"again\nqueuectl: run 2 of job {job_id} ended failed (exit 3); the job is "
+            f"dead (in the DLQ)\n"))
 
 
 

@@ -367,7 +367,7 @@ class TestWorkers(WorkerTestCase):
                                 capture_output=True, text=True, timeout=25)
         elapsed = time.monotonic() - started
         match = re.search(r"supervisor pid (\d+)", result.stdout)
-        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual((result.returncode, result.stderr), (0, self.created_note()))
         self.assertIsNotNone(match, result.stdout)
         self.assertIn("started 2 worker(s)", result.stdout)
         self.assertLess(elapsed, 10)
