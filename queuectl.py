@@ -5249,12 +5249,7 @@ class DashboardHandler:
         state = state or query.get("state") or None
         if state is not None and state not in STATES:
             raise HttpError(400, f"unknown state: {state}")
-        try:
-            limit = int(query.get("limit", "50"))
-        except ValueError:
-            raise HttpError(400, "limit must be a whole number") from None
-        if not 1 <= limit <= 1000:
-            raise HttpError(400, "limit must be from 1 to 1000")
+        limit = whole_number(query.get("limit", "50"), "limit", 1, 1000)
         if len(query.get("q", "")) > SEARCH_MAX_LEN:
             raise HttpError(400, f"q must be at most {SEARCH_MAX_LEN} characters")
         with dashboard.store() as store:
@@ -5274,12 +5269,7 @@ class DashboardHandler:
     def api_logs(self, dashboard, query, job_id):
         number = None
         if query.get("attempt"):
-            try:
-                number = int(query["attempt"])
-            except ValueError:
-                raise HttpError(400, "attempt must be a whole number") from None
-            if not 1 <= number < INT_LIMIT:
-                raise HttpError(400, f"attempt must be from 1 to {INT_LIMIT - 1}")
+            number = whole_number(query["attempt"], "attempt", 1, INT_LIMIT - 1)
         with dashboard.store() as store:
             job, run = store.run_of(job_id, number)
             self.send_json(logs_document(store.path, job, run))
@@ -5374,6 +5364,17 @@ class RequestDeadline(io.RawIOBase):
             raise socket.timeout("the request took too long to arrive")
         self.sock.settimeout(left)
         return self.sock.recv_into(buffer)
+
+
+def whole_number(text, name, low, high):
+    """TEXT, a query parameter, as a whole number from LOW to HIGH, or 400. ASCII
+    digits only: int() would also take '١٢', ' 12', '+12' and '1_2'."""
+    if not (text.isascii() and text.isdigit()):
+        raise HttpError(400, f"{name} must be a whole number")
+    value = int(text) if len(text) <= 18 else None       # no 10,000-digit parse
+    if value is None or not low <= value <= high:
+        raise HttpError(400, f"{name} must be from {low} to {high}")
+    return value
 
 
 def path_is_api(handler):

@@ -732,6 +732,21 @@ class DashboardReviewTest(DashboardTestCase):
         self.assertFailsCleanly(2, "enqueue", '{"id": "..", "command": "true"}')
         self.assertFailsCleanly(2, "enqueue", "-c", "true", "--id", ".")
 
+    def test_numeric_parameters_take_ascii_digits_only(self):
+        """limit and attempt are ASCII digits: Arabic-Indic or full-width digits,
+        a sign, spaces or underscores, which int() would take, get 400."""
+        self.enqueue(id="a", command="true")
+        self.ok("cancel", "a")
+        self.start_dashboard()
+        for text in ("١٢", "１２", "+5", " 5", "5 ", "1_0", "²"):
+            self.assertError(self.get("/api/jobs?limit=" + quote(text)), 400,
+                             "limit must be a whole number")
+            self.assertError(self.get("/api/jobs/a/logs?attempt=" + quote(text)), 400,
+                             "attempt must be a whole number")
+        self.assertEqual(len(self.get_json("/api/jobs?limit=0012")), 1)
+        self.assertError(self.get("/api/jobs?limit=" + "9" * 5000), 400,
+                         "limit must be from 1 to 1000")
+
     def test_too_many_clients_at_once_get_503_and_the_rest_go_on(self):
         self.store()
         self.start_dashboard()
