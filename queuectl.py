@@ -5414,9 +5414,12 @@ def prometheus_metrics(report, totals):
     metric("workers", "gauge", "Worker processes of the running supervisor.",
            [((), len(report["workers"]))])
     metric("paused", "gauge", "1 while the queue is paused.", [((), int(report["paused"]))])
+    # No sample while nothing waits (/api/status says null): 0 would claim a job
+    # that has just become due, and NaN breaks max() and sum() across queues.
+    age_s = report["oldest_runnable_age_s"]
     metric("oldest_waiting_seconds", "gauge",
-           "How long the oldest runnable job has waited past its run_at.",
-           [((), float(report["oldest_runnable_age_s"] or 0))])
+           "How long the oldest runnable job has waited past its run_at; absent "
+           "while no job waits.", [] if age_s is None else [((), float(age_s))])
     metric("healthy", "gauge", "1 if status --check finds no problem.",
            [((), int(report["healthy"]))])
     return "\n".join(lines) + "\n"

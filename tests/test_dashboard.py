@@ -772,6 +772,27 @@ class DashboardReviewTest(DashboardTestCase):
         self.assertIn("queuectl_run_duration_seconds_sum 1234569.5\n", text)
         self.assertIn("queuectl_oldest_waiting_seconds 1234567.891\n", text)
 
+    def test_metrics_and_status_agree_when_no_job_waits(self):
+        """/api/status says null for the oldest waiting job when none waits; /metrics
+        then has no queuectl_oldest_waiting_seconds sample (not 0), and has one
+        once a job waits."""
+        self.enqueue(id="later", command="true", delay="1h")
+        self.start_dashboard()
+
+        def oldest_samples():
+            return [line for line in self.get("/metrics").text.splitlines()
+                    if line.startswith("queuectl_oldest_waiting_seconds")]
+        self.assertIsNone(self.get_json("/api/status")["oldest_runnable_age_s"])
+        self.assertEqual(oldest_samples(), [])
+        self.assertIn("# TYPE queuectl_oldest_waiting_seconds gauge",
+                      self.get("/metrics").text)
+        self.ok("pause")
+        self.enqueue(id="now", command="true")
+        age = self.get_json("/api/status")["oldest_runnable_age_s"]
+        self.assertIsNotNone(age)
+        [sample] = oldest_samples()
+        self.assertGreaterEqual(float(sample.split()[1]), age)
+
 
     def test_the_bearer_scheme_is_case_blind_and_a_wrong_token_says_so(self):
         self.enqueue(id="a", command="true")
