@@ -5232,19 +5232,29 @@ class DashboardHandler:
 
     # -- the JSON API: the CLI's --json documents ---------------------------------------
 
+    def api_index(self, dashboard, query):
+        """These endpoints: each one's method, path and what it answers."""
+        self.send_json({"endpoints": api_endpoints()})
+
     def api_status(self, dashboard, query):
+        """The queue's status: `status --json`."""
         with dashboard.store() as store:
             self.send_json(status_report(store)[0])
 
     def api_stats(self, dashboard, query):
+        """Throughput and run times: `stats --json`."""
         with dashboard.store() as store:
             self.send_json(store.stats())
 
     def api_config(self, dashboard, query):
+        """The configuration: `config show --json`."""
         with dashboard.store() as store:
             self.send_json(store.config())
 
     def api_jobs(self, dashboard, query, state=None):
+        """Jobs, newest first: `list --json`, with ?state=S, ?q=TEXT (a search of
+        ids and commands), ?limit=N (1 to 1000; 50) and ?before= (the page
+        before's X-Next-Before)."""
         from urllib.parse import quote
         state = state or query.get("state") or None
         if state is not None and state not in STATES:
@@ -5263,10 +5273,12 @@ class DashboardHandler:
         self.send_json(jobs, headers)
 
     def api_job(self, dashboard, query, job_id):
+        """A job with its runs and dependencies: `show ID --json`."""
         with dashboard.store() as store:
             self.send_json(job_document(store, job_id))
 
     def api_logs(self, dashboard, query, job_id):
+        """The output of a job's last run (or ?attempt=N): `logs ID --json`."""
         number = None
         if query.get("attempt"):
             number = whole_number(query["attempt"], "attempt", 1, INT_LIMIT - 1)
@@ -5275,6 +5287,7 @@ class DashboardHandler:
             self.send_json(logs_document(store.path, job, run))
 
     def api_dlq(self, dashboard, query):
+        """Dead jobs, newest first: `dlq list --json`, paged as /api/jobs is."""
         self.api_jobs(dashboard, query, state=DEAD)
 
     def api_overview(self, dashboard, query):
@@ -5298,6 +5311,7 @@ class DashboardHandler:
     # -- actions --------------------------------------------------------------------------
 
     def act_cancel(self, dashboard, query, job_id):
+        """Cancel a pending, failed or running job (its run is killed): `cancel ID`."""
         with dashboard.store() as store:
             cancelled = cancel_jobs(store, [job_id])
         killed = any(run for _, _, run in cancelled)
@@ -5305,12 +5319,14 @@ class DashboardHandler:
                         (" (its run was killed)" if killed else "")})
 
     def act_retry(self, dashboard, query, job_id):
+        """Send a dead job back to pending: `dlq retry ID`."""
         with dashboard.store() as store:
             store.retry_dead([job_id])
         wake_supervisor(dashboard.db_path)
         self.send_json({"message": f"job {job_id} is back to pending"})
 
     def act_retry_all(self, dashboard, query):
+        """Send every dead job back to pending: `dlq retry --all`."""
         with dashboard.store() as store:
             ids, left = store.retry_dead()
         wake_supervisor(dashboard.db_path)
@@ -5322,12 +5338,14 @@ class DashboardHandler:
         self.send_json({"message": message})
 
     def act_pause(self, dashboard, query):
+        """Pause the queue: `pause`."""
         with dashboard.store() as store:
             since = store.pause()
         wake_supervisor(dashboard.db_path)
         self.send_json({"message": f"paused since {since}"})
 
     def act_resume(self, dashboard, query):
+        """Resume the queue: `resume`."""
         with dashboard.store() as store:
             since = store.resume()
         wake_supervisor(dashboard.db_path)
@@ -5336,6 +5354,7 @@ class DashboardHandler:
     # -- /metrics ---------------------------------------------------------------------------
 
     def metrics(self, dashboard, query):
+        """The queue's metrics in Prometheus's text format."""
         with dashboard.store() as store:
             report = status_report(store)[0]
             totals = store.run_totals()
@@ -5378,7 +5397,25 @@ def whole_number(text, name, low, high):
 
 
 def path_is_api(handler):
-    return getattr(handler, "path", "").startswith("/api/")
+    return re.match(r"/api([/?#]|$)", getattr(handler, "path", "")) is not None
+
+
+def route_path(pattern):
+    """A route's pattern as a path a reader understands: /api/jobs/{id}/logs."""
+    return re.sub(r"\\(.)", r"\1", pattern.replace("([^/]+)", "{id}").replace("/?", "/"))
+
+
+def api_endpoints():
+    """The API's routes (and /metrics), each with the first paragraph of its
+    handler's docstring: the route table and the code stay the only copy."""
+    endpoints = []
+    for method, pattern, handler in ROUTES:
+        path = route_path(pattern)
+        if path.startswith("/api/") or path == "/metrics":
+            doc = getattr(DashboardHandler, handler).__doc__.split("\n\n")[0]
+            endpoints.append({"method": method, "path": path,
+                              "description": " ".join(doc.split())})
+    return endpoints
 
 
 def prometheus_metrics(report, totals):
@@ -5444,6 +5481,7 @@ ROUTES = [
     ("POST", r"/login", "post_login"),
     ("GET", r"/static/(app\.js|app\.css|icon\.svg)", "static"),
     ("GET", r"/favicon\.ico", "favicon"),            # what browsers ask for anyway
+    ("GET", r"/api/?", "api_index"),
     ("GET", r"/api/status", "api_status"),
     ("GET", r"/api/stats", "api_stats"),
     ("GET", r"/api/config", "api_config"),

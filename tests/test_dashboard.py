@@ -253,6 +253,27 @@ class DashboardApiTest(DashboardTestCase):
             f.write(b"this is not a database" * 100)
         self.assertError(self.get("/api/jobs"), 503)
 
+    def test_the_api_root_lists_every_endpoint_from_the_route_table(self):
+        """GET /api/ (and /api) names each endpoint's method and path with one line
+        of description, read from the route table; each GET one listed answers."""
+        self.enqueue(id="a", command="true")
+        self.start_dashboard()
+        index = self.get_json("/api/")
+        self.assertEqual(self.get_json("/api"), index)
+        listed = [(e["method"], e["path"]) for e in index["endpoints"]]
+        routed = [(method, queuectl.route_path(pattern))
+                  for method, pattern, _ in queuectl.ROUTES
+                  if pattern.startswith("/api") or pattern == "/metrics"]
+        self.assertEqual(listed, routed)
+        self.assertIn(("GET", "/api/jobs/{id}/logs"), listed)
+        self.assertIn(("POST", "/api/pause"), listed)
+        for endpoint in index["endpoints"]:
+            self.assertRegex(endpoint["description"], r"^[^\n]{10,200}$", endpoint)
+            if endpoint["method"] == "GET":
+                path = endpoint["path"].replace("{id}", "a")
+                self.assertEqual(self.get(path).status, 200, path)
+        self.assertError(self.request("POST", "/api/"), 405)
+
     def test_metrics_in_the_prometheus_text_format(self):
         self.enqueue(id="ok1", command="true")
         self.enqueue(id="ok2", command="sleep 0.2")
