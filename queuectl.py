@@ -1623,39 +1623,59 @@ class Store:
     def search_jobs(self, state=None, text=None, before=None, limit=50,
                     scan=SEARCH_SCAN):
         """A page of jobs, newest first: in STATE, whose id or command holds TEXT,
-        older than job BEFORE. A search looks at the newest SCAN of those jobs only,
-        for a bounded cost on any database; return (jobs, whether it stopped
-        short of the oldest)."""
+        after the position of cursor BEFORE. A search looks at the newest SCAN of
+        those jobs only, for a bounded cost on any database. Return (jobs, the
+        cursor of the next page or None, whether the search stopped short).
+
+        A cursor names a position in the listing, not a job, so it stays good
+        when the job a page ended on is deleted or purged: here "r" and that
+        job's rowid, which is the listing order."""
         def body(conn):
             where, params = [], []
-            newest = "SELECT rowid, * FROM jobs"
+            table = "jobs"
             if state:
-                newest += " INDEXED BY jobs_state"
+                table += " INDEXED BY jobs_state"
                 where.append("state = ?")
                 params.append(state)
-            if before:
-                row = conn.execute("SELECT rowid FROM jobs WHERE id = ?",
-                                   (before,)).fetchone()
-                if row is None:
-                    raise NotFound(f"no such job: {before}")
-                where.append("rowid < ?")
-                params.append(row[0])
+            if before is not None:
+                where.append("rowid < ?")          # a range of the rowid: no scan
+                params.append(self._position(before))
+            newest = f"SELECT rowid, * FROM {table}"
+            positions = f"SELECT rowid FROM {table}"
             if where:
                 newest += " WHERE " + " AND ".join(where)
+                positions += " WHERE " + " AND ".join(where)
             newest += " ORDER BY rowid DESC"
-            short = False
+            positions += " ORDER BY rowid DESC LIMIT 2 OFFSET ?"
+            short, end = False, None
             if text:
                 like = "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
                 sql = (f"SELECT * FROM ({newest} LIMIT ?) WHERE id LIKE ? ESCAPE '\\' "
                        f"OR command LIKE ? ESCAPE '\\' ORDER BY rowid DESC LIMIT ?")
                 params_all = params + [scan, like, like, limit]
-                short = conn.execute(f"SELECT count(*) FROM ({newest} LIMIT ?)",
-                                     params + [scan + 1]).fetchone()[0] > scan
+                # The window's last row, and whether one lies beyond it: a search
+                # that stopped short goes on from the last row it looked at.
+                edge = [row[0] for row in conn.execute(positions, params + [scan - 1])]
+                short = len(edge) == 2
+                end = edge[0] if short else None
             else:
                 sql, params_all = newest + " LIMIT ?", params + [limit]
+            rows = conn.execute(sql, params_all).fetchall()
+            if len(rows) == limit:
+                end = rows[-1]["rowid"]
             config = self._config(conn)
-            return [job_dict(row, config) for row in conn.execute(sql, params_all)], short
+            return ([job_dict(row, config) for row in rows],
+                    None if end is None else f"r{end}", short)
         return self._read(body)
+
+    @staticmethod
+    def _position(cursor):
+        """The rowid a page cursor names, or UsageError."""
+        match = re.fullmatch(r"r([1-9][0-9]{0,18})", cursor)
+        if match is None or int(match.group(1)) >= 2 ** 63:
+            raise UsageError(f"before takes the X-Next-Before of the page before, "
+                             f"not a job id: {cursor[:40]!r}")
+        return int(match.group(1))
 
     def run_minutes(self, since):
         """{minute: {outcome: runs}} of runs that ended from the minute of SINCE on."""
@@ -4743,7 +4763,7 @@ function pageOn(response, path, params) {
   older.hidden = !next;
   if (next) {
     const more = new URLSearchParams(params);
-    more.set("before", decodeURIComponent(next));
+    more.set("before", next);
     older.setAttribute("href", path + "?" + more.toString());
   }
 }
@@ -5255,7 +5275,6 @@ class DashboardHandler:
         """Jobs, newest first: `list --json`, with ?state=S, ?q=TEXT (a search of
         ids and commands), ?limit=N (1 to 1000; 50) and ?before= (the page
         before's X-Next-Before)."""
-        from urllib.parse import quote
         state = state or query.get("state") or None
         if state is not None and state not in STATES:
             raise HttpError(400, f"unknown state: {state}")
@@ -5263,11 +5282,11 @@ class DashboardHandler:
         if len(query.get("q", "")) > SEARCH_MAX_LEN:
             raise HttpError(400, f"q must be at most {SEARCH_MAX_LEN} characters")
         with dashboard.store() as store:
-            jobs, short = store.search_jobs(state, query.get("q") or None,
-                                            query.get("before") or None, limit)
+            jobs, next_before, short = store.search_jobs(
+                state, query.get("q") or None, query.get("before") or None, limit)
         headers = {}
-        if len(jobs) == limit:
-            headers["X-Next-Before"] = quote(jobs[-1]["id"], safe="")   # URL-ready
+        if next_before is not None:
+            headers["X-Next-Before"] = next_before        # letters and digits
         if short:
             headers["X-Search-Limited"] = str(SEARCH_SCAN)
         self.send_json(jobs, headers)

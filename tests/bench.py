@@ -443,7 +443,7 @@ class Bench:
                  "/api/jobs?before={old}", "/api/dlq", "/api/jobs?q=no-such-text"]
 
         def timed(db, path):
-            path = path.format(old=self.oldest_id(db, 100))
+            path = path.format(old=self.oldest_cursor(db, 100))
             return self.best(lambda: self.dashboard_times(db, [path], runs)[path])
         for path in paths:
             base, ours = timed(small, path), timed(big, path)
@@ -455,11 +455,12 @@ class Bench:
                      "< 100 ms (it scans at most 100,000 jobs)" if bounded else "<= 2x",
                      ours < 0.1 if bounded else ratio <= 2)
 
-    def oldest_id(self, db, nth):
+    def oldest_cursor(self, db, nth):
+        """The page cursor (X-Next-Before) of a page that ended at the NTH oldest job."""
         conn = sqlite3.connect(db)
         try:
-            return conn.execute("SELECT id FROM jobs ORDER BY rowid LIMIT 1 OFFSET ?",
-                                (nth,)).fetchone()[0]
+            return "r%d" % conn.execute("SELECT rowid FROM jobs ORDER BY rowid LIMIT 1 "
+                                        "OFFSET ?", (nth,)).fetchone()[0]
         finally:
             conn.close()
 

@@ -158,8 +158,8 @@ class DashboardApiTest(DashboardTestCase):
         logs = self.get_json("/api/jobs/hello/logs")
         self.assertEqual((logs["stdout"], logs["stderr"]), ("hello\n", "oops\n"))
         self.assertEqual([job["id"] for job in self.get_json("/api/dlq")], ["bad"])
-        self.assertEqual(self.get("/api/dlq?limit=1").headers["x-next-before"], "bad")
-        self.assertEqual(self.get_json("/api/dlq?before=bad"), [])
+        cursor = self.get("/api/dlq?limit=1").headers["x-next-before"]
+        self.assertEqual(self.get_json("/api/dlq?before=" + cursor), [])
 
         overview = self.get_json("/api/overview")
         self.assertEqual(overview["status"]["counts"], status["counts"])
@@ -176,11 +176,11 @@ class DashboardApiTest(DashboardTestCase):
         page = self.get("/api/jobs?limit=10")
         first = [job["id"] for job in page.json()]
         self.assertEqual(first, [f"job{n:02}" for n in range(24, 14, -1)])
-        self.assertEqual(page.headers["x-next-before"], "job15")
-        second = self.get_json("/api/jobs?limit=10&before=job15")
-        self.assertEqual([job["id"] for job in second],
+        self.assertRegex(page.headers["x-next-before"], r"^[A-Za-z0-9]+$")
+        second = self.get("/api/jobs?limit=10&before=" + page.headers["x-next-before"])
+        self.assertEqual([job["id"] for job in second.json()],
                          [f"job{n:02}" for n in range(14, 4, -1)])
-        last = self.get("/api/jobs?limit=10&before=job05")
+        last = self.get("/api/jobs?limit=10&before=" + second.headers["x-next-before"])
         self.assertEqual(len(last.json()), 5)
         self.assertNotIn("x-next-before", last.headers)
         found = self.get_json("/api/jobs?q=needle")
@@ -199,13 +199,17 @@ class DashboardApiTest(DashboardTestCase):
                         for n in range(30))
         self.ok("enqueue", "-", stdin=lines)
         store = self.store()
-        jobs, short = store.search_jobs(text="j1", limit=50, scan=10)
+        jobs, cursor, short = store.search_jobs(text="j1", limit=50, scan=10)
         self.assertEqual((jobs, short), ([], True))          # it saw j29..j20 only
-        jobs, short = store.search_jobs(text="j1", before="j20", limit=50, scan=10)
+        self.assertIsNotNone(cursor)                        # and goes on from j20
+        jobs, cursor, short = store.search_jobs(text="j1", before=cursor, limit=50,
+                                                scan=10)
         self.assertEqual(([job["id"] for job in jobs], short),
                          ([f"j{n}" for n in range(19, 9, -1)], True))
-        jobs, short = store.search_jobs(text="j1", before="j10", limit=50, scan=10)
-        self.assertEqual(([job["id"] for job in jobs], short), (["j1"], False))
+        jobs, cursor, short = store.search_jobs(text="j1", before=cursor, limit=50,
+                                                scan=10)
+        self.assertEqual(([job["id"] for job in jobs], cursor, short),
+                         (["j1"], None, False))
 
     def test_unknown_paths_and_ids_get_404_and_bad_parameters_400(self):
         self.enqueue(id="a", command="true")
@@ -220,7 +224,7 @@ class DashboardApiTest(DashboardTestCase):
                              ("/api/jobs?limit=abc", "limit must be a whole number"),
                              ("/api/jobs?limit=0", "limit must be from 1 to 1000"),
                              ("/api/jobs?limit=5000", "limit must be from 1 to 1000"),
-                             ("/api/jobs?before=nope", "no such job: nope"),
+                             ("/api/jobs?before=nope", "not a job id: 'nope'"),
                              ("/api/jobs/a/logs?attempt=x", "attempt must be a whole"),
                              ("/api/jobs/a/logs?attempt=7", "")):
             response = self.get(path)
@@ -727,16 +731,42 @@ class DashboardReviewTest(DashboardTestCase):
         self.assertOneErrorLine(2, code, out, err)
 
     def test_paging_past_an_id_that_is_not_latin_1(self):
-        """X-Next-Before is percent-encoded, so any id can end a page."""
+        """X-Next-Before names a position, not the id, so any id can end a page."""
         self.enqueue(id="first", command="true")
         self.enqueue(id="ジョブ", command="true")
         self.start_dashboard()
         response = self.get("/api/jobs?limit=1")
         self.assertEqual(response.status, 200)
-        self.assertEqual(response.headers["x-next-before"], quote("ジョブ", safe=""))
+        self.assertEqual([job["id"] for job in response.json()], ["ジョブ"])
         older = self.get_json("/api/jobs?limit=1&before=" +
                               response.headers["x-next-before"])
         self.assertEqual([job["id"] for job in older], ["first"])
+
+    def test_paging_goes_on_when_the_job_a_page_ended_on_is_gone(self):
+        """The next page's cursor names a position, not a job: deleting or purging
+        the job a page ended on leaves the next page as it was. A job id or a
+        malformed cursor gets 400."""
+        for n in range(7):
+            self.enqueue(id=f"j{n}", command="true")
+        self.ok("cancel", "j3")
+        self.start_dashboard()
+        first = self.get("/api/jobs?limit=2")               # j6, j5
+        self.ok("delete", "j5")
+        second = self.get("/api/jobs?limit=2&before=" + first.headers["x-next-before"])
+        self.assertEqual(second.status, 200, second.text)
+        self.assertEqual([job["id"] for job in second.json()], ["j4", "j3"])
+        self.ok("purge", "--state", "cancelled")           # j3, where it ended
+        third = self.get_json("/api/jobs?limit=2&before=" +
+                              second.headers["x-next-before"])
+        self.assertEqual([job["id"] for job in third], ["j2", "j1"])
+        pending = self.get("/api/jobs?state=pending&limit=1")
+        self.ok("delete", "j6")
+        self.assertEqual([job["id"] for job in self.get_json(
+            "/api/jobs?state=pending&limit=1&before=" + pending.headers["x-next-before"])],
+            ["j4"])
+        for cursor in ("j2", "r", "r0", "r-1", "r１", "r01", "r" + "9" * 19, " r5"):
+            self.assertError(self.get("/api/jobs?before=" + quote(cursor)), 400,
+                             "before takes the X-Next-Before of the page before")
 
     def test_odd_parameters_and_slow_bodies_get_short_answers(self):
         self.enqueue(id="a", command="true")
