@@ -66,6 +66,8 @@ ENV_TOKEN = "QUEUECTL_TOKEN"               # the dashboard's token, if not --tok
 DASHBOARD_PORT = 8765
 DASHBOARD_CLIENT_TIMEOUT_S = 10.0          # a client slower to send its request is dropped
 DASHBOARD_MAX_CLIENTS = 64                 # connections served at once; more get 503
+TOKEN_SUFFIX = ".token"                    # <db>.token: the token if none is given
+TOKEN_MIN_LEN = 16                         # a token file must hold one this long
 ENV_LOG_MAX = "QUEUECTL_LOG_MAX_BYTES"   # where a detached supervisor's log rotates
 LOG_MAX_BYTES = 10 * 1024 * 1024
 DB_FILENAME = "queuectl.db"
@@ -4528,7 +4530,7 @@ DASHBOARD_PAGE = """<!DOCTYPE html>
 <title>{title} - queuectl</title>
 <link rel="stylesheet" href="/static/app.css">
 <link rel="icon" href="/static/icon.svg" type="image/svg+xml">
-<script src="/static/app.js" defer></script>
+<script src="/static/app.js" defer></script>{head}
 </head>
 <body data-page="{page}" data-job="{job}">
 <header>
@@ -4604,6 +4606,11 @@ DASHBOARD_MAIN = {
 <button type="submit">Sign in</button>
 </form>
 <p class="error">{error}</p>""",
+    # A sign-in URL's answer: the cookie is set, and the page's own refresh
+    # (a same-site navigation, which carries a SameSite=Strict cookie where a
+    # redirect from another site's link would not) opens the page asked for.
+    "signed_in": """<h1>Signed in</h1>
+<p><a href="{target}">Open the dashboard</a></p>""",
 }
 
 # The tab's icon: three queued bars.
@@ -4971,28 +4978,73 @@ class HttpError(Exception):
         self.headers = dict(headers)
 
 
+def dashboard_token(db_path):
+    """The token kept in <db>.token: made at random on first use, then reused, so
+    a bookmarked sign-in URL survives restarts. Like the database it is readable
+    by its owner only; a file that is not a regular file of ours, or that others
+    may read, is refused rather than trusted or changed."""
+    import secrets
+    path = db_path + TOKEN_SUFFIX
+    fd = _open_owner_only(path, os.O_RDWR | os.O_CREAT)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise QueueError(f"not yours: {path} belongs to user {info.st_uid}")
+        if info.st_mode & 0o077:
+            raise QueueError(f"others may read the token in {path}: delete the file "
+                             f"to make a new token")
+        fcntl.flock(fd, fcntl.LOCK_EX)     # two dashboards starting at once: one token
+        text = os.read(fd, 4096)
+        if not text.strip():
+            token = secrets.token_urlsafe(24)
+            os.write(fd, (token + "\n").encode())
+            os.fsync(fd)
+            return token
+        try:
+            token = text.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            token = ""
+        if len(token) < TOKEN_MIN_LEN or len(text) == 4096:
+            raise QueueError(f"no usable token in {path} (one line of {TOKEN_MIN_LEN} "
+                             f"or more characters): delete the file to make a new one")
+        return token
+    finally:
+        os.close(fd)
+
+
 class Dashboard:
     """What every request of one `queuectl dashboard` shares: the database path,
-    the token (if any), and the CSRF tokens its pages carry: one for actions, on
-    the pages a token guards, and one for the sign-in form, which anyone sees."""
+    the token, whether it answers loopback names only, and the CSRF tokens its pages carry: one for actions, on the pages the token guards,
+    and one for the sign-in form, which anyone sees."""
 
-    def __init__(self, db_path, token):
+    def __init__(self, db_path, token, port, loopback_only=False):
         import hashlib
         import hmac
         self.db_path = db_path
         self.token = token
+        self.loopback_only = loopback_only
         self.csrf = os.urandom(16).hex()
         self.login_csrf = os.urandom(16).hex()
         # The login cookie: derived from the token, so it stays valid across
-        # restarts and proves the token without holding it.
-        self.session = (hmac.new(token.encode(), b"queuectl session",
-                                 hashlib.sha256).hexdigest() if token else None)
+        # restarts and proves the token without holding it. Browsers send a
+        # cookie of 127.0.0.1 to each of its ports: the name holds the port, so
+        # that two dashboards do not sign each other out.
+        self.cookie_name = f"queuectl_session_{port}"
+        self.session = hmac.new(token.encode(), b"queuectl session",
+                                hashlib.sha256).hexdigest()
         self._compare = hmac.compare_digest
 
     def compare(self, given, wanted):
         """Compare secrets in constant time (any text given, even not ASCII)."""
         return wanted is not None and self._compare(
             given.encode("utf-8", "replace"), wanted.encode("utf-8"))
+
+    def signed_in(self, address, given):
+        """Whether GIVEN is the token."""
+        return self.compare(given, self.token)
+
+    def session_cookie(self):
+        return f"{self.cookie_name}={self.session}; HttpOnly; SameSite=Strict; Path=/"
 
     def store(self):
         return Store(self.db_path, create=False)
@@ -5055,6 +5107,8 @@ class DashboardHandler:
                      parse_qs(url.query, keep_blank_values=True).items()}
             self.check_host(dashboard)
             handler, args = self.route(path, method)
+            if handler.startswith("page_") and "token" in query and method != "POST":
+                return self.sign_in_by_url(dashboard, url)
             if handler not in PUBLIC:
                 self.authenticate(dashboard, page=path in PAGE_PATHS or
                                   path.startswith("/jobs/"))
@@ -5070,7 +5124,8 @@ class DashboardHandler:
         except (ConnectionError, TimeoutError, socket.timeout):
             self.close_connection = True             # the client went away, or stalled
         except Exception as e:                       # a bug: say so, keep serving
-            log(f"dashboard: {self.command} {self.path}: {type(e).__name__}: {e}")
+            log(f"dashboard: {self.command} {redact(self.path)}: {type(e).__name__}: "
+                f"{e}")
             with contextlib.suppress(OSError):
                 self.send_text(500, f"internal error: {type(e).__name__}",
                                json_error=path_is_api(self))
@@ -5090,9 +5145,10 @@ class DashboardHandler:
         raise HttpError(404, "not found")
 
     def check_host(self, dashboard):
-        """Without a token, answer only to loopback names: a page of another site
-        cannot then reach this one by renaming it (DNS rebinding)."""
-        if dashboard.token:
+        """With the token of <db>.token, answer only to loopback names: a page of
+        another site cannot then reach this one by renaming it (DNS rebinding).
+        A token given by hand may be meant for a proxy that passes its own name."""
+        if not dashboard.loopback_only:
             return
         host = self.headers.get("Host") or ""
         host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
@@ -5101,16 +5157,15 @@ class DashboardHandler:
                                  "loopback addresses such as 127.0.0.1")
 
     def authenticate(self, dashboard, page=False):
-        """With a token, every request must carry it: in an Authorization header
-        (scripts, Prometheus) or in the cookie the login form sets (browsers)."""
-        if not dashboard.token:
-            return
+        """Every request must carry the token: in an Authorization header
+        (scripts, Prometheus) or as the cookie a sign-in sets (browsers). A wrong
+        token gets 401."""
         scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
         bearer = scheme.lower() == "bearer"            # the scheme's case is free
-        if bearer and dashboard.compare(given.strip(), dashboard.token):
+        if bearer and dashboard.signed_in(self.client_address[0], given.strip()):
             self.bearer = True
             return
-        if dashboard.compare(self.cookie("queuectl_session"), dashboard.session):
+        if dashboard.compare(self.cookie(dashboard.cookie_name), dashboard.session):
             return
         if page:
             raise HttpError(303, "sign in first", {"Location": "/login"})
@@ -5169,7 +5224,8 @@ class DashboardHandler:
         else:
             self.send(status, message + "\n", "text/plain; charset=utf-8", headers)
 
-    def send_page(self, dashboard, page, title, job="", status=200, **fields):
+    def send_page(self, dashboard, page, title, job="", status=200, head="",
+                  headers=(), **fields):
         import html
         csrf = dashboard.login_csrf if page == "login" else dashboard.csrf
         main = DASHBOARD_MAIN[page].format(
@@ -5177,21 +5233,23 @@ class DashboardHandler:
             **{key: html.escape(str(value)) if key != "state_options" else value
                for key, value in fields.items()})
         self.send(status, DASHBOARD_PAGE.format(
-            csrf=csrf, title=html.escape(title), page=page,
+            csrf=csrf, title=html.escape(title), page=page, head=head,
             job=html.escape(job, quote=True),
             db="" if page == "login" else html.escape(dashboard.db_path),
-            main=main), "text/html; charset=utf-8")
+            main=main), "text/html; charset=utf-8", headers)
 
     def log_request(self, code="-", size="-"):
-        """Log only what a reader wants: errors and actions, not every poll."""
+        """Log only what a reader wants: errors and actions, not every poll; never
+        a token a URL carries."""
         code = getattr(code, "value", code)
         if str(code).startswith(("4", "5")) or self.command == "POST":
-            log(f'dashboard: {self.address_string()} "{clip(self.requestline, 300)}" '
-                f'{code}')                         # a line of any request stays short
+            log(f'dashboard: {self.address_string()} '
+                f'"{clip(redact(self.requestline), 300)}" {code}')   # short, always
 
     def log_error(self, format, *args):
         if not format.startswith("code %d"):      # send_error's: log_request follows
-            log(f"dashboard: {self.address_string()} {clip(format % args, 300)}")
+            log(f"dashboard: {self.address_string()} "
+                f"{clip(redact(format % args), 300)}")
 
     # -- pages ------------------------------------------------------------------------
 
@@ -5217,14 +5275,29 @@ class DashboardHandler:
         self.send_page(dashboard, "dlq", "DLQ")
 
     def page_login(self, dashboard, query, error="", status=200):
-        if not dashboard.token:
-            raise HttpError(303, "no sign-in needed", {"Location": "/"})
         self.send_page(dashboard, "login", "Sign in", status=status, error=error)
+
+    def sign_in_by_url(self, dashboard, url):
+        """A page's URL with ?token=, as `queuectl dashboard` prints it: the right
+        token sets the cookie and opens the page without the token in its URL;
+        a wrong one gets the sign-in form."""
+        import html
+        from urllib.parse import parse_qsl, urlencode
+        pairs = parse_qsl(url.query, keep_blank_values=True)
+        given = [value for key, value in pairs if key == "token"][-1]
+        if not dashboard.signed_in(self.client_address[0], given):
+            return self.page_login(dashboard, {}, error="That is not the token.",
+                                   status=403)
+        rest = urlencode([(key, value) for key, value in pairs if key != "token"])
+        target = ("/" if url.path == "/login" else url.path) + ("?" + rest if rest
+                                                                else "")
+        self.send_page(dashboard, "signed_in", "Signed in", target=target,
+                       head=f'\n<meta http-equiv="refresh" content="0; url='
+                            f'{html.escape(target, quote=True)}">',
+                       headers={"Set-Cookie": dashboard.session_cookie()})
 
     def post_login(self, dashboard, query):
         from urllib.parse import parse_qs, urlsplit
-        if not dashboard.token:
-            raise HttpError(303, "no sign-in needed", {"Location": "/"})
         origin = self.headers.get("Origin")
         if origin and urlsplit(origin).netloc != self.headers.get("Host"):
             raise HttpError(403, "refused: the request does not come from this "
@@ -5237,12 +5310,11 @@ class DashboardHandler:
                                                                          "replace"))
         token = form.get("token", [""])[-1]
         if not dashboard.compare(form.get("csrf", [""])[-1], dashboard.login_csrf) or \
-                not dashboard.compare(token, dashboard.token):
+                not dashboard.signed_in(self.client_address[0], token):
             return self.page_login(dashboard, query, error="That is not the token.",
                                    status=403)
-        raise HttpError(303, "signed in", {
-            "Location": "/", "Set-Cookie": f"queuectl_session={dashboard.session}; "
-                                           f"HttpOnly; SameSite=Strict; Path=/"})
+        raise HttpError(303, "signed in", {"Location": "/",
+                                           "Set-Cookie": dashboard.session_cookie()})
 
     def static(self, dashboard, query, name):
         self.send(200, *DASHBOARD_STATIC[name])
@@ -5415,6 +5487,17 @@ def whole_number(text, name, low, high):
     return value
 
 
+def redact(text):
+    """TEXT (a request line, a path) with the value of each token= parameter
+    replaced: a log must not give the token of a sign-in URL away."""
+    from urllib.parse import unquote_plus
+
+    def hide(match):
+        key = unquote_plus(match.group(2)).strip().lower()
+        return match.group(1) + ("REDACTED" if key == "token" else match.group(3))
+    return re.sub(r"([?&;]([^=&;\s]*)=)([^&;\s#]*)", hide, text)
+
+
 def path_is_api(handler):
     return re.match(r"/api([/?#]|$)", getattr(handler, "path", "")) is not None
 
@@ -5522,11 +5605,16 @@ PUBLIC = ("static", "favicon", "page_login", "post_login")    # no token needed 
 
 def cmd_dashboard(args):
     token = args.token or os.environ.get(ENV_TOKEN) or None
-    if not _loopback(args.host) and not token:
+    if token is None and not _loopback(args.host):
         raise UsageError(f"refusing to serve on {args.host} without a token: give "
                          f"--token or set ${ENV_TOKEN} (or serve on 127.0.0.1 and open "
                          f"it through an SSH tunnel)")
     Store(args.db, create=False).close()           # there must be a queue to show
+    given = token is not None
+    if not given:
+        # Every account on this machine can reach a loopback port, and commands
+        # carry secrets: the token is kept beside the database, as private.
+        token = dashboard_token(args.db)
     server_module = http_server()
     import threading
     handler = type("Handler", (DashboardHandler, server_module.BaseHTTPRequestHandler),
@@ -5574,13 +5662,17 @@ def cmd_dashboard(args):
         raise QueueError(f"cannot serve on {args.host}:{args.port}: {e.strerror}") \
             from None
     port = server.server_address[1]
-    server.dashboard = Dashboard(args.db, token)
+    server.dashboard = Dashboard(args.db, token, port, loopback_only=not given)
     host, where = args.host, ""
     if host in ("0.0.0.0", "::"):              # every address: name one to open
         import socket
         host, where = socket.gethostname(), "on every address of this machine; "
     host = f"[{host}]" if ":" in host else host
-    print(f"queuectl dashboard of {args.db}: http://{host}:{port}/ "
+    # The sign-in URL carries the token of <db>.token, which nobody else can
+    # read; a token given by hand its owner knows, and it stays out of the log.
+    from urllib.parse import quote
+    sign_in = "" if given else "?token=" + quote(token, safe="")
+    print(f"queuectl dashboard of {args.db}: http://{host}:{port}/{sign_in} "
           f"({where}Ctrl-C to stop)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -5825,7 +5917,9 @@ def build_parser():
                      metavar="N", help=f"port (default {DASHBOARD_PORT}; 0: any free one)")
     sub.add_argument("--token", metavar="TOKEN",
                      help=f"the token every request must carry (default: "
-                          f"${ENV_TOKEN}, which `ps` does not show)")
+                          f"${ENV_TOKEN}, which "
+                          f"`ps` does not show; else, on 127.0.0.1, the one kept in "
+                          f"<db>{TOKEN_SUFFIX})")
     return parser
 
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
 
@@ -421,12 +422,16 @@ class Bench:
         proc = subprocess.Popen([PY, self.queuectl, "--db", db, "dashboard", "--port",
                                  "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
-            url = re.search(r"(http://\S+/)", proc.stdout.readline().decode()).group(1)
+            printed = re.search(r"(http://\S+/)\?token=(\S+)",
+                                proc.stdout.readline().decode())    # its own token
+            url, token = printed.group(1), urllib.parse.unquote(printed.group(2))
             times = {}
             for path in paths:
                 def get():
                     started = time.perf_counter()
-                    with urllib.request.urlopen(url + path.lstrip("/")) as response:
+                    request = urllib.request.Request(url + path.lstrip("/"), headers={
+                        "Authorization": "Bearer " + token})
+                    with urllib.request.urlopen(request) as response:
                         response.read()
                     return time.perf_counter() - started
                 get()                                   # warm the page cache

@@ -18,13 +18,14 @@ import tempfile
 import threading
 import time
 import unittest
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
-from tests.support import QUEUECTL, queuectl, wait_until
+from tests.support import QUEUECTL, cmdline, queuectl, wait_until
 from tests.test_regressions import RegressionTestCase
 from tests.test_cli import CliTestCase
 
 q = shlex.quote
+TOKEN = "s3cret-s3cret-s3cret"              # a token given by hand: 16 characters or more
 PROMETHEUS_LINE = re.compile(
     r'(# (HELP|TYPE) queuectl_\w+ .+|queuectl_\w+(\{(\w+="[^"]*",?)+\})? [0-9.e+-]+)')
 
@@ -41,10 +42,14 @@ class Response:
 
 
 class DashboardTestCase(RegressionTestCase, CliTestCase):
-    """A dashboard subprocess on this test's database, and ways to talk to it."""
+    """A dashboard subprocess on this test's database, and ways to talk to it:
+    signed in, as a browser is, with the URL it prints when the token is its own."""
+
+    session = None
 
     def start_dashboard(self, *args, env=None):
-        """Start `queuectl dashboard --port 0 ARGS`; wait for the URL it prints."""
+        """Start `queuectl dashboard --port 0 ARGS`; wait for the URL it prints, and
+        sign in with it if it carries a token."""
         proc = subprocess.Popen([sys.executable, QUEUECTL, "dashboard", "--port", "0",
                                  *args], env=env or self.env, cwd=self.dir,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -53,12 +58,24 @@ class DashboardTestCase(RegressionTestCase, CliTestCase):
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         self.assertTrue(ready, "the dashboard printed no URL within 20 s")
         line = proc.stdout.readline().decode()
-        match = re.search(r"http://([^/]+):(\d+)/ \((.*)Ctrl-C to stop\)$",
-                          line.strip())
+        match = re.search(r"http://([^/]+):(\d+)/(\?token=(\S+))? \((.*)Ctrl-C to "
+                          r"stop\)$", line.strip())
         self.assertIsNotNone(match, f"no URL in {line!r}")
         self.host, self.port = match.group(1), int(match.group(2))
-        self.where = match.group(3)
+        self.where = match.group(5)
+        self.token = unquote(match.group(4)) if match.group(4) else None
+        self.session = self.sign_in(self.token) if self.token else None
         return proc
+
+    def sign_in(self, token):
+        """Open the sign-in URL; return the Cookie header it sets."""
+        response = self.request("GET", "/?token=" + quote(token, safe=""), auth=False)
+        self.assertEqual(response.status, 200, response.text)
+        return response.headers["set-cookie"].split(";")[0]
+
+    def cookie_line(self):
+        """The session's Cookie header as a raw request line."""
+        return f"Cookie: {self.session}\r\n".encode()
 
     def stop_dashboard(self, proc):
         if proc.poll() is None:
@@ -66,12 +83,16 @@ class DashboardTestCase(RegressionTestCase, CliTestCase):
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=10)
 
-    def request(self, method, path, headers=None, body=None, host=None):
-        """One request; the Host header is HOST (default: 127.0.0.1:PORT)."""
+    def request(self, method, path, headers=None, body=None, host=None, auth=True):
+        """One request; the Host header is HOST (default: 127.0.0.1:PORT). Unless
+        it carries credentials of its own, or AUTH is false, it carries the
+        session cookie."""
+        sent = {"Host": host or f"{self.host}:{self.port}", **(headers or {})}
+        if auth and self.session and not {"Cookie", "Authorization"} & set(sent):
+            sent["Cookie"] = self.session
         conn = http.client.HTTPConnection(self.host, self.port, timeout=15)
         try:
-            conn.request(method, path, body=body, headers={
-                "Host": host or f"{self.host}:{self.port}", **(headers or {})})
+            conn.request(method, path, body=body, headers=sent)
             response = conn.getresponse()
             return Response(response.status, response.getheaders(), response.read())
         finally:
@@ -413,8 +434,8 @@ class DashboardSafetyTest(DashboardTestCase):
         """With a token, the API needs it as a Bearer header, pages a cookie from the
         login form; the static files and the form itself are open."""
         self.enqueue(id="a", command="true", run_at="2999-01-01T00:00:00Z")
-        self.start_dashboard("--token", "s3cret")
-        bearer = {"Authorization": "Bearer s3cret"}
+        self.start_dashboard("--token", TOKEN)
+        bearer = {"Authorization": "Bearer " + TOKEN}
         self.assertError(self.get("/api/status"), 401, "token")
         self.assertError(self.get("/metrics"), 401)
         self.assertError(self.get("/api/status", headers={"Authorization":
@@ -443,15 +464,15 @@ class DashboardSafetyTest(DashboardTestCase):
         self.assertEqual(wrong.status, 403)
         self.assertIn("That is not the token.", wrong.text)
         self.assertNotIn("set-cookie", wrong.headers)
-        no_csrf = self.request("POST", "/login", headers=origin, body="token=s3cret")
+        no_csrf = self.request("POST", "/login", headers=origin, body="token=" + TOKEN)
         self.assertNotIn("set-cookie", no_csrf.headers)
         signed = self.request("POST", "/login", headers=origin,
-                              body=f"token=s3cret&csrf={csrf}")
+                              body=f"token={TOKEN}&csrf={csrf}")
         self.assertEqual((signed.status, signed.headers["location"]), (303, "/"))
         cookie = signed.headers["set-cookie"]
         self.assertIn("HttpOnly", cookie)
         self.assertIn("SameSite=Strict", cookie)
-        self.assertNotIn("s3cret", cookie)
+        self.assertNotIn(TOKEN, cookie)
         session = {"Cookie": cookie.split(";")[0]}
         self.assertEqual(self.get("/", headers=session).status, 200)
         self.assertEqual(self.get("/api/status", headers=session).status, 200)
@@ -479,16 +500,16 @@ class DashboardSafetyTest(DashboardTestCase):
         self.assertIn("without a token", err)
         self.assertEqual(self.rows(), before)
         self.start_dashboard("--host", "0.0.0.0",
-                             env=dict(self.env, QUEUECTL_TOKEN="from-env"))
+                             env=dict(self.env, QUEUECTL_TOKEN="from-env-" + TOKEN))
         # It prints a URL to open from elsewhere: this machine's name, not 0.0.0.0.
         self.assertEqual((self.host, self.where),
                          (socket.gethostname(), "on every address of this machine; "))
         self.host = "127.0.0.1"
         self.assertError(self.get("/api/status"), 401)
         self.assertEqual(self.get("/api/status", headers={
-            "Authorization": "Bearer from-env"}).status, 200)
+            "Authorization": "Bearer from-env-" + TOKEN}).status, 200)
 
-    def test_without_a_token_only_loopback_names_are_answered(self):
+    def test_with_the_token_of_its_file_only_loopback_names_are_answered(self):
         """DNS rebinding: a page of evil.example that resolves to 127.0.0.1 sends
         Host: evil.example, and gets nothing."""
         self.store()
@@ -497,6 +518,113 @@ class DashboardSafetyTest(DashboardTestCase):
             self.assertError(self.get("/api/status", host=host), 421)
         for host in (f"localhost:{self.port}", f"127.0.0.1:{self.port}", "localhost"):
             self.assertEqual(self.get("/api/status", host=host).status, 200, host)
+
+    def test_on_loopback_every_request_needs_the_token_of_its_file(self):
+        """Any account on the machine can reach 127.0.0.1: without --token the
+        dashboard makes a token, keeps it in <db>.token (0600, reused on restart so
+        a bookmark survives), and answers nothing, read or action, without it."""
+        self.enqueue(id="a", command="echo secret", run_at="2999-01-01T00:00:00Z")
+        proc = self.start_dashboard()
+        token_file = self.db + ".token"
+        with open(token_file) as f:
+            self.assertEqual(f.read(), self.token + "\n")
+        self.assertEqual(os.stat(token_file).st_mode & 0o777, 0o600)
+        self.assertGreaterEqual(len(self.token), 16)
+        self.assertNotIn(self.token, cmdline(proc.pid))       # not in `ps`
+        self.session = None                                   # another local user
+        for path in ("/api/status", "/api/jobs", "/api/jobs/a", "/api/jobs/a/logs",
+                     "/api/", "/metrics"):
+            self.assertError(self.get(path), 401, "token")
+        for path in ("/", "/jobs", "/jobs/a", "/dlq"):
+            self.assertEqual(self.get(path).headers.get("location"), "/login", path)
+        form = self.get("/login").text                        # anyone can read it
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', form).group(1)
+        self.assertError(self.post("/api/pause", csrf=csrf), 401)
+        self.assertError(self.post("/api/jobs/a/cancel", csrf=csrf), 401)
+        self.assertEqual(self.get("/api/status", headers={
+            "Authorization": "Bearer " + self.token}).status, 200)
+        self.assertEqual(self.state("a"), "pending")
+        self.assertFalse(self.json_out("status", "--json")["paused"])
+
+        first = self.token
+        self.stop_dashboard(proc)
+        self.start_dashboard()                                # a restart: same token
+        self.assertEqual(self.token, first)
+        self.assertEqual(self.get_json("/api/jobs/a")["command"], "echo secret")
+
+    def test_the_printed_url_signs_in_and_keeps_the_token_out_of_urls_and_logs(self):
+        """The printed URL (or any page's URL with ?token=) sets the session cookie
+        and opens the page without the token; a wrong token gets the form; the
+        log shows neither."""
+        self.enqueue(id="a", command="true")
+        proc = self.start_dashboard()
+        token, self.session = self.token, None
+        opened = self.get(f"/jobs?state=pending&token={quote(token)}&q=a")
+        self.assertEqual(opened.status, 200, opened.text)
+        self.assertIn('<meta http-equiv="refresh" content="0; url=/jobs?state=pending'
+                      '&amp;q=a">', opened.text)
+        self.assertNotIn(token, opened.text)
+        cookie = opened.headers["set-cookie"]
+        self.assertTrue(cookie.startswith(f"queuectl_session_{self.port}="), cookie)
+        for flag in ("HttpOnly", "SameSite=Strict", "Path=/"):
+            self.assertIn(flag, cookie)
+        self.assertNotIn(token, cookie)
+        session = {"Cookie": cookie.split(";")[0]}
+        self.assertEqual(self.get("/jobs?state=pending", headers=session).status, 200)
+        self.assertEqual(self.get("/api/jobs", headers=session).status, 200)
+        self.assertIn('content="0; url=/"', self.get("/login?token=" + token).text)
+
+        wrong = self.get("/?token=not-the-token-at-all")
+        self.assertEqual(wrong.status, 403)
+        self.assertIn("That is not the token.", wrong.text)
+        self.assertNotIn("set-cookie", wrong.headers)
+        self.assertError(self.get("/api/status?token=" + token), 401)   # API: Bearer
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        err = err.decode()
+        self.assertIn('"GET /?token=REDACTED HTTP/1.1" 403', err)
+        self.assertIn('"GET /api/status?token=REDACTED HTTP/1.1" 401', err)
+        self.assertNotIn(token, err)
+        self.assertNotIn("not-the-token", err)
+        self.assertEqual(queuectl.redact("GET /x?a=1&%74oken=s&TOKEN=t;token=u#f HTTP/1.1"),
+                         "GET /x?a=1&%74oken=REDACTED&TOKEN=REDACTED;token=REDACTED#f "
+                         "HTTP/1.1")
+
+    def test_a_token_file_that_is_not_a_private_file_of_ours_is_refused(self):
+        """<db>.token as a symlink, a FIFO, readable by others, another user's, or
+        holding no usable token: one line, exit 1, the file left as it was."""
+        self.store()
+        token_file = self.db + ".token"
+        elsewhere = self.path("elsewhere")
+        with open(elsewhere, "w") as f:
+            f.write("a-token-nobody-should-use\n")
+
+        def refused(needle):
+            code, out, err = self.run_bounded("dashboard", "--port", "0")
+            self.assertOneErrorLine(1, code, out, err)
+            self.assertIn(needle, err)
+            self.assertIn(token_file, err)
+        os.symlink(elsewhere, token_file)
+        refused("cannot open")
+        os.unlink(token_file)
+        os.mkfifo(token_file, 0o600)
+        refused("not a regular file")
+        os.unlink(token_file)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"short\n")
+        os.close(fd)
+        refused("no usable token")
+        with open(token_file, "w") as f:
+            f.write("long-enough-but-shared\n")
+        os.chmod(token_file, 0o644)
+        refused("others may read")
+        self.assertEqual(os.stat(token_file).st_mode & 0o777, 0o644)
+        if os.geteuid() == 0:                                 # root can give it away
+            os.chmod(token_file, 0o600)
+            os.chown(token_file, 65534, -1)
+            refused("not yours")
+        with open(token_file) as f:
+            self.assertEqual(f.read(), "long-enough-but-shared\n")
 
     def test_missing_database_and_busy_port_are_one_line_errors(self):
         code, out, err = self.run_bounded("dashboard", "--port", "0")
@@ -525,7 +653,7 @@ class DashboardServerTest(DashboardTestCase):
                         + "\n" for n in range(1000))
         self.ok("enqueue", "-", stdin=lines)
         # A sign-in whose body never comes (a dashboard with a token reads it).
-        self.start_dashboard("--token", "s3cret")
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN=TOKEN))
         short = socket.create_connection((self.host, self.port))
         self.addCleanup(short.close)
         short.sendall(b"POST /login HTTP/1.0\r\nContent-Length: 100\r\n\r\ntoken=x")
@@ -554,7 +682,8 @@ class DashboardServerTest(DashboardTestCase):
         for _ in range(5):
             gone = socket.create_connection((self.host, self.port))
             gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            gone.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            gone.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                         self.cookie_line() + b"\r\n")
             gone.recv(100)
             gone.close()                                   # RST in mid-answer
         self.assertEqual(len(self.get_json("/api/jobs?limit=1000")), 1000)
@@ -599,7 +728,8 @@ class DashboardServerTest(DashboardTestCase):
         slow = socket.create_connection((self.host, self.port))
         self.addCleanup(slow.close)
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        slow.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                     self.cookie_line() + b"\r\n")
         slow.recv(100)                                  # and read no more for now
         started = time.monotonic()
         self.ok("enqueue", json.dumps({"id": "new", "command": "true"}))
@@ -642,13 +772,21 @@ class DashboardBrowserTest(DashboardTestCase):
     user would see."""
 
     def browse(self, path, *flags):
+        """Open PATH as a user does: through the sign-in URL the dashboard printed,
+        here followed from a local file (a link from elsewhere), which keeps the
+        token off Chromium's command line, where `ps` would show it."""
         profile = tempfile.mkdtemp(dir=self.dir)
+        url = f"http://{self.host}:{self.port}{path}"
+        url += ("&" if "?" in path else "?") + "token=" + quote(self.token, safe="")
+        link = os.path.join(profile, "sign-in.html")
+        with open(link, "w") as f:
+            f.write(f'<meta http-equiv="refresh" content="0; url={url}">')
         result = subprocess.run(
             [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
              f"--user-data-dir={profile}", "--virtual-time-budget=3000", *flags,
-             f"http://{self.host}:{self.port}{path}"],
+             "file://" + link],
             capture_output=True, timeout=90, cwd=self.dir)
         return result
 
@@ -770,8 +908,8 @@ class DashboardReviewTest(DashboardTestCase):
 
     def test_odd_parameters_and_slow_bodies_get_short_answers(self):
         self.enqueue(id="a", command="true")
-        self.start_dashboard("--token", "s3cret")
-        bearer = {"Authorization": "Bearer s3cret"}
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN=TOKEN))
+        bearer = {"Authorization": "Bearer " + TOKEN}
         for path in ("/api/jobs/a/logs?attempt=99999999999999999999",
                      "/api/jobs/a/logs?attempt=0", "/api/jobs/a/logs?attempt=-1",
                      "/api/jobs?q=" + "x" * 50010):
@@ -847,15 +985,15 @@ class DashboardReviewTest(DashboardTestCase):
 
     def test_the_bearer_scheme_is_case_blind_and_a_wrong_token_says_so(self):
         self.enqueue(id="a", command="true")
-        self.start_dashboard("--token", "s3cret")
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN=TOKEN))
         for scheme in ("Bearer", "bearer", "BEARER"):
             self.assertEqual(self.get("/api/status", headers={
-                "Authorization": f"{scheme} s3cret"}).status, 200, scheme)
+                "Authorization": f"{scheme} {TOKEN}"}).status, 200, scheme)
         self.assertError(self.get("/api/status", headers={
             "Authorization": "bearer nope"}), 401, "wrong token")
         self.assertError(self.get("/api/status"), 401, "a token is needed")
         minutes = self.get_json("/api/overview", headers={
-            "Authorization": "Bearer s3cret"})["minutes"]
+            "Authorization": "Bearer " + TOKEN})["minutes"]
         self.assertRegex(minutes[-1]["minute"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:00\.000Z$")
 
 if __name__ == "__main__":
