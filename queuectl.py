@@ -23,7 +23,7 @@ Exit codes:
          unusable database
     2    usage or validation error: bad option, bad JSON, bad job field, unknown
          state or config key, bad config value, dashboard on a public address
-         without a token
+         without a token or with one shorter than 16 characters
     3    status --check: dead jobs in the DLQ
     4    status --check: runnable jobs are waiting but no workers are running
     5    status --check: the oldest runnable job has waited longer than --max-age
@@ -67,7 +67,12 @@ DASHBOARD_PORT = 8765
 DASHBOARD_CLIENT_TIMEOUT_S = 10.0          # a client slower to send its request is dropped
 DASHBOARD_MAX_CLIENTS = 64                 # connections served at once; more get 503
 TOKEN_SUFFIX = ".token"                    # <db>.token: the token if none is given
-TOKEN_MIN_LEN = 16                         # a token file must hold one this long
+TOKEN_MIN_LEN = 16                         # shorter tokens are refused: too easy to guess
+TOKEN_HOWTO = "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+SIGNIN_FREE_FAILURES = 5                   # wrong tokens from a client before it waits:
+SIGNIN_WAIT_MAX_S = 60                     # 1 s, then 2, 4 ... up to this
+SIGNIN_FORGET_S = 900                      # failures are forgotten after this long
+SIGNIN_CLIENTS_MAX = 4096                  # clients whose failures are remembered
 ENV_LOG_MAX = "QUEUECTL_LOG_MAX_BYTES"   # where a detached supervisor's log rotates
 LOG_MAX_BYTES = 10 * 1024 * 1024
 DB_FILENAME = "queuectl.db"
@@ -4978,6 +4983,14 @@ class HttpError(Exception):
         self.headers = dict(headers)
 
 
+def check_token(token, where):
+    """Refuse a token too short to be safe from guessing, saying how to make one."""
+    check_text(token, f"the token {where}")
+    if len(token) < TOKEN_MIN_LEN:
+        raise UsageError(f"the token {where} is too short: it needs at least "
+                         f"{TOKEN_MIN_LEN} characters; make one with {TOKEN_HOWTO}")
+
+
 def dashboard_token(db_path):
     """The token kept in <db>.token: made at random on first use, then reused, so
     a bookmarked sign-in URL survives restarts. Like the database it is readable
@@ -5012,9 +5025,65 @@ def dashboard_token(db_path):
         os.close(fd)
 
 
+class SignInThrottle:
+    """Slows down guessing: after SIGNIN_FREE_FAILURES wrong tokens from one
+    client, its next try is answered 429 until it has waited 1 s, then 2, 4 ...
+    up to SIGNIN_WAIT_MAX_S after each further failure; a right token clears its
+    count. Memory stays bounded: the SIGNIN_CLIENTS_MAX clients that failed
+    last are remembered, and failures are forgotten after SIGNIN_FORGET_S."""
+
+    def __init__(self, clock=time.monotonic):
+        import threading
+        self.lock = threading.Lock()
+        self.clock = clock
+        self.clients = collections.OrderedDict()   # key: (failures, last_s, until_s)
+
+    @staticmethod
+    def client(address):
+        """Who is counted: an address; an IPv6 host by its /64, all of which one
+        host usually has."""
+        import ipaddress
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return address
+        if ip.version == 6 and ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        if ip.version == 6:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
+
+    def check(self, address, right):
+        """RIGHT() (whether the token given is the token), or HttpError 429 with
+        Retry-After while ADDRESS must wait. Comparing under the lock makes
+        clients that send many guesses at once wait their turn too."""
+        key = self.client(address)
+        with self.lock:
+            now = self.clock()
+            failures, last, until = self.clients.get(key, (0, now, now))
+            if now < until:
+                wait = math.ceil(until - now)
+                raise HttpError(429, f"too many wrong tokens: try again in {wait} s",
+                                {"Retry-After": str(wait)})
+            if right():
+                self.clients.pop(key, None)
+                return True
+            if now - last > SIGNIN_FORGET_S:
+                failures = 0
+            failures += 1
+            beyond = failures - SIGNIN_FREE_FAILURES
+            wait = 0 if beyond < 0 else min(SIGNIN_WAIT_MAX_S, 2 ** min(beyond, 16))
+            self.clients.pop(key, None)
+            self.clients[key] = (failures, now, now + wait)  # the newest failure last
+            if len(self.clients) > SIGNIN_CLIENTS_MAX:
+                self.clients.popitem(last=False)
+            return False
+
+
 class Dashboard:
     """What every request of one `queuectl dashboard` shares: the database path,
-    the token, whether it answers loopback names only, and the CSRF tokens its pages carry: one for actions, on the pages the token guards,
+    the token, whether it answers loopback names only, failed sign-ins, and the
+    CSRF tokens its pages carry: one for actions, on the pages the token guards,
     and one for the sign-in form, which anyone sees."""
 
     def __init__(self, db_path, token, port, loopback_only=False):
@@ -5025,6 +5094,7 @@ class Dashboard:
         self.loopback_only = loopback_only
         self.csrf = os.urandom(16).hex()
         self.login_csrf = os.urandom(16).hex()
+        self.throttle = SignInThrottle()
         # The login cookie: derived from the token, so it stays valid across
         # restarts and proves the token without holding it. Browsers send a
         # cookie of 127.0.0.1 to each of its ports: the name holds the port, so
@@ -5040,8 +5110,8 @@ class Dashboard:
             given.encode("utf-8", "replace"), wanted.encode("utf-8"))
 
     def signed_in(self, address, given):
-        """Whether GIVEN is the token."""
-        return self.compare(given, self.token)
+        """Whether GIVEN is the token, at the pace the throttle allows ADDRESS."""
+        return self.throttle.check(address, lambda: self.compare(given, self.token))
 
     def session_cookie(self):
         return f"{self.cookie_name}={self.session}; HttpOnly; SameSite=Strict; Path=/"
@@ -5159,14 +5229,21 @@ class DashboardHandler:
     def authenticate(self, dashboard, page=False):
         """Every request must carry the token: in an Authorization header
         (scripts, Prometheus) or as the cookie a sign-in sets (browsers). A wrong
-        token gets 401."""
+        token counts as a failed sign-in; a signed-in browser goes on meanwhile."""
         scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
         bearer = scheme.lower() == "bearer"            # the scheme's case is free
-        if bearer and dashboard.signed_in(self.client_address[0], given.strip()):
-            self.bearer = True
-            return
+        refused = None
+        if bearer:
+            try:
+                if dashboard.signed_in(self.client_address[0], given.strip()):
+                    self.bearer = True
+                    return
+            except HttpError as e:                     # 429: it must wait
+                refused = e
         if dashboard.compare(self.cookie(dashboard.cookie_name), dashboard.session):
             return
+        if refused is not None:
+            raise refused
         if page:
             raise HttpError(303, "sign in first", {"Location": "/login"})
         raise HttpError(401, "wrong token" if bearer else
@@ -5605,7 +5682,9 @@ PUBLIC = ("static", "favicon", "page_login", "post_login")    # no token needed 
 
 def cmd_dashboard(args):
     token = args.token or os.environ.get(ENV_TOKEN) or None
-    if token is None and not _loopback(args.host):
+    if token is not None:
+        check_token(token, "given" if args.token else f"in ${ENV_TOKEN}")
+    elif not _loopback(args.host):
         raise UsageError(f"refusing to serve on {args.host} without a token: give "
                          f"--token or set ${ENV_TOKEN} (or serve on 127.0.0.1 and open "
                          f"it through an SSH tunnel)")
@@ -5916,8 +5995,8 @@ def build_parser():
     sub.add_argument("--port", type=int_between(0, 65535), default=DASHBOARD_PORT,
                      metavar="N", help=f"port (default {DASHBOARD_PORT}; 0: any free one)")
     sub.add_argument("--token", metavar="TOKEN",
-                     help=f"the token every request must carry (default: "
-                          f"${ENV_TOKEN}, which "
+                     help=f"the token every request must carry, at least "
+                          f"{TOKEN_MIN_LEN} characters (default: ${ENV_TOKEN}, which "
                           f"`ps` does not show; else, on 127.0.0.1, the one kept in "
                           f"<db>{TOKEN_SUFFIX})")
     return parser

@@ -626,6 +626,99 @@ class DashboardSafetyTest(DashboardTestCase):
         with open(token_file) as f:
             self.assertEqual(f.read(), "long-enough-but-shared\n")
 
+    def test_a_token_too_short_to_be_safe_is_refused_saying_how_to_make_one(self):
+        """Fewer than 16 characters (--token or $QUEUECTL_TOKEN): exit 2, one line
+        naming the minimum and a command that makes a token; nothing written."""
+        self.store()
+        before = self.rows()
+        for args, env in ((["--token", "x"], self.env),
+                          ([], dict(self.env, QUEUECTL_TOKEN="fifteen-chars!!")),
+                          (["--token", "y" * 15, "--host", "0.0.0.0"], self.env)):
+            proc = subprocess.run([sys.executable, QUEUECTL, "dashboard", "--port", "0",
+                                   *args], env=env, capture_output=True, text=True,
+                                  timeout=10, cwd=self.dir)
+            self.assertOneErrorLine(2, proc.returncode, proc.stdout, proc.stderr)
+            self.assertIn("at least 16 characters", proc.stderr)
+            self.assertIn(queuectl.TOKEN_HOWTO, proc.stderr)
+        self.assertEqual(self.rows(), before)
+        self.assertFalse(os.path.exists(self.db + ".token"))
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN="sixteen-chars!!!"))
+        self.assertEqual(self.get("/api/status", headers={
+            "Authorization": "Bearer sixteen-chars!!!"}).status, 200)
+
+    def test_wrong_tokens_from_a_client_are_answered_429_ever_more_slowly(self):
+        """After 5 wrong tokens (Bearer, the sign-in form or a sign-in URL, counted
+        together per client address) the next try waits 1 s, then 2 s...: 429 with
+        Retry-After, even with the right token; a signed-in browser goes on, and
+        the right token after the wait clears the count."""
+        self.store()
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN=TOKEN))
+        session = {"Cookie": self.sign_in(TOKEN)}
+        wrong = {"Authorization": "Bearer wrong-wrong-wrong-wrong"}
+        right = {"Authorization": "Bearer " + TOKEN}
+        form = self.get("/login").text
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', form).group(1)
+
+        def sign_in_form(token):
+            return self.request("POST", "/login", body=f"token={token}&csrf={csrf}",
+                                headers={"Content-Type":
+                                         "application/x-www-form-urlencoded"})
+        self.assertError(self.get("/api/status", headers=wrong), 401)
+        self.assertEqual(sign_in_form("guess-one").status, 403)
+        self.assertEqual(self.get("/?token=guess-two").status, 403)
+        self.assertError(self.get("/api/status", headers=wrong), 401)
+        self.assertEqual(sign_in_form("guess-three").status, 403)    # the 5th
+        for response in (self.get("/api/status", headers=wrong),
+                         self.get("/api/status", headers=right),
+                         sign_in_form(TOKEN), self.get("/?token=" + TOKEN)):
+            self.assertError(response, 429, "too many wrong tokens")
+            self.assertEqual(response.headers["retry-after"], "1")
+        self.assertEqual(self.get("/api/status", headers=session).status, 200)
+        wait_until(lambda: self.get("/api/status", headers=wrong).status == 401, 5,
+                   "the first wait to end")                     # the 6th
+        waited = self.get("/api/status", headers=right)
+        self.assertError(waited, 429)
+        self.assertEqual(waited.headers["retry-after"], "2")   # it doubled
+        wait_until(lambda: self.get("/api/status", headers=right).status == 200, 5,
+                   "the second wait to end")
+        for _ in range(5):                                      # the count is cleared
+            self.assertError(self.get("/api/status", headers=wrong), 401)
+
+    def test_the_sign_in_throttle_doubles_the_wait_caps_it_and_forgets(self):
+        """1, 2, 4 ... 60 s after the 5th failure; forgotten after 15 minutes
+        without one; an IPv6 host counts by its /64; memory stays bounded."""
+        now = [1000.0]
+        throttle = queuectl.SignInThrottle(clock=lambda: now[0])
+        waits = []
+        for _ in range(14):
+            try:
+                self.assertFalse(throttle.check("10.0.0.1", lambda: False))
+            except queuectl.HttpError as e:
+                self.fail(f"refused before its wait ended: {e}")
+            _, _, until = throttle.clients["10.0.0.1"]
+            waits.append(until - now[0])
+            now[0] = until
+        self.assertEqual(waits, [0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 60, 60, 60, 60])
+        self.assertFalse(throttle.check("10.0.0.1", lambda: False))
+        now[0] += 0.5
+        with self.assertRaises(queuectl.HttpError) as caught:
+            throttle.check("10.0.0.1", lambda: True)
+        self.assertEqual((caught.exception.status, caught.exception.headers),
+                         (429, {"Retry-After": "60"}))
+        self.assertTrue(throttle.check("10.0.0.2", lambda: True))   # another client
+        now[0] += queuectl.SIGNIN_FORGET_S + 61
+        self.assertFalse(throttle.check("10.0.0.1", lambda: False))
+        self.assertEqual(throttle.clients["10.0.0.1"][0], 1)         # forgotten
+        self.assertTrue(throttle.check("10.0.0.1", lambda: True))
+        self.assertNotIn("10.0.0.1", throttle.clients)                # cleared
+        self.assertEqual(throttle.client("2001:db8::1"), throttle.client("2001:db8::2"))
+        self.assertNotEqual(throttle.client("2001:db8::1"),
+                            throttle.client("2001:db8:0:1::1"))
+        self.assertEqual(throttle.client("::ffff:10.0.0.9"), "10.0.0.9")
+        for n in range(queuectl.SIGNIN_CLIENTS_MAX + 1000):
+            throttle.check(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", lambda: False)
+        self.assertEqual(len(throttle.clients), queuectl.SIGNIN_CLIENTS_MAX)
+
     def test_missing_database_and_busy_port_are_one_line_errors(self):
         code, out, err = self.run_bounded("dashboard", "--port", "0")
         self.assertOneErrorLine(1, code, out, err)
@@ -791,9 +884,16 @@ class DashboardBrowserTest(DashboardTestCase):
         return result
 
     def dom(self, path):
-        result = self.browse(path, "--dump-dom")
-        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        return result.stdout.decode("utf-8", "replace")
+        """The DOM of PATH once its script ran. Headless Chromium's virtual time
+        may run out between the sign-in URL's two hops, leaving nothing to dump:
+        then it is asked again."""
+        def shown():
+            result = self.browse(path, "--dump-dom")
+            self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+            text = result.stdout.decode("utf-8", "replace")
+            return text if "<body" in text and 'data-page="signed_in"' not in text \
+                else None
+        return wait_until(shown, 60, f"Chromium to show {path}")
 
     def test_the_browser_renders_counts_output_and_keeps_injected_script_inert(self):
         inject = ("<script>document.documentElement.setAttribute('data-pwned','1')"
@@ -836,11 +936,15 @@ class DashboardBrowserTest(DashboardTestCase):
         self.assertIn("exit 1", dlq)
 
         shot = os.path.join(self.dir, "overview.png")
-        result = self.browse("/", f"--screenshot={shot}", "--window-size=1200,800",
-                             "--hide-scrollbars")
-        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        with open(shot, "rb") as f:
-            png = f.read()
+
+        def screenshot():                               # as dom(): maybe twice
+            result = self.browse("/", f"--screenshot={shot}", "--window-size=1200,800",
+                                 "--hide-scrollbars")
+            self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+            with open(shot, "rb") as f:
+                png = f.read()
+            return png if len(png) > 20000 else None
+        png = wait_until(screenshot, 60, "Chromium to show the overview")
         self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
         self.assertEqual(struct.unpack(">II", png[16:24]), (1200, 800))
         self.assertGreater(len(png), 20000)            # not a blank page
