@@ -440,8 +440,8 @@ class DashboardSafetyTest(DashboardTestCase):
         self.assertError(self.get("/metrics"), 401)
         self.assertError(self.get("/api/status", headers={"Authorization":
                                                           "Bearer wrong"}), 401)
-        self.assertError(self.get("/api/status", headers={"Cookie":
-                                                          "queuectl_session=forged"}), 401)
+        forged = {"Cookie": f"queuectl_session_{self.port}=forged"}
+        self.assertError(self.get("/api/status", headers=forged), 401)
         self.assertEqual(self.get("/api/status", headers=bearer).status, 200)
         self.assertEqual(self.get("/metrics", headers=bearer).status, 200)
         self.assertEqual(self.get("/static/app.js").status, 200)
@@ -586,9 +586,9 @@ class DashboardSafetyTest(DashboardTestCase):
         self.assertIn('"GET /api/status?token=REDACTED HTTP/1.1" 401', err)
         self.assertNotIn(token, err)
         self.assertNotIn("not-the-token", err)
-        self.assertEqual(queuectl.redact("GET /x?a=1&%74oken=s&TOKEN=t;token=u#f HTTP/1.1"),
-                         "GET /x?a=1&%74oken=REDACTED&TOKEN=REDACTED;token=REDACTED#f "
-                         "HTTP/1.1")
+        self.assertEqual(
+            queuectl.redact("GET /x?a=1&%74oken=s&TOKEN=t;token=u#f HTTP/1.1"),
+            "GET /x?a=1&%74oken=REDACTED&TOKEN=REDACTED;token=REDACTED#f HTTP/1.1")
 
     def test_a_token_file_that_is_not_a_private_file_of_ours_is_refused(self):
         """<db>.token as a symlink, a FIFO, readable by others, another user's, or
@@ -1003,9 +1003,9 @@ class DashboardReviewTest(DashboardTestCase):
         self.assertEqual([job["id"] for job in third], ["j2", "j1"])
         pending = self.get("/api/jobs?state=pending&limit=1")
         self.ok("delete", "j6")
+        cursor = pending.headers["x-next-before"]
         self.assertEqual([job["id"] for job in self.get_json(
-            "/api/jobs?state=pending&limit=1&before=" + pending.headers["x-next-before"])],
-            ["j4"])
+            "/api/jobs?state=pending&limit=1&before=" + cursor)], ["j4"])
         for cursor in ("j2", "r", "r0", "r-1", "r１", "r01", "r" + "9" * 19, " r5"):
             self.assertError(self.get("/api/jobs?before=" + quote(cursor)), 400,
                              "before takes the X-Next-Before of the page before")
