@@ -23,7 +23,7 @@ Exit codes:
          unusable database
     2    usage or validation error: bad option, bad JSON, bad job field, unknown
          state or config key, bad config value, dashboard on a public address
-         without a token
+         without a token or with one shorter than 16 characters
     3    status --check: dead jobs in the DLQ
     4    status --check: runnable jobs are waiting but no workers are running
     5    status --check: the oldest runnable job has waited longer than --max-age
@@ -69,6 +69,13 @@ ENV_TOKEN = "QUEUECTL_TOKEN"               # the dashboard's token, if not --tok
 DASHBOARD_PORT = 8765
 DASHBOARD_CLIENT_TIMEOUT_S = 10.0          # a client slower to send its request is dropped
 DASHBOARD_MAX_CLIENTS = 64                 # connections served at once; more get 503
+TOKEN_SUFFIX = ".token"                    # <db>.token: the token if none is given
+TOKEN_MIN_LEN = 16                         # shorter tokens are refused: too easy to guess
+TOKEN_HOWTO = "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+SIGNIN_FREE_FAILURES = 5                   # wrong tokens from a client before it waits:
+SIGNIN_WAIT_MAX_S = 60                     # 1 s, then 2, 4 ... up to this
+SIGNIN_FORGET_S = 900                      # failures are forgotten after this long
+SIGNIN_CLIENTS_MAX = 4096                  # clients whose failures are remembered
 ENV_LOG_MAX = "QUEUECTL_LOG_MAX_BYTES"   # where a detached supervisor's log rotates
 LOG_MAX_BYTES = 10 * 1024 * 1024
 DB_FILENAME = "queuectl.db"
@@ -1849,38 +1856,58 @@ class Store:
     def search_jobs(self, state=None, text=None, before=None, limit=50,
                     scan=SEARCH_SCAN):
         """A page of jobs, newest first: in STATE, whose id or command holds TEXT,
-        older than job BEFORE. A search looks at the newest SCAN of those jobs only,
-        for a bounded cost on any database; return (jobs, whether it stopped
-        short of the oldest)."""
+        after the position of cursor BEFORE. A search looks at the newest SCAN of
+        those jobs only, for a bounded cost on any database. Return (jobs, the
+        cursor of the next page or None, whether the search stopped short).
+
+        A cursor names a position in the listing, not a job, so it stays good
+        when the job a page ended on is deleted or purged: here "r" and that
+        job's rowid, which is the listing order."""
         def body(conn):
             where, params = [], []
-            newest = "SELECT rowid, * FROM jobs"
+            table = "jobs"
             if state:
-                newest += " INDEXED BY jobs_state"
+                table += " INDEXED BY jobs_state"
                 where.append("state = ?")
                 params.append(state)
-            if before:
-                row = conn.execute("SELECT rowid FROM jobs WHERE id = ?",
-                                   (before,)).fetchone()
-                if row is None:
-                    raise NotFound(f"no such job: {before}")
-                where.append("rowid < ?")
-                params.append(row[0])
+            if before is not None:
+                where.append("rowid < ?")          # a range of the rowid: no scan
+                params.append(self._position(before))
+            newest = f"SELECT rowid, * FROM {table}"
+            positions = f"SELECT rowid FROM {table}"
             if where:
                 newest += " WHERE " + " AND ".join(where)
+                positions += " WHERE " + " AND ".join(where)
             newest += " ORDER BY rowid DESC"
-            short = False
+            positions += " ORDER BY rowid DESC LIMIT 2 OFFSET ?"
+            short, end = False, None
             if text:
                 like = "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
                 sql = (f"SELECT * FROM ({newest} LIMIT ?) WHERE id LIKE ? ESCAPE '\\' "
                        f"OR command LIKE ? ESCAPE '\\' ORDER BY rowid DESC LIMIT ?")
                 params_all = params + [scan, like, like, limit]
-                short = conn.execute(f"SELECT count(*) FROM ({newest} LIMIT ?)",
-                                     params + [scan + 1]).fetchone()[0] > scan
+                # The window's last row, and whether one lies beyond it: a search
+                # that stopped short goes on from the last row it looked at.
+                edge = [row[0] for row in conn.execute(positions, params + [scan - 1])]
+                short = len(edge) == 2
+                end = edge[0] if short else None
             else:
                 sql, params_all = newest + " LIMIT ?", params + [limit]
-            return self._listed(conn, conn.execute(sql, params_all).fetchall()), short
+            rows = conn.execute(sql, params_all).fetchall()
+            if len(rows) == limit:
+                end = rows[-1]["rowid"]
+            return (self._listed(conn, rows), None if end is None else f"r{end}",
+                    short)
         return self._read(body)
+
+    @staticmethod
+    def _position(cursor):
+        """The rowid a page cursor names, or UsageError."""
+        match = re.fullmatch(r"r([1-9][0-9]{0,18})", cursor)
+        if match is None or int(match.group(1)) >= 2 ** 63:
+            raise UsageError(f"before takes the X-Next-Before of the page before, "
+                             f"not a job id: {cursor[:40]!r}")
+        return int(match.group(1))
 
     def run_minutes(self, since):
         """{minute: {outcome: runs}} of runs that ended from the minute of SINCE on."""
@@ -5092,7 +5119,7 @@ DASHBOARD_PAGE = """<!DOCTYPE html>
 <title>{title} - queuectl</title>
 <link rel="stylesheet" href="/static/app.css">
 <link rel="icon" href="/static/icon.svg" type="image/svg+xml">
-<script src="/static/app.js" defer></script>
+<script src="/static/app.js" defer></script>{head}
 </head>
 <body data-page="{page}" data-job="{job}">
 <header>
@@ -5168,6 +5195,11 @@ DASHBOARD_MAIN = {
 <button type="submit">Sign in</button>
 </form>
 <p class="error">{error}</p>""",
+    # A sign-in URL's answer: the cookie is set, and the page's own refresh
+    # (a same-site navigation, which carries a SameSite=Strict cookie where a
+    # redirect from another site's link would not) opens the page asked for.
+    "signed_in": """<h1>Signed in</h1>
+<p><a href="{target}">Open the dashboard</a></p>""",
 }
 
 # The tab's icon: three queued bars.
@@ -5327,7 +5359,7 @@ function pageOn(response, path, params) {
   older.hidden = !next;
   if (next) {
     const more = new URLSearchParams(params);
-    more.set("before", decodeURIComponent(next));
+    more.set("before", next);
     older.setAttribute("href", path + "?" + more.toString());
   }
 }
@@ -5535,28 +5567,138 @@ class HttpError(Exception):
         self.headers = dict(headers)
 
 
+def check_token(token, where):
+    """Refuse a token too short to be safe from guessing, saying how to make one."""
+    check_text(token, f"the token {where}")
+    if len(token) < TOKEN_MIN_LEN:
+        raise UsageError(f"the token {where} is too short: it needs at least "
+                         f"{TOKEN_MIN_LEN} characters; make one with {TOKEN_HOWTO}")
+
+
+def dashboard_token(db_path):
+    """The token kept in <db>.token: made at random on first use, then reused, so
+    a bookmarked sign-in URL survives restarts. Like the database it is readable
+    by its owner only; a file that is not a regular file of ours, or that others
+    may read, is refused rather than trusted or changed."""
+    import secrets
+    path = db_path + TOKEN_SUFFIX
+    fd = _open_owner_only(path, os.O_RDWR | os.O_CREAT)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise QueueError(f"not yours: {path} belongs to user {info.st_uid}")
+        if info.st_mode & 0o077:
+            raise QueueError(f"others may read the token in {path}: delete the file "
+                             f"to make a new token")
+        fcntl.flock(fd, fcntl.LOCK_EX)     # two dashboards starting at once: one token
+        text = os.read(fd, 4096)
+        if not text.strip():
+            token = secrets.token_urlsafe(24)
+            os.write(fd, (token + "\n").encode())
+            os.fsync(fd)
+            return token
+        try:
+            token = text.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            token = ""
+        if len(token) < TOKEN_MIN_LEN or len(text) == 4096:
+            raise QueueError(f"no usable token in {path} (one line of {TOKEN_MIN_LEN} "
+                             f"or more characters): delete the file to make a new one")
+        return token
+    finally:
+        os.close(fd)
+
+
+class SignInThrottle:
+    """Slows down guessing: after SIGNIN_FREE_FAILURES wrong tokens from one
+    client, its next try is answered 429 until it has waited 1 s, then 2, 4 ...
+    up to SIGNIN_WAIT_MAX_S after each further failure; a right token clears its
+    count. Memory stays bounded: the SIGNIN_CLIENTS_MAX clients that failed
+    last are remembered, and failures are forgotten after SIGNIN_FORGET_S."""
+
+    def __init__(self, clock=time.monotonic):
+        import threading
+        self.lock = threading.Lock()
+        self.clock = clock
+        self.clients = collections.OrderedDict()   # key: (failures, last_s, until_s)
+
+    @staticmethod
+    def client(address):
+        """Who is counted: an address; an IPv6 host by its /64, all of which one
+        host usually has."""
+        import ipaddress
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return address
+        if ip.version == 6 and ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        if ip.version == 6:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
+
+    def check(self, address, right):
+        """RIGHT() (whether the token given is the token), or HttpError 429 with
+        Retry-After while ADDRESS must wait. Comparing under the lock makes
+        clients that send many guesses at once wait their turn too."""
+        key = self.client(address)
+        with self.lock:
+            now = self.clock()
+            failures, last, until = self.clients.get(key, (0, now, now))
+            if now < until:
+                wait = math.ceil(until - now)
+                raise HttpError(429, f"too many wrong tokens: try again in {wait} s",
+                                {"Retry-After": str(wait)})
+            if right():
+                self.clients.pop(key, None)
+                return True
+            if now - last > SIGNIN_FORGET_S:
+                failures = 0
+            failures += 1
+            beyond = failures - SIGNIN_FREE_FAILURES
+            wait = 0 if beyond < 0 else min(SIGNIN_WAIT_MAX_S, 2 ** min(beyond, 16))
+            self.clients.pop(key, None)
+            self.clients[key] = (failures, now, now + wait)  # the newest failure last
+            if len(self.clients) > SIGNIN_CLIENTS_MAX:
+                self.clients.popitem(last=False)
+            return False
+
+
 class Dashboard:
     """What every request of one `queuectl dashboard` shares: the database path,
-    the token (if any), and the CSRF tokens its pages carry: one for actions, on
-    the pages a token guards, and one for the sign-in form, which anyone sees."""
+    the token, whether it answers loopback names only, failed sign-ins, and the
+    CSRF tokens its pages carry: one for actions, on the pages the token guards,
+    and one for the sign-in form, which anyone sees."""
 
-    def __init__(self, db_path, token):
+    def __init__(self, db_path, token, port, loopback_only=False):
         import hashlib
         import hmac
         self.db_path = db_path
         self.token = token
+        self.loopback_only = loopback_only
         self.csrf = os.urandom(16).hex()
         self.login_csrf = os.urandom(16).hex()
+        self.throttle = SignInThrottle()
         # The login cookie: derived from the token, so it stays valid across
-        # restarts and proves the token without holding it.
-        self.session = (hmac.new(token.encode(), b"queuectl session",
-                                 hashlib.sha256).hexdigest() if token else None)
+        # restarts and proves the token without holding it. Browsers send a
+        # cookie of 127.0.0.1 to each of its ports: the name holds the port, so
+        # that two dashboards do not sign each other out.
+        self.cookie_name = f"queuectl_session_{port}"
+        self.session = hmac.new(token.encode(), b"queuectl session",
+                                hashlib.sha256).hexdigest()
         self._compare = hmac.compare_digest
 
     def compare(self, given, wanted):
         """Compare secrets in constant time (any text given, even not ASCII)."""
         return wanted is not None and self._compare(
             given.encode("utf-8", "replace"), wanted.encode("utf-8"))
+
+    def signed_in(self, address, given):
+        """Whether GIVEN is the token, at the pace the throttle allows ADDRESS."""
+        return self.throttle.check(address, lambda: self.compare(given, self.token))
+
+    def session_cookie(self):
+        return f"{self.cookie_name}={self.session}; HttpOnly; SameSite=Strict; Path=/"
 
     def store(self):
         return Store(self.db_path, create=False)
@@ -5619,6 +5761,8 @@ class DashboardHandler:
                      parse_qs(url.query, keep_blank_values=True).items()}
             self.check_host(dashboard)
             handler, args = self.route(path, method)
+            if handler.startswith("page_") and "token" in query and method != "POST":
+                return self.sign_in_by_url(dashboard, url)
             if handler not in PUBLIC:
                 self.authenticate(dashboard, page=path in PAGE_PATHS or
                                   path.startswith("/jobs/"))
@@ -5634,7 +5778,8 @@ class DashboardHandler:
         except (ConnectionError, TimeoutError, socket.timeout):
             self.close_connection = True             # the client went away, or stalled
         except Exception as e:                       # a bug: say so, keep serving
-            log(f"dashboard: {self.command} {self.path}: {type(e).__name__}: {e}")
+            log(f"dashboard: {self.command} {redact(self.path)}: {type(e).__name__}: "
+                f"{e}")
             with contextlib.suppress(OSError):
                 self.send_text(500, f"internal error: {type(e).__name__}",
                                json_error=path_is_api(self))
@@ -5654,9 +5799,10 @@ class DashboardHandler:
         raise HttpError(404, "not found")
 
     def check_host(self, dashboard):
-        """Without a token, answer only to loopback names: a page of another site
-        cannot then reach this one by renaming it (DNS rebinding)."""
-        if dashboard.token:
+        """With the token of <db>.token, answer only to loopback names: a page of
+        another site cannot then reach this one by renaming it (DNS rebinding).
+        A token given by hand may be meant for a proxy that passes its own name."""
+        if not dashboard.loopback_only:
             return
         host = self.headers.get("Host") or ""
         host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
@@ -5665,17 +5811,23 @@ class DashboardHandler:
                                  "loopback addresses such as 127.0.0.1")
 
     def authenticate(self, dashboard, page=False):
-        """With a token, every request must carry it: in an Authorization header
-        (scripts, Prometheus) or in the cookie the login form sets (browsers)."""
-        if not dashboard.token:
-            return
+        """Every request must carry the token: in an Authorization header
+        (scripts, Prometheus) or as the cookie a sign-in sets (browsers). A wrong
+        token counts as a failed sign-in; a signed-in browser goes on meanwhile."""
         scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
         bearer = scheme.lower() == "bearer"            # the scheme's case is free
-        if bearer and dashboard.compare(given.strip(), dashboard.token):
-            self.bearer = True
+        refused = None
+        if bearer:
+            try:
+                if dashboard.signed_in(self.client_address[0], given.strip()):
+                    self.bearer = True
+                    return
+            except HttpError as e:                     # 429: it must wait
+                refused = e
+        if dashboard.compare(self.cookie(dashboard.cookie_name), dashboard.session):
             return
-        if dashboard.compare(self.cookie("queuectl_session"), dashboard.session):
-            return
+        if refused is not None:
+            raise refused
         if page:
             raise HttpError(303, "sign in first", {"Location": "/login"})
         raise HttpError(401, "wrong token" if bearer else
@@ -5733,7 +5885,8 @@ class DashboardHandler:
         else:
             self.send(status, message + "\n", "text/plain; charset=utf-8", headers)
 
-    def send_page(self, dashboard, page, title, job="", status=200, **fields):
+    def send_page(self, dashboard, page, title, job="", status=200, head="",
+                  headers=(), **fields):
         import html
         csrf = dashboard.login_csrf if page == "login" else dashboard.csrf
         main = DASHBOARD_MAIN[page].format(
@@ -5741,21 +5894,23 @@ class DashboardHandler:
             **{key: html.escape(str(value)) if key != "state_options" else value
                for key, value in fields.items()})
         self.send(status, DASHBOARD_PAGE.format(
-            csrf=csrf, title=html.escape(title), page=page,
+            csrf=csrf, title=html.escape(title), page=page, head=head,
             job=html.escape(job, quote=True),
             db="" if page == "login" else html.escape(dashboard.db_path),
-            main=main), "text/html; charset=utf-8")
+            main=main), "text/html; charset=utf-8", headers)
 
     def log_request(self, code="-", size="-"):
-        """Log only what a reader wants: errors and actions, not every poll."""
+        """Log only what a reader wants: errors and actions, not every poll; never
+        a token a URL carries."""
         code = getattr(code, "value", code)
         if str(code).startswith(("4", "5")) or self.command == "POST":
-            log(f'dashboard: {self.address_string()} "{clip(self.requestline, 300)}" '
-                f'{code}')                         # a line of any request stays short
+            log(f'dashboard: {self.address_string()} '
+                f'"{clip(redact(self.requestline), 300)}" {code}')   # short, always
 
     def log_error(self, format, *args):
         if not format.startswith("code %d"):      # send_error's: log_request follows
-            log(f"dashboard: {self.address_string()} {clip(format % args, 300)}")
+            log(f"dashboard: {self.address_string()} "
+                f"{clip(redact(format % args), 300)}")
 
     # -- pages ------------------------------------------------------------------------
 
@@ -5781,14 +5936,29 @@ class DashboardHandler:
         self.send_page(dashboard, "dlq", "DLQ")
 
     def page_login(self, dashboard, query, error="", status=200):
-        if not dashboard.token:
-            raise HttpError(303, "no sign-in needed", {"Location": "/"})
         self.send_page(dashboard, "login", "Sign in", status=status, error=error)
+
+    def sign_in_by_url(self, dashboard, url):
+        """A page's URL with ?token=, as `queuectl dashboard` prints it: the right
+        token sets the cookie and opens the page without the token in its URL;
+        a wrong one gets the sign-in form."""
+        import html
+        from urllib.parse import parse_qsl, urlencode
+        pairs = parse_qsl(url.query, keep_blank_values=True)
+        given = [value for key, value in pairs if key == "token"][-1]
+        if not dashboard.signed_in(self.client_address[0], given):
+            return self.page_login(dashboard, {}, error="That is not the token.",
+                                   status=403)
+        rest = urlencode([(key, value) for key, value in pairs if key != "token"])
+        target = ("/" if url.path == "/login" else url.path) + ("?" + rest if rest
+                                                                else "")
+        self.send_page(dashboard, "signed_in", "Signed in", target=target,
+                       head=f'\n<meta http-equiv="refresh" content="0; url='
+                            f'{html.escape(target, quote=True)}">',
+                       headers={"Set-Cookie": dashboard.session_cookie()})
 
     def post_login(self, dashboard, query):
         from urllib.parse import parse_qs, urlsplit
-        if not dashboard.token:
-            raise HttpError(303, "no sign-in needed", {"Location": "/"})
         origin = self.headers.get("Origin")
         if origin and urlsplit(origin).netloc != self.headers.get("Host"):
             raise HttpError(403, "refused: the request does not come from this "
@@ -5801,12 +5971,11 @@ class DashboardHandler:
                                                                          "replace"))
         token = form.get("token", [""])[-1]
         if not dashboard.compare(form.get("csrf", [""])[-1], dashboard.login_csrf) or \
-                not dashboard.compare(token, dashboard.token):
+                not dashboard.signed_in(self.client_address[0], token):
             return self.page_login(dashboard, query, error="That is not the token.",
                                    status=403)
-        raise HttpError(303, "signed in", {
-            "Location": "/", "Set-Cookie": f"queuectl_session={dashboard.session}; "
-                                           f"HttpOnly; SameSite=Strict; Path=/"})
+        raise HttpError(303, "signed in", {"Location": "/",
+                                           "Set-Cookie": dashboard.session_cookie()})
 
     def static(self, dashboard, query, name):
         self.send(200, *DASHBOARD_STATIC[name])
@@ -5816,59 +5985,61 @@ class DashboardHandler:
 
     # -- the JSON API: the CLI's --json documents ---------------------------------------
 
+    def api_index(self, dashboard, query):
+        """These endpoints: each one's method, path and what it answers."""
+        self.send_json({"endpoints": api_endpoints()})
+
     def api_status(self, dashboard, query):
+        """The queue's status: `status --json`."""
         with dashboard.store() as store:
             self.send_json(status_report(store)[0])
 
     def api_stats(self, dashboard, query):
+        """Throughput and run times: `stats --json`."""
         with dashboard.store() as store:
             self.send_json(store.stats())
 
     def api_config(self, dashboard, query):
+        """The configuration: `config show --json`."""
         with dashboard.store() as store:
             self.send_json(store.config())
 
     def api_jobs(self, dashboard, query, state=None):
-        from urllib.parse import quote
+        """Jobs, newest first: `list --json`, with ?state=S, ?q=TEXT (a search of
+        ids and commands), ?limit=N (1 to 1000; 50) and ?before= (the page
+        before's X-Next-Before)."""
         state = state or query.get("state") or None
         if state is not None and state not in STATES:
             raise HttpError(400, f"unknown state: {state}")
-        try:
-            limit = int(query.get("limit", "50"))
-        except ValueError:
-            raise HttpError(400, "limit must be a whole number") from None
-        if not 1 <= limit <= 1000:
-            raise HttpError(400, "limit must be from 1 to 1000")
+        limit = whole_number(query.get("limit", "50"), "limit", 1, 1000)
         if len(query.get("q", "")) > SEARCH_MAX_LEN:
             raise HttpError(400, f"q must be at most {SEARCH_MAX_LEN} characters")
         with dashboard.store() as store:
-            jobs, short = store.search_jobs(state, query.get("q") or None,
-                                            query.get("before") or None, limit)
+            jobs, next_before, short = store.search_jobs(
+                state, query.get("q") or None, query.get("before") or None, limit)
         headers = {}
-        if len(jobs) == limit:
-            headers["X-Next-Before"] = quote(jobs[-1]["id"], safe="")   # URL-ready
+        if next_before is not None:
+            headers["X-Next-Before"] = next_before        # letters and digits
         if short:
             headers["X-Search-Limited"] = str(SEARCH_SCAN)
         self.send_json(jobs, headers)
 
     def api_job(self, dashboard, query, job_id):
+        """A job with its runs and dependencies: `show ID --json`."""
         with dashboard.store() as store:
             self.send_json(job_document(store, job_id))
 
     def api_logs(self, dashboard, query, job_id):
+        """The output of a job's last run (or ?attempt=N): `logs ID --json`."""
         number = None
         if query.get("attempt"):
-            try:
-                number = int(query["attempt"])
-            except ValueError:
-                raise HttpError(400, "attempt must be a whole number") from None
-            if not 1 <= number < INT_LIMIT:
-                raise HttpError(400, f"attempt must be from 1 to {INT_LIMIT - 1}")
+            number = whole_number(query["attempt"], "attempt", 1, INT_LIMIT - 1)
         with dashboard.store() as store:
             job, run = store.run_of(job_id, number)
             self.send_json(logs_document(store.path, job, run))
 
     def api_dlq(self, dashboard, query):
+        """Dead jobs, newest first: `dlq list --json`, paged as /api/jobs is."""
         self.api_jobs(dashboard, query, state=DEAD)
 
     def api_overview(self, dashboard, query):
@@ -5892,6 +6063,7 @@ class DashboardHandler:
     # -- actions --------------------------------------------------------------------------
 
     def act_cancel(self, dashboard, query, job_id):
+        """Cancel a pending, failed or running job (its run is killed): `cancel ID`."""
         with dashboard.store() as store:
             cancelled = cancel_jobs(store, [job_id])
         killed = any(run for _, _, run in cancelled)
@@ -5899,12 +6071,14 @@ class DashboardHandler:
                         (" (its run was killed)" if killed else "")})
 
     def act_retry(self, dashboard, query, job_id):
+        """Send a dead job back to pending: `dlq retry ID`."""
         with dashboard.store() as store:
             store.retry_dead([job_id])
         wake_supervisor(dashboard.db_path)
         self.send_json({"message": f"job {job_id} is back to pending"})
 
     def act_retry_all(self, dashboard, query):
+        """Send every dead job back to pending: `dlq retry --all`."""
         with dashboard.store() as store:
             ids, left = store.retry_dead()
         wake_supervisor(dashboard.db_path)
@@ -5916,12 +6090,14 @@ class DashboardHandler:
         self.send_json({"message": message})
 
     def act_pause(self, dashboard, query):
+        """Pause the queue: `pause`."""
         with dashboard.store() as store:
             since = store.pause()
         wake_supervisor(dashboard.db_path)
         self.send_json({"message": f"paused since {since}"})
 
     def act_resume(self, dashboard, query):
+        """Resume the queue: `resume`."""
         with dashboard.store() as store:
             since = store.resume()
         wake_supervisor(dashboard.db_path)
@@ -5930,6 +6106,7 @@ class DashboardHandler:
     # -- /metrics ---------------------------------------------------------------------------
 
     def metrics(self, dashboard, query):
+        """The queue's metrics in Prometheus's text format."""
         with dashboard.store() as store:
             report = status_report(store)[0]
             totals = store.run_totals()
@@ -5960,8 +6137,48 @@ class RequestDeadline(io.RawIOBase):
         return self.sock.recv_into(buffer)
 
 
+def whole_number(text, name, low, high):
+    """TEXT, a query parameter, as a whole number from LOW to HIGH, or 400. ASCII
+    digits only: int() would also take '١٢', ' 12', '+12' and '1_2'."""
+    if not (text.isascii() and text.isdigit()):
+        raise HttpError(400, f"{name} must be a whole number")
+    value = int(text) if len(text) <= 18 else None       # no 10,000-digit parse
+    if value is None or not low <= value <= high:
+        raise HttpError(400, f"{name} must be from {low} to {high}")
+    return value
+
+
+def redact(text):
+    """TEXT (a request line, a path) with the value of each token= parameter
+    replaced: a log must not give the token of a sign-in URL away."""
+    from urllib.parse import unquote_plus
+
+    def hide(match):
+        key = unquote_plus(match.group(2)).strip().lower()
+        return match.group(1) + ("REDACTED" if key == "token" else match.group(3))
+    return re.sub(r"([?&;]([^=&;\s]*)=)([^&;\s#]*)", hide, text)
+
+
 def path_is_api(handler):
-    return getattr(handler, "path", "").startswith("/api/")
+    return re.match(r"/api([/?#]|$)", getattr(handler, "path", "")) is not None
+
+
+def route_path(pattern):
+    """A route's pattern as a path a reader understands: /api/jobs/{id}/logs."""
+    return re.sub(r"\\(.)", r"\1", pattern.replace("([^/]+)", "{id}").replace("/?", "/"))
+
+
+def api_endpoints():
+    """The API's routes (and /metrics), each with the first paragraph of its
+    handler's docstring: the route table and the code stay the only copy."""
+    endpoints = []
+    for method, pattern, handler in ROUTES:
+        path = route_path(pattern)
+        if path.startswith("/api/") or path == "/metrics":
+            doc = getattr(DashboardHandler, handler).__doc__.split("\n\n")[0]
+            endpoints.append({"method": method, "path": path,
+                              "description": " ".join(doc.split())})
+    return endpoints
 
 
 def prometheus_metrics(report, totals):
@@ -5997,9 +6214,12 @@ def prometheus_metrics(report, totals):
     metric("workers", "gauge", "Worker processes of the running supervisor.",
            [((), len(report["workers"]))])
     metric("paused", "gauge", "1 while the queue is paused.", [((), int(report["paused"]))])
+    # No sample while nothing waits (/api/status says null): 0 would claim a job
+    # that has just become due, and NaN breaks max() and sum() across queues.
+    age_s = report["oldest_runnable_age_s"]
     metric("oldest_waiting_seconds", "gauge",
-           "How long the oldest runnable job has waited past its run_at.",
-           [((), float(report["oldest_runnable_age_s"] or 0))])
+           "How long the oldest runnable job has waited past its run_at; absent "
+           "while no job waits.", [] if age_s is None else [((), float(age_s))])
     metric("healthy", "gauge", "1 if status --check finds no problem.",
            [((), int(report["healthy"]))])
     return "\n".join(lines) + "\n"
@@ -6024,6 +6244,7 @@ ROUTES = [
     ("POST", r"/login", "post_login"),
     ("GET", r"/static/(app\.js|app\.css|icon\.svg)", "static"),
     ("GET", r"/favicon\.ico", "favicon"),            # what browsers ask for anyway
+    ("GET", r"/api/?", "api_index"),
     ("GET", r"/api/status", "api_status"),
     ("GET", r"/api/stats", "api_stats"),
     ("GET", r"/api/config", "api_config"),
@@ -6045,11 +6266,18 @@ PUBLIC = ("static", "favicon", "page_login", "post_login")    # no token needed 
 
 def cmd_dashboard(args):
     token = args.token or os.environ.get(ENV_TOKEN) or None
-    if not _loopback(args.host) and not token:
+    if token is not None:
+        check_token(token, "given" if args.token else f"in ${ENV_TOKEN}")
+    elif not _loopback(args.host):
         raise UsageError(f"refusing to serve on {args.host} without a token: give "
                          f"--token or set ${ENV_TOKEN} (or serve on 127.0.0.1 and open "
                          f"it through an SSH tunnel)")
     Store(args.db, create=False).close()           # there must be a queue to show
+    given = token is not None
+    if not given:
+        # Every account on this machine can reach a loopback port, and commands
+        # carry secrets: the token is kept beside the database, as private.
+        token = dashboard_token(args.db)
     server_module = http_server()
     import threading
     handler = type("Handler", (DashboardHandler, server_module.BaseHTTPRequestHandler),
@@ -6097,13 +6325,17 @@ def cmd_dashboard(args):
         raise QueueError(f"cannot serve on {args.host}:{args.port}: {e.strerror}") \
             from None
     port = server.server_address[1]
-    server.dashboard = Dashboard(args.db, token)
+    server.dashboard = Dashboard(args.db, token, port, loopback_only=not given)
     host, where = args.host, ""
     if host in ("0.0.0.0", "::"):              # every address: name one to open
         import socket
         host, where = socket.gethostname(), "on every address of this machine; "
     host = f"[{host}]" if ":" in host else host
-    print(f"queuectl dashboard of {args.db}: http://{host}:{port}/ "
+    # The sign-in URL carries the token of <db>.token, which nobody else can
+    # read; a token given by hand its owner knows, and it stays out of the log.
+    from urllib.parse import quote
+    sign_in = "" if given else "?token=" + quote(token, safe="")
+    print(f"queuectl dashboard of {args.db}: http://{host}:{port}/{sign_in} "
           f"({where}Ctrl-C to stop)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -6362,8 +6594,10 @@ def build_parser():
     sub.add_argument("--port", type=int_between(0, 65535), default=DASHBOARD_PORT,
                      metavar="N", help=f"port (default {DASHBOARD_PORT}; 0: any free one)")
     sub.add_argument("--token", metavar="TOKEN",
-                     help=f"the token every request must carry (default: "
-                          f"${ENV_TOKEN}, which `ps` does not show)")
+                     help=f"the token every request must carry, at least "
+                          f"{TOKEN_MIN_LEN} characters (default: ${ENV_TOKEN}, which "
+                          f"`ps` does not show; else, on 127.0.0.1, the one kept in "
+                          f"<db>{TOKEN_SUFFIX})")
     return parser
 
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
 
@@ -421,12 +422,16 @@ class Bench:
         proc = subprocess.Popen([PY, self.queuectl, "--db", db, "dashboard", "--port",
                                  "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
-            url = re.search(r"(http://\S+/)", proc.stdout.readline().decode()).group(1)
+            printed = re.search(r"(http://\S+/)\?token=(\S+)",
+                                proc.stdout.readline().decode())    # its own token
+            url, token = printed.group(1), urllib.parse.unquote(printed.group(2))
             times = {}
             for path in paths:
                 def get():
                     started = time.perf_counter()
-                    with urllib.request.urlopen(url + path.lstrip("/")) as response:
+                    request = urllib.request.Request(url + path.lstrip("/"), headers={
+                        "Authorization": "Bearer " + token})
+                    with urllib.request.urlopen(request) as response:
                         response.read()
                     return time.perf_counter() - started
                 get()                                   # warm the page cache
@@ -443,7 +448,7 @@ class Bench:
                  "/api/jobs?before={old}", "/api/dlq", "/api/jobs?q=no-such-text"]
 
         def timed(db, path):
-            path = path.format(old=self.oldest_id(db, 100))
+            path = path.format(old=self.oldest_cursor(db, 100))
             return self.best(lambda: self.dashboard_times(db, [path], runs)[path])
         for path in paths:
             base, ours = timed(small, path), timed(big, path)
@@ -455,11 +460,12 @@ class Bench:
                      "< 100 ms (it scans at most 100,000 jobs)" if bounded else "<= 2x",
                      ours < 0.1 if bounded else ratio <= 2)
 
-    def oldest_id(self, db, nth):
+    def oldest_cursor(self, db, nth):
+        """The page cursor (X-Next-Before) of a page that ended at the NTH oldest job."""
         conn = sqlite3.connect(db)
         try:
-            return conn.execute("SELECT id FROM jobs ORDER BY rowid LIMIT 1 OFFSET ?",
-                                (nth,)).fetchone()[0]
+            return "r%d" % conn.execute("SELECT rowid FROM jobs ORDER BY rowid LIMIT 1 "
+                                        "OFFSET ?", (nth,)).fetchone()[0]
         finally:
             conn.close()
 

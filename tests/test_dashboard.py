@@ -18,13 +18,14 @@ import tempfile
 import threading
 import time
 import unittest
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
-from tests.support import QUEUECTL, queuectl, wait_until
+from tests.support import QUEUECTL, cmdline, queuectl, wait_until
 from tests.test_regressions import RegressionTestCase
 from tests.test_cli import CliTestCase
 
 q = shlex.quote
+TOKEN = "s3cret-s3cret-s3cret"              # a token given by hand: 16 characters or more
 PROMETHEUS_LINE = re.compile(
     r'(# (HELP|TYPE) queuectl_\w+ .+|queuectl_\w+(\{(\w+="[^"]*",?)+\})? [0-9.e+-]+)')
 
@@ -41,10 +42,14 @@ class Response:
 
 
 class DashboardTestCase(RegressionTestCase, CliTestCase):
-    """A dashboard subprocess on this test's database, and ways to talk to it."""
+    """A dashboard subprocess on this test's database, and ways to talk to it:
+    signed in, as a browser is, with the URL it prints when the token is its own."""
+
+    session = None
 
     def start_dashboard(self, *args, env=None):
-        """Start `queuectl dashboard --port 0 ARGS`; wait for the URL it prints."""
+        """Start `queuectl dashboard --port 0 ARGS`; wait for the URL it prints, and
+        sign in with it if it carries a token."""
         proc = subprocess.Popen([sys.executable, QUEUECTL, "dashboard", "--port", "0",
                                  *args], env=env or self.env, cwd=self.dir,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -53,12 +58,24 @@ class DashboardTestCase(RegressionTestCase, CliTestCase):
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         self.assertTrue(ready, "the dashboard printed no URL within 20 s")
         line = proc.stdout.readline().decode()
-        match = re.search(r"http://([^/]+):(\d+)/ \((.*)Ctrl-C to stop\)$",
-                          line.strip())
+        match = re.search(r"http://([^/]+):(\d+)/(\?token=(\S+))? \((.*)Ctrl-C to "
+                          r"stop\)$", line.strip())
         self.assertIsNotNone(match, f"no URL in {line!r}")
         self.host, self.port = match.group(1), int(match.group(2))
-        self.where = match.group(3)
+        self.where = match.group(5)
+        self.token = unquote(match.group(4)) if match.group(4) else None
+        self.session = self.sign_in(self.token) if self.token else None
         return proc
+
+    def sign_in(self, token):
+        """Open the sign-in URL; return the Cookie header it sets."""
+        response = self.request("GET", "/?token=" + quote(token, safe=""), auth=False)
+        self.assertEqual(response.status, 200, response.text)
+        return response.headers["set-cookie"].split(";")[0]
+
+    def cookie_line(self):
+        """The session's Cookie header as a raw request line."""
+        return f"Cookie: {self.session}\r\n".encode()
 
     def stop_dashboard(self, proc):
         if proc.poll() is None:
@@ -66,12 +83,16 @@ class DashboardTestCase(RegressionTestCase, CliTestCase):
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=10)
 
-    def request(self, method, path, headers=None, body=None, host=None):
-        """One request; the Host header is HOST (default: 127.0.0.1:PORT)."""
+    def request(self, method, path, headers=None, body=None, host=None, auth=True):
+        """One request; the Host header is HOST (default: 127.0.0.1:PORT). Unless
+        it carries credentials of its own, or AUTH is false, it carries the
+        session cookie."""
+        sent = {"Host": host or f"{self.host}:{self.port}", **(headers or {})}
+        if auth and self.session and not {"Cookie", "Authorization"} & set(sent):
+            sent["Cookie"] = self.session
         conn = http.client.HTTPConnection(self.host, self.port, timeout=15)
         try:
-            conn.request(method, path, body=body, headers={
-                "Host": host or f"{self.host}:{self.port}", **(headers or {})})
+            conn.request(method, path, body=body, headers=sent)
             response = conn.getresponse()
             return Response(response.status, response.getheaders(), response.read())
         finally:
@@ -158,8 +179,8 @@ class DashboardApiTest(DashboardTestCase):
         logs = self.get_json("/api/jobs/hello/logs")
         self.assertEqual((logs["stdout"], logs["stderr"]), ("hello\n", "oops\n"))
         self.assertEqual([job["id"] for job in self.get_json("/api/dlq")], ["bad"])
-        self.assertEqual(self.get("/api/dlq?limit=1").headers["x-next-before"], "bad")
-        self.assertEqual(self.get_json("/api/dlq?before=bad"), [])
+        cursor = self.get("/api/dlq?limit=1").headers["x-next-before"]
+        self.assertEqual(self.get_json("/api/dlq?before=" + cursor), [])
 
         overview = self.get_json("/api/overview")
         self.assertEqual(overview["status"]["counts"], status["counts"])
@@ -176,11 +197,11 @@ class DashboardApiTest(DashboardTestCase):
         page = self.get("/api/jobs?limit=10")
         first = [job["id"] for job in page.json()]
         self.assertEqual(first, [f"job{n:02}" for n in range(24, 14, -1)])
-        self.assertEqual(page.headers["x-next-before"], "job15")
-        second = self.get_json("/api/jobs?limit=10&before=job15")
-        self.assertEqual([job["id"] for job in second],
+        self.assertRegex(page.headers["x-next-before"], r"^[A-Za-z0-9]+$")
+        second = self.get("/api/jobs?limit=10&before=" + page.headers["x-next-before"])
+        self.assertEqual([job["id"] for job in second.json()],
                          [f"job{n:02}" for n in range(14, 4, -1)])
-        last = self.get("/api/jobs?limit=10&before=job05")
+        last = self.get("/api/jobs?limit=10&before=" + second.headers["x-next-before"])
         self.assertEqual(len(last.json()), 5)
         self.assertNotIn("x-next-before", last.headers)
         found = self.get_json("/api/jobs?q=needle")
@@ -199,13 +220,17 @@ class DashboardApiTest(DashboardTestCase):
                         for n in range(30))
         self.ok("enqueue", "-", stdin=lines)
         store = self.store()
-        jobs, short = store.search_jobs(text="j1", limit=50, scan=10)
+        jobs, cursor, short = store.search_jobs(text="j1", limit=50, scan=10)
         self.assertEqual((jobs, short), ([], True))          # it saw j29..j20 only
-        jobs, short = store.search_jobs(text="j1", before="j20", limit=50, scan=10)
+        self.assertIsNotNone(cursor)                        # and goes on from j20
+        jobs, cursor, short = store.search_jobs(text="j1", before=cursor, limit=50,
+                                                scan=10)
         self.assertEqual(([job["id"] for job in jobs], short),
                          ([f"j{n}" for n in range(19, 9, -1)], True))
-        jobs, short = store.search_jobs(text="j1", before="j10", limit=50, scan=10)
-        self.assertEqual(([job["id"] for job in jobs], short), (["j1"], False))
+        jobs, cursor, short = store.search_jobs(text="j1", before=cursor, limit=50,
+                                                scan=10)
+        self.assertEqual(([job["id"] for job in jobs], cursor, short),
+                         (["j1"], None, False))
 
     def test_unknown_paths_and_ids_get_404_and_bad_parameters_400(self):
         self.enqueue(id="a", command="true")
@@ -220,7 +245,7 @@ class DashboardApiTest(DashboardTestCase):
                              ("/api/jobs?limit=abc", "limit must be a whole number"),
                              ("/api/jobs?limit=0", "limit must be from 1 to 1000"),
                              ("/api/jobs?limit=5000", "limit must be from 1 to 1000"),
-                             ("/api/jobs?before=nope", "no such job: nope"),
+                             ("/api/jobs?before=nope", "not a job id: 'nope'"),
                              ("/api/jobs/a/logs?attempt=x", "attempt must be a whole"),
                              ("/api/jobs/a/logs?attempt=7", "")):
             response = self.get(path)
@@ -252,6 +277,27 @@ class DashboardApiTest(DashboardTestCase):
         with open(self.db, "wb") as f:
             f.write(b"this is not a database" * 100)
         self.assertError(self.get("/api/jobs"), 503)
+
+    def test_the_api_root_lists_every_endpoint_from_the_route_table(self):
+        """GET /api/ (and /api) names each endpoint's method and path with one line
+        of description, read from the route table; each GET one listed answers."""
+        self.enqueue(id="a", command="true")
+        self.start_dashboard()
+        index = self.get_json("/api/")
+        self.assertEqual(self.get_json("/api"), index)
+        listed = [(e["method"], e["path"]) for e in index["endpoints"]]
+        routed = [(method, queuectl.route_path(pattern))
+                  for method, pattern, _ in queuectl.ROUTES
+                  if pattern.startswith("/api") or pattern == "/metrics"]
+        self.assertEqual(listed, routed)
+        self.assertIn(("GET", "/api/jobs/{id}/logs"), listed)
+        self.assertIn(("POST", "/api/pause"), listed)
+        for endpoint in index["endpoints"]:
+            self.assertRegex(endpoint["description"], r"^[^\n]{10,200}$", endpoint)
+            if endpoint["method"] == "GET":
+                path = endpoint["path"].replace("{id}", "a")
+                self.assertEqual(self.get(path).status, 200, path)
+        self.assertError(self.request("POST", "/api/"), 405)
 
     def test_metrics_in_the_prometheus_text_format(self):
         self.enqueue(id="ok1", command="true")
@@ -388,14 +434,14 @@ class DashboardSafetyTest(DashboardTestCase):
         """With a token, the API needs it as a Bearer header, pages a cookie from the
         login form; the static files and the form itself are open."""
         self.enqueue(id="a", command="true", run_at="2999-01-01T00:00:00Z")
-        self.start_dashboard("--token", "s3cret")
-        bearer = {"Authorization": "Bearer s3cret"}
+        self.start_dashboard("--token", TOKEN)
+        bearer = {"Authorization": "Bearer " + TOKEN}
         self.assertError(self.get("/api/status"), 401, "token")
         self.assertError(self.get("/metrics"), 401)
         self.assertError(self.get("/api/status", headers={"Authorization":
                                                           "Bearer wrong"}), 401)
-        self.assertError(self.get("/api/status", headers={"Cookie":
-                                                          "queuectl_session=forged"}), 401)
+        forged = {"Cookie": f"queuectl_session_{self.port}=forged"}
+        self.assertError(self.get("/api/status", headers=forged), 401)
         self.assertEqual(self.get("/api/status", headers=bearer).status, 200)
         self.assertEqual(self.get("/metrics", headers=bearer).status, 200)
         self.assertEqual(self.get("/static/app.js").status, 200)
@@ -418,15 +464,15 @@ class DashboardSafetyTest(DashboardTestCase):
         self.assertEqual(wrong.status, 403)
         self.assertIn("That is not the token.", wrong.text)
         self.assertNotIn("set-cookie", wrong.headers)
-        no_csrf = self.request("POST", "/login", headers=origin, body="token=s3cret")
+        no_csrf = self.request("POST", "/login", headers=origin, body="token=" + TOKEN)
         self.assertNotIn("set-cookie", no_csrf.headers)
         signed = self.request("POST", "/login", headers=origin,
-                              body=f"token=s3cret&csrf={csrf}")
+                              body=f"token={TOKEN}&csrf={csrf}")
         self.assertEqual((signed.status, signed.headers["location"]), (303, "/"))
         cookie = signed.headers["set-cookie"]
         self.assertIn("HttpOnly", cookie)
         self.assertIn("SameSite=Strict", cookie)
-        self.assertNotIn("s3cret", cookie)
+        self.assertNotIn(TOKEN, cookie)
         session = {"Cookie": cookie.split(";")[0]}
         self.assertEqual(self.get("/", headers=session).status, 200)
         self.assertEqual(self.get("/api/status", headers=session).status, 200)
@@ -454,16 +500,16 @@ class DashboardSafetyTest(DashboardTestCase):
         self.assertIn("without a token", err)
         self.assertEqual(self.rows(), before)
         self.start_dashboard("--host", "0.0.0.0",
-                             env=dict(self.env, QUEUECTL_TOKEN="from-env"))
+                             env=dict(self.env, QUEUECTL_TOKEN="from-env-" + TOKEN))
         # It prints a URL to open from elsewhere: this machine's name, not 0.0.0.0.
         self.assertEqual((self.host, self.where),
                          (socket.gethostname(), "on every address of this machine; "))
         self.host = "127.0.0.1"
         self.assertError(self.get("/api/status"), 401)
         self.assertEqual(self.get("/api/status", headers={
-            "Authorization": "Bearer from-env"}).status, 200)
+            "Authorization": "Bearer from-env-" + TOKEN}).status, 200)
 
-    def test_without_a_token_only_loopback_names_are_answered(self):
+    def test_with_the_token_of_its_file_only_loopback_names_are_answered(self):
         """DNS rebinding: a page of evil.example that resolves to 127.0.0.1 sends
         Host: evil.example, and gets nothing."""
         self.store()
@@ -472,6 +518,206 @@ class DashboardSafetyTest(DashboardTestCase):
             self.assertError(self.get("/api/status", host=host), 421)
         for host in (f"localhost:{self.port}", f"127.0.0.1:{self.port}", "localhost"):
             self.assertEqual(self.get("/api/status", host=host).status, 200, host)
+
+    def test_on_loopback_every_request_needs_the_token_of_its_file(self):
+        """Any account on the machine can reach 127.0.0.1: without --token the
+        dashboard makes a token, keeps it in <db>.token (0600, reused on restart so
+        a bookmark survives), and answers nothing, read or action, without it."""
+        self.enqueue(id="a", command="echo secret", run_at="2999-01-01T00:00:00Z")
+        proc = self.start_dashboard()
+        token_file = self.db + ".token"
+        with open(token_file) as f:
+            self.assertEqual(f.read(), self.token + "\n")
+        self.assertEqual(os.stat(token_file).st_mode & 0o777, 0o600)
+        self.assertGreaterEqual(len(self.token), 16)
+        self.assertNotIn(self.token, cmdline(proc.pid))       # not in `ps`
+        self.session = None                                   # another local user
+        for path in ("/api/status", "/api/jobs", "/api/jobs/a", "/api/jobs/a/logs",
+                     "/api/", "/metrics"):
+            self.assertError(self.get(path), 401, "token")
+        for path in ("/", "/jobs", "/jobs/a", "/dlq"):
+            self.assertEqual(self.get(path).headers.get("location"), "/login", path)
+        form = self.get("/login").text                        # anyone can read it
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', form).group(1)
+        self.assertError(self.post("/api/pause", csrf=csrf), 401)
+        self.assertError(self.post("/api/jobs/a/cancel", csrf=csrf), 401)
+        self.assertEqual(self.get("/api/status", headers={
+            "Authorization": "Bearer " + self.token}).status, 200)
+        self.assertEqual(self.state("a"), "pending")
+        self.assertFalse(self.json_out("status", "--json")["paused"])
+
+        first = self.token
+        self.stop_dashboard(proc)
+        self.start_dashboard()                                # a restart: same token
+        self.assertEqual(self.token, first)
+        self.assertEqual(self.get_json("/api/jobs/a")["command"], "echo secret")
+
+    def test_the_printed_url_signs_in_and_keeps_the_token_out_of_urls_and_logs(self):
+        """The printed URL (or any page's URL with ?token=) sets the session cookie
+        and opens the page without the token; a wrong token gets the form; the
+        log shows neither."""
+        self.enqueue(id="a", command="true")
+        proc = self.start_dashboard()
+        token, self.session = self.token, None
+        opened = self.get(f"/jobs?state=pending&token={quote(token)}&q=a")
+        self.assertEqual(opened.status, 200, opened.text)
+        self.assertIn('<meta http-equiv="refresh" content="0; url=/jobs?state=pending'
+                      '&amp;q=a">', opened.text)
+        self.assertNotIn(token, opened.text)
+        cookie = opened.headers["set-cookie"]
+        self.assertTrue(cookie.startswith(f"queuectl_session_{self.port}="), cookie)
+        for flag in ("HttpOnly", "SameSite=Strict", "Path=/"):
+            self.assertIn(flag, cookie)
+        self.assertNotIn(token, cookie)
+        session = {"Cookie": cookie.split(";")[0]}
+        self.assertEqual(self.get("/jobs?state=pending", headers=session).status, 200)
+        self.assertEqual(self.get("/api/jobs", headers=session).status, 200)
+        self.assertIn('content="0; url=/"', self.get("/login?token=" + token).text)
+
+        wrong = self.get("/?token=not-the-token-at-all")
+        self.assertEqual(wrong.status, 403)
+        self.assertIn("That is not the token.", wrong.text)
+        self.assertNotIn("set-cookie", wrong.headers)
+        self.assertError(self.get("/api/status?token=" + token), 401)   # API: Bearer
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        err = err.decode()
+        self.assertIn('"GET /?token=REDACTED HTTP/1.1" 403', err)
+        self.assertIn('"GET /api/status?token=REDACTED HTTP/1.1" 401', err)
+        self.assertNotIn(token, err)
+        self.assertNotIn("not-the-token", err)
+        self.assertEqual(
+            queuectl.redact("GET /x?a=1&%74oken=s&TOKEN=t;token=u#f HTTP/1.1"),
+            "GET /x?a=1&%74oken=REDACTED&TOKEN=REDACTED;token=REDACTED#f HTTP/1.1")
+
+    def test_a_token_file_that_is_not_a_private_file_of_ours_is_refused(self):
+        """<db>.token as a symlink, a FIFO, readable by others, another user's, or
+        holding no usable token: one line, exit 1, the file left as it was."""
+        self.store()
+        token_file = self.db + ".token"
+        elsewhere = self.path("elsewhere")
+        with open(elsewhere, "w") as f:
+            f.write("a-token-nobody-should-use\n")
+
+        def refused(needle):
+            code, out, err = self.run_bounded("dashboard", "--port", "0")
+            self.assertOneErrorLine(1, code, out, err)
+            self.assertIn(needle, err)
+            self.assertIn(token_file, err)
+        os.symlink(elsewhere, token_file)
+        refused("cannot open")
+        os.unlink(token_file)
+        os.mkfifo(token_file, 0o600)
+        refused("not a regular file")
+        os.unlink(token_file)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"short\n")
+        os.close(fd)
+        refused("no usable token")
+        with open(token_file, "w") as f:
+            f.write("long-enough-but-shared\n")
+        os.chmod(token_file, 0o644)
+        refused("others may read")
+        self.assertEqual(os.stat(token_file).st_mode & 0o777, 0o644)
+        if os.geteuid() == 0:                                 # root can give it away
+            os.chmod(token_file, 0o600)
+            os.chown(token_file, 65534, -1)
+            refused("not yours")
+        with open(token_file) as f:
+            self.assertEqual(f.read(), "long-enough-but-shared\n")
+
+    def test_a_token_too_short_to_be_safe_is_refused_saying_how_to_make_one(self):
+        """Fewer than 16 characters (--token or $QUEUECTL_TOKEN): exit 2, one line
+        naming the minimum and a command that makes a token; nothing written."""
+        self.store()
+        before = self.rows()
+        for args, env in ((["--token", "x"], self.env),
+                          ([], dict(self.env, QUEUECTL_TOKEN="fifteen-chars!!")),
+                          (["--token", "y" * 15, "--host", "0.0.0.0"], self.env)):
+            proc = subprocess.run([sys.executable, QUEUECTL, "dashboard", "--port", "0",
+                                   *args], env=env, capture_output=True, text=True,
+                                  timeout=10, cwd=self.dir)
+            self.assertOneErrorLine(2, proc.returncode, proc.stdout, proc.stderr)
+            self.assertIn("at least 16 characters", proc.stderr)
+            self.assertIn(queuectl.TOKEN_HOWTO, proc.stderr)
+        self.assertEqual(self.rows(), before)
+        self.assertFalse(os.path.exists(self.db + ".token"))
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN="sixteen-chars!!!"))
+        self.assertEqual(self.get("/api/status", headers={
+            "Authorization": "Bearer sixteen-chars!!!"}).status, 200)
+
+    def test_wrong_tokens_from_a_client_are_answered_429_ever_more_slowly(self):
+        """After 5 wrong tokens (Bearer, the sign-in form or a sign-in URL, counted
+        together per client address) the next try waits 1 s, then 2 s...: 429 with
+        Retry-After, even with the right token; a signed-in browser goes on, and
+        the right token after the wait clears the count."""
+        self.store()
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN=TOKEN))
+        session = {"Cookie": self.sign_in(TOKEN)}
+        wrong = {"Authorization": "Bearer wrong-wrong-wrong-wrong"}
+        right = {"Authorization": "Bearer " + TOKEN}
+        form = self.get("/login").text
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', form).group(1)
+
+        def sign_in_form(token):
+            return self.request("POST", "/login", body=f"token={token}&csrf={csrf}",
+                                headers={"Content-Type":
+                                         "application/x-www-form-urlencoded"})
+        self.assertError(self.get("/api/status", headers=wrong), 401)
+        self.assertEqual(sign_in_form("guess-one").status, 403)
+        self.assertEqual(self.get("/?token=guess-two").status, 403)
+        self.assertError(self.get("/api/status", headers=wrong), 401)
+        self.assertEqual(sign_in_form("guess-three").status, 403)    # the 5th
+        for response in (self.get("/api/status", headers=wrong),
+                         self.get("/api/status", headers=right),
+                         sign_in_form(TOKEN), self.get("/?token=" + TOKEN)):
+            self.assertError(response, 429, "too many wrong tokens")
+            self.assertEqual(response.headers["retry-after"], "1")
+        self.assertEqual(self.get("/api/status", headers=session).status, 200)
+        wait_until(lambda: self.get("/api/status", headers=wrong).status == 401, 5,
+                   "the first wait to end")                     # the 6th
+        waited = self.get("/api/status", headers=right)
+        self.assertError(waited, 429)
+        self.assertEqual(waited.headers["retry-after"], "2")   # it doubled
+        wait_until(lambda: self.get("/api/status", headers=right).status == 200, 5,
+                   "the second wait to end")
+        for _ in range(5):                                      # the count is cleared
+            self.assertError(self.get("/api/status", headers=wrong), 401)
+
+    def test_the_sign_in_throttle_doubles_the_wait_caps_it_and_forgets(self):
+        """1, 2, 4 ... 60 s after the 5th failure; forgotten after 15 minutes
+        without one; an IPv6 host counts by its /64; memory stays bounded."""
+        now = [1000.0]
+        throttle = queuectl.SignInThrottle(clock=lambda: now[0])
+        waits = []
+        for _ in range(14):
+            try:
+                self.assertFalse(throttle.check("10.0.0.1", lambda: False))
+            except queuectl.HttpError as e:
+                self.fail(f"refused before its wait ended: {e}")
+            _, _, until = throttle.clients["10.0.0.1"]
+            waits.append(until - now[0])
+            now[0] = until
+        self.assertEqual(waits, [0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 60, 60, 60, 60])
+        self.assertFalse(throttle.check("10.0.0.1", lambda: False))
+        now[0] += 0.5
+        with self.assertRaises(queuectl.HttpError) as caught:
+            throttle.check("10.0.0.1", lambda: True)
+        self.assertEqual((caught.exception.status, caught.exception.headers),
+                         (429, {"Retry-After": "60"}))
+        self.assertTrue(throttle.check("10.0.0.2", lambda: True))   # another client
+        now[0] += queuectl.SIGNIN_FORGET_S + 61
+        self.assertFalse(throttle.check("10.0.0.1", lambda: False))
+        self.assertEqual(throttle.clients["10.0.0.1"][0], 1)         # forgotten
+        self.assertTrue(throttle.check("10.0.0.1", lambda: True))
+        self.assertNotIn("10.0.0.1", throttle.clients)                # cleared
+        self.assertEqual(throttle.client("2001:db8::1"), throttle.client("2001:db8::2"))
+        self.assertNotEqual(throttle.client("2001:db8::1"),
+                            throttle.client("2001:db8:0:1::1"))
+        self.assertEqual(throttle.client("::ffff:10.0.0.9"), "10.0.0.9")
+        for n in range(queuectl.SIGNIN_CLIENTS_MAX + 1000):
+            throttle.check(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", lambda: False)
+        self.assertEqual(len(throttle.clients), queuectl.SIGNIN_CLIENTS_MAX)
 
     def test_missing_database_and_busy_port_are_one_line_errors(self):
         code, out, err = self.run_bounded("dashboard", "--port", "0")
@@ -500,7 +746,7 @@ class DashboardServerTest(DashboardTestCase):
                         + "\n" for n in range(1000))
         self.ok("enqueue", "-", stdin=lines)
         # A sign-in whose body never comes (a dashboard with a token reads it).
-        self.start_dashboard("--token", "s3cret")
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN=TOKEN))
         short = socket.create_connection((self.host, self.port))
         self.addCleanup(short.close)
         short.sendall(b"POST /login HTTP/1.0\r\nContent-Length: 100\r\n\r\ntoken=x")
@@ -529,7 +775,8 @@ class DashboardServerTest(DashboardTestCase):
         for _ in range(5):
             gone = socket.create_connection((self.host, self.port))
             gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            gone.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            gone.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                         self.cookie_line() + b"\r\n")
             gone.recv(100)
             gone.close()                                   # RST in mid-answer
         self.assertEqual(len(self.get_json("/api/jobs?limit=1000")), 1000)
@@ -574,7 +821,8 @@ class DashboardServerTest(DashboardTestCase):
         slow = socket.create_connection((self.host, self.port))
         self.addCleanup(slow.close)
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        slow.sendall(b"GET /api/jobs?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                     self.cookie_line() + b"\r\n")
         slow.recv(100)                                  # and read no more for now
         started = time.monotonic()
         self.ok("enqueue", json.dumps({"id": "new", "command": "true"}))
@@ -617,20 +865,35 @@ class DashboardBrowserTest(DashboardTestCase):
     user would see."""
 
     def browse(self, path, *flags):
+        """Open PATH as a user does: through the sign-in URL the dashboard printed,
+        here followed from a local file (a link from elsewhere), which keeps the
+        token off Chromium's command line, where `ps` would show it."""
         profile = tempfile.mkdtemp(dir=self.dir)
+        url = f"http://{self.host}:{self.port}{path}"
+        url += ("&" if "?" in path else "?") + "token=" + quote(self.token, safe="")
+        link = os.path.join(profile, "sign-in.html")
+        with open(link, "w") as f:
+            f.write(f'<meta http-equiv="refresh" content="0; url={url}">')
         result = subprocess.run(
             [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
              f"--user-data-dir={profile}", "--virtual-time-budget=3000", *flags,
-             f"http://{self.host}:{self.port}{path}"],
+             "file://" + link],
             capture_output=True, timeout=90, cwd=self.dir)
         return result
 
     def dom(self, path):
-        result = self.browse(path, "--dump-dom")
-        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        return result.stdout.decode("utf-8", "replace")
+        """The DOM of PATH once its script ran. Headless Chromium's virtual time
+        may run out between the sign-in URL's two hops, leaving nothing to dump:
+        then it is asked again."""
+        def shown():
+            result = self.browse(path, "--dump-dom")
+            self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+            text = result.stdout.decode("utf-8", "replace")
+            return text if "<body" in text and 'data-page="signed_in"' not in text \
+                else None
+        return wait_until(shown, 60, f"Chromium to show {path}")
 
     def test_the_browser_renders_counts_output_and_keeps_injected_script_inert(self):
         inject = ("<script>document.documentElement.setAttribute('data-pwned','1')"
@@ -673,11 +936,15 @@ class DashboardBrowserTest(DashboardTestCase):
         self.assertIn("exit 1", dlq)
 
         shot = os.path.join(self.dir, "overview.png")
-        result = self.browse("/", f"--screenshot={shot}", "--window-size=1200,800",
-                             "--hide-scrollbars")
-        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-        with open(shot, "rb") as f:
-            png = f.read()
+
+        def screenshot():                               # as dom(): maybe twice
+            result = self.browse("/", f"--screenshot={shot}", "--window-size=1200,800",
+                                 "--hide-scrollbars")
+            self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+            with open(shot, "rb") as f:
+                png = f.read()
+            return png if len(png) > 20000 else None
+        png = wait_until(screenshot, 60, "Chromium to show the overview")
         self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
         self.assertEqual(struct.unpack(">II", png[16:24]), (1200, 800))
         self.assertGreater(len(png), 20000)            # not a blank page
@@ -706,21 +973,47 @@ class DashboardReviewTest(DashboardTestCase):
         self.assertOneErrorLine(2, code, out, err)
 
     def test_paging_past_an_id_that_is_not_latin_1(self):
-        """X-Next-Before is percent-encoded, so any id can end a page."""
+        """X-Next-Before names a position, not the id, so any id can end a page."""
         self.enqueue(id="first", command="true")
         self.enqueue(id="ジョブ", command="true")
         self.start_dashboard()
         response = self.get("/api/jobs?limit=1")
         self.assertEqual(response.status, 200)
-        self.assertEqual(response.headers["x-next-before"], quote("ジョブ", safe=""))
+        self.assertEqual([job["id"] for job in response.json()], ["ジョブ"])
         older = self.get_json("/api/jobs?limit=1&before=" +
                               response.headers["x-next-before"])
         self.assertEqual([job["id"] for job in older], ["first"])
 
+    def test_paging_goes_on_when_the_job_a_page_ended_on_is_gone(self):
+        """The next page's cursor names a position, not a job: deleting or purging
+        the job a page ended on leaves the next page as it was. A job id or a
+        malformed cursor gets 400."""
+        for n in range(7):
+            self.enqueue(id=f"j{n}", command="true")
+        self.ok("cancel", "j3")
+        self.start_dashboard()
+        first = self.get("/api/jobs?limit=2")               # j6, j5
+        self.ok("delete", "j5")
+        second = self.get("/api/jobs?limit=2&before=" + first.headers["x-next-before"])
+        self.assertEqual(second.status, 200, second.text)
+        self.assertEqual([job["id"] for job in second.json()], ["j4", "j3"])
+        self.ok("purge", "--state", "cancelled")           # j3, where it ended
+        third = self.get_json("/api/jobs?limit=2&before=" +
+                              second.headers["x-next-before"])
+        self.assertEqual([job["id"] for job in third], ["j2", "j1"])
+        pending = self.get("/api/jobs?state=pending&limit=1")
+        self.ok("delete", "j6")
+        cursor = pending.headers["x-next-before"]
+        self.assertEqual([job["id"] for job in self.get_json(
+            "/api/jobs?state=pending&limit=1&before=" + cursor)], ["j4"])
+        for cursor in ("j2", "r", "r0", "r-1", "r１", "r01", "r" + "9" * 19, " r5"):
+            self.assertError(self.get("/api/jobs?before=" + quote(cursor)), 400,
+                             "before takes the X-Next-Before of the page before")
+
     def test_odd_parameters_and_slow_bodies_get_short_answers(self):
         self.enqueue(id="a", command="true")
-        self.start_dashboard("--token", "s3cret")
-        bearer = {"Authorization": "Bearer s3cret"}
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN=TOKEN))
+        bearer = {"Authorization": "Bearer " + TOKEN}
         for path in ("/api/jobs/a/logs?attempt=99999999999999999999",
                      "/api/jobs/a/logs?attempt=0", "/api/jobs/a/logs?attempt=-1",
                      "/api/jobs?q=" + "x" * 50010):
@@ -731,6 +1024,21 @@ class DashboardReviewTest(DashboardTestCase):
         self.assertNotIn(self.db, login.text)               # no path before sign-in
         self.assertFailsCleanly(2, "enqueue", '{"id": "..", "command": "true"}')
         self.assertFailsCleanly(2, "enqueue", "-c", "true", "--id", ".")
+
+    def test_numeric_parameters_take_ascii_digits_only(self):
+        """limit and attempt are ASCII digits: Arabic-Indic or full-width digits,
+        a sign, spaces or underscores, which int() would take, get 400."""
+        self.enqueue(id="a", command="true")
+        self.ok("cancel", "a")
+        self.start_dashboard()
+        for text in ("١٢", "１２", "+5", " 5", "5 ", "1_0", "²"):
+            self.assertError(self.get("/api/jobs?limit=" + quote(text)), 400,
+                             "limit must be a whole number")
+            self.assertError(self.get("/api/jobs/a/logs?attempt=" + quote(text)), 400,
+                             "attempt must be a whole number")
+        self.assertEqual(len(self.get_json("/api/jobs?limit=0012")), 1)
+        self.assertError(self.get("/api/jobs?limit=" + "9" * 5000), 400,
+                         "limit must be from 1 to 1000")
 
     def test_too_many_clients_at_once_get_503_and_the_rest_go_on(self):
         self.store()
@@ -757,18 +1065,39 @@ class DashboardReviewTest(DashboardTestCase):
         self.assertIn("queuectl_run_duration_seconds_sum 1234569.5\n", text)
         self.assertIn("queuectl_oldest_waiting_seconds 1234567.891\n", text)
 
+    def test_metrics_and_status_agree_when_no_job_waits(self):
+        """/api/status says null for the oldest waiting job when none waits; /metrics
+        then has no queuectl_oldest_waiting_seconds sample (not 0), and has one
+        once a job waits."""
+        self.enqueue(id="later", command="true", delay="1h")
+        self.start_dashboard()
+
+        def oldest_samples():
+            return [line for line in self.get("/metrics").text.splitlines()
+                    if line.startswith("queuectl_oldest_waiting_seconds")]
+        self.assertIsNone(self.get_json("/api/status")["oldest_runnable_age_s"])
+        self.assertEqual(oldest_samples(), [])
+        self.assertIn("# TYPE queuectl_oldest_waiting_seconds gauge",
+                      self.get("/metrics").text)
+        self.ok("pause")
+        self.enqueue(id="now", command="true")
+        age = self.get_json("/api/status")["oldest_runnable_age_s"]
+        self.assertIsNotNone(age)
+        [sample] = oldest_samples()
+        self.assertGreaterEqual(float(sample.split()[1]), age)
+
 
     def test_the_bearer_scheme_is_case_blind_and_a_wrong_token_says_so(self):
         self.enqueue(id="a", command="true")
-        self.start_dashboard("--token", "s3cret")
+        self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN=TOKEN))
         for scheme in ("Bearer", "bearer", "BEARER"):
             self.assertEqual(self.get("/api/status", headers={
-                "Authorization": f"{scheme} s3cret"}).status, 200, scheme)
+                "Authorization": f"{scheme} {TOKEN}"}).status, 200, scheme)
         self.assertError(self.get("/api/status", headers={
             "Authorization": "bearer nope"}), 401, "wrong token")
         self.assertError(self.get("/api/status"), 401, "a token is needed")
         minutes = self.get_json("/api/overview", headers={
-            "Authorization": "Bearer s3cret"})["minutes"]
+            "Authorization": "Bearer " + TOKEN})["minutes"]
         self.assertRegex(minutes[-1]["minute"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:00\.000Z$")
 
 if __name__ == "__main__":
