@@ -1,9 +1,38 @@
 #!/usr/bin/env python3
 """queuectl: a durable background job queue for shell commands, in one file.
 
-Jobs live in a SQLite database; a supervisor runs a pool of worker processes that
-claim jobs, run them through /bin/sh with a timeout, retry failures with exponential
-backoff and move exhausted jobs to a dead letter queue (DLQ).
+Jobs live in a database, a SQLite file by default. A supervisor runs a pool of
+worker processes that run each job's command through /bin/sh with a timeout,
+retry failures with exponential backoff and move exhausted jobs to a dead letter
+queue (DLQ).
+
+How the processes work together (docs/design.md says why)::
+
+  enqueue, cancel, dlq retry, pause,       status, list, show, logs, wait, stats,
+  config set, dashboard actions            dashboard pages and /metrics
+          |  one transaction each                    |  reads only
+          v                                          v
+  +------------------------------ Store ------------------------------+
+  |  jobs, attempts (runs), deps, config, counts, supervisors         |
+  +-------------------------------------------------------------------+
+          ^  claim: one transaction takes a job for every idle worker
+          |  record: results, starts, lease renewals; one per batch
+  +-------+---------------------------------------------------+
+  |  Supervisor: the only writer of the hot path; PID file      |
+  +-------+--------------------------------------^-------------+
+          |  Run, Abort, Unqueue, Recorded       |  Ready, Started, Beat,
+          |  (a pair of pipes per worker)        |  Done, Returned, Log
+          v                                      |
+  Worker 1..N (forked) --posix_spawn--> /bin/sh -c COMMAND, in a session of
+                                        its own; its output through pipes,
+                                        spooled beside the database for
+                                        logs --follow
+
+A section uses only the sections above it: constants, errors, time and text,
+records and policy (the job fields, the rules), stores, running a job, workers,
+operations and documents (each action once, for every front end), commands,
+the dashboard's HTTP handlers, the command line, and last the dashboard's page,
+style and script.
 
 Usage:
     queuectl enqueue '{"id": "job1", "command": "sleep 2"}'   (or -c COMMAND [flags])
@@ -20,7 +49,7 @@ Usage:
 Exit codes:
     0    success
     1    runtime error: unknown job, job in the wrong state, workers already running,
-         unusable database
+         unusable database, results that could not be recorded
     2    usage or validation error: bad option, bad JSON, bad job field, unknown
          state or config key, bad config value, dashboard on a public address
          without a token or with one shorter than 16 characters
@@ -53,10 +82,11 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 
-# Only `worker start` needs multiprocessing, selectors and subprocess: they are
-# imported where they are used, so that one `enqueue` starts in milliseconds.
+# Only `worker start` needs multiprocessing, selectors and subprocess, and only
+# `dashboard` needs http.server: they are imported where they are used, so that
+# one `enqueue` starts in milliseconds.
 
-__version__ = "1.1.0"
+__version__ = "1.2.0.dev0"
 
 
 ####
@@ -66,23 +96,15 @@ __version__ = "1.1.0"
 PROG = "queuectl"
 ENV_DB = "QUEUECTL_DB"
 ENV_TOKEN = "QUEUECTL_TOKEN"               # the dashboard's token, if not --token
-DASHBOARD_PORT = 8765
-DASHBOARD_CLIENT_TIMEOUT_S = 10.0          # a client slower to send its request is dropped
-DASHBOARD_MAX_CLIENTS = 64                 # connections served at once; more get 503
-TOKEN_SUFFIX = ".token"                    # <db>.token: the token if none is given
-TOKEN_MIN_LEN = 16                         # shorter tokens are refused: too easy to guess
-TOKEN_HOWTO = "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
-SIGNIN_FREE_FAILURES = 5                   # wrong tokens from a client before it waits:
-SIGNIN_WAIT_MAX_S = 60                     # 1 s, then 2, 4 ... up to this
-SIGNIN_FORGET_S = 900                      # failures are forgotten after this long
-SIGNIN_CLIENTS_MAX = 4096                  # clients whose failures are remembered
-ENV_LOG_MAX = "QUEUECTL_LOG_MAX_BYTES"   # where a detached supervisor's log rotates
+ENV_LOG_MAX = "QUEUECTL_LOG_MAX_BYTES"     # where a detached supervisor's log rotates
 LOG_MAX_BYTES = 10 * 1024 * 1024
 DB_FILENAME = "queuectl.db"
 PID_SUFFIX = ".pid"        # <db>.pid: the supervisor's PID file and lock
 LOG_SUFFIX = ".log"        # <db>.log: where a --detach'ed supervisor logs
 SPOOL_SUFFIX = ".out"      # <db>.out/: live output of running jobs (logs --follow)
+TOKEN_SUFFIX = ".token"    # <db>.token: the dashboard's token if none is given
 
+# A job's state.
 PENDING = "pending"
 PROCESSING = "processing"
 COMPLETED = "completed"
@@ -91,13 +113,23 @@ DEAD = "dead"              # in the DLQ
 CANCELLED = "cancelled"    # stopped by `cancel`: no retry, not in the DLQ
 STATES = (PENDING, PROCESSING, COMPLETED, FAILED, DEAD, CANCELLED)
 FINISHED = (COMPLETED, DEAD, CANCELLED)
+UNFINISHED = (PENDING, PROCESSING, FAILED)           # what `cancel` can stop
 DELETED = "deleted"        # not a state: what wait and show say of a deleted job
 DELETED_MARK = " deleted"  # deps.after_id of a dependency deleted unfinished
 
-# What ended an attempt (attempts.outcome).
-RUNNING = "running"
+# How a run (an attempts row) ended; RUN_GOING while it has not.
+RUN_GOING = "running"
 INTERRUPTED = "interrupted"  # stopped by a cold shutdown; does not use up an attempt
 WORKER_LOST = "worker lost"
+# Why a run was stopped from outside (RunResult.aborted).
+ABORT_COLD = "cold stop"
+ABORT_LOST = "claim lost"
+ABORT_CANCELLED = "cancelled"
+AFTER_FAILURE = {FAILED: "will retry after its backoff", DEAD: "moved to the DLQ"}
+
+# What a supervisor is doing, as its PID file and its record tell.
+SUPERVISOR_STARTING, SUPERVISOR_UP, SUPERVISOR_STOPPING = \
+    "starting", "running", "stopping"
 
 # Stop signals. To a supervisor: SIGINT and SIGTERM step up (the first is a warm
 # stop, the second cold); WARM_SIGNAL (from `worker stop`) asks for a warm stop and
@@ -114,14 +146,7 @@ SHELL = "/bin/sh"
 # default actions back, as it would from subprocess.
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGHUP,
                     signal.SIGTERM, WARM_SIGNAL, COLD_SIGNAL, WAKE_SIGNAL)
-ABORT_COLD = "cold stop"
-AFTER_FAILURE = {FAILED: "will retry after its backoff", DEAD: "moved to the DLQ"}
-PAUSED_KEY = "paused"      # a row of the config table while the queue is paused
-ABORT_LOST = "claim lost"
-ABORT_CANCELLED = "cancelled"
 CLAIM_ENV = "QUEUECTL_CLAIM"   # marks every process of a run, to find orphans later
-# What a supervisor is doing, as its PID file tells.
-STARTING, RUNNING_STATE, STOPPING = "starting", "running", "stopping"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -134,26 +159,90 @@ EXIT_INTERRUPTED = 7       # worker stop: running jobs were killed and put back
 EXIT_NO_ANSWER = 8         # worker stop: the supervisor does not answer (frozen)
 EXIT_TIMEOUT = 124         # wait --timeout ran out (as timeout(1) does)
 
+# Limits of what a user may give.
+ID_MAX_LEN = 128
+ID_SPACE = 16 ** 10         # generated ids are 10 hex digits
+# The longest command /bin/sh -c can be given: Linux refuses a single argument of
+# MAX_ARG_STRLEN (131072) bytes or more, NUL included, with E2BIG.
+COMMAND_MAX_BYTES = 131071
+MAX_WORKERS = 256
+INT_LIMIT = 2 ** 31        # priorities and retries stay well inside SQLite's int64
 # A timeout shorter than this (a job's own or config job_timeout) is refused: it
 # could only kill the command before it starts, or be stored as 1e-05.
 MIN_TIMEOUT_S = 0.01
+DURATION_EXAMPLES = "90s, 10m, 2h, 7d or 1h30m"
 
-# key: (default, type, smallest valid value, valid values)
-CONFIG = {
-    "max_retries": (3, int, 0, "a whole number >= 0"),
-    "backoff_base": (2, float, 1, "a number >= 1"),
-    "backoff_max": (3600, "duration", 0, "a duration >= 0, such as 600 or 10m"),
-    "job_timeout": (300, "duration", MIN_TIMEOUT_S,
-                    f"a duration >= {MIN_TIMEOUT_S}s, such as 300 or 5m"),
-    "output_limit": (65536, int, 0, "a whole number of bytes >= 0"),
-    "lease_timeout": (15, "duration", 1, "a duration >= 1s, such as 15"),
-    "retention": (0, "duration", 0, "a duration such as 7d, or 0 to keep forever"),
-}
-CONFIG_DEFAULTS = {key: spec[0] for key, spec in CONFIG.items()}
+# How often and how long things wait.
+STATS_RUNS = 1000          # stats: run times of the last this many completed runs
+WAIT_POLL_S = 0.1          # wait, logs --follow: how often they look for a change
+FOLLOW_POLL_S = 0.1
+CANCEL_RECHECK_S = 0.3     # cancel looks again for a run that started as it cancelled
+PURGE_BATCH = 2000         # jobs deleted a transaction by purge and retention
+RUN_MINUTES_KEPT_S = 86400 # per-minute run counts are kept for a day
+IDLE_RECHECK_S = 1.0       # the supervisor checks leases and looks for jobs this often
+STARTED_AFTER_S = 0.01     # a run that lasts this long has its process group recorded
+NO_PIDFD_POLL_S = 0.01     # without pidfds (Linux < 5.3), how often a run is checked
+READ_CHUNK = 65536         # bytes read from a job's output pipe at a time
+KILL_POLL_S = 0.02         # while a run is being killed, how often to look again
+RECOVERY_POLL_S = 0.05     # the same, for the supervisor, which has other work too
+RECORD_EVERY_S = 0.005     # results are written (and fsynced) in batches this often
+SPOOL_LINGER_S = 5.0       # an ended run's spool stays this long for its followers
+UPKEEP_EVERY_S = 60.0      # how often the supervisor purges (config retention)
+KILL_GRACE_S = 2.0         # between SIGTERM and SIGKILL for a job's process group
+COLD_STOP_GRACE_S = 10.0   # how long a cold-stopped worker may take before SIGKILL
+RESTART_DELAY_S = 1.0      # before restarting a worker that crashed right after start
+STOP_RECORD_TRIES_S = 2.0  # a stopping supervisor retries writing results this long
+ANSWER_GRACE_S = 3.0       # worker stop: a supervisor that has not taken its signal
+                           # (or was stopped) this long does not answer
+DETACH_WAIT_S = 15.0       # how long --detach waits for the workers to come up
 
-JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout",
-              "after", "unique_key")
-_JOB_FIELD_SET = frozenset(JOB_FIELDS)
+# The dashboard.
+DASHBOARD_PORT = 8765
+DASHBOARD_CLIENT_TIMEOUT_S = 10.0          # a client slower to send its request is dropped
+DASHBOARD_MAX_CLIENTS = 64                 # connections served at once; more get 503
+TOKEN_MIN_LEN = 16                         # shorter tokens are refused: too easy to guess
+TOKEN_HOWTO = "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+SIGNIN_FREE_FAILURES = 5                   # wrong tokens from a client before it waits:
+SIGNIN_WAIT_MAX_S = 60                     # 1 s, then 2, 4 ... up to this
+SIGNIN_FORGET_S = 900                      # failures are forgotten after this long
+SIGNIN_CLIENTS_MAX = 4096                  # clients whose failures are remembered
+SEARCH_SCAN = 100000       # the dashboard's search looks at this many newest jobs
+SEARCH_MAX_LEN = 1000      # and for text of at most this many characters
+
+
+####
+# Errors ####
+####
+
+class QueueError(Exception):
+    """A failure to report to the user in one line, with an exit code."""
+
+    code = EXIT_ERROR
+
+
+class UsageError(QueueError):
+    """Bad input: a bad option, JSON document, job field or config value."""
+
+    code = EXIT_USAGE
+
+
+class NotFound(QueueError):
+    """An id that names no job, or a run number that names no run."""
+
+
+class Refused(QueueError):
+    """An action that a job's state forbids (cancelling a completed job)."""
+
+
+class NoAnswer(QueueError):
+    """A supervisor that does not act on worker stop's signals (frozen)."""
+
+    code = EXIT_NO_ANSWER
+
+
+####
+# Time and text ####
+####
 
 # Numbers as users write them: ASCII digits only ([0-9], never \d, which takes
 # any script's digits: int("١٢") is 12), no exponent, no "_", no inf or nan.
@@ -172,47 +261,1809 @@ USER_TIME = re.compile(
     r"(?:([zZ])|([+-])([0-9]{2}):?([0-9]{2}))?")
 DATE_ONLY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
+
+def now_utc():
+    return datetime.now(timezone.utc)
+
+
+def iso(dt):
+    """Format an aware datetime as fixed-width UTC ISO-8601 with a Z suffix."""
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def parse_iso(text):
+    """Parse a time written by iso()."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def wall_time(mono):
+    """The wall-clock time at which time.monotonic() read MONO.
+
+    Workers and the supervisor share the host's monotonic clock, so an event one
+    process timed is stamped by another as when it happened, not when it was
+    written down."""
+    return now_utc() - timedelta(seconds=max(0.0, time.monotonic() - mono))
+
+
+def parse_user_time(text):
+    """Parse an ISO-8601 time given by a user; it must carry Z or an offset.
+
+    A pattern of our own, not fromisoformat: that rejects Z before 3.11 and accepts
+    other forms on newer Pythons, and a job file must mean the same on all of them.
+    """
+    match = USER_TIME.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None and isinstance(text, str) and DATE_ONLY.fullmatch(text.strip()):
+        raise ValueError(f"a date needs a time and a zone too, as in "
+                         f"{text.strip()}T00:00:00Z: {text!r}")
+    if match is None:
+        raise ValueError(f"not an ISO-8601 time such as 2026-11-24T10:00:00Z: "
+                         f"{text!r}")
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = \
+        match.groups()
+    if not zulu and not sign:
+        raise ValueError(f"time has no zone (add Z or an offset like +02:00): {text!r}")
+    offset = timedelta(0)
+    if sign:
+        if int(off_h) > 23 or int(off_m) > 59:
+            raise ValueError(f"bad zone offset: {text!r}")
+        offset = timedelta(hours=int(off_h), minutes=int(off_m))
+        offset = -offset if sign == "-" else offset
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        dt = datetime(int(year), int(month), int(day), int(hour), int(minute),
+                      int(second or 0), micro, tzinfo=timezone(offset))
+        return dt.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as e:
+        raise ValueError(f"not a valid time ({e}): {text!r}") from None
+
+
+def parse_duration(text):
+    """Seconds in a duration as users write it: 90, 1.5, 90s, 10m, 2h, 7d, 1h30m
+    (ASCII digits only)."""
+    if is_number(text):
+        return float(text)
+    match = DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if match is None or not text.strip():
+        if isinstance(text, str) and text.strip().startswith("-") and \
+                DURATION.fullmatch(text.strip()[1:].lower()):
+            raise ValueError(f"must not be negative: {text!r}")
+        raise ValueError(f"not a duration such as {DURATION_EXAMPLES}: {text!r}")
+    if match.group(1) is not None:
+        return float(match.group(1))
+    return sum(float(number) * DURATION_UNITS[unit]
+               for number, unit in DURATION_PART.findall(text.strip().lower()))
+
+
+def check_duration(seconds, text, positive=False):
+    """SECONDS, if it is a duration a job or command may use; else ValueError
+    naming TEXT, the duration as given. POSITIVE: a timeout, at least
+    MIN_TIMEOUT_S."""
+    if positive and seconds < MIN_TIMEOUT_S:
+        raise ValueError(f"must be at least {MIN_TIMEOUT_S}s: {text!r}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative: {text!r}")
+    if seconds >= INT_LIMIT:
+        raise ValueError(f"too long: {text!r} (at most {format_span(INT_LIMIT - 1)})")
+    return seconds
+
+
+def format_duration(seconds):
+    """Render seconds for people: 0.4s, 12s, 3m05s, 2h10m, 3d4h."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+
+
+def format_span(seconds):
+    """Render a duration someone gave, exactly as they could have typed it: 7d,
+    1h30m, 1d1s, 0.5s."""
+    whole = int(seconds)
+    if seconds != whole or whole == 0:
+        return f"{seconds:g}s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size:
+            parts.append(f"{whole // size}{unit}")
+            whole %= size
+    return "".join(parts)
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def check_text(text, what):
+    """Refuse text that cannot be stored or passed to a shell: NUL, bad UTF-8."""
+    if "\0" in text:
+        raise UsageError(f"{what} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 text") from None
+
+
+def shown(text, lines=False):
+    """TEXT as it is safe to show on a terminal: control characters (C0 but tab,
+    DEL, C1) and the bidi controls written out, as \\x1b or \\u202e. A job's
+    command, output or error, printed by a human-readable command, cannot then
+    clear the screen, retitle the window or reorder what is shown. LINES keeps
+    newlines, for text shown as lines (a run's output); else it is one line."""
+    return (_CONTROL_LINES if lines else _CONTROL).sub(_escape, text)
+
+
+def _escape(match):
+    char = match.group()
+    code = ord(char)
+    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r"}
+
+
+def clip(text, width):
+    """Fold TEXT onto one line of at most WIDTH characters, shown() safe."""
+    text = " ".join(shown(text, lines=True).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def log(*messages, at=None):
+    """Write timestamped lines to stderr, one line each, in a single write; AT
+    is when what they say happened (default: now). A line is shown() safe: it
+    cannot be split, nor send escape sequences to the terminal that shows it."""
+    stamp = iso(at or now_utc())
+    lines = "".join(f"{stamp} {shown(message)}\n" for message in messages)
+    _write_whole(sys.stderr, lines.encode("utf-8", "replace"))
+    if LogRotation.path is not None:
+        LogRotation.check()
+
+
+def _write_whole(stream, data):
+    """Write DATA to STREAM's file in one write, whole or not at all: on a full
+    disk a log keeps no torn line. A closed or full log must not stop the queue."""
+    try:
+        fd = stream.fileno()
+        info = os.fstat(fd)
+        written = os.write(fd, data)
+        if written < len(data) and stat.S_ISREG(info.st_mode):
+            os.ftruncate(fd, os.fstat(fd).st_size - written)
+    except (OSError, ValueError):
+        pass
+
+
+def _open_owner_only(path, flags):
+    """Open (creating 0600) a regular file of ours beside the database, or raise
+    QueueError. Never follows a symlink or blocks on a FIFO."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        raise QueueError(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QueueError(f"not a regular file: {path}")
+    return fd
+
+
+class LogRotation:
+    """The log of a detached supervisor (its stderr): once it has grown past
+    max_bytes it is renamed to <log>.1 (replacing the older one) and a new log
+    started, so a queue that runs for months cannot fill its disk."""
+
+    path = None                      # the log file that stderr is, once enabled
+    max_bytes = LOG_MAX_BYTES
+
+    @classmethod
+    def enable(cls, path):
+        """Rotate PATH if it is what stderr writes to (a detached supervisor)."""
+        with contextlib.suppress(OSError, ValueError):
+            here, there = os.fstat(sys.stderr.fileno()), os.stat(path)
+            if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+                cls.path = path
+                cls.max_bytes = int(os.environ.get(ENV_LOG_MAX, LOG_MAX_BYTES))
+
+    @classmethod
+    def check(cls):
+        with contextlib.suppress(OSError, ValueError):
+            if os.fstat(sys.stderr.fileno()).st_size <= cls.max_bytes:
+                return
+            os.replace(cls.path, cls.path + ".1")
+            fd = _open_owner_only(cls.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(fd, sys.stderr.fileno())
+            os.close(fd)
+
+
+def current_dir():
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise QueueError("the current directory no longer exists") from None
+
+
+def default_db_path(environ=None):
+    """Return $QUEUECTL_DB, else the XDG data directory's queuectl.db."""
+    environ = os.environ if environ is None else environ
+    if environ.get(ENV_DB):
+        return environ[ENV_DB]
+    data_home = environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(data_home):      # the XDG spec: ignore relative values
+        data_home = os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data_home, "queuectl", DB_FILENAME)
+
+
+def new_job_id():
+    return os.urandom(5).hex()
+
+
+def new_job_ids(count):
+    """COUNT new job ids: consecutive numbers from a random start, so that a
+    batch fills the id index in order (a fifth faster than random ids). A clash
+    with an existing id is caught by the insert, which then draws again."""
+    if count == 1:
+        return [new_job_id()]
+    start = int.from_bytes(os.urandom(5), "big")
+    return [format((start + n) % ID_SPACE, "010x") for n in range(count)]
+
+
+def new_token():
+    """A random claim or run token: 128 bits, as hex."""
+    return os.urandom(16).hex()
+
+
+####
+# Records and policy ####
+####
+
+# -- settings ------------------------------------------------------------------
+
+class Setting(collections.namedtuple("Setting", "default kind minimum wanted")):
+    """A config key: its DEFAULT, its KIND (int, float or "duration"), the
+    smallest value it takes, and how a message describes what it WANTS."""
+
+
+CONFIG = {
+    "max_retries": Setting(3, int, 0, "a whole number >= 0"),
+    "backoff_base": Setting(2, float, 1, "a number >= 1"),
+    "backoff_max": Setting(3600, "duration", 0, "a duration >= 0, such as 600 or 10m"),
+    "job_timeout": Setting(300, "duration", MIN_TIMEOUT_S,
+                           f"a duration >= {MIN_TIMEOUT_S}s, such as 300 or 5m"),
+    "output_limit": Setting(65536, int, 0, "a whole number of bytes >= 0"),
+    "lease_timeout": Setting(15, "duration", 1, "a duration >= 1s, such as 15"),
+    "retention": Setting(0, "duration", 0, "a duration such as 7d, or 0 to keep "
+                                           "forever"),
+}
+CONFIG_DEFAULTS = {key: setting.default for key, setting in CONFIG.items()}
+PAUSED_KEY = "paused"      # a row of the config table while the queue is paused
+
+
+def config_key(name):
+    """Return the canonical config key for NAME (max-retries == max_retries)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in CONFIG:
+        known = ", ".join(CONFIG)
+        raise UsageError(f"unknown config key {name!r} (known: {known})")
+    return key
+
+
+def parse_config_value(key, text):
+    """Validate TEXT as a value for config KEY and return it as a number. The one
+    reader of config values: what config set stores, and what the store reads."""
+    _, kind, minimum, wanted = CONFIG[key]
+    text = str(text).strip()
+    try:
+        if kind == "duration":
+            value = parse_duration(text)
+        elif (WHOLE_NUMBER if kind == int else DECIMAL).fullmatch(text):
+            value = kind(text)
+        else:
+            raise ValueError(text)
+    except ValueError:
+        raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})") from None
+    if kind != int and value == int(value):
+        value = int(value)
+    if value < minimum or value >= INT_LIMIT:
+        raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
+    return value
+
+
+def config_text(key, value):
+    """How config KEY's VALUE is stored: plain decimal, never an exponent (str(1e-05)
+    is '1e-05'), durations to the millisecond; refused (UsageError) unless
+    parse_config_value reads it back."""
+    if CONFIG[key].kind == "duration" and not is_int(value):
+        text = f"{value:.3f}".rstrip("0").rstrip(".")
+    else:
+        text = repr(value)                 # an int, or a float from 1 to 2**31
+    try:
+        parse_config_value(key, text)
+    except UsageError:
+        raise UsageError(f"bad value for {key}: {value!r} (expected "
+                         f"{CONFIG[key].wanted})") from None
+    return text
+
+
+def config_problem(key, value):
+    """Why a stored VALUE of config KEY is not used, or None if it is good: a
+    value the reader refuses (written by hand, or by an older version) must not
+    stop the queue; its key keeps its default."""
+    try:
+        parse_config_value(key, value)
+        return None
+    except UsageError:
+        return (f"config {key}: stored value {value!r} is not {CONFIG[key].wanted}; "
+                f"using the default, {CONFIG[key].default} (config set {key} to fix "
+                f"it)")
+
+
+def effective(value, default):
+    """A job's own setting, else the config's; a whole float as an int."""
+    value = default if value is None else value
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# -- job fields ------------------------------------------------------------------
+
+class WholeNumber:
+    """A check of a whole-number field: from LOW to HIGH (NOTE says what it means)."""
+
+    def __init__(self, low, high, note=""):
+        self.low, self.high, self.note = low, high, note
+
+    def __call__(self, value, what, now):
+        if not is_int(value) or not self.low <= value <= self.high:
+            raise UsageError(f"{what} must be a whole number from {self.low} to "
+                             f"{self.high}{self.note}")
+        return value
+
+
+def _check_command(value, what, now):
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{what} must be a non-empty string")
+    check_text(value, what)
+    if len(value) > COMMAND_MAX_BYTES // 4:      # else it cannot be too long
+        size = len(value.encode("utf-8"))
+        if size > COMMAND_MAX_BYTES:
+            raise UsageError(f"{what} is {size} bytes long; /bin/sh -c takes at most "
+                             f"{COMMAND_MAX_BYTES} bytes (the kernel's limit on one "
+                             f"argument): put the commands in a script file and "
+                             f"enqueue the script")
+    return value
+
+
+def _check_id(value, what, now):
+    return validate_job_id(value, what)
+
+
+def _check_run_at(value, what, now):
+    try:
+        return iso(parse_user_time(value))
+    except ValueError as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
+def _check_delay(value, what, now):
+    return iso(now + timedelta(seconds=_duration_field(value, what)))
+
+
+def _check_timeout(value, what, now):
+    return _duration_field(value, what, positive=True)
+
+
+def _check_after(value, what, now):
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise UsageError(f"{what} must be a list of job ids")
+    return tuple(dict.fromkeys(validate_job_id(item, what, one=False)
+                               for item in value))
+
+
+def _check_unique_key(value, what, now):
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{what} must be a string that is not blank")
+    check_text(value, what)
+    return value
+
+
+def _duration_field(value, what, positive=False):
+    """A job field holding a duration: seconds, or text such as '10m'. WHAT
+    names it in a message."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError(f"not a duration such as {DURATION_EXAMPLES}: {value!r}")
+        return check_duration(parse_duration(value), value, positive)
+    except ValueError as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
+def validate_job_id(value, what="field 'id'", one=True):
+    """VALUE, if it is a good job id; WHAT names where it was given (ONE id, or
+    one of a list)."""
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{what} must be a non-empty string" if one
+                         else f"{what} must hold non-empty strings")
+    check_text(value, what)
+    if len(value) > ID_MAX_LEN:
+        raise UsageError(f"{what}: id {value[:20]!r}... is longer than {ID_MAX_LEN} "
+                         f"characters")
+    if value.startswith("-") or any(c.isspace() or not c.isprintable() for c in value):
+        raise UsageError(f"{what}: id {value!r} must not start with '-' or contain "
+                         f"spaces or control characters")
+    if value in (".", ".."):                 # a URL would take it for a directory
+        raise UsageError(f"{what}: id {value!r} is not allowed")
+    return value
+
+
+ENQUEUE_TIME = "enqueue time"    # a JobField default: when the job is enqueued
+
+
+class JobField(collections.namedtuple(
+        "JobField", "name column default check flag metavar help shown")):
+    """One field of a job, in one place: its JSON NAME; the jobs COLUMN it fills
+    (or "after", the deps table) and that column's DEFAULT when no field sets it;
+    CHECK(value, what, now), which refuses a bad value (WHAT names the field as
+    the user gave it) or returns what to store; the enqueue FLAG and METAVAR that
+    give it with -c, and the HELP they print; and how job documents show it:
+    SHOWN is True (as stored), a config key (the job's own value, else that
+    setting), or False."""
+
+
+# A new field is an entry here, its column (a migration), and a check of its own:
+# validation, defaults, the insert, job documents, the enqueue flags and their
+# help, and the dashboard's job page all follow this table.
+JOB_FIELDS = (
+    JobField("command", "command", None, _check_command, "-c", "COMMAND",
+             "the command, run with /bin/sh -c (required)", True),
+    JobField("id", "id", None, _check_id, "--id", "ID",
+             "its id (default: a new one)", True),
+    JobField("max_retries", "max_retries", None, WholeNumber(0, INT_LIMIT - 1),
+             "--max-retries", "N", "retries after the first run (default: config "
+             "max_retries)", "max_retries"),
+    JobField("priority", "priority", 0,
+             WholeNumber(1 - INT_LIMIT, INT_LIMIT - 1, " (higher runs first)"),
+             "--priority", "N", "higher runs first (default 0)", True),
+    JobField("run_at", "run_at", ENQUEUE_TIME, _check_run_at, "--run-at", "TIME",
+             "run it at this ISO-8601 time, with Z or an offset", True),
+    JobField("delay", "run_at", None, _check_delay, "--delay", "DURATION",
+             "run it this long from now (instead of run_at)", False),
+    JobField("timeout", "timeout_s", None, _check_timeout, "--timeout", "DURATION",
+             "kill it after this long (default: config job_timeout)", "job_timeout"),
+    JobField("after", "after", (), _check_after, "--after", "ID",
+             "run it once job ID has completed (repeat for more)", False),
+    JobField("unique_key", "unique_key", None, _check_unique_key, "--unique-key",
+             "KEY", "add nothing while an unfinished job holds KEY", True),
+)
+JOB_FIELD_NAMES = tuple(field.name for field in JOB_FIELDS)
+_JOB_FIELD_BY_NAME = {field.name: field for field in JOB_FIELDS}
+# The jobs columns the fields fill, each once (delay fills run_at's).
+JOB_COLUMNS = tuple(dict.fromkeys(field.column for field in JOB_FIELDS
+                                  if field.column != "after"))
+# Never given together.
+EXCLUSIVE_FIELDS = (("run_at", "delay"),)
+
+
+def validate_job(doc, now=None, stamp=None, names=None):
+    """Check one job document and return the values to store, by column, or raise
+    UsageError. STAMP is iso(now), for callers that validate many jobs at one
+    time. NAMES maps a field to what the user typed for it (enqueue -c:
+    {"delay": "--delay"}), for the messages; by default they say "field 'delay'"."""
+    names = names or {}
+
+    def field(name):                       # "field 'delay'", or "--delay"
+        return names.get(name) or f"field {name!r}"
+
+    if not isinstance(doc, dict):
+        raise UsageError("a job must be a JSON object like "
+                         "{\"command\": \"echo hi\"}")
+    unknown = [name for name in doc if name not in _JOB_FIELD_BY_NAME]
+    if unknown:
+        raise UsageError(f"unknown field {sorted(unknown)[0]!r} "
+                         f"(known: {', '.join(JOB_FIELD_NAMES)})")
+    if "command" not in doc or doc["command"] is None:
+        raise UsageError("missing field 'command'")
+    for one, other in EXCLUSIVE_FIELDS:
+        if one in doc and other in doc:
+            raise UsageError(f"give either {names.get(one) or repr(one)} or "
+                             f"{names.get(other) or repr(other)}, not both")
+    now = now or now_utc()
+    stamp = stamp or iso(now)
+    job = {f.column: stamp if f.default is ENQUEUE_TIME else f.default
+           for f in reversed(JOB_FIELDS)}
+    for spec in JOB_FIELDS:
+        if spec.name in doc:
+            job[spec.column] = spec.check(doc[spec.name], field(spec.name), now)
+    if job["id"] is not None and job["id"] in job["after"]:
+        raise UsageError(f"job {job['id']} cannot run after itself")
+    return job
+
+
+def job_flag_names():
+    """{field: the enqueue flag that gives it}, as validate_job's NAMES."""
+    return {field.name: field.flag for field in JOB_FIELDS}
+
+
+# A job document (show --json, list --json, the dashboard): its life, then its
+# fields as JOB_FIELDS show them.
+JOB_LIFE_BEFORE = ("state", "attempts")
+JOB_LIFE_AFTER = ("created_at", "updated_at", "next_retry_at", "last_error",
+                  "worker_pid", "lease_until", "cwd")
+JOB_DOCUMENT_FIELDS = (("id", "command") + JOB_LIFE_BEFORE +
+                       tuple(f.name for f in JOB_FIELDS
+                             if f.shown and f.name not in ("id", "command")) +
+                       JOB_LIFE_AFTER)
+
+
+def job_dict(row, config):
+    """The public JSON form of a jobs row: JOB_DOCUMENT_FIELDS."""
+    state = row["state"]
+    job = {"id": row["id"], "command": row["command"], "state": state,
+           "attempts": row["attempts"]}
+    for field in JOB_FIELDS:
+        if field.shown and field.name not in job:
+            value = row[field.column]
+            job[field.name] = (value if field.shown is True
+                               else effective(value, config[field.shown]))
+    job.update(created_at=row["created_at"], updated_at=row["updated_at"],
+               next_retry_at=row["run_at"] if state == FAILED else None,
+               last_error=row["last_error"],
+               worker_pid=row["worker_pid"] if state == PROCESSING else None,
+               lease_until=row["lease_until"] if state == PROCESSING else None,
+               cwd=row["cwd"])
+    return job
+
+
+# -- the rules of a job's life ------------------------------------------------------
+
+def backoff_delay(failures, base, maximum):
+    """Seconds to wait after failed attempt number `failures`: min(base ** k, max)."""
+    if failures <= 0:
+        return 0.0
+    # Compare exponents so a large k cannot overflow a float.
+    if maximum <= 0 or failures * math.log(base) >= math.log(maximum):
+        return float(max(maximum, 0))
+    return float(base ** failures)
+
+
+def no_retry_left(attempts, max_retries, config):
+    """Whether a job that has used ATTEMPTS may not run again."""
+    return attempts > effective(max_retries, config["max_retries"])
+
+
+def after_run(ok, attempts, max_retries, config, ended):
+    """What becomes of a job whose run (attempt number ATTEMPTS) ended at ENDED:
+    (its state, when it may run next, or None). It completed; it failed and waits
+    its backoff; or it used its last retry and is dead."""
+    if ok:
+        return COMPLETED, None
+    if no_retry_left(attempts, max_retries, config):
+        return DEAD, None
+    wait = backoff_delay(attempts, config["backoff_base"], config["backoff_max"])
+    return FAILED, ended + timedelta(seconds=wait)
+
+
+def dependency_error(dep, state):
+    """The last_error of a job that ended dead because its dependency DEP did."""
+    return (f"dependency {dep} was cancelled" if state == CANCELLED
+            else f"dependency {dep} is dead")
+
+
+def readiness(dependencies):
+    """How a new job starts, given {dependency: its state}: (state, ready, why).
+    Dead already if one is dead or cancelled; waiting (ready -1) while one has
+    not completed; else READY None: due or not by its run_at."""
+    for dep, state in dependencies.items():
+        if state in (DEAD, CANCELLED):
+            return DEAD, 0, dependency_error(dep, state)
+    if any(state != COMPLETED for state in dependencies.values()):
+        return PENDING, -1, None
+    return PENDING, None, None
+
+
+def retry_problem(dep, state, chosen=(), left=(), never_again=lambda dep: None):
+    """Why a dead job cannot go back with the jobs CHOSEN, of which those in
+    LEFT stay dead, because of its dependency DEP in STATE; or None.
+    NEVER_AGAIN(dep) says why a dead DEP can never run again, if it cannot."""
+    if state == CANCELLED:
+        return f"its dependency {dep} was cancelled and cannot run again"
+    if state == DELETED:
+        return f"its dependency {dep} was deleted before it completed"
+    if state == DEAD and dep in left:
+        return f"its dependency {dep} stays dead too"
+    if state == DEAD and dep not in chosen:
+        why = never_again(dep)
+        if why:                          # no retry can bring it back: say why
+            return f"its dependency {dep} can never run again ({why})"
+        return f"its dependency {dep} is dead (retry them together)"
+    return None
+
+
+def unknown_dependencies(unknown, index, count, skipped):
+    """Why job INDEX of a batch of COUNT cannot run after the ids UNKNOWN: no
+    such job, or (SKIPPED: {id: (its holder, key)}) one not added earlier in
+    the batch because another job held its unique key."""
+    where = f"line {index + 1}: " if count > 1 else ""
+    dep = next((dep for dep in unknown if dep in skipped), None)
+    if dep is not None:
+        holder, key = skipped[dep]
+        return (f"{where}job {dep} (in 'after') was not added: {holder} holds its "
+                f"unique key {key!r}")
+    return f"{where}no such job: {', '.join(unknown)} (in 'after')"
+
+
+def percentile(ordered, fraction):
+    """The value at FRACTION of the sorted list ORDERED (nearest rank), or None."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+# -- records that pass between processes ------------------------------------------
+
+# A live supervisor as its PID file (or the database's record of it) describes it;
+# start is its start time in /proc ticks, None if unknown.
+Supervised = collections.namedtuple("Supervised", "pid workers state start",
+                                    defaults=(None,))
+
+# A job claimed for a worker, with the settings in force when it was claimed.
+Claim = collections.namedtuple(
+    "Claim", "id command cwd token attempt max_retries timeout_s output_limit lease_s")
+
+
+class RunResult:
+    """How one run of a command ended."""
+
+    __slots__ = ("exit_code", "reason", "stdout", "stderr", "stdout_dropped",
+                 "stderr_dropped", "duration_s", "aborted", "started_mono")
+
+    def __init__(self, exit_code, reason=None, stdout="", stderr="", stdout_dropped=0,
+                 stderr_dropped=0, duration_s=None, aborted=None, started_mono=None):
+        self.exit_code = exit_code
+        self.reason = reason                  # why it failed; None when it succeeded
+        self.stdout = stdout
+        self.stderr = stderr
+        self.stdout_dropped = stdout_dropped  # bytes cut from the head (output_limit)
+        self.stderr_dropped = stderr_dropped
+        self.duration_s = duration_s
+        self.aborted = aborted                # why the run was stopped from outside
+        self.started_mono = started_mono      # time.monotonic() when it started
+
+    @property
+    def ok(self):
+        return self.exit_code == 0 and self.reason is None
+
+    def fields(self):
+        """Its values in order, as RunResult(*fields) takes them (to send it)."""
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+
+####
+# Stores ####
+####
+
+# A store keeps the jobs, and nothing else touches a database: the commands, the
+# supervisor, its workers and the dashboard call only these methods, each one
+# transaction. Every store provides them all:
+#
+#   opening      open_store(target, create) -> a store; close(); path;
+#                created (it made a new database); data_version()
+#   settings     config(), config_problems(), set_config(), pause(), resume(),
+#                paused()
+#   jobs         enqueue(), get_job(), list_jobs(), search_jobs(), run_of(),
+#                job_ends(), require_jobs(), delete(), cancel(), retry_dead(),
+#                purge(), trim_run_minutes()
+#   claims       claim(), record(), finish(), renew(), give_back(), take_over(),
+#                fence(), requeue(), expired_claims(), running_tokens(),
+#                not_held()
+#   reports      status(), waiting_for_dependencies(), oldest_waiting(), stats(),
+#                run_minutes(), run_totals()
+#   supervisors  register_supervisor(), update_supervisor(),
+#                remove_supervisor(), supervisors()
+#
+# `Store` holds what every store shares: the logic of each method and its SQL,
+# as named statements beside the short methods that run them, in the SQL that
+# SQLite speaks. A store class below it holds only its dialect: how it connects
+# and runs a transaction (_read, _write), its schema and migrations, its clock,
+# how its errors read, and the statements it must say otherwise. The rules
+# (retries, backoff, dependencies) are the plain functions of "Records and
+# policy"; a store only applies them.
+#
+# Times are stored as fixed-width ISO-8601 text (iso()), which sorts as time
+# does, so every comparison is one of text.
+
+class Store:
+    """The logic every store shares; see the list above."""
+
+    path = None              # where its database is (what messages name)
+    created = False          # whether opening it created a new database
+
+    def __init__(self):
+        self._config_cache = self._config_version = self._paused = None
+        self._config_problems = {}
+
+    def close(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # The dialect: what a store class provides.
+    def _read(self, body):
+        """Run body(conn) in one read-only transaction; return what it returns."""
+        raise NotImplementedError
+
+    def _write(self, body, mode="IMMEDIATE", durable=True):
+        """Run body(conn) in one write transaction (MODE EXCLUSIVE for a claim);
+        a DURABLE one is on disk before this returns."""
+        raise NotImplementedError
+
+    def _changes(self, conn):
+        """A number that changes whenever another connection commits."""
+        raise NotImplementedError
+
+    def _now(self, conn, now=None):
+        """NOW if given (tests), else the store's clock."""
+        raise NotImplementedError
+
+    # -- SQL used in many places: one name each ------------------------------------
+
+    # A job that may run once due (run_at <= now; ready 1 when the claim has seen
+    # it due, 0 before, -1 while it waits for its dependencies).
+    _WAITING = "state IN ('pending', 'failed')"
+    _RUNNABLE = _WAITING + " AND ready = 1"
+    _SCHEDULED = _WAITING + " AND ready = 0"
+    # A job whose unique key is held, and that jobs after it still wait for.
+    _UNFINISHED = "state IN ('pending', 'processing', 'failed')"
+    _ENDED = "state IN ('completed', 'dead', 'cancelled')"
+    # A claim, ended: what a job no longer holds once its run is over.
+    _NO_CLAIM = ("claim_token = NULL, run_token = NULL, worker_pid = NULL, "
+                 "worker_start = NULL, run_pgid = NULL, run_pg_start = NULL, "
+                 "lease_until = NULL")
+    _HELD = "id = ? AND claim_token = ? AND state = 'processing'"
+
+    # -- settings ------------------------------------------------------------------
+
+    _CONFIG = "SELECT key, value FROM config"
+    _SET_CONFIG = "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)"
+    _CONFIG_VALUE = "SELECT value FROM config WHERE key = ?"
+    _ADD_CONFIG = "INSERT INTO config (key, value) VALUES (?, ?)"
+    _DROP_CONFIG = "DELETE FROM config WHERE key = ?"
+
+    def _config(self, conn):
+        """The settings, read again only if another connection has committed
+        since the last read (the supervisor reads them for every batch). A stored
+        value the reader refuses keeps its key's default (config_problems)."""
+        version = self._changes(conn)
+        if version != self._config_version:
+            values, problems, self._paused = dict(CONFIG_DEFAULTS), {}, None
+            for key, value in conn.execute(self._CONFIG):
+                if key in values:
+                    problems[key] = config_problem(key, value)
+                    if problems[key] is None:
+                        values[key] = parse_config_value(key, value)
+                        del problems[key]
+                elif key == PAUSED_KEY:
+                    self._paused = value
+            self._config_cache, self._config_version = values, version
+            self._config_problems = problems
+        return dict(self._config_cache)
+
+    def config(self):
+        return self._read(self._config)
+
+    def config_problems(self):
+        """{key: why its stored value is not used} of the settings that fell back
+        to their defaults; {} when every stored value is good."""
+        def body(conn):
+            self._config(conn)
+            return dict(self._config_problems)
+        return self._read(body)
+
+    def set_config(self, key, value):
+        """Store VALUE for KEY in its canonical form (config_text); return that."""
+        text = config_text(key, value)
+        self._config_version = None
+        self._write(lambda conn: conn.execute(self._SET_CONFIG, (key, text)))
+        return text
+
+    def pause(self, now=None):
+        """Stop claims until resume(); return since when the queue is paused."""
+        def body(conn):
+            row = conn.execute(self._CONFIG_VALUE, (PAUSED_KEY,)).fetchone()
+            if row:
+                return row[0]
+            since = iso(self._now(conn, now))
+            conn.execute(self._ADD_CONFIG, (PAUSED_KEY, since))
+            return since
+        self._config_version = None
+        return self._write(body)
+
+    def resume(self):
+        """Let claims go on; return since when it was paused, or None."""
+        def body(conn):
+            row = conn.execute(self._CONFIG_VALUE, (PAUSED_KEY,)).fetchone()
+            conn.execute(self._DROP_CONFIG, (PAUSED_KEY,))
+            return row[0] if row else None
+        self._config_version = None
+        return self._write(body)
+
+    def paused(self):
+        """Since when the queue is paused, or None."""
+        return self._read(lambda conn: self._config(conn) and self._paused)
+
+    # -- jobs: adding --------------------------------------------------------------
+
+    _INSERT_JOB = (f"INSERT INTO jobs (cwd, state, ready, created_at, updated_at, "
+                   f"last_error, {', '.join(JOB_COLUMNS)}) VALUES (:cwd, :state, "
+                   f":ready, :created_at, :updated_at, :last_error, "
+                   f"{', '.join(':' + column for column in JOB_COLUMNS)})")
+    _COUNT_ADDED = "UPDATE counts SET jobs = jobs + ? WHERE state = ?"
+    _ADD_DEPENDENCY = "INSERT OR IGNORE INTO deps (job_id, after_id) VALUES (?, ?)"
+    _KEY_HOLDER = (f"SELECT id FROM jobs INDEXED BY jobs_unique "
+                   f"WHERE unique_key = ? AND {_UNFINISHED}")
+    _STATE_OF = "SELECT state FROM jobs WHERE id = ?"
+
+    def enqueue(self, jobs, cwd, now=None):
+        """Insert validated jobs (validate_job's) in one transaction. Return (ids,
+        notes): each job's id, and {index: a note for the user} of the jobs not
+        added because an unfinished job held their unique key (their id is that
+        job's), and of those added dead because a dependency had already failed."""
+        fresh = iter(new_job_ids(len(jobs)))
+        rows = [dict(job, id=job["id"] or next(fresh), cwd=cwd, state=PENDING,
+                     last_error=None) for job in jobs]
+
+        def body(conn):
+            stamp = iso(self._now(conn, now))
+            for row in rows:
+                row.update(created_at=stamp, updated_at=stamp,
+                           ready=1 if row["run_at"] <= stamp else 0)
+            notes = {}
+            if any(job["after"] or job["unique_key"] for job in jobs):
+                added = self._enqueue_linked(conn, jobs, rows, notes)
+            else:
+                added = rows
+                self._insert_jobs(conn, rows, jobs)
+            for state in (PENDING, DEAD):
+                conn.execute(self._COUNT_ADDED,
+                             (sum(1 for row in added if row["state"] == state), state))
+            return [row["id"] for row in rows], notes
+        return self._write(body)
+
+    def _insert_jobs(self, conn, rows, jobs):
+        """Insert ROWS at once; if an id clashes, one by one, so that a clash of a
+        generated id draws again and one of a given id is named."""
+        conn.execute("SAVEPOINT batch")
+        try:
+            conn.executemany(self._INSERT_JOB, rows)
+        except self.IntegrityError:
+            conn.execute("ROLLBACK TO batch")
+            for row, job in zip(rows, jobs):
+                self._insert_job(conn, row, job)
+        conn.execute("RELEASE batch")
+
+    def _insert_job(self, conn, row, job):
+        """Insert one row; draw a new id if a generated one clashes."""
+        for _ in range(100):
+            conn.execute("SAVEPOINT job")
+            try:
+                conn.execute(self._INSERT_JOB, row)
+                conn.execute("RELEASE job")
+                return
+            except self.IntegrityError:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                if job["id"]:
+                    raise QueueError(f"duplicate job id: {job['id']}") from None
+                row["id"] = new_job_id()
+
+    def _enqueue_linked(self, conn, jobs, rows, notes):
+        """Insert jobs with unique keys or dependencies, one by one; return the
+        rows added."""
+        added, states, keys, skipped = [], {}, {}, {}
+        for index, (row, job) in enumerate(zip(rows, jobs)):
+            key = job["unique_key"]
+            if key is not None:
+                holder = keys.get(key) or self._key_holder(conn, key)
+                if holder:
+                    notes[index] = (f"queuectl: job {holder} holds unique key {key!r} "
+                                    f"already: nothing added")
+                    if job["id"] is not None:
+                        skipped[job["id"]] = (f"job {holder}", key)
+                    row["id"] = holder
+                    continue
+            found = {dep: states.get(dep) or self._state_of(conn, dep)
+                     for dep in job["after"]}
+            unknown = [dep for dep, state in found.items() if state is None]
+            if unknown:
+                raise NotFound(unknown_dependencies(unknown, index, len(jobs), skipped))
+            state, ready, why = readiness(found)
+            row["state"], row["last_error"] = state, why
+            if ready is not None:
+                row["ready"] = ready
+            if why:
+                notes[index] = f"queuectl: job {row['id']} is dead already: its {why}"
+            self._insert_job(conn, row, job)
+            conn.executemany(self._ADD_DEPENDENCY,
+                             [(row["id"], dep) for dep in job["after"]])
+            states[row["id"]] = row["state"]
+            if key is not None and row["state"] == PENDING:
+                keys[key] = row["id"]
+            added.append(row)
+        return added
+
+    def _key_holder(self, conn, key):
+        row = conn.execute(self._KEY_HOLDER, (key,)).fetchone()
+        return row[0] if row else None
+
+    def _state_of(self, conn, job_id):
+        row = conn.execute(self._STATE_OF, (job_id,)).fetchone()
+        return row[0] if row else None
+
+    # -- jobs: reading ---------------------------------------------------------------
+
+    _NO_LIMIT = -1           # what LIMIT ? takes to mean none
+    _JOB = "SELECT * FROM jobs WHERE id = ?"
+    _RUNS = "SELECT * FROM attempts WHERE job_id = ? ORDER BY id"
+    _RUN_TOKENS = ("SELECT run_token FROM jobs INDEXED BY jobs_leases "
+                   "WHERE state = 'processing'")
+    _NEWEST = "SELECT rowid, * FROM jobs ORDER BY rowid DESC LIMIT ?"
+    _NEWEST_IN = ("SELECT rowid, * FROM jobs INDEXED BY jobs_state WHERE state = ? "
+                  "ORDER BY rowid DESC LIMIT ?")
+    _LAST_RUN = ("SELECT * FROM attempts INDEXED BY attempts_job WHERE job_id = ? "
+                 "ORDER BY id DESC LIMIT 1")
+    _RUN_NUMBER = ("SELECT * FROM attempts INDEXED BY attempts_job WHERE job_id = ? "
+                   "AND number = ?")
+    _RUN_COUNT = "SELECT count(*) FROM attempts WHERE job_id = ?"
+    _HOLDS = f"SELECT 1 FROM jobs WHERE {_HELD}"
+    _DEPENDENCIES = ("SELECT deps.after_id, jobs.state FROM deps LEFT JOIN jobs "
+                     "ON jobs.id = deps.after_id WHERE deps.job_id = ? "
+                     "ORDER BY deps.after_id")
+
+    def get_job(self, job_id):
+        """Return the job (with the jobs it runs after, as [{id, state}]) and its
+        attempts, each with its output."""
+        def body(conn):
+            row = conn.execute(self._JOB, (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no such job: {job_id}")
+            attempts = conn.execute(self._RUNS, (job_id,)).fetchall()
+            job = job_dict(row, self._config(conn))
+            job["after"] = [{"id": dep, "state": state} for dep, state in
+                            self._dependency_states(conn, job_id)]
+            return job, [dict(a) for a in attempts]
+        return self._read(body)
+
+    def running_tokens(self):
+        """The run tokens of the jobs being processed."""
+        return self._read(lambda conn: {row[0] for row in conn.execute(
+            self._RUN_TOKENS)})
+
+    def list_jobs(self, state=None, limit=None):
+        """Jobs, newest first (in the order they were added), each with
+        waiting_for: the ids of the unfinished jobs it waits for, if any."""
+        def body(conn):
+            limit_ = limit or self._NO_LIMIT
+            rows = (conn.execute(self._NEWEST_IN, (state, limit_)) if state else
+                    conn.execute(self._NEWEST, (limit_,))).fetchall()
+            return self._listed(conn, rows)
+        return self._read(body)
+
+    def _listed(self, conn, rows):
+        """The job_dict of each jobs row, with waiting_for: the ids of the jobs
+        it runs after that have not completed, while it waits for them."""
+        config = self._config(conn)
+        jobs = []
+        for row in rows:
+            job = job_dict(row, config)
+            job["waiting_for"] = []
+            if row["ready"] == -1 and row["state"] == PENDING:     # jobs_blocked
+                job["waiting_for"] = [dep for dep, state in
+                                      self._dependency_states(conn, row["id"])
+                                      if state != COMPLETED]
+            jobs.append(job)
+        return jobs
+
+    def search_jobs(self, state=None, text=None, before=None, limit=50,
+                    scan=SEARCH_SCAN):
+        """A page of jobs, newest first: in STATE, whose id or command holds TEXT,
+        after the position of cursor BEFORE. A search looks at the newest SCAN of
+        those jobs only, for a bounded cost on any database. Return (jobs, the
+        cursor of the next page or None, whether the search stopped short).
+
+        A cursor names a position in the listing, not a job, so it stays good
+        when the job a page ended on is deleted or purged: "r" and the rowid of
+        the job the page ended on (the listing order)."""
+        def body(conn):
+            where, params = [], []
+            table = "jobs"
+            if state:
+                table += " INDEXED BY jobs_state"
+                where.append("state = ?")
+                params.append(state)
+            if before is not None:
+                where.append("rowid < ?")          # a range of the rowid: no scan
+                params.append(self._position(before))
+            condition = " WHERE " + " AND ".join(where) if where else ""
+            newest = f"SELECT rowid, * FROM {table}{condition} ORDER BY rowid DESC"
+            short, end = False, None
+            if text:
+                like = "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
+                sql = (f"SELECT * FROM ({newest} LIMIT ?) AS newest WHERE id LIKE ? "
+                       f"ESCAPE '\\' OR command LIKE ? ESCAPE '\\' "
+                       f"ORDER BY rowid DESC LIMIT ?")
+                params_all = params + [scan, like, like, limit]
+                # The window's last row, and whether one lies beyond it: a search
+                # that stopped short goes on from the last row it looked at.
+                edge = [row[0] for row in conn.execute(
+                    f"SELECT rowid FROM {table}{condition} ORDER BY rowid DESC "
+                    f"LIMIT 2 OFFSET ?", params + [scan - 1])]
+                short = len(edge) == 2
+                end = edge[0] if short else None
+            else:
+                sql, params_all = newest + " LIMIT ?", params + [limit]
+            rows = conn.execute(sql, params_all).fetchall()
+            if len(rows) == limit:
+                end = rows[-1]["rowid"]
+            return (self._listed(conn, rows), None if end is None else f"r{end}",
+                    short)
+        return self._read(body)
+
+    @staticmethod
+    def _position(cursor):
+        """The rowid a page cursor names, or UsageError."""
+        match = re.fullmatch(r"r([1-9][0-9]{0,18})", cursor)
+        if match is None or int(match.group(1)) >= 2 ** 63:
+            raise UsageError(f"before takes the X-Next-Before of the page before, "
+                             f"not a job id: {cursor[:40]!r}")
+        return int(match.group(1))
+
+    def job_ends(self, job_ids):
+        """{id: (state, last error, outcome of its last run or None)} of those of
+        JOB_IDS that exist."""
+        def body(conn):
+            ends = {}
+            for job_id in job_ids:
+                row = conn.execute(self._JOB, (job_id,)).fetchone()
+                if row is not None:
+                    last = conn.execute(self._LAST_RUN, (job_id,)).fetchone()
+                    ends[job_id] = (row["state"], row["last_error"],
+                                    last["outcome"] if last else None)
+            return ends
+        return self._read(body)
+
+    def require_jobs(self, job_ids):
+        """Refuse, naming every one, ids of jobs that do not exist."""
+        self._read(lambda conn: self._require_jobs(conn, job_ids, STATES, "find"))
+
+    def _require_jobs(self, conn, job_ids, allowed, action):
+        """Check every id exists and is in an allowed state; raise naming every
+        one that is not (in one line)."""
+        problems, missing = [], 0
+        for job_id in job_ids:
+            state = self._state_of(conn, job_id)
+            if state is None:
+                problems.append(f"no such job: {job_id}")
+                missing += 1
+            elif state not in allowed:
+                problems.append(f"cannot {action} job {job_id}: it is {state}")
+        if problems:
+            raise (NotFound if missing == len(problems) else Refused)("; ".join(problems))
+
+    def run_of(self, job_id, number=None):
+        """(job row, attempt row) of a job's run NUMBER (1, 2, ...), by default its
+        last; the attempt is None if it has not run yet."""
+        def body(conn):
+            job = conn.execute(self._JOB, (job_id,)).fetchone()
+            if job is None:
+                raise NotFound(f"no such job: {job_id}")
+            if number is None:
+                run = conn.execute(self._LAST_RUN, (job_id,)).fetchone()
+            else:
+                run = conn.execute(self._RUN_NUMBER, (job_id, number)).fetchone()
+                if run is None:
+                    runs = conn.execute(self._RUN_COUNT, (job_id,)).fetchone()[0]
+                    raise NotFound(f"job {job_id} has no run {number} (it has run "
+                                   f"{runs} time(s))")
+            return dict(job), (dict(run) if run else None)
+        return self._read(body)
+
+    def not_held(self, claims):
+        """Those of CLAIMS ((job id, token) pairs) that no longer hold their job:
+        cancelled, or taken over."""
+        def body(conn):
+            return [(job_id, token) for job_id, token in claims
+                    if conn.execute(self._HOLDS, (job_id, token)).fetchone() is None]
+        return self._read(body)
+
+    # -- jobs: dependencies ----------------------------------------------------------
+
+    _AFTER_ANY = "SELECT 1 FROM deps INDEXED BY deps_after WHERE after_id = ? LIMIT 1"
+    _DEPENDANTS = "SELECT job_id FROM deps INDEXED BY deps_after WHERE after_id = ?"
+    _UNFINISHED_DEPENDANTS = (f"SELECT jobs.id FROM deps INDEXED BY deps_after "
+                              f"JOIN jobs ON jobs.id = deps.job_id "
+                              f"WHERE deps.after_id = ? AND jobs.{_UNFINISHED}")
+    _STILL_WAITS = ("SELECT 1 FROM deps LEFT JOIN jobs ON jobs.id = deps.after_id "
+                    "WHERE deps.job_id = ? AND coalesce(jobs.state, '') <> "
+                    "'completed' LIMIT 1")
+    _RELEASE = ("UPDATE jobs SET ready = 0 WHERE id = ? AND state = 'pending' "
+                "AND ready = -1")
+    _END_DEPENDANT = ("UPDATE jobs SET state = ?, ready = 0, last_error = ?, "
+                      "updated_at = ? WHERE id = ? AND state = 'pending' "
+                      "AND ready = -1")
+
+    def _dependency_states(self, conn, job_id):
+        """[(dependency id, its state)] of a job; DELETED for a dependency deleted
+        before it completed."""
+        return [(dep, state) if state else (dep.split(" ")[0], DELETED)
+                for dep, state in conn.execute(self._DEPENDENCIES, (job_id,))]
+
+    def _dependants(self, conn, job_id):
+        """The unfinished jobs that run after JOB_ID."""
+        return [row[0] for row in conn.execute(self._UNFINISHED_DEPENDANTS,
+                                               (job_id,))]
+
+    def _after_ended(self, conn, job_id, state, stamp, ended=None):
+        """JOB_ID has just ended in STATE. If it completed, its dependants that now
+        wait for nothing become runnable; if it died or was cancelled, they end
+        dead naming it, and theirs in turn (added to ENDED, if a list, as (job
+        id, why)). Return how many became runnable."""
+        if conn.execute(self._AFTER_ANY, (job_id,)).fetchone() is None:
+            return 0                                # the common case: nothing waits
+        if state == COMPLETED:
+            runnable = 0
+            for (dependant,) in conn.execute(self._DEPENDANTS, (job_id,)).fetchall():
+                if conn.execute(self._STILL_WAITS, (dependant,)).fetchone() is None:
+                    runnable += conn.execute(self._RELEASE, (dependant,)).rowcount
+            return runnable
+        chain = [(job_id, state)]
+        while chain:
+            failed, how = chain.pop()
+            for (dependant,) in conn.execute(self._DEPENDANTS, (failed,)).fetchall():
+                why = dependency_error(failed, how)
+                if conn.execute(self._END_DEPENDANT,
+                                (DEAD, why, stamp, dependant)).rowcount:
+                    chain.append((dependant, DEAD))
+                    if ended is not None:
+                        ended.append((dependant, why))
+        return 0
+
+    # -- jobs: retrying, cancelling, deleting ----------------------------------------
+
+    _DEAD_JOBS = ("SELECT id FROM jobs INDEXED BY jobs_state WHERE state = 'dead' "
+                  "ORDER BY rowid")
+    _POSITION_AND_KEY = "SELECT rowid, unique_key FROM jobs WHERE id = ?"
+    _RETRY = ("UPDATE jobs SET state = 'pending', ready = ?, attempts = 0, "
+              "run_at = ?, updated_at = ? WHERE id = ? AND state = 'dead'")
+    _CANCEL = (f"UPDATE jobs SET state = 'cancelled', ready = 0, {_NO_CLAIM}, "
+               f"updated_at = ? WHERE id = ?")
+    _END_RUN = ("UPDATE attempts SET outcome = ?, reason = ?, finished_at = ?, "
+                "duration_s = ? WHERE run_token = ? AND outcome = 'running'")
+    _RUN_START = "SELECT started_at FROM attempts WHERE run_token = ?"
+    _DELETE_RUNS = "DELETE FROM attempts WHERE job_id = ?"
+    _DELETE_DEPENDENCIES = "DELETE FROM deps WHERE job_id = ?"
+    # Jobs that ran after a completed job need it no more. Those that one that
+    # did not complete left dead go on naming it, marked deleted (no id holds a
+    # space), so that neither a retry nor a new job of the same id can pass for
+    # it having completed.
+    _MARK_DELETED = ("UPDATE deps SET after_id = after_id || ? WHERE after_id = ? "
+                     "AND (SELECT state FROM jobs WHERE id = ?) <> 'completed'")
+    _FORGET_DEPENDANTS = "DELETE FROM deps WHERE after_id = ?"
+    _DELETE_JOB = "DELETE FROM jobs WHERE id = ?"
+    _ENDED_BEFORE = (f"SELECT id FROM jobs INDEXED BY jobs_finished "
+                     f"WHERE {_ENDED} AND state = ? AND updated_at < ? LIMIT ?")
+    _TRIM_MINUTES = "DELETE FROM run_minutes WHERE minute < ?"
+
+    def retry_dead(self, job_ids=None, now=None):
+        """Put dead jobs back to pending, attempts 0; return (the ids retried,
+        {id: why not} of those left dead). Named jobs are retried all or none:
+        any that cannot be is refused (Refused, naming each). With JOB_IDS None,
+        every dead job that can be is retried, and the rest are returned."""
+        def body(conn):
+            stamp = iso(self._now(conn, now))
+            ids = job_ids
+            if ids is None:
+                ids = [row[0] for row in conn.execute(self._DEAD_JOBS)]
+            else:
+                self._require_jobs(conn, ids, {DEAD}, "retry")
+            left = self._not_retryable(conn, ids)
+            if left and job_ids is not None:
+                raise Refused("; ".join(f"cannot retry job {job_id}: {why}"
+                                        for job_id, why in left.items()))
+            retried = [job_id for job_id in ids if job_id not in left]
+            for job_id in retried:          # those that wait for others, wait again
+                waits = any(state != COMPLETED for _, state in
+                            self._dependency_states(conn, job_id))
+                conn.execute(self._RETRY, (-1 if waits else 1, stamp, stamp, job_id))
+            return retried, left
+        return self._write(body)
+
+    def _not_retryable(self, conn, ids):
+        """{id: why} of the dead jobs IDS that cannot go back to pending together:
+        a dependency that was cancelled, deleted unfinished, or is dead and not
+        retried with it; or a unique key that an unfinished job (or one of IDS
+        that goes back) holds."""
+        rows = {job_id: conn.execute(self._POSITION_AND_KEY, (job_id,)).fetchone()
+                for job_id in ids}
+        chosen, left, keys = set(ids), {}, {}
+        # A job is added after its dependencies: in the order they were added,
+        # whether each dependency goes back is known before its dependants ask.
+        for job_id in sorted(ids, key=lambda job_id: rows[job_id][0]):
+            why, key = None, rows[job_id][1]
+            for dep, state in self._dependency_states(conn, job_id):
+                why = why or retry_problem(dep, state, chosen, left,
+                                           lambda dep: self._never_again(conn, dep))
+            if why is None and key is not None:
+                if key in keys:
+                    why = (f"job {keys[key]}, retried with it, has the same unique key "
+                           f"{key!r}")
+                elif self._key_holder(conn, key):
+                    why = (f"job {self._key_holder(conn, key)} holds its unique key "
+                           f"{key!r}")
+            if why:
+                left[job_id] = why
+            elif key is not None:
+                keys[key] = job_id
+        return {job_id: left[job_id] for job_id in ids if job_id in left}
+
+    def _never_again(self, conn, job_id):
+        """Why dead job JOB_ID can never run again, or None: a job it runs after,
+        or one those run after, was cancelled or deleted before it completed."""
+        seen, todo = {job_id}, [job_id]
+        while todo:
+            for dep, state in self._dependency_states(conn, todo.pop()):
+                if state in (CANCELLED, DELETED):
+                    return (f"job {dep}, before it, was " +
+                            ("cancelled" if state == CANCELLED else "deleted"))
+                if state == DEAD and dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return None
+
+    def cancel(self, job_ids, now=None, ended=None):
+        """Cancel jobs that have not finished, in one transaction. Return (id,
+        state it had, run) for each: run is the (run token, pgid, pgid's start
+        ticks) of a running job's run, for the caller to kill, or None. ENDED,
+        if a list, is filled with (job id, why) of the jobs that waited for them
+        and so ended dead."""
+        def body(conn):
+            at = self._now(conn, now)
+            stamp = iso(at)
+            if ended is not None:
+                del ended[:]                  # a retried transaction starts afresh
+            self._require_jobs(conn, job_ids, UNFINISHED, "cancel")
+            done = []
+            for job_id in job_ids:
+                row = conn.execute(self._JOB, (job_id,)).fetchone()
+                conn.execute(self._CANCEL, (stamp, job_id))
+                run = None
+                if row["state"] == PROCESSING:
+                    self._end_run(conn, row["run_token"], CANCELLED, ABORT_CANCELLED,
+                                  at)
+                    run = (row["run_token"], row["run_pgid"], row["run_pg_start"])
+                self._after_ended(conn, job_id, CANCELLED, stamp, ended)
+                done.append((job_id, row["state"], run))
+            return done
+        return self._write(body)
+
+    def _end_run(self, conn, run_token, outcome, reason, at):
+        """End a run that was going at AT, its duration since its start."""
+        started = conn.execute(self._RUN_START, (run_token,)).fetchone()
+        duration = (round(max(0.0, (at - parse_iso(started[0])).total_seconds()), 3)
+                    if started else None)
+        conn.execute(self._END_RUN, (outcome, reason, iso(at), duration, run_token))
+
+    def delete(self, job_ids):
+        """Delete jobs that are not running, with their history; refuse a job
+        that unfinished jobs wait for."""
+        def body(conn):
+            self._require_jobs(conn, job_ids, set(STATES) - {PROCESSING}, "delete")
+            waiting = []
+            for job_id in job_ids:
+                waiting += [f"cannot delete job {job_id}: job {dependant} runs after it"
+                            for dependant in self._dependants(conn, job_id)
+                            if dependant not in job_ids]
+            if waiting:
+                raise QueueError("; ".join(waiting))
+            for job_id in job_ids:
+                self._delete_job(conn, job_id)
+        self._write(body)
+
+    def _delete_job(self, conn, job_id):
+        conn.execute(self._DELETE_RUNS, (job_id,))
+        conn.execute(self._DELETE_DEPENDENCIES, (job_id,))
+        conn.execute(self._MARK_DELETED, (DELETED_MARK, job_id, job_id))
+        conn.execute(self._FORGET_DEPENDANTS, (job_id,))
+        conn.execute(self._DELETE_JOB, (job_id,))
+
+    def purge(self, state, older_than_s=0, now=None, limit=None):
+        """Delete finished jobs in STATE that last changed more than OLDER_THAN_S
+        ago, with their history and output; at most LIMIT. A transaction a batch
+        of PURGE_BATCH, so that workers never wait long. Return how many."""
+        total = 0
+        while limit is None or total < limit:
+            size = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - total)
+
+            def body(conn):
+                cutoff = iso(self._now(conn, now) - timedelta(seconds=older_than_s))
+                ids = [row[0] for row in conn.execute(self._ENDED_BEFORE,
+                                                      (state, cutoff, size))]
+                for job_id in ids:
+                    self._delete_job(conn, job_id)
+                return len(ids)
+            deleted = self._write(body)
+            total += deleted
+            if deleted < size:
+                break
+        return total
+
+    def trim_run_minutes(self, now=None):
+        """Forget the per-minute run counts older than RUN_MINUTES_KEPT_S."""
+        def body(conn):
+            cutoff = self._now(conn, now) - timedelta(seconds=RUN_MINUTES_KEPT_S)
+            conn.execute(self._TRIM_MINUTES, (iso(cutoff)[:16],))
+        self._write(body, durable=False)
+
+    # -- claims ----------------------------------------------------------------------
+
+    _PROMOTE_DUE = (f"UPDATE jobs INDEXED BY jobs_scheduled SET ready = 1 "
+                    f"WHERE {_SCHEDULED} AND run_at <= ?")
+    _NEXT_RUNNABLE = (f"SELECT * FROM jobs INDEXED BY jobs_ready WHERE {_RUNNABLE} "
+                      f"ORDER BY priority DESC, run_at, created_at, rowid LIMIT ?")
+    _NO_RETRY_LEFT = ("UPDATE jobs SET state = 'dead', updated_at = ? "
+                      "WHERE id = ? AND state = 'failed'")
+    _TAKE = ("UPDATE jobs SET state = 'processing', ready = 0, attempts = ?, "
+             "claim_token = ?, run_token = ?, worker_pid = ?, worker_start = ?, "
+             "run_pgid = NULL, run_pg_start = NULL, lease_until = ?, updated_at = ? "
+             "WHERE id = ? AND state = ?")
+    # attempts.number counts every run of the job (1, 2, ...), while jobs.attempts
+    # counts those that use up retries.
+    _ADD_RUN = ("INSERT INTO attempts (job_id, number, run_token, worker_pid, "
+                "started_at, outcome) SELECT ?, count(*) + 1, ?, ?, ?, 'running' "
+                "FROM attempts WHERE job_id = ?")
+    _NEXT_DUE = (f"SELECT min(run_at) FROM jobs INDEXED BY jobs_scheduled "
+                 f"WHERE {_SCHEDULED}")
+
+    def claim(self, holders, now=None, ended=None):
+        """Take the best runnable jobs, one for each holder (pid, start ticks) in
+        turn; return (claims, next_due). next_due is when the next waiting job is
+        due, or None; it is looked up only if fewer jobs than holders were found.
+        ENDED, if a list, is filled with (job id, why) of jobs that it found had
+        no retry left (max_retries was lowered) and so ended dead, and of their
+        dependants.
+
+        One EXCLUSIVE transaction selects the jobs and moves each to processing
+        with a fresh claim token, so no two holders can ever hold the same job.
+        It acknowledges nothing, so it is not synced: a power cut that loses it
+        leaves the jobs as they were, waiting, and their runs (if any started) are
+        at-least-once runs like any other.
+        """
+        def body(conn):
+            at = self._now(conn, now)    # read the clock once the lock is ours
+            stamp = iso(at)
+            config = self._config(conn)
+            if ended is not None:
+                del ended[:]                  # a retried transaction starts afresh
+            if self._paused:
+                return [], None
+            lease = iso(at + timedelta(seconds=config["lease_timeout"]))
+            conn.execute(self._PROMOTE_DUE, (stamp,))
+            claims = []
+            while len(claims) < len(holders):
+                rows = conn.execute(self._NEXT_RUNNABLE,
+                                    (len(holders) - len(claims),)).fetchall()
+                if not rows:
+                    break
+                for row in rows:
+                    if row["state"] == FAILED and no_retry_left(
+                            row["attempts"], row["max_retries"], config):
+                        # max_retries was lowered while it waited: no retry left.
+                        conn.execute(self._NO_RETRY_LEFT, (stamp, row["id"]))
+                        if ended is not None:
+                            ended.append((row["id"], f"no retry left (max_retries is "
+                                                     f"now {config['max_retries']})"))
+                        self._after_ended(conn, row["id"], DEAD, stamp, ended)
+                        continue
+                    claim = self._take(conn, row, holders[len(claims)], config,
+                                       stamp, lease)
+                    if claim is None:
+                        return claims, None
+                    claims.append(claim)
+            next_due = None
+            if len(claims) < len(holders):
+                next_due = conn.execute(self._NEXT_DUE).fetchone()[0]
+            return claims, next_due
+        return self._write(body, "EXCLUSIVE", durable=False)
+
+    def _take(self, conn, row, holder, config, stamp, lease):
+        """Move one runnable job ROW to processing for HOLDER; its Claim, or None
+        if it was not as read."""
+        pid, start = holder
+        token = new_token()
+        attempt = row["attempts"] + 1
+        if conn.execute(self._TAKE, (attempt, token, token, pid, start, lease, stamp,
+                                     row["id"], row["state"])).rowcount != 1:
+            return None
+        conn.execute(self._ADD_RUN, (row["id"], token, pid, stamp, row["id"]))
+        return Claim(row["id"], row["command"], row["cwd"], token, attempt,
+                     effective(row["max_retries"], config["max_retries"]),
+                     effective(row["timeout_s"], config["job_timeout"]),
+                     config["output_limit"], config["lease_timeout"])
+
+    _STARTED = f"UPDATE jobs SET run_pgid = ?, run_pg_start = ? WHERE {_HELD}"
+    _RUN_STARTED = ("UPDATE attempts SET started_at = ? WHERE run_token = ? "
+                    "AND outcome = 'running'")
+    _RENEW = f"UPDATE jobs SET lease_until = ? WHERE {_HELD}"
+
+    def record(self, finished=(), started=(), renewed=(), unstarted=(), now=None,
+               ended=None):
+        """Write what workers reported, in one transaction. FINISHED holds (job id,
+        token, RunResult) to end attempts with; STARTED (job id, token, pgid, start
+        ticks, time.monotonic() at its start) of commands that started; RENEWED
+        (job id, token, lease_s) of leases to extend; UNSTARTED (job id, token) of
+        claims given back unrun. Every write is a compare-and-set on the claim
+        token. Each event is stamped when it happened (a run's start, and its end
+        = start + duration), not when this batch writes it.
+
+        Return (states, lost, runnable): each finished job's new state (None if
+        its claim was taken away, and then nothing is written for it; CANCELLED if
+        it was cancelled, and then only the run's output is kept), the (job id,
+        token) of started or renewed claims no longer held, and how many waiting
+        jobs became runnable (their dependencies completed). ENDED, if a list, is
+        filled with (job id, why) of the jobs that ended dead because a job they
+        ran after died.
+
+        Durable before it returns if anything finished: a recorded result
+        survives a power cut. Starts and renewals alone are not synced; losing
+        one only delays the recovery of a run that is lost anyway.
+        """
+        def body(conn):
+            at, mono = self._now(conn, now), time.monotonic()
+            if ended is not None:
+                del ended[:]                  # a retried transaction starts afresh
+            config = self._config(conn) if finished else None
+            states, runnable = [], 0
+            for job_id, token, result in finished:
+                start = end = None
+                if result.started_mono is not None and now is None:
+                    start = at - timedelta(seconds=max(0.0, mono - result.started_mono))
+                    end = min(start + timedelta(seconds=result.duration_s or 0.0), at)
+                state = self._end_attempt(conn, job_id, token, end or at, result,
+                                          config, start)
+                if state in (COMPLETED, DEAD):
+                    runnable += self._after_ended(conn, job_id, state, iso(end or at),
+                                                  ended)
+                states.append(state)
+            lost = []
+            for job_id, token, pgid, pg_start, started_mono in started:
+                if not conn.execute(self._STARTED,
+                                    (pgid, pg_start, job_id, token)).rowcount:
+                    lost.append((job_id, token))
+                elif started_mono is not None and now is None:
+                    since = timedelta(seconds=max(0.0, mono - started_mono))
+                    conn.execute(self._RUN_STARTED, (iso(at - since), token))
+            for job_id, token, lease_s in renewed:
+                lease = iso(at + timedelta(seconds=lease_s))
+                if not conn.execute(self._RENEW, (lease, job_id, token)).rowcount:
+                    lost.append((job_id, token))
+            for job_id, token in unstarted:
+                self._give_back(conn, job_id, token, at)
+            return states, lost, runnable
+        return self._write(body, durable=bool(finished or unstarted))
+
+    def finish(self, job_id, token, result, now=None):
+        """End an attempt with a RunResult; return the job's new state, or None if
+        the claim was taken away meanwhile (then nothing is written)."""
+        return self.record(finished=[(job_id, token, result)], now=now)[0][0]
+
+    def renew(self, job_id, token, lease_s, now=None):
+        """Extend a claim's lease by LEASE_S; False if the claim was taken away."""
+        return not self.record(renewed=[(job_id, token, lease_s)], now=now)[1]
+
+    def fence(self, job_id, token, reason, now=None):
+        """End a claimed attempt as failed with REASON (the run's result is lost)."""
+        return self.finish(job_id, token, RunResult(exit_code=None, reason=reason), now)
+
+    _HELD_RUN = f"SELECT attempts, max_retries, run_at, run_token FROM jobs WHERE {_HELD}"
+    _KEEP_OUTPUT = ("UPDATE attempts SET exit_code = ?, stdout = ?, stderr = ?, "
+                    "stdout_dropped = ?, stderr_dropped = ? WHERE run_token = ? AND "
+                    "outcome = 'cancelled' AND stdout IS NULL")
+    _END_JOB_RUN = (f"UPDATE jobs SET state = ?, ready = 0, run_at = ?, "
+                    f"last_error = ?, {_NO_CLAIM}, updated_at = ? "
+                    f"WHERE id = ? AND claim_token = ?")
+    _RUN_ENDED = ("UPDATE attempts SET outcome = ?, started_at = coalesce(?, "
+                  "started_at), finished_at = ?, exit_code = ?, reason = ?, "
+                  "duration_s = ?, stdout = ?, stderr = ?, stdout_dropped = ?, "
+                  "stderr_dropped = ? WHERE run_token = ?")
+
+    def _end_attempt(self, conn, job_id, token, ended, result, config, started=None):
+        """End the attempt of a claim with RESULT at ENDED (when the run ended);
+        STARTED, if known, is when its command started. Return the job's state."""
+        row = conn.execute(self._HELD_RUN, (job_id, token)).fetchone()
+        if row is None:
+            # Fenced: someone else owns this job now, or it was cancelled, and then
+            # what the run printed until it was killed is kept with it.
+            kept = conn.execute(self._KEEP_OUTPUT, (
+                result.exit_code, result.stdout, result.stderr, result.stdout_dropped,
+                result.stderr_dropped, token)).rowcount
+            return CANCELLED if kept else None
+        state, run_at = after_run(result.ok, row["attempts"], row["max_retries"],
+                                  config, ended)
+        conn.execute(self._END_JOB_RUN, (
+            state, iso(run_at) if run_at else row["run_at"], result.reason,
+            iso(ended), job_id, token))
+        started_at = iso(started) if started else None
+        duration = result.duration_s
+        if duration is None:          # a lost run: it ran from its start until now
+            since = started_at or conn.execute(
+                self._RUN_START, (row["run_token"],)).fetchone()[0]
+            duration = max(0.0, (ended - parse_iso(since)).total_seconds())
+        conn.execute(self._RUN_ENDED, (
+            COMPLETED if result.ok else FAILED, started_at, iso(ended),
+            result.exit_code, result.reason, round(duration, 3), result.stdout,
+            result.stderr, result.stdout_dropped, result.stderr_dropped,
+            row["run_token"]))
+        return state
+
+    _GIVE_BACK = (f"UPDATE jobs SET state = 'pending', ready = 0, attempts = "
+                  f"CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, {_NO_CLAIM}, "
+                  f"updated_at = ? WHERE id = ?")
+    _FORGET_RUN = "DELETE FROM attempts WHERE run_token = ?"
+    # Runnable again from now, so status does not count the run as waiting.
+    _REQUEUE = (f"UPDATE jobs SET state = 'pending', ready = 1, attempts = "
+                f"CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, run_at = ?, "
+                f"{_NO_CLAIM}, updated_at = ? WHERE id = ?")
+    _TAKE_OVER = (f"UPDATE jobs SET claim_token = ?, worker_pid = ?, "
+                  f"worker_start = ?, lease_until = ? WHERE {_HELD}")
+    _TAKE_OVER_EXPIRED = _TAKE_OVER + " AND lease_until < ?"
+    _RUN_OF_CLAIM = "SELECT run_token, run_pgid, run_pg_start FROM jobs WHERE id = ?"
+    _EXPIRED = ("SELECT id, claim_token, worker_pid, worker_start FROM jobs "
+                "INDEXED BY jobs_leases WHERE state = 'processing' "
+                "AND lease_until < ?")
+
+    def give_back(self, job_id, token, now=None):
+        """Undo a claim whose command never started, as if it had not been made;
+        return False if the claim is no longer held."""
+        return self._write(lambda conn: self._give_back(conn, job_id, token,
+                                                        self._now(conn, now)))
+
+    def _give_back(self, conn, job_id, token, at):
+        row = conn.execute(self._HELD_RUN, (job_id, token)).fetchone()
+        if row is None:
+            return False
+        conn.execute(self._GIVE_BACK, (iso(at), job_id))
+        conn.execute(self._FORGET_RUN, (row["run_token"],))
+        return True
+
+    def requeue(self, job_id, token, reason, now=None):
+        """Give a claimed job back as pending without using up an attempt."""
+        def body(conn):
+            at = self._now(conn, now)
+            row = conn.execute(self._HELD_RUN, (job_id, token)).fetchone()
+            if row is None:
+                return False
+            conn.execute(self._REQUEUE, (iso(at), iso(at), job_id))
+            self._end_run(conn, row["run_token"], INTERRUPTED, reason, at)
+            return True
+        return self._write(body)
+
+    def take_over(self, job_id, token, new_token, worker_pid, worker_start=None,
+                  only_expired=False, now=None):
+        """Move a claim to NEW_TOKEN (held by WORKER_PID) if TOKEN still holds it
+        (and, with ONLY_EXPIRED, its lease has run out). Return the run to end, as
+        (run_token, run_pgid, run_pg_start), or None if it did not."""
+        def body(conn):
+            at = self._now(conn, now)
+            lease = iso(at + timedelta(seconds=self._config(conn)["lease_timeout"]))
+            params = [new_token, worker_pid, worker_start, lease, job_id, token]
+            if only_expired:
+                taken = conn.execute(self._TAKE_OVER_EXPIRED, params + [iso(at)])
+            else:
+                taken = conn.execute(self._TAKE_OVER, params)
+            if taken.rowcount != 1:
+                return None
+            return tuple(conn.execute(self._RUN_OF_CLAIM, (job_id,)).fetchone())
+        return self._write(body)
+
+    def expired_claims(self, now=None):
+        """Return (job id, token, holder pid, holder start) of claims whose lease
+        has run out."""
+        return self._read(lambda conn: [tuple(row) for row in conn.execute(
+            self._EXPIRED, (iso(self._now(conn, now)),))])
+
+    # -- reports ---------------------------------------------------------------------
+
+    _COUNTS = "SELECT state, jobs FROM counts"
+    _HOLDERS = ("SELECT id, worker_pid, command, lease_until FROM jobs "
+                "INDEXED BY jobs_leases WHERE state = 'processing' ORDER BY updated_at")
+    _BLOCKED = ("SELECT count(*) FROM jobs INDEXED BY jobs_blocked "
+                "WHERE state = 'pending' AND ready = -1")
+    _OLDEST_SCHEDULED = (f"SELECT min(run_at) FROM jobs INDEXED BY jobs_scheduled "
+                         f"WHERE {_SCHEDULED} AND run_at <= ?")
+    _FIRST_READY = (f"SELECT priority, run_at FROM jobs INDEXED BY jobs_ready "
+                    f"WHERE {_RUNNABLE} ORDER BY priority DESC, run_at LIMIT 1")
+    _FIRST_READY_BELOW = (f"SELECT priority, run_at FROM jobs INDEXED BY jobs_ready "
+                          f"WHERE {_RUNNABLE} AND priority < ? "
+                          f"ORDER BY priority DESC, run_at LIMIT 1")
+    _OLDEST_READY = (f"SELECT min(run_at) FROM jobs INDEXED BY jobs_ready "
+                     f"WHERE {_RUNNABLE}")
+    _WAITING_SINCE = (f"SELECT id, command, run_at FROM jobs WHERE run_at = ? AND "
+                      f"{_WAITING} AND ready >= 0 ORDER BY rowid LIMIT 1")
+    _MINUTES = "SELECT minute, outcome, runs FROM run_minutes WHERE minute >= ?"
+    _TOTALS = ("SELECT outcome, bucket, runs, seconds FROM run_totals "
+               "ORDER BY outcome, bucket")
+    _RUNS_BY_OUTCOME = "SELECT outcome, sum(runs) FROM run_totals GROUP BY outcome"
+    _COMPLETED_SINCE = ("SELECT count(*) FROM attempts INDEXED BY attempts_finished "
+                        "WHERE outcome = 'completed' AND finished_at >= ?")
+    _RECENT_DURATIONS = ("SELECT duration_s FROM attempts INDEXED BY "
+                         "attempts_finished WHERE outcome = 'completed' "
+                         "ORDER BY finished_at DESC LIMIT ?")
+    _COMPLETED_MINUTES = ("SELECT coalesce(sum(runs), 0) FROM run_minutes "
+                          "WHERE minute >= ? AND outcome = 'completed'")
+
+    def _counts(self, conn):
+        counts = dict.fromkeys(STATES, 0)
+        for state, jobs in conn.execute(self._COUNTS):
+            counts[state] = jobs
+        return counts
+
+    def status(self, now=None):
+        """(jobs per state, the earliest run_at of a runnable job, {holder pid: the
+        job it holds}) for status."""
+        def body(conn):
+            counts = self._counts(conn)
+            holders = {}
+            for row in conn.execute(self._HOLDERS):
+                # A worker may hold a second claim, for the job it starts next.
+                holders.setdefault(row["worker_pid"], dict(row))
+            stamp = iso(self._now(conn, now))
+            return counts, self._oldest_runnable(conn, stamp), holders
+        return self._read(body)
+
+    def waiting_for_dependencies(self):
+        """How many pending jobs wait for jobs they run after (ready = -1)."""
+        return self._read(lambda conn: conn.execute(self._BLOCKED).fetchone()[0])
+
+    def _oldest_runnable(self, conn, stamp):
+        """The earliest run_at of the jobs that could run now (at STAMP).
+
+        The claim indexes hold them, ready jobs ordered by priority first: so the
+        oldest is the oldest of the first entry of each priority, one lookup per
+        priority (a scan only if there are very many priorities).
+        """
+        oldest = conn.execute(self._OLDEST_SCHEDULED, (stamp,)).fetchone()[0]
+        row = conn.execute(self._FIRST_READY).fetchone()
+        for _ in range(64):
+            if row is None:
+                return oldest
+            oldest = min(oldest or row[1], row[1])
+            row = conn.execute(self._FIRST_READY_BELOW, (row[0],)).fetchone()
+        first = conn.execute(self._OLDEST_READY).fetchone()[0]
+        return min(oldest or first, first)
+
+    def oldest_waiting(self, now=None):
+        """The runnable job that has waited longest past its run_at, as a dict of
+        id, command and run_at, or None."""
+        def body(conn):
+            run_at = self._oldest_runnable(conn, iso(self._now(conn, now)))
+            if run_at is None:
+                return None
+            row = conn.execute(self._WAITING_SINCE, (run_at,)).fetchone()
+            return dict(row) if row else None
+        return self._read(body)
+
+    def run_minutes(self, since):
+        """{minute: {outcome: runs}} of runs that ended from the minute of SINCE on."""
+        def body(conn):
+            minutes = {}
+            for minute, outcome, runs in conn.execute(self._MINUTES,
+                                                      (iso(since)[:16],)):
+                minutes.setdefault(minute, {})[outcome] = runs
+            return minutes
+        return self._read(body)
+
+    def run_totals(self):
+        """{outcome: [(bucket, runs, seconds)]}: every ended run, for /metrics."""
+        def body(conn):
+            totals = {}
+            for outcome, bucket, runs, seconds in conn.execute(self._TOTALS):
+                totals.setdefault(outcome, []).append((bucket, runs, seconds))
+            return totals
+        return self._read(body)
+
+    def stats(self, now=None):
+        """Counts, run totals, and run times of the last STATS_RUNS completed runs."""
+        def body(conn):
+            at = self._now(conn, now)
+            counts = self._counts(conn)
+            runs = dict(conn.execute(self._RUNS_BY_OUTCOME).fetchall())
+            recent = sorted(row[0] for row in conn.execute(self._RECENT_DURATIONS,
+                                                           (STATS_RUNS,)))
+            ended = counts[COMPLETED] + counts[DEAD]
+            minute_ago = iso(at - timedelta(seconds=60))
+            hour_ago = iso(at - timedelta(minutes=59))[:16]
+            return {
+                "jobs": counts,
+                "completed": counts[COMPLETED],
+                "failed_attempts": runs.get(FAILED, 0),
+                "dead": counts[DEAD],
+                "success_rate": counts[COMPLETED] / ended if ended else None,
+                "run_time_avg_s": sum(recent) / len(recent) if recent else None,
+                "run_time_p50_s": percentile(recent, 0.50),
+                "run_time_p95_s": percentile(recent, 0.95),
+                "completed_last_minute": conn.execute(
+                    self._COMPLETED_SINCE, (minute_ago,)).fetchone()[0],
+                # By the minute, as the dashboard counts: purged jobs too.
+                "completed_last_hour": int(conn.execute(
+                    self._COMPLETED_MINUTES, (hour_ago,)).fetchone()[0]),
+            }
+        return self._read(body)
+
+    # -- supervisors -----------------------------------------------------------------
+
+    _SUPERVISORS = "SELECT * FROM supervisors ORDER BY started_at"
+    _FORGET_SUPERVISOR = "DELETE FROM supervisors WHERE id = ?"
+    _ADD_SUPERVISOR = ("INSERT INTO supervisors (id, host, boot_id, pid, pid_start, "
+                       "workers, state, started_at, seen_at) VALUES (:id, :host, "
+                       ":boot_id, :pid, :pid_start, :workers, :state, :started_at, "
+                       ":seen_at)")
+    _UPDATE_SUPERVISOR = ("UPDATE supervisors SET workers = ?, state = ?, "
+                          "seen_at = ? WHERE id = ?")
+
+    def register_supervisor(self, record, alive):
+        """Record a supervisor (a dict of the supervisors table's columns) unless
+        another one recorded is ALIVE(row): then refuse, naming its pid. Rows of
+        dead ones are forgotten. One transaction, so two supervisors starting at
+        once cannot both be recorded."""
+        def body(conn):
+            for row in conn.execute(self._SUPERVISORS).fetchall():
+                if alive(dict(row)):
+                    raise QueueError(f"workers are already running on this database "
+                                     f"(supervisor pid {row['pid']})")
+                conn.execute(self._FORGET_SUPERVISOR, (row["id"],))
+            conn.execute(self._ADD_SUPERVISOR, record)
+        self._write(body)
+
+    def update_supervisor(self, supervisor_id, workers, state, now=None):
+        self._write(lambda conn: conn.execute(self._UPDATE_SUPERVISOR, (
+            " ".join(map(str, workers)), state, iso(self._now(conn, now)),
+            supervisor_id)))
+
+    def remove_supervisor(self, supervisor_id):
+        self._write(lambda conn: conn.execute(self._FORGET_SUPERVISOR,
+                                              (supervisor_id,)))
+
+    def supervisors(self):
+        """The recorded supervisors (dicts), live or not."""
+        return self._read(lambda conn: [dict(row) for row in
+                                        conn.execute(self._SUPERVISORS)])
+
+
+# -- the SQLite store --------------------------------------------------------------
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+APPLICATION_ID = 0x51435444  # "QCTD": marks a SQLite file as a queuectl database
+
 # SQLite's own busy handler sleeps up to 100 ms between tries, so under heavy load a
 # waiting writer can starve for seconds. So SQLite waits only briefly, and _run
 # retries the transaction after a short random pause, up to BUSY_DEADLINE_S.
 BUSY_TIMEOUT_S = 0.02
 BUSY_RETRY_MAX_S = 0.005
 BUSY_DEADLINE_S = 60.0
-STATS_RUNS = 1000          # stats: run times of the last this many completed runs
-WAIT_POLL_S = 0.1          # wait, logs --follow: how often they look for a change
-FOLLOW_POLL_S = 0.1
-CANCEL_RECHECK_S = 0.3     # cancel looks again for a run that started as it cancelled
-PURGE_BATCH = 2000         # jobs deleted a transaction by purge and retention
-SEARCH_SCAN = 100000       # the dashboard's search looks at this many newest jobs
-SEARCH_MAX_LEN = 1000      # and for text of at most this many characters
-RUN_MINUTES_KEPT_S = 86400 # per-minute run counts are kept for a day
-IDLE_RECHECK_S = 1.0       # the supervisor checks leases and looks for jobs this often
-STARTED_AFTER_S = 0.01     # a run that lasts this long has its process group recorded
-NO_PIDFD_POLL_S = 0.01     # without pidfds (Linux < 5.3), how often a run is checked
-READ_CHUNK = 65536         # bytes read from a job's output pipe at a time
-KILL_POLL_S = 0.02         # while a run is being killed, how often to look again
-RECOVERY_POLL_S = 0.05     # the same, for the supervisor, which has other work too
-RECORD_EVERY_S = 0.005     # results are written (and fsynced) in batches this often
-SPOOL_LINGER_S = 5.0       # an ended run's spool stays this long for its followers
-UPKEEP_EVERY_S = 60.0      # how often the supervisor purges (config retention)
-KILL_GRACE_S = 2.0         # between SIGTERM and SIGKILL for a job's process group
-COLD_STOP_GRACE_S = 10.0   # how long a cold-stopped worker may take before SIGKILL
-RESTART_DELAY_S = 1.0      # before restarting a worker that crashed right after start
-STOP_RECORD_TRIES_S = 2.0  # a stopping supervisor retries writing results this long
-ANSWER_GRACE_S = 3.0       # worker stop: a supervisor that has not taken its signal
-                           # (or was stopped) this long does not answer
-DETACH_WAIT_S = 15.0       # how long --detach waits for the workers to come up
-ID_MAX_LEN = 128
-# The longest command /bin/sh -c can be given: Linux refuses a single argument of
-# MAX_ARG_STRLEN (131072) bytes or more, NUL included, with E2BIG.
-COMMAND_MAX_BYTES = 131071
-ID_SPACE = 16 ** 10         # generated ids are 10 hex digits
-MAX_WORKERS = 256
-INT_LIMIT = 2 ** 31        # priorities and retries stay well inside SQLite's int64
-DURATION_EXAMPLES = "90s, 10m, 2h, 7d or 1h30m"
-
-SQLITE_HEADER = b"SQLite format 3\x00"
-APPLICATION_ID = 0x51435444  # "QCTD": marks a SQLite file as a queuectl database
 
 # Upper bounds (seconds) of the run-time histogram's buckets; the last bucket
 # holds everything longer. Schema version 2 bakes them into a trigger: never edit
@@ -227,6 +2078,62 @@ def _run_bucket_sql(seconds):
     return "CASE " + " ".join(
         f"WHEN coalesce({seconds}, 0) <= {bound} THEN {n}"
         for n, bound in enumerate(RUN_TIME_BUCKETS)) + f" ELSE {len(RUN_TIME_BUCKETS)} END"
+
+
+def _sqlite_message(error, path):
+    """Turn a sqlite3 error into one line a user can act on."""
+    text = str(error)
+    lowered = text.lower()
+    if "readonly" in lowered or "read-only" in lowered:
+        return f"database is read-only: {path}"
+    if "disk is full" in lowered or "database or disk is full" in lowered:
+        return f"database or disk is full: {path}"
+    if "not a database" in lowered or "malformed" in lowered:
+        return f"not a queuectl database, or corrupt: {path}"
+    if "unable to open" in lowered or "disk i/o" in lowered:
+        # SQLite names neither a full nor a read-only disk when it fails to make
+        # or grow its -shm and -wal files, even to read: ask the file system.
+        folder = os.path.dirname(path)
+        disk = _disk_state(folder)
+        if disk == "full":
+            return f"the disk is full (no space left in {folder}): {path}"
+        if disk == "read-only":
+            return f"database is read-only (its file system is): {path}"
+        if "unable to open" in lowered:
+            if not os.access(folder, os.W_OK):
+                # WAL needs its -wal and -shm files beside the database.
+                return f"database is read-only (cannot write in {folder}): {path}"
+            return f"cannot open database: {path}"
+        return f"disk I/O error on database: {path}"
+    if "locked" in lowered or "busy" in lowered:
+        return f"database is busy (still locked after {BUSY_DEADLINE_S:.0f}s): {path}"
+    return f"database error ({text}): {path}"
+
+
+def _disk_state(folder):
+    """"full" or "read-only" if the file system holding FOLDER is, else None."""
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return None
+    if info.f_flag & os.ST_RDONLY:
+        return "read-only"
+    if info.f_bavail == 0:
+        return "full"
+    # A failing disk turned read-only by the kernel shows it only when written.
+    probe = os.path.join(folder, f".queuectl-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        return {errno.EROFS: "read-only", errno.ENOSPC: "full"}.get(e.errno)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
+
+
+def _is_busy(error):
+    return isinstance(error, sqlite3.OperationalError) and (
+        "locked" in str(error) or "busy" in str(error))
 
 
 # MIGRATIONS[n] takes a database from schema version n to n + 1 (version 0 is a new,
@@ -451,585 +2358,18 @@ MIGRATIONS = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-####
-# Errors ####
-####
-
-class QueueError(Exception):
-    """A failure to report to the user in one line, with an exit code."""
-
-    code = EXIT_ERROR
-
-
-class UsageError(QueueError):
-    """Bad input: a bad option, JSON document, job field or config value."""
-
-    code = EXIT_USAGE
-
-
-class NotFound(QueueError):
-    """An id that names no job, or a run number that names no run."""
-
-
-class NoAnswer(QueueError):
-    """A supervisor that does not act on worker stop's signals (frozen)."""
-
-    code = EXIT_NO_ANSWER
-
-
-class Refused(QueueError):
-    """An action that a job's state forbids (cancelling a completed job)."""
-
-
-####
-# Helpers ####
-####
-
-def now_utc():
-    return datetime.now(timezone.utc)
-
-
-def iso(dt):
-    """Format an aware datetime as fixed-width UTC ISO-8601 with a Z suffix."""
-    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
-def parse_iso(text):
-    """Parse a time written by iso()."""
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-
-
-def parse_user_time(text):
-    """Parse an ISO-8601 time given by a user; it must carry Z or an offset.
-
-    A pattern of our own, not fromisoformat: that rejects Z before 3.11 and accepts
-    other forms on newer Pythons, and a job file must mean the same on all of them.
-    """
-    match = USER_TIME.fullmatch(text.strip()) if isinstance(text, str) else None
-    if match is None and isinstance(text, str) and DATE_ONLY.fullmatch(text.strip()):
-        raise ValueError(f"a date needs a time and a zone too, as in "
-                         f"{text.strip()}T00:00:00Z: {text!r}")
-    if match is None:
-        raise ValueError(f"not an ISO-8601 time such as 2026-11-24T10:00:00Z: "
-                         f"{text!r}")
-    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = \
-        match.groups()
-    if not zulu and not sign:
-        raise ValueError(f"time has no zone (add Z or an offset like +02:00): {text!r}")
-    offset = timedelta(0)
-    if sign:
-        if int(off_h) > 23 or int(off_m) > 59:
-            raise ValueError(f"bad zone offset: {text!r}")
-        offset = timedelta(hours=int(off_h), minutes=int(off_m))
-        offset = -offset if sign == "-" else offset
-    micro = int((fraction or "0")[:6].ljust(6, "0"))
-    try:
-        dt = datetime(int(year), int(month), int(day), int(hour), int(minute),
-                      int(second or 0), micro, tzinfo=timezone(offset))
-        return dt.astimezone(timezone.utc)
-    except (ValueError, OverflowError) as e:
-        raise ValueError(f"not a valid time ({e}): {text!r}") from None
-
-
-def backoff_delay(failures, base, maximum):
-    """Seconds to wait after failed attempt number `failures`: min(base ** k, max)."""
-    if failures <= 0:
-        return 0.0
-    # Compare exponents so a large k cannot overflow a float.
-    if maximum <= 0 or failures * math.log(base) >= math.log(maximum):
-        return float(max(maximum, 0))
-    return float(base ** failures)
-
-
-def parse_duration(text):
-    """Seconds in a duration as users write it: 90, 1.5, 90s, 10m, 2h, 7d, 1h30m
-    (ASCII digits only)."""
-    if is_number(text):
-        return float(text)
-    match = DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
-    if match is None or not text.strip():
-        if isinstance(text, str) and text.strip().startswith("-") and \
-                DURATION.fullmatch(text.strip()[1:].lower()):
-            raise ValueError(f"must not be negative: {text!r}")
-        raise ValueError(f"not a duration such as {DURATION_EXAMPLES}: {text!r}")
-    if match.group(1) is not None:
-        return float(match.group(1))
-    return sum(float(number) * DURATION_UNITS[unit]
-               for number, unit in DURATION_PART.findall(text.strip().lower()))
-
-
-def format_duration(seconds):
-    """Render seconds for people: 0.4s, 12s, 3m05s, 2h10m, 3d4h."""
-    if seconds is None:
-        return "-"
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
-
-
-def format_span(seconds):
-    """Render a duration someone gave, exactly as they could have typed it: 7d,
-    1h30m, 1d1s, 0.5s."""
-    whole = int(seconds)
-    if seconds != whole or whole == 0:
-        return f"{seconds:g}s"
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if whole >= size:
-            parts.append(f"{whole // size}{unit}")
-            whole %= size
-    return "".join(parts)
-
-
-def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value):
-    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def config_key(name):
-    """Return the canonical config key for NAME (max-retries == max_retries)."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in CONFIG:
-        known = ", ".join(CONFIG)
-        raise UsageError(f"unknown config key {name!r} (known: {known})")
-    return key
-
-
-def parse_config_value(key, text):
-    """Validate TEXT as a value for config KEY and return it as a number. The one
-    reader of config values: what config set stores, and what the store reads."""
-    _, kind, minimum, wanted = CONFIG[key]
-    text = str(text).strip()
-    try:
-        if kind == "duration":
-            value = parse_duration(text)
-        elif (WHOLE_NUMBER if kind == int else DECIMAL).fullmatch(text):
-            value = kind(text)
-        else:
-            raise ValueError(text)
-    except ValueError:
-        raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})") from None
-    if kind != int and value == int(value):
-        value = int(value)
-    if value < minimum or value >= INT_LIMIT:
-        raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
-    return value
-
-
-def config_text(key, value):
-    """How config KEY's VALUE is stored: plain decimal, never an exponent (str(1e-05)
-    is '1e-05'), durations to the millisecond; refused (UsageError) unless
-    parse_config_value reads it back."""
-    if CONFIG[key][1] == "duration" and not is_int(value):
-        text = f"{value:.3f}".rstrip("0").rstrip(".")
-    else:
-        text = repr(value)                 # an int, or a float from 1 to 2**31
-    try:
-        parse_config_value(key, text)
-    except UsageError:
-        raise UsageError(f"bad value for {key}: {value!r} (expected "
-                         f"{CONFIG[key][3]})") from None
-    return text
-
-
-def validate_job(doc, now=None, stamp=None, names=None):
-    """Check one job document and return the values to store, or raise UsageError.
-    STAMP is iso(now), for callers that validate many jobs at one time. NAMES maps
-    a field to what the user typed for it (enqueue -c: {"delay": "--delay"}), for
-    the messages; by default they say "field 'delay'"."""
-    names = names or {}
-
-    def field(name):                       # "field 'delay'", or "--delay"
-        return names.get(name) or f"field {name!r}"
-
-    def short(name):                       # "'delay'", or "--delay"
-        return names.get(name) or repr(name)
-
-    if not isinstance(doc, dict):
-        raise UsageError("a job must be a JSON object like "
-                         "{\"command\": \"echo hi\"}")
-    if not doc.keys() <= _JOB_FIELD_SET:
-        unknown = sorted(set(doc) - _JOB_FIELD_SET)
-        raise UsageError(f"unknown field {unknown[0]!r} "
-                         f"(known: {', '.join(JOB_FIELDS)})")
-    now = now or now_utc()
-    command = doc.get("command")
-    if command is None:
-        raise UsageError("missing field 'command'")
-    if not isinstance(command, str) or not command.strip():
-        raise UsageError(f"{field('command')} must be a non-empty string")
-    check_text(command, field("command"))
-    if len(command) > COMMAND_MAX_BYTES // 4:      # else it cannot be too long
-        size = len(command.encode("utf-8"))
-        if size > COMMAND_MAX_BYTES:
-            raise UsageError(f"{field('command')} is {size} bytes long; /bin/sh -c "
-                             f"takes at most {COMMAND_MAX_BYTES} bytes (the kernel's "
-                             f"limit on one argument): put the commands in a script "
-                             f"file and enqueue the script")
-    job = {"id": None, "command": command, "max_retries": None, "priority": 0,
-           "run_at": stamp or iso(now), "timeout_s": None, "after": (),
-           "unique_key": None}
-    if "id" in doc:
-        job["id"] = validate_job_id(doc["id"], field("id"))
-    if "max_retries" in doc:
-        value = doc["max_retries"]
-        if not is_int(value) or not 0 <= value < INT_LIMIT:
-            raise UsageError(f"{field('max_retries')} must be a whole number from 0 "
-                             f"to {INT_LIMIT - 1}")
-        job["max_retries"] = value
-    if "priority" in doc:
-        value = doc["priority"]
-        if not is_int(value) or abs(value) >= INT_LIMIT:
-            raise UsageError(f"{field('priority')} must be a whole number from "
-                             f"{1 - INT_LIMIT} to {INT_LIMIT - 1} (higher runs first)")
-        job["priority"] = value
-    if "run_at" in doc and "delay" in doc:
-        raise UsageError(f"give either {short('run_at')} or {short('delay')}, not both")
-    if "run_at" in doc:
-        try:
-            job["run_at"] = iso(parse_user_time(doc["run_at"]))
-        except ValueError as e:
-            raise UsageError(f"{field('run_at')}: {e}") from None
-    if "delay" in doc:
-        delay_s = _duration_field(doc["delay"], field("delay"))
-        job["run_at"] = iso(now + timedelta(seconds=delay_s))
-    if "timeout" in doc:
-        job["timeout_s"] = _duration_field(doc["timeout"], field("timeout"),
-                                           positive=True)
-    if "after" in doc:
-        value = doc["after"]
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise UsageError(f"{field('after')} must be a list of job ids")
-        after = [validate_job_id(item, field("after"), one=False) for item in value]
-        if job["id"] is not None and job["id"] in after:
-            raise UsageError(f"job {job['id']} cannot run after itself")
-        job["after"] = tuple(dict.fromkeys(after))
-    if "unique_key" in doc:
-        value = doc["unique_key"]
-        if not isinstance(value, str) or not value.strip():
-            raise UsageError(f"{field('unique_key')} must be a string that is not "
-                             f"blank")
-        check_text(value, field("unique_key"))
-        job["unique_key"] = value
-    return job
-
-
-def _duration_field(value, what, positive=False):
-    """A job field holding a duration: seconds, or text such as '10m'. WHAT
-    names it in a message."""
-    try:
-        if isinstance(value, bool):
-            raise ValueError(f"not a duration such as {DURATION_EXAMPLES}: {value!r}")
-        return check_duration(parse_duration(value), value, positive)
-    except ValueError as e:
-        raise UsageError(f"{what}: {e}") from None
-
-
-def check_duration(seconds, text, positive=False):
-    """SECONDS, if it is a duration a job or command may use; else ValueError
-    naming TEXT, the duration as given. POSITIVE: a timeout, at least
-    MIN_TIMEOUT_S."""
-    if positive and seconds < MIN_TIMEOUT_S:
-        raise ValueError(f"must be at least {MIN_TIMEOUT_S}s: {text!r}")
-    if seconds < 0:
-        raise ValueError(f"must not be negative: {text!r}")
-    if seconds >= INT_LIMIT:
-        raise ValueError(f"too long: {text!r} (at most {format_span(INT_LIMIT - 1)})")
-    return seconds
-
-
-def check_text(text, what):
-    """Refuse text that cannot be stored or passed to a shell: NUL, bad UTF-8."""
-    if "\0" in text:
-        raise UsageError(f"{what} contains a NUL character")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"{what} is not valid UTF-8 text") from None
-
-
-def validate_job_id(value, what="field 'id'", one=True):
-    """VALUE, if it is a good job id; WHAT names where it was given (ONE id, or
-    one of a list)."""
-    if not isinstance(value, str) or not value:
-        raise UsageError(f"{what} must be a non-empty string" if one
-                         else f"{what} must hold non-empty strings")
-    check_text(value, what)
-    if len(value) > ID_MAX_LEN:
-        raise UsageError(f"{what}: id {value[:20]!r}... is longer than {ID_MAX_LEN} "
-                         f"characters")
-    if value.startswith("-") or any(c.isspace() or not c.isprintable() for c in value):
-        raise UsageError(f"{what}: id {value!r} must not start with '-' or contain "
-                         f"spaces or control characters")
-    if value in (".", ".."):                 # a URL would take it for a directory
-        raise UsageError(f"{what}: id {value!r} is not allowed")
-    return value
-
-
-def new_job_id():
-    return os.urandom(5).hex()
-
-
-def new_job_ids(count):
-    """COUNT new job ids: consecutive numbers from a random start, so that a
-    batch fills the id index in order (a fifth faster than random ids). A clash
-    with an existing id is caught by the insert, which then draws again."""
-    if count == 1:
-        return [new_job_id()]
-    start = int.from_bytes(os.urandom(5), "big")
-    return [format((start + n) % ID_SPACE, "010x") for n in range(count)]
-
-
-def new_token():
-    """A random claim or run token: 128 bits, as hex."""
-    return os.urandom(16).hex()
-
-
-def current_dir():
-    try:
-        return os.getcwd()
-    except FileNotFoundError:
-        raise QueueError("the current directory no longer exists") from None
-
-
-def default_db_path(environ=None):
-    """Return $QUEUECTL_DB, else the XDG data directory's queuectl.db."""
-    environ = os.environ if environ is None else environ
-    if environ.get(ENV_DB):
-        return environ[ENV_DB]
-    data_home = environ.get("XDG_DATA_HOME", "")
-    if not os.path.isabs(data_home):      # the XDG spec: ignore relative values
-        data_home = os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(data_home, "queuectl", DB_FILENAME)
-
-
-def clip(text, width):
-    """Fold TEXT onto one line of at most WIDTH characters, shown() safe."""
-    text = " ".join(shown(text, lines=True).split())
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def log(*messages, at=None):
-    """Write timestamped lines to stderr, one line each, in a single write; AT
-    is when what they say happened (default: now)."""
-    stamp = iso(at or now_utc())
-    lines = "".join(f"{stamp} {_one_line(message)}\n" for message in messages)
-    _write_whole(sys.stderr, lines.encode("utf-8", "replace"))
-    if LogRotation.path is not None:
-        LogRotation.check()
-
-
-def _write_whole(stream, data):
-    """Write DATA to STREAM's file in one write, whole or not at all: on a full
-    disk a log keeps no torn line. A closed or full log must not stop the queue."""
-    try:
-        fd = stream.fileno()
-        info = os.fstat(fd)
-        written = os.write(fd, data)
-        if written < len(data) and stat.S_ISREG(info.st_mode):
-            os.ftruncate(fd, os.fstat(fd).st_size - written)
-    except (OSError, ValueError):
-        pass
-
-
-def wall_time(mono):
-    """The wall-clock time at which time.monotonic() read MONO.
-
-    Workers and the supervisor share the host's monotonic clock, so an event one
-    process timed is stamped by another as when it happened, not when it was
-    written down."""
-    return now_utc() - timedelta(seconds=max(0.0, time.monotonic() - mono))
-
-
-def _open_owner_only(path, flags):
-    """Open (creating 0600) a regular file of ours beside the database, or raise
-    QueueError. Never follows a symlink or blocks on a FIFO."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
-    except OSError as e:
-        raise QueueError(f"cannot open {path}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise QueueError(f"not a regular file: {path}")
-    return fd
-
-
-class LogRotation:
-    """The log of a detached supervisor (its stderr): once it has grown past
-    max_bytes it is renamed to <log>.1 (replacing the older one) and a new log
-    started, so a queue that runs for months cannot fill its disk."""
-
-    path = None                      # the log file that stderr is, once enabled
-    max_bytes = LOG_MAX_BYTES
-
-    @classmethod
-    def enable(cls, path):
-        """Rotate PATH if it is what stderr writes to (a detached supervisor)."""
-        with contextlib.suppress(OSError, ValueError):
-            here, there = os.fstat(sys.stderr.fileno()), os.stat(path)
-            if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
-                cls.path = path
-                cls.max_bytes = int(os.environ.get(ENV_LOG_MAX, LOG_MAX_BYTES))
-
-    @classmethod
-    def check(cls):
-        with contextlib.suppress(OSError, ValueError):
-            if os.fstat(sys.stderr.fileno()).st_size <= cls.max_bytes:
-                return
-            os.replace(cls.path, cls.path + ".1")
-            fd = _open_owner_only(cls.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            os.dup2(fd, sys.stderr.fileno())
-            os.close(fd)
-
-
-def shown(text, lines=False):
-    """TEXT as it is safe to show on a terminal: control characters (C0 but tab,
-    DEL, C1) and the bidi controls written out, as \\x1b or \\u202e. A job's
-    command, output or error, printed by a human-readable command, cannot then
-    clear the screen, retitle the window or reorder what is shown. LINES keeps
-    newlines, for text shown as lines (a run's output); else it is one line."""
-    return (_CONTROL_LINES if lines else _CONTROL).sub(_escape, text)
-
-
-def _escape(match):
-    char = match.group()
-    code = ord(char)
-    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-
-
-def _one_line(text):
-    """TEXT on one line, shown() safe: a log line cannot be split, nor send
-    escape sequences to the terminal that shows it."""
-    return shown(text)
-
-
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_CONTROL_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_ESCAPES = {"\n": "\\n", "\r": "\\r"}
-
-
-####
-# Records ####
-####
-
-# A live supervisor as its PID file (or the database's record of it) describes it;
-# start is its start time in /proc ticks, None if unknown.
-Supervised = collections.namedtuple("Supervised", "pid workers state start",
-                                    defaults=(None,))
-
-# A job claimed for a worker, with the settings in force when it was claimed.
-Claim = collections.namedtuple(
-    "Claim", "id command cwd token attempt max_retries timeout_s output_limit lease_s")
-
-
-class RunResult:
-    """How one run of a command ended."""
-
-    __slots__ = ("exit_code", "reason", "stdout", "stderr", "stdout_dropped",
-                 "stderr_dropped", "duration_s", "aborted", "started_mono")
-
-    def __init__(self, exit_code, reason=None, stdout="", stderr="", stdout_dropped=0,
-                 stderr_dropped=0, duration_s=None, aborted=None, started_mono=None):
-        self.exit_code = exit_code
-        self.reason = reason                  # why it failed; None when it succeeded
-        self.stdout = stdout
-        self.stderr = stderr
-        self.stdout_dropped = stdout_dropped  # bytes cut from the head (output_limit)
-        self.stderr_dropped = stderr_dropped
-        self.duration_s = duration_s
-        self.aborted = aborted                # why the run was stopped from outside
-        self.started_mono = started_mono      # time.monotonic() when it started
-
-    @property
-    def ok(self):
-        return self.exit_code == 0 and self.reason is None
-
-    def fields(self):
-        """Its values in order, as RunResult(*fields) takes them (to send it)."""
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-
-####
-# Store ####
-####
-
-def _sqlite_message(error, path):
-    """Turn a sqlite3 error into one line a user can act on."""
-    text = str(error)
-    lowered = text.lower()
-    if "readonly" in lowered or "read-only" in lowered:
-        return f"database is read-only: {path}"
-    if "disk is full" in lowered or "database or disk is full" in lowered:
-        return f"database or disk is full: {path}"
-    if "not a database" in lowered or "malformed" in lowered:
-        return f"not a queuectl database, or corrupt: {path}"
-    if "unable to open" in lowered or "disk i/o" in lowered:
-        # SQLite names neither a full nor a read-only disk when it fails to make
-        # or grow its -shm and -wal files, even to read: ask the file system.
-        folder = os.path.dirname(path)
-        disk = _disk_state(folder)
-        if disk == "full":
-            return f"the disk is full (no space left in {folder}): {path}"
-        if disk == "read-only":
-            return f"database is read-only (its file system is): {path}"
-        if "unable to open" in lowered:
-            if not os.access(folder, os.W_OK):
-                # WAL needs its -wal and -shm files beside the database.
-                return f"database is read-only (cannot write in {folder}): {path}"
-            return f"cannot open database: {path}"
-        return f"disk I/O error on database: {path}"
-    if "locked" in lowered or "busy" in lowered:
-        return f"database is busy (still locked after {BUSY_DEADLINE_S:.0f}s): {path}"
-    return f"database error ({text}): {path}"
-
-
-def _disk_state(folder):
-    """"full" or "read-only" if the file system holding FOLDER is, else None."""
-    try:
-        info = os.statvfs(folder)
-    except OSError:
-        return None
-    if info.f_flag & os.ST_RDONLY:
-        return "read-only"
-    if info.f_bavail == 0:
-        return "full"
-    # A failing disk turned read-only by the kernel shows it only when written.
-    probe = os.path.join(folder, f".queuectl-probe-{os.getpid()}")
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError as e:
-        return {errno.EROFS: "read-only", errno.ENOSPC: "full"}.get(e.errno)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
-    return None
-
-
-def _is_busy(error):
-    return isinstance(error, sqlite3.OperationalError) and (
-        "locked" in str(error) or "busy" in str(error))
-
-
-class Store:
-    """The job database; the only code that holds SQL or knows sqlite3."""
+class SQLiteStore(Store):
+    """The default store: a SQLite file in WAL mode, made owner-only, its writes
+    one at a time (BEGIN IMMEDIATE, or EXCLUSIVE for a claim), retried while
+    another process holds the lock, every acknowledging commit synced
+    (synchronous=FULL). Its clock is this host's."""
+
+    IntegrityError = sqlite3.IntegrityError
 
     def __init__(self, path, create=True):
+        super().__init__()
         self.path = os.path.abspath(os.path.expanduser(path))
         self.conn = None
-        self.created = False         # whether this open created the file
-        self._config_cache = self._config_version = self._paused = None
-        self._config_problems = {}
         if self._check_file(create):
             self._identify()
         try:
@@ -1058,12 +2398,6 @@ class Store:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
 
     # -- opening ---------------------------------------------------------------
 
@@ -1208,1108 +2542,23 @@ class Store:
     def _read(self, body):
         return self._run(body, "BEGIN DEFERRED")
 
+    @staticmethod
+    def _changes(conn):
+        return conn.execute("PRAGMA data_version").fetchone()[0]
+
+    @staticmethod
+    def _now(conn, now=None):
+        return now or now_utc()
+
     def data_version(self):
         """Return a number that changes whenever another connection commits."""
-        return self._retrying(
-            lambda: self.conn.execute("PRAGMA data_version").fetchone()[0])
+        return self._retrying(lambda: self._changes(self.conn))
 
-    # -- config -------------------------------------------------------------------
 
-    def _config(self, conn):
-        """The settings, read again only if another connection has committed
-        since the last read (the supervisor reads them for every batch).
-
-        A stored value the reader refuses (written by hand, or by an older
-        version) must not stop the queue: its key keeps its default, and
-        config_problems() says why.
-        """
-        version = conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._config_version:
-            values, problems, self._paused = dict(CONFIG_DEFAULTS), {}, None
-            for key, value in conn.execute("SELECT key, value FROM config"):
-                if key in values:
-                    try:
-                        values[key] = parse_config_value(key, value)
-                    except UsageError:
-                        problems[key] = (
-                            f"config {key}: stored value {value!r} is not "
-                            f"{CONFIG[key][3]}; using the default, {CONFIG[key][0]} "
-                            f"(config set {key} to fix it)")
-                elif key == PAUSED_KEY:
-                    self._paused = value
-            self._config_cache, self._config_version = values, version
-            self._config_problems = problems
-        return dict(self._config_cache)
-
-    def config(self):
-        return self._read(self._config)
-
-    def config_problems(self):
-        """{key: why its stored value is not used} of the settings that fell back
-        to their defaults; {} when every stored value is good."""
-        def body(conn):
-            self._config(conn)
-            return dict(self._config_problems)
-        return self._read(body)
-
-    def set_config(self, key, value):
-        """Store VALUE for KEY in its canonical form (config_text); return that."""
-        text = config_text(key, value)
-        self._config_version = None
-        self._write(lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)", (key, text)))
-        return text
-
-    # -- jobs: adding, reading, deleting -----------------------------------------
-
-    def enqueue(self, jobs, cwd, now=None):
-        """Insert validated jobs in one transaction. Return (ids, notes): each
-        job's id, and {index: a note for the user} of the jobs not added because
-        an unfinished job held their unique key (their id is that job's), and of
-        those that were added dead because a dependency had already failed."""
-        stamp = iso(now or now_utc())
-        fresh = iter(new_job_ids(len(jobs)))
-        rows = [[job["id"] or next(fresh), job["command"], cwd, PENDING,
-                 1 if job["run_at"] <= stamp else 0, job["priority"],
-                 job["max_retries"], job["timeout_s"], job["run_at"], stamp, stamp,
-                 job["unique_key"], None] for job in jobs]
-
-        def body(conn):
-            notes = {}
-            if any(job["after"] or job["unique_key"] for job in jobs):
-                added = self._enqueue_linked(conn, jobs, rows, notes)
-            else:
-                added = rows
-                conn.execute("SAVEPOINT batch")
-                try:
-                    conn.executemany(_INSERT_JOB, rows)
-                except sqlite3.IntegrityError:
-                    conn.execute("ROLLBACK TO batch")
-                    for row, job in zip(rows, jobs):
-                        self._insert_job(conn, row, job)
-                conn.execute("RELEASE batch")
-            for state in (PENDING, DEAD):
-                conn.execute("UPDATE counts SET jobs = jobs + ? WHERE state = ?",
-                             (sum(1 for row in added if row[3] == state), state))
-            return [row[0] for row in rows], notes
-        return self._write(body)
-
-    @staticmethod
-    def _insert_job(conn, row, job):
-        """Insert one row; draw a new id if a generated one clashes."""
-        for _ in range(100):
-            try:
-                conn.execute(_INSERT_JOB, row)
-                return
-            except sqlite3.IntegrityError:
-                if job["id"]:
-                    raise QueueError(f"duplicate job id: {job['id']}") from None
-                row[0] = new_job_id()
-
-    def _enqueue_linked(self, conn, jobs, rows, notes):
-        """Insert jobs with unique keys or dependencies, one by one; return the
-        rows added."""
-        added, states, keys, skipped = [], {}, {}, {}
-        for index, (row, job) in enumerate(zip(rows, jobs)):
-            key = job["unique_key"]
-            if key is not None:
-                holder = keys.get(key) or self._key_holder(conn, key)
-                if holder:
-                    notes[index] = (f"queuectl: job {holder} holds unique key {key!r} "
-                                    f"already: nothing added")
-                    if job["id"] is not None:
-                        skipped[job["id"]] = (f"job {holder}", key)
-                    row[0] = holder
-                    continue
-            found = {dep: states.get(dep) or self._state_of(conn, dep)
-                     for dep in job["after"]}
-            unknown = [dep for dep, state in found.items() if state is None]
-            if unknown:
-                raise NotFound(_unknown_dependencies(unknown, index, len(jobs), skipped))
-            for dep, state in found.items():
-                if state in (DEAD, CANCELLED):
-                    row[3], row[4] = DEAD, 0
-                    row[12] = _dependency_error(dep, state)
-                    notes[index] = (f"queuectl: job {row[0]} is dead already: its "
-                                    f"{row[12]}")
-                    break
-                if state != COMPLETED:
-                    row[4] = -1                 # waits for its dependencies
-            self._insert_job(conn, row, job)
-            conn.executemany("INSERT OR IGNORE INTO deps (job_id, after_id) "
-                             "VALUES (?, ?)", [(row[0], dep) for dep in job["after"]])
-            states[row[0]] = row[3]
-            if key is not None and row[3] == PENDING:
-                keys[key] = row[0]
-            added.append(row)
-        return added
-
-    @staticmethod
-    def _key_holder(conn, key):
-        row = conn.execute(
-            "SELECT id FROM jobs INDEXED BY jobs_unique WHERE unique_key = ? AND "
-            "state IN ('pending', 'processing', 'failed')", (key,)).fetchone()
-        return row[0] if row else None
-
-    @staticmethod
-    def _state_of(conn, job_id):
-        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row[0] if row else None
-
-    def get_job(self, job_id):
-        """Return the job (with the jobs it runs after, as [{id, state}]) and its
-        attempts, each with its output."""
-        def body(conn):
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no such job: {job_id}")
-            attempts = conn.execute(
-                "SELECT * FROM attempts WHERE job_id = ? ORDER BY id",
-                (job_id,)).fetchall()
-            job = job_dict(row, self._config(conn))
-            job["after"] = [{"id": dep, "state": state} for dep, state in
-                            self._dependency_states(conn, job_id)]
-            return job, [dict(a) for a in attempts]
-        return self._read(body)
-
-    def running_tokens(self):
-        """The run tokens of the jobs being processed."""
-        return self._read(lambda conn: {row[0] for row in conn.execute(
-            "SELECT run_token FROM jobs INDEXED BY jobs_leases "
-            "WHERE state = 'processing'")})
-
-    def list_jobs(self, state=None, limit=None):
-        """Jobs, newest first (in the order they were added), each with
-        waiting_for: the ids of the unfinished jobs it waits for, if any."""
-        def body(conn):
-            sql = "SELECT * FROM jobs"
-            params = []
-            if state:
-                sql += " INDEXED BY jobs_state WHERE state = ?"
-                params.append(state)
-            sql += " ORDER BY rowid DESC"
-            if limit:
-                sql += " LIMIT ?"
-                params.append(limit)
-            return self._listed(conn, conn.execute(sql, params).fetchall())
-        return self._read(body)
-
-    def _listed(self, conn, rows):
-        """The job_dict of each jobs row, with waiting_for: the ids of the jobs
-        it runs after that have not completed, while it waits for them."""
-        config = self._config(conn)
-        jobs = []
-        for row in rows:
-            job = job_dict(row, config)
-            job["waiting_for"] = []
-            if row["ready"] == -1 and row["state"] == PENDING:     # jobs_blocked
-                job["waiting_for"] = [dep for dep, state in
-                                      self._dependency_states(conn, row["id"])
-                                      if state != COMPLETED]
-            jobs.append(job)
-        return jobs
-
-    def job_ends(self, job_ids):
-        """{id: (state, last error, outcome of its last run or None)} of those of
-        JOB_IDS that exist."""
-        def body(conn):
-            ends = {}
-            for job_id in job_ids:
-                row = conn.execute("SELECT state, last_error FROM jobs WHERE id = ?",
-                                   (job_id,)).fetchone()
-                if row is not None:
-                    last = conn.execute(
-                        "SELECT outcome FROM attempts INDEXED BY attempts_job "
-                        "WHERE job_id = ? ORDER BY id DESC LIMIT 1",
-                        (job_id,)).fetchone()
-                    ends[job_id] = (row[0], row[1], last[0] if last else None)
-            return ends
-        return self._read(body)
-
-    def require_jobs(self, job_ids):
-        """Refuse, naming every one, ids of jobs that do not exist."""
-        self._read(lambda conn: self._require_jobs(conn, job_ids, STATES, "find"))
-
-    def run_of(self, job_id, number=None):
-        """(job row, attempt row) of a job's run NUMBER (1, 2, ...), by default its
-        last; the attempt is None if it has not run yet."""
-        def body(conn):
-            job = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if job is None:
-                raise NotFound(f"no such job: {job_id}")
-            sql = "SELECT * FROM attempts INDEXED BY attempts_job WHERE job_id = ?"
-            if number is None:
-                run = conn.execute(sql + " ORDER BY id DESC LIMIT 1", (job_id,)).fetchone()
-            else:
-                run = conn.execute(sql + " AND number = ?", (job_id, number)).fetchone()
-                if run is None:
-                    runs = conn.execute("SELECT count(*) FROM attempts WHERE job_id = ?",
-                                        (job_id,)).fetchone()[0]
-                    raise NotFound(f"job {job_id} has no run {number} (it has run "
-                                     f"{runs} time(s))")
-            return dict(job), (dict(run) if run else None)
-        return self._read(body)
-
-    def not_held(self, claims):
-        """Those of CLAIMS ((job id, token) pairs) that no longer hold their job:
-        cancelled, or taken over."""
-        def body(conn):
-            return [(job_id, token) for job_id, token in claims
-                    if conn.execute("SELECT 1 FROM jobs WHERE id = ? AND claim_token = ? "
-                                    "AND state = 'processing'",
-                                    (job_id, token)).fetchone() is None]
-        return self._read(body)
-
-    def _require_jobs(self, conn, job_ids, allowed, action):
-        """Check every id exists and is in an allowed state; raise naming every
-        one that is not (in one line)."""
-        problems, missing = [], 0
-        for job_id in job_ids:
-            state = self._state_of(conn, job_id)
-            if state is None:
-                problems.append(f"no such job: {job_id}")
-                missing += 1
-            elif state not in allowed:
-                problems.append(f"cannot {action} job {job_id}: it is {state}")
-        if problems:
-            raise (NotFound if missing == len(problems) else Refused)("; ".join(problems))
-
-    def delete(self, job_ids):
-        """Delete jobs that are not running, with their history; refuse a job
-        that unfinished jobs wait for."""
-        def body(conn):
-            self._require_jobs(conn, job_ids, set(STATES) - {PROCESSING}, "delete")
-            waiting = []
-            for job_id in job_ids:
-                waiting += [f"cannot delete job {job_id}: job {dependant} runs after it"
-                            for dependant in self._dependants(conn, job_id)
-                            if dependant not in job_ids]
-            if waiting:
-                raise QueueError("; ".join(waiting))
-            for job_id in job_ids:
-                self._delete_job(conn, job_id)
-        self._write(body)
-
-    @staticmethod
-    def _dependants(conn, job_id):
-        """The unfinished jobs that run after JOB_ID."""
-        return [row[0] for row in conn.execute(
-            "SELECT jobs.id FROM deps INDEXED BY deps_after "
-            "JOIN jobs ON jobs.id = deps.job_id WHERE deps.after_id = ? "
-            "AND jobs.state IN ('pending', 'processing', 'failed')", (job_id,))]
-
-    @staticmethod
-    def _delete_job(conn, job_id):
-        conn.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
-        conn.execute("DELETE FROM deps WHERE job_id = ?", (job_id,))
-        # Jobs that ran after a completed job need it no more. Those that one
-        # that did not complete left dead go on naming it, marked deleted (no
-        # id holds a space), so that neither a retry nor a new job of the same
-        # id can pass for it having completed.
-        conn.execute("UPDATE deps SET after_id = after_id || ? WHERE after_id = ? AND "
-                     "(SELECT state FROM jobs WHERE id = ?) <> 'completed'",
-                     (DELETED_MARK, job_id, job_id))
-        conn.execute("DELETE FROM deps WHERE after_id = ?", (job_id,))
-        conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-
-    def retry_dead(self, job_ids=None, now=None):
-        """Put dead jobs back to pending, attempts 0; return (the ids retried,
-        {id: why not} of those left dead). Named jobs are retried all or none:
-        any that cannot be is refused (Refused, naming each). With JOB_IDS None,
-        every dead job that can be is retried, and the rest are returned."""
-        stamp = iso(now or now_utc())
-
-        def body(conn):
-            ids = job_ids
-            if ids is None:
-                ids = [r["id"] for r in conn.execute(
-                    "SELECT id FROM jobs INDEXED BY jobs_state WHERE state = ? "
-                    "ORDER BY rowid", (DEAD,))]
-            else:
-                self._require_jobs(conn, ids, {DEAD}, "retry")
-            left = self._not_retryable(conn, ids)
-            if left and job_ids is not None:
-                raise Refused("; ".join(f"cannot retry job {job_id}: {why}"
-                                        for job_id, why in left.items()))
-            retried = [job_id for job_id in ids if job_id not in left]
-            for job_id in retried:
-                conn.execute(
-                    "UPDATE jobs SET state = ?, ready = 1, attempts = 0, run_at = ?, "
-                    "updated_at = ? WHERE id = ? AND state = ?",
-                    (PENDING, stamp, stamp, job_id, DEAD))
-            for job_id in retried:          # those that wait for others, wait again
-                if any(state != COMPLETED for _, state in
-                       self._dependency_states(conn, job_id)):
-                    conn.execute("UPDATE jobs SET ready = -1 WHERE id = ?", (job_id,))
-            return retried, left
-        return self._write(body)
-
-    def _not_retryable(self, conn, ids):
-        """{id: why} of the dead jobs IDS that cannot go back to pending together:
-        a dependency that was cancelled, deleted unfinished, or is dead and not
-        retried with it; or a unique key that an unfinished job (or one of IDS
-        that goes back) holds."""
-        rows = {job_id: conn.execute("SELECT rowid, unique_key FROM jobs WHERE id = ?",
-                                     (job_id,)).fetchone() for job_id in ids}
-        chosen, left, keys = set(ids), {}, {}
-        # A job is added after its dependencies: in the order they were added,
-        # whether each dependency goes back is known before its dependants ask.
-        for job_id in sorted(ids, key=lambda job_id: rows[job_id][0]):
-            why, key = None, rows[job_id][1]
-            for dep, state in self._dependency_states(conn, job_id):
-                why = why or self._dependency_problem(conn, dep, state, chosen, left)
-            if why is None and key is not None:
-                if key in keys:
-                    why = (f"job {keys[key]}, retried with it, has the same unique key "
-                           f"{key!r}")
-                elif self._key_holder(conn, key):
-                    why = (f"job {self._key_holder(conn, key)} holds its unique key "
-                           f"{key!r}")
-            if why:
-                left[job_id] = why
-            elif key is not None:
-                keys[key] = job_id
-        return {job_id: left[job_id] for job_id in ids if job_id in left}
-
-    def _dependency_problem(self, conn, dep, state, chosen=(), left=()):
-        """Why a dead job cannot go back with the jobs CHOSEN, of which those in
-        LEFT stay dead, because of its dependency DEP in STATE; or None."""
-        if state == CANCELLED:
-            return f"its dependency {dep} was cancelled and cannot run again"
-        if state == DELETED:
-            return f"its dependency {dep} was deleted before it completed"
-        if state == DEAD and dep in left:
-            return f"its dependency {dep} stays dead too"
-        if state == DEAD and dep not in chosen:
-            why = self._never_again(conn, dep)
-            if why:                          # no retry can bring it back: say why
-                return f"its dependency {dep} can never run again ({why})"
-            return f"its dependency {dep} is dead (retry them together)"
-        return None
-
-    def _never_again(self, conn, job_id):
-        """Why dead job JOB_ID can never run again, or None: a job it runs after,
-        or one those run after, was cancelled or deleted before it completed."""
-        seen, todo = {job_id}, [job_id]
-        while todo:
-            for dep, state in self._dependency_states(conn, todo.pop()):
-                if state in (CANCELLED, DELETED):
-                    return (f"job {dep}, before it, was " +
-                            ("cancelled" if state == CANCELLED else "deleted"))
-                if state == DEAD and dep not in seen:
-                    seen.add(dep)
-                    todo.append(dep)
-        return None
-
-    @staticmethod
-    def _dependency_states(conn, job_id):
-        """[(dependency id, its state)] of a job; DELETED for a dependency deleted
-        before it completed."""
-        return [(dep, state) if state else (dep.split(" ")[0], DELETED)
-                for dep, state in conn.execute(
-                    "SELECT deps.after_id, jobs.state FROM deps LEFT JOIN jobs "
-                    "ON jobs.id = deps.after_id WHERE deps.job_id = ? "
-                    "ORDER BY deps.after_id", (job_id,))]
-
-    @staticmethod
-    def _after_ended(conn, job_id, state, stamp, ended=None):
-        """JOB_ID has just ended in STATE. If it completed, its dependants that now
-        wait for nothing become runnable; if it died or was cancelled, they end
-        dead naming it, and theirs in turn (added to ENDED, if a list, as (job
-        id, why)). Return how many became runnable."""
-        if conn.execute("SELECT 1 FROM deps INDEXED BY deps_after WHERE after_id = ? "
-                        "LIMIT 1", (job_id,)).fetchone() is None:
-            return 0                                # the common case: nothing waits
-        if state == COMPLETED:
-            runnable = 0
-            for (dependant,) in conn.execute(
-                    "SELECT job_id FROM deps INDEXED BY deps_after WHERE after_id = ?",
-                    (job_id,)).fetchall():
-                if conn.execute(
-                        "SELECT 1 FROM deps LEFT JOIN jobs ON jobs.id = deps.after_id "
-                        "WHERE deps.job_id = ? AND coalesce(jobs.state, '') <> "
-                        "'completed' LIMIT 1", (dependant,)).fetchone() is None:
-                    runnable += conn.execute(
-                        "UPDATE jobs SET ready = 0 WHERE id = ? AND state = 'pending' "
-                        "AND ready = -1", (dependant,)).rowcount
-            return runnable
-        chain = [(job_id, state)]
-        while chain:
-            failed, how = chain.pop()
-            for (dependant,) in conn.execute(
-                    "SELECT job_id FROM deps INDEXED BY deps_after WHERE after_id = ?",
-                    (failed,)).fetchall():
-                why = _dependency_error(failed, how)
-                if conn.execute(
-                        "UPDATE jobs SET state = ?, ready = 0, last_error = ?, "
-                        "updated_at = ? WHERE id = ? AND state = 'pending' AND ready = -1",
-                        (DEAD, why, stamp, dependant)).rowcount:
-                    chain.append((dependant, DEAD))
-                    if ended is not None:
-                        ended.append((dependant, why))
-        return 0
-
-    def cancel(self, job_ids, now=None, ended=None):
-        """Cancel jobs that have not finished, in one transaction. Return (id,
-        state it had, run) for each: run is the (run token, pgid, pgid's start
-        ticks) of a running job's run, for the caller to kill, or None. ENDED,
-        if a list, is filled with (job id, why) of the jobs that waited for them
-        and so ended dead."""
-        stamp = iso(now or now_utc())
-
-        def body(conn):
-            if ended is not None:
-                del ended[:]                  # a retried transaction starts afresh
-            self._require_jobs(conn, job_ids, (PENDING, FAILED, PROCESSING), "cancel")
-            done = []
-            for job_id in job_ids:
-                row = conn.execute("SELECT state, run_token, run_pgid, run_pg_start "
-                                   "FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                conn.execute(
-                    "UPDATE jobs SET state = ?, ready = 0, claim_token = NULL, "
-                    "run_token = NULL, worker_pid = NULL, worker_start = NULL, "
-                    "run_pgid = NULL, run_pg_start = NULL, lease_until = NULL, "
-                    "updated_at = ? WHERE id = ?", (CANCELLED, stamp, job_id))
-                run = None
-                if row["state"] == PROCESSING:
-                    conn.execute(
-                        "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ?, "
-                        f"duration_s = {_DURATION_UNTIL} "
-                        "WHERE run_token = ? AND outcome = ?",
-                        (CANCELLED, ABORT_CANCELLED, stamp, stamp, row["run_token"],
-                         RUNNING))
-                    run = (row["run_token"], row["run_pgid"], row["run_pg_start"])
-                self._after_ended(conn, job_id, CANCELLED, stamp, ended)
-                done.append((job_id, row["state"], run))
-            return done
-        return self._write(body)
-
-    # -- supervisors --------------------------------------------------------------
-
-    def register_supervisor(self, record, alive):
-        """Record a supervisor (a dict of the supervisors table's columns) unless
-        another one recorded is ALIVE(row): then refuse, naming its pid. Rows of
-        dead ones are forgotten. One transaction, so two supervisors starting at
-        once cannot both be recorded."""
-        def body(conn):
-            for row in conn.execute("SELECT * FROM supervisors").fetchall():
-                if alive(dict(row)):
-                    raise QueueError(f"workers are already running on this database "
-                                     f"(supervisor pid {row['pid']})")
-                conn.execute("DELETE FROM supervisors WHERE id = ?", (row["id"],))
-            conn.execute(
-                "INSERT INTO supervisors (id, host, boot_id, pid, pid_start, workers, "
-                "state, started_at, seen_at) VALUES (:id, :host, :boot_id, :pid, "
-                ":pid_start, :workers, :state, :started_at, :seen_at)", record)
-        self._write(body)
-
-    def update_supervisor(self, supervisor_id, workers, state, now=None):
-        self._write(lambda conn: conn.execute(
-            "UPDATE supervisors SET workers = ?, state = ?, seen_at = ? WHERE id = ?",
-            (" ".join(map(str, workers)), state, iso(now or now_utc()),
-             supervisor_id)))
-
-    def remove_supervisor(self, supervisor_id):
-        self._write(lambda conn: conn.execute("DELETE FROM supervisors WHERE id = ?",
-                                              (supervisor_id,)))
-
-    def supervisors(self):
-        """The recorded supervisors (dicts), live or not."""
-        return self._read(lambda conn: [dict(row) for row in conn.execute(
-            "SELECT * FROM supervisors ORDER BY started_at")])
-
-    # -- pausing and purging ------------------------------------------------------
-
-    def pause(self, now=None):
-        """Stop claims until resume(); return since when the queue is paused."""
-        def body(conn):
-            row = conn.execute("SELECT value FROM config WHERE key = ?",
-                               (PAUSED_KEY,)).fetchone()
-            if row:
-                return row[0]
-            since = iso(now or now_utc())
-            conn.execute("INSERT INTO config (key, value) VALUES (?, ?)",
-                         (PAUSED_KEY, since))
-            return since
-        self._config_version = None
-        return self._write(body)
-
-    def resume(self):
-        """Let claims go on; return since when it was paused, or None."""
-        def body(conn):
-            row = conn.execute("SELECT value FROM config WHERE key = ?",
-                               (PAUSED_KEY,)).fetchone()
-            conn.execute("DELETE FROM config WHERE key = ?", (PAUSED_KEY,))
-            return row[0] if row else None
-        self._config_version = None
-        return self._write(body)
-
-    def paused(self):
-        """Since when the queue is paused, or None."""
-        return self._read(lambda conn: self._config(conn) and self._paused)
-
-    def purge(self, state, older_than_s=0, now=None, limit=None):
-        """Delete finished jobs in STATE that last changed more than OLDER_THAN_S
-        ago, with their history and output; at most LIMIT. A transaction a batch
-        of PURGE_BATCH, so that workers never wait long. Return how many."""
-        cutoff = iso((now or now_utc()) - timedelta(seconds=older_than_s))
-        total = 0
-        while limit is None or total < limit:
-            size = PURGE_BATCH if limit is None else min(PURGE_BATCH, limit - total)
-
-            def body(conn):
-                # The partial index serves only a query that repeats its WHERE.
-                ids = [row[0] for row in conn.execute(
-                    "SELECT id FROM jobs INDEXED BY jobs_finished "
-                    "WHERE state IN ('completed', 'dead', 'cancelled') AND state = ? "
-                    "AND updated_at < ? LIMIT ?", (state, cutoff, size))]
-                for job_id in ids:
-                    self._delete_job(conn, job_id)
-                return len(ids)
-            deleted = self._write(body)
-            total += deleted
-            if deleted < size:
-                break
-        return total
-
-    def trim_run_minutes(self, now=None):
-        """Forget the per-minute run counts older than RUN_MINUTES_KEPT_S."""
-        cutoff = iso((now or now_utc()) - timedelta(seconds=RUN_MINUTES_KEPT_S))[:16]
-        self._write(lambda conn: conn.execute(
-            "DELETE FROM run_minutes WHERE minute < ?", (cutoff,)), durable=False)
-
-    # -- status and stats ---------------------------------------------------------
-
-    @staticmethod
-    def _counts(conn):
-        counts = dict.fromkeys(STATES, 0)
-        for state, jobs in conn.execute("SELECT state, jobs FROM counts"):
-            counts[state] = jobs
-        return counts
-
-    def status(self, now=None):
-        stamp = iso(now or now_utc())
-
-        def body(conn):
-            counts = self._counts(conn)
-            running = {}
-            for row in conn.execute(
-                    "SELECT id, worker_pid, command, lease_until FROM jobs "
-                    "INDEXED BY jobs_leases WHERE state = 'processing' "
-                    "ORDER BY updated_at"):
-                # A worker may hold a second claim, for the job it starts next.
-                running.setdefault(row["worker_pid"], dict(row))
-            return counts, self._oldest_runnable(conn, stamp), running
-        return self._read(body)
-
-    def waiting_for_dependencies(self):
-        """How many pending jobs wait for jobs they run after (ready = -1)."""
-        return self._read(lambda conn: conn.execute(
-            "SELECT count(*) FROM jobs INDEXED BY jobs_blocked "
-            "WHERE state = 'pending' AND ready = -1").fetchone()[0])
-
-    @staticmethod
-    def _oldest_runnable(conn, stamp):
-        """The earliest run_at of the jobs that could run now (at STAMP).
-
-        The claim indexes hold them, ready jobs ordered by priority first: so the
-        oldest is the oldest of the first entry of each priority, one lookup per
-        priority (a scan only if there are very many priorities).
-        """
-        oldest = conn.execute(
-            "SELECT min(run_at) FROM jobs INDEXED BY jobs_scheduled "
-            "WHERE state IN ('pending', 'failed') AND ready = 0 AND run_at <= ?",
-            (stamp,)).fetchone()[0]
-        row = conn.execute(
-            "SELECT priority, run_at FROM jobs INDEXED BY jobs_ready "
-            "WHERE state IN ('pending', 'failed') AND ready = 1 "
-            "ORDER BY priority DESC, run_at LIMIT 1").fetchone()
-        for _ in range(64):
-            if row is None:
-                return oldest
-            oldest = min(oldest or row[1], row[1])
-            row = conn.execute(
-                "SELECT priority, run_at FROM jobs INDEXED BY jobs_ready "
-                "WHERE state IN ('pending', 'failed') AND ready = 1 AND priority < ? "
-                "ORDER BY priority DESC, run_at LIMIT 1", (row[0],)).fetchone()
-        first = conn.execute(
-            "SELECT min(run_at) FROM jobs INDEXED BY jobs_ready "
-            "WHERE state IN ('pending', 'failed') AND ready = 1").fetchone()[0]
-        return min(oldest or first, first)
-
-    def oldest_waiting(self, now=None):
-        """The runnable job that has waited longest past its run_at, as a dict of
-        id, command and run_at, or None."""
-        stamp = iso(now or now_utc())
-
-        def body(conn):
-            run_at = self._oldest_runnable(conn, stamp)
-            if run_at is None:
-                return None
-            row = conn.execute(
-                "SELECT id, command, run_at FROM jobs WHERE run_at = ? AND state IN "
-                "('pending', 'failed') AND ready >= 0 ORDER BY rowid LIMIT 1",
-                (run_at,)).fetchone()
-            return dict(row) if row else None
-        return self._read(body)
-
-    def search_jobs(self, state=None, text=None, before=None, limit=50,
-                    scan=SEARCH_SCAN):
-        """A page of jobs, newest first: in STATE, whose id or command holds TEXT,
-        after the position of cursor BEFORE. A search looks at the newest SCAN of
-        those jobs only, for a bounded cost on any database. Return (jobs, the
-        cursor of the next page or None, whether the search stopped short).
-
-        A cursor names a position in the listing, not a job, so it stays good
-        when the job a page ended on is deleted or purged: here "r" and that
-        job's rowid, which is the listing order."""
-        def body(conn):
-            where, params = [], []
-            table = "jobs"
-            if state:
-                table += " INDEXED BY jobs_state"
-                where.append("state = ?")
-                params.append(state)
-            if before is not None:
-                where.append("rowid < ?")          # a range of the rowid: no scan
-                params.append(self._position(before))
-            newest = f"SELECT rowid, * FROM {table}"
-            positions = f"SELECT rowid FROM {table}"
-            if where:
-                newest += " WHERE " + " AND ".join(where)
-                positions += " WHERE " + " AND ".join(where)
-            newest += " ORDER BY rowid DESC"
-            positions += " ORDER BY rowid DESC LIMIT 2 OFFSET ?"
-            short, end = False, None
-            if text:
-                like = "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
-                sql = (f"SELECT * FROM ({newest} LIMIT ?) WHERE id LIKE ? ESCAPE '\\' "
-                       f"OR command LIKE ? ESCAPE '\\' ORDER BY rowid DESC LIMIT ?")
-                params_all = params + [scan, like, like, limit]
-                # The window's last row, and whether one lies beyond it: a search
-                # that stopped short goes on from the last row it looked at.
-                edge = [row[0] for row in conn.execute(positions, params + [scan - 1])]
-                short = len(edge) == 2
-                end = edge[0] if short else None
-            else:
-                sql, params_all = newest + " LIMIT ?", params + [limit]
-            rows = conn.execute(sql, params_all).fetchall()
-            if len(rows) == limit:
-                end = rows[-1]["rowid"]
-            return (self._listed(conn, rows), None if end is None else f"r{end}",
-                    short)
-        return self._read(body)
-
-    @staticmethod
-    def _position(cursor):
-        """The rowid a page cursor names, or UsageError."""
-        match = re.fullmatch(r"r([1-9][0-9]{0,18})", cursor)
-        if match is None or int(match.group(1)) >= 2 ** 63:
-            raise UsageError(f"before takes the X-Next-Before of the page before, "
-                             f"not a job id: {cursor[:40]!r}")
-        return int(match.group(1))
-
-    def run_minutes(self, since):
-        """{minute: {outcome: runs}} of runs that ended from the minute of SINCE on."""
-        def body(conn):
-            minutes = {}
-            for minute, outcome, runs in conn.execute(
-                    "SELECT minute, outcome, runs FROM run_minutes WHERE minute >= ?",
-                    (iso(since)[:16],)):
-                minutes.setdefault(minute, {})[outcome] = runs
-            return minutes
-        return self._read(body)
-
-    def run_totals(self):
-        """{outcome: [(bucket, runs, seconds)]}: every ended run, for /metrics."""
-        def body(conn):
-            totals = {}
-            for outcome, bucket, runs, seconds in conn.execute(
-                    "SELECT outcome, bucket, runs, seconds FROM run_totals "
-                    "ORDER BY outcome, bucket"):
-                totals.setdefault(outcome, []).append((bucket, runs, seconds))
-            return totals
-        return self._read(body)
-
-    def stats(self, now=None):
-        """Counts, run totals, and run times of the last STATS_RUNS completed runs."""
-        now = now or now_utc()
-
-        def finished_since(conn, seconds):
-            return conn.execute(
-                "SELECT count(*) FROM attempts INDEXED BY attempts_finished "
-                "WHERE outcome = ? AND finished_at >= ?",
-                (COMPLETED, iso(now - timedelta(seconds=seconds)))).fetchone()[0]
-
-        def body(conn):
-            counts = self._counts(conn)
-            runs = dict(conn.execute(
-                "SELECT outcome, sum(runs) FROM run_totals GROUP BY outcome"))
-            recent = sorted(row[0] for row in conn.execute(
-                "SELECT duration_s FROM attempts INDEXED BY attempts_finished "
-                "WHERE outcome = ? ORDER BY finished_at DESC LIMIT ?",
-                (COMPLETED, STATS_RUNS)))
-            ended = counts[COMPLETED] + counts[DEAD]
-            return {
-                "jobs": counts,
-                "completed": counts[COMPLETED],
-                "failed_attempts": runs.get(FAILED, 0),
-                "dead": counts[DEAD],
-                "success_rate": counts[COMPLETED] / ended if ended else None,
-                "run_time_avg_s": sum(recent) / len(recent) if recent else None,
-                "run_time_p50_s": _percentile(recent, 0.50),
-                "run_time_p95_s": _percentile(recent, 0.95),
-                "completed_last_minute": finished_since(conn, 60),
-                # By the minute, as the dashboard counts: purged jobs too.
-                "completed_last_hour": int(conn.execute(
-                    "SELECT total(runs) FROM run_minutes WHERE minute >= ? AND "
-                    "outcome = ?", (iso(now - timedelta(minutes=59))[:16],
-                                    COMPLETED)).fetchone()[0]),
-            }
-        return self._read(body)
-
-    # -- the claim protocol ----------------------------------------------------------
-
-    def claim(self, holders, now=None, ended=None):
-        """Take the best runnable jobs, one for each holder (pid, start ticks) in
-        turn; return (claims, next_due). next_due is when the next waiting job is
-        due, or None; it is looked up only if fewer jobs than holders were found.
-        ENDED, if a list, is filled with (job id, why) of jobs that it found had
-        no retry left (max_retries was lowered) and so ended dead, and of their
-        dependants.
-
-        One EXCLUSIVE transaction selects the jobs and moves each to processing
-        with a fresh claim token, so no two holders can ever hold the same job.
-        It acknowledges nothing, so it is not synced: a power cut that loses it
-        leaves the jobs as they were, waiting, and their runs (if any started) are
-        at-least-once runs like any other.
-        """
-        def body(conn):
-            at = now or now_utc()    # read the clock once the lock is ours
-            stamp = iso(at)
-            config = self._config(conn)
-            if ended is not None:
-                del ended[:]                  # a retried transaction starts afresh
-            if self._paused:
-                return [], None
-            lease = iso(at + timedelta(seconds=config["lease_timeout"]))
-            conn.execute("UPDATE jobs INDEXED BY jobs_scheduled SET ready = 1 "
-                         "WHERE state IN ('pending', 'failed') AND ready = 0 "
-                         "AND run_at <= ?", (stamp,))
-            claims = []
-            while len(claims) < len(holders):
-                rows = conn.execute(
-                    "SELECT * FROM jobs INDEXED BY jobs_ready "
-                    "WHERE state IN ('pending', 'failed') AND ready = 1 "
-                    "ORDER BY priority DESC, run_at, created_at, rowid LIMIT ?",
-                    (len(holders) - len(claims),)).fetchall()
-                if not rows:
-                    break
-                for row in rows:
-                    max_retries = _effective(row["max_retries"], config["max_retries"])
-                    if row["state"] == FAILED and row["attempts"] > max_retries:
-                        # max_retries was lowered while it waited: no retry left.
-                        conn.execute("UPDATE jobs SET state = ?, updated_at = ? "
-                                     "WHERE id = ? AND state = ?",
-                                     (DEAD, stamp, row["id"], FAILED))
-                        if ended is not None:
-                            ended.append((row["id"], f"no retry left (max_retries is "
-                                                     f"now {max_retries})"))
-                        self._after_ended(conn, row["id"], DEAD, stamp, ended)
-                        continue
-                    pid, start = holders[len(claims)]
-                    token = new_token()
-                    attempt = row["attempts"] + 1
-                    updated = conn.execute(
-                        "UPDATE jobs SET state = ?, ready = 0, attempts = ?, "
-                        "claim_token = ?, run_token = ?, worker_pid = ?, worker_start = ?, "
-                        "run_pgid = NULL, run_pg_start = NULL, lease_until = ?, "
-                        "updated_at = ? WHERE id = ? AND state = ?",
-                        (PROCESSING, attempt, token, token, pid, start, lease, stamp,
-                         row["id"], row["state"])).rowcount
-                    if updated != 1:
-                        return claims, None
-                    # attempts.number counts every run of the job (1, 2, ...), while
-                    # jobs.attempts counts those that use up retries.
-                    conn.execute(
-                        "INSERT INTO attempts (job_id, number, run_token, worker_pid, "
-                        "started_at, outcome) SELECT ?, count(*) + 1, ?, ?, ?, ? "
-                        "FROM attempts WHERE job_id = ?",
-                        (row["id"], token, pid, stamp, RUNNING, row["id"]))
-                    claims.append(Claim(
-                        row["id"], row["command"], row["cwd"], token, attempt,
-                        max_retries, _effective(row["timeout_s"], config["job_timeout"]),
-                        config["output_limit"], config["lease_timeout"]))
-            next_due = None
-            if len(claims) < len(holders):
-                next_due = conn.execute(
-                    "SELECT min(run_at) FROM jobs INDEXED BY jobs_scheduled "
-                    "WHERE state IN ('pending', 'failed') AND ready = 0").fetchone()[0]
-            return claims, next_due
-        return self._write(body, "EXCLUSIVE", durable=False)
-
-    def record(self, finished=(), started=(), renewed=(), unstarted=(), now=None,
-               ended=None):
-        """Write what workers reported, in one transaction. FINISHED holds (job id,
-        token, RunResult) to end attempts with; STARTED (job id, token, pgid, start
-        ticks, time.monotonic() at its start) of commands that started; RENEWED
-        (job id, token, lease_s) of leases to extend; UNSTARTED (job id, token) of
-        claims given back unrun. Every write is a compare-and-set on the claim
-        token. Each event is stamped when it happened (a run's start, and its end
-        = start + duration), not when this batch writes it.
-
-        Return (states, lost, runnable): each finished job's new state (None if
-        its claim was taken away, and then nothing is written for it; CANCELLED if
-        it was cancelled, and then only the run's output is kept), the (job id,
-        token) of started or renewed claims no longer held, and how many waiting
-        jobs became runnable (their dependencies completed). ENDED, if a list, is
-        filled with (job id, why) of the jobs that ended dead because a job they
-        ran after died.
-
-        Durable before it returns if anything finished: a recorded result
-        survives a power cut. Starts and renewals alone are not synced; losing
-        one only delays the recovery of a run that is lost anyway.
-        """
-        def body(conn):
-            at, mono = now or now_utc(), time.monotonic()
-            if ended is not None:
-                del ended[:]                  # a retried transaction starts afresh
-            config = self._config(conn) if finished else None
-            states, runnable = [], 0
-            for job_id, token, result in finished:
-                start = end = None
-                if result.started_mono is not None and now is None:
-                    start = at - timedelta(seconds=max(0.0, mono - result.started_mono))
-                    end = start + timedelta(seconds=result.duration_s or 0.0)
-                    end = min(end, at)
-                state = self._end_attempt(conn, job_id, token, end or at, result,
-                                          config, start)
-                if state in (COMPLETED, DEAD):
-                    runnable += self._after_ended(conn, job_id, state, iso(end or at),
-                                                  ended)
-                states.append(state)
-            lost = []
-            for job_id, token, pgid, pg_start, started_mono in started:
-                if not conn.execute(
-                        "UPDATE jobs SET run_pgid = ?, run_pg_start = ? "
-                        "WHERE id = ? AND claim_token = ? AND state = 'processing'",
-                        (pgid, pg_start, job_id, token)).rowcount:
-                    lost.append((job_id, token))
-                elif started_mono is not None and now is None:
-                    conn.execute(
-                        "UPDATE attempts SET started_at = ? WHERE run_token = ? "
-                        "AND outcome = ?", (iso(at - timedelta(
-                            seconds=max(0.0, mono - started_mono))), token, RUNNING))
-            for job_id, token, lease_s in renewed:
-                if not conn.execute(
-                        "UPDATE jobs SET lease_until = ? "
-                        "WHERE id = ? AND claim_token = ? AND state = 'processing'",
-                        (iso(at + timedelta(seconds=lease_s)), job_id, token)).rowcount:
-                    lost.append((job_id, token))
-            for job_id, token in unstarted:
-                self._give_back(conn, job_id, token, at)
-            return states, lost, runnable
-        return self._write(body, durable=bool(finished or unstarted))
-
-    def give_back(self, job_id, token, now=None):
-        """Undo a claim whose command never started, as if it had not been made;
-        return False if the claim is no longer held."""
-        return self._write(lambda conn: self._give_back(conn, job_id, token,
-                                                        now or now_utc()))
-
-    @staticmethod
-    def _give_back(conn, job_id, token, now):
-        row = conn.execute(
-            "SELECT run_token FROM jobs WHERE id = ? AND claim_token = ? AND "
-            "state = 'processing'", (job_id, token)).fetchone()
-        if row is None:
-            return False
-        conn.execute(
-            "UPDATE jobs SET state = ?, ready = 0, attempts = max(attempts - 1, 0), "
-            "claim_token = NULL, run_token = NULL, worker_pid = NULL, "
-            "worker_start = NULL, run_pgid = NULL, run_pg_start = NULL, "
-            "lease_until = NULL, updated_at = ? WHERE id = ?",
-            (PENDING, iso(now), job_id))
-        conn.execute("DELETE FROM attempts WHERE run_token = ?", (row[0],))
-        return True
-
-    def finish(self, job_id, token, result, now=None):
-        """End an attempt with a RunResult; return the job's new state, or None if
-        the claim was taken away meanwhile (then nothing is written)."""
-        return self.record(finished=[(job_id, token, result)], now=now)[0][0]
-
-    def renew(self, job_id, token, lease_s, now=None):
-        """Extend a claim's lease by LEASE_S; False if the claim was taken away."""
-        return not self.record(renewed=[(job_id, token, lease_s)], now=now)[1]
-
-    def take_over(self, job_id, token, new_token, worker_pid, worker_start=None,
-                  only_expired=False, now=None):
-        """Move a claim to NEW_TOKEN (held by WORKER_PID) if TOKEN still holds it
-        (and, with ONLY_EXPIRED, its lease has run out). Return the run to end, as
-        (run_token, run_pgid, run_pg_start), or None if it did not."""
-        def body(conn):
-            at = now or now_utc()
-            lease_s = self._config(conn)["lease_timeout"]
-            sql = ("UPDATE jobs SET claim_token = ?, worker_pid = ?, worker_start = ?, "
-                   "lease_until = ? "
-                   "WHERE id = ? AND claim_token = ? AND state = 'processing'")
-            params = [new_token, worker_pid, worker_start,
-                      iso(at + timedelta(seconds=lease_s)), job_id, token]
-            if only_expired:
-                sql += " AND lease_until < ?"
-                params.append(iso(at))
-            if conn.execute(sql, params).rowcount != 1:
-                return None
-            row = conn.execute("SELECT run_token, run_pgid, run_pg_start FROM jobs "
-                               "WHERE id = ?", (job_id,)).fetchone()
-            return tuple(row)
-        return self._write(body)
-
-    def fence(self, job_id, token, reason, now=None):
-        """End a claimed attempt as failed with REASON (the run's result is lost)."""
-        return self.finish(job_id, token, RunResult(exit_code=None, reason=reason), now)
-
-    def requeue(self, job_id, token, reason, now=None):
-        """Give a claimed job back as pending without using up an attempt."""
-        def body(conn):
-            stamp = iso(now or now_utc())
-            row = conn.execute(
-                "SELECT run_token FROM jobs WHERE id = ? AND claim_token = ? AND "
-                "state = ?", (job_id, token, PROCESSING)).fetchone()
-            if row is None:
-                return False
-            # Runnable again from now, so status does not count the run as waiting.
-            conn.execute(
-                "UPDATE jobs SET state = ?, ready = 1, attempts = max(attempts - 1, 0), "
-                "run_at = ?, claim_token = NULL, run_token = NULL, worker_pid = NULL, "
-                "worker_start = NULL, run_pgid = NULL, run_pg_start = NULL, "
-                "lease_until = NULL, updated_at = ? WHERE id = ?",
-                (PENDING, stamp, stamp, job_id))
-            conn.execute(
-                "UPDATE attempts SET outcome = ?, reason = ?, finished_at = ?, "
-                f"duration_s = {_DURATION_UNTIL} WHERE run_token = ?",
-                (INTERRUPTED, reason, stamp, stamp, row["run_token"]))
-            return True
-        return self._write(body)
-
-    def _end_attempt(self, conn, job_id, token, now, result, config, started=None):
-        """End the attempt of a claim with RESULT, at NOW (when the run ended);
-        STARTED, if known, is when its command started."""
-        row = conn.execute(
-            "SELECT attempts, max_retries, run_at, run_token FROM jobs "
-            "WHERE id = ? AND claim_token = ? AND state = 'processing'",
-            (job_id, token)).fetchone()
-        if row is None:
-            # Fenced: someone else owns this job now, or it was cancelled, and then
-            # what the run printed until it was killed is kept with it.
-            kept = conn.execute(
-                "UPDATE attempts SET exit_code = ?, stdout = ?, stderr = ?, "
-                "stdout_dropped = ?, stderr_dropped = ? WHERE run_token = ? AND "
-                "outcome = ? AND stdout IS NULL",
-                (result.exit_code, result.stdout, result.stderr, result.stdout_dropped,
-                 result.stderr_dropped, token, CANCELLED)).rowcount
-            return CANCELLED if kept else None
-        attempts, max_retries, run_at, run_token = row
-        stamp = iso(now)
-        error = result.reason
-        if result.ok:
-            state = COMPLETED
-        elif attempts > _effective(max_retries, config["max_retries"]):
-            state = DEAD
-        else:
-            state = FAILED
-            run_at = iso(now + timedelta(seconds=backoff_delay(
-                attempts, config["backoff_base"], config["backoff_max"])))
-        conn.execute(
-            "UPDATE jobs SET state = ?, ready = 0, run_at = ?, last_error = ?, "
-            "claim_token = NULL, run_token = NULL, worker_pid = NULL, "
-            "worker_start = NULL, run_pgid = NULL, run_pg_start = NULL, "
-            "lease_until = NULL, updated_at = ? WHERE id = ? AND claim_token = ?",
-            (state, run_at, error, stamp, job_id, token))
-        # Without a measured duration (a lost run), it ran from its start until now.
-        conn.execute(
-            "UPDATE attempts SET outcome = ?, started_at = coalesce(?, started_at), "
-            "finished_at = ?, exit_code = ?, "
-            "reason = ?, duration_s = round(coalesce(?, max(0.0, (julianday(?) - "
-            "julianday(started_at)) * 86400.0)), 3), stdout = ?, stderr = ?, "
-            "stdout_dropped = ?, stderr_dropped = ? WHERE run_token = ?",
-            (COMPLETED if result.ok else FAILED, started and iso(started), stamp,
-             result.exit_code, error, result.duration_s, stamp, result.stdout,
-             result.stderr, result.stdout_dropped, result.stderr_dropped, run_token))
-        return state
-
-    def expired_claims(self, now=None):
-        """Return (job id, token, holder pid, holder start) of claims whose lease
-        has run out."""
-        stamp = iso(now or now_utc())
-
-        def body(conn):
-            return [tuple(r) for r in conn.execute(
-                "SELECT id, claim_token, worker_pid, worker_start FROM jobs "
-                "INDEXED BY jobs_leases WHERE state = 'processing' AND lease_until < ?",
-                (stamp,))]
-        return self._read(body)
-
-
-# SQL: an attempt's duration from its start until the time given as a parameter.
-_DURATION_UNTIL = ("round(max(0.0, (julianday(?) - julianday(started_at)) * 86400.0), "
-                   "3)")
-_INSERT_JOB = ("INSERT INTO jobs (id, command, cwd, state, ready, priority, max_retries, "
-               "timeout_s, run_at, created_at, updated_at, unique_key, last_error) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
-def _unknown_dependencies(unknown, index, count, skipped):
-    """Why job INDEX of a batch of COUNT cannot run after the ids UNKNOWN: no
-    such job, or (SKIPPED: {id: (its holder, key)}) one not added earlier in
-    the batch because another job held its unique key."""
-    where = f"line {index + 1}: " if count > 1 else ""
-    dep = next((dep for dep in unknown if dep in skipped), None)
-    if dep is not None:
-        holder, key = skipped[dep]
-        return (f"{where}job {dep} (in 'after') was not added: {holder} holds its "
-                f"unique key {key!r}")
-    return f"{where}no such job: {', '.join(unknown)} (in 'after')"
-
-
-def _dependency_error(dep, state):
-    return (f"dependency {dep} was cancelled" if state == CANCELLED
-            else f"dependency {dep} is dead")
-
-
-def _effective(value, default):
-    value = default if value is None else value
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _percentile(ordered, fraction):
-    """The value at FRACTION of the sorted list ORDERED (nearest rank), or None."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
-
-
-def job_dict(row, config):
-    """Return the public JSON form of a jobs row."""
-    state = row["state"]
-    return {
-        "id": row["id"],
-        "command": row["command"],
-        "state": state,
-        "attempts": row["attempts"],
-        "max_retries": _effective(row["max_retries"], config["max_retries"]),
-        "priority": row["priority"],
-        "run_at": row["run_at"],
-        "timeout": _effective(row["timeout_s"], config["job_timeout"]),
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-        "next_retry_at": row["run_at"] if state == FAILED else None,
-        "last_error": row["last_error"],
-        "worker_pid": row["worker_pid"] if state == PROCESSING else None,
-        "lease_until": row["lease_until"] if state == PROCESSING else None,
-        "cwd": row["cwd"],
-        "unique_key": row["unique_key"],
-    }
+def open_store(target, create=True):
+    """The store TARGET names: a SQLite file's path. CREATE: make a new database
+    if there is none (else refuse, saying what creates one)."""
+    return SQLiteStore(target, create)
 
 
 ####
@@ -2463,7 +2712,7 @@ def spool_path(db_path, run_token, stream):
 
 
 def sweep_spools(db_path, running):
-    """Remove the spools of runs that are not RUNNING (left by a crash)."""
+    """Remove the spools of runs that are not RUN_GOING (left by a crash)."""
     with contextlib.suppress(OSError):
         for name in os.listdir(db_path + SPOOL_SUFFIX):
             if name.rpartition(".")[0] not in running:
@@ -3272,7 +3521,7 @@ class Worker:
 
     def open_store(self):
         if self.store is None:
-            self.store = Store(self.db_path, create=False)
+            self.store = open_store(self.db_path, create=False)
         return self.store
 
     def record(self, claim, result, again=False):
@@ -3353,7 +3602,7 @@ class PidFile:
     def __init__(self, path):
         self.path = path
         self.fd = None
-        self.content = ([], STARTING)
+        self.content = ([], SUPERVISOR_STARTING)
 
     def acquire(self):
         """Lock and claim the file, or raise QueueError if a supervisor holds it."""
@@ -3445,13 +3694,16 @@ class PidFile:
     @classmethod
     def running(cls, path, tries=50):
         """Return a Supervised if a live supervisor holds PATH, else None."""
-        for _ in range(tries):
+        for attempt in range(tries):
             try:
                 fd = _open_owner_only(path, os.O_RDONLY)
             except QueueError:
                 if not os.path.lexists(path):
                     return None
-                raise
+                if attempt >= 2:             # not a file of ours, for good
+                    raise
+                time.sleep(0.02)             # it was being made: look again
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -3512,7 +3764,7 @@ def find_supervisor(db_path, store=None):
         if store is not None:
             rows = store.supervisors()
         else:
-            with Store(db_path, create=False) as opened:
+            with open_store(db_path, create=False) as opened:
                 rows = opened.supervisors()
     except QueueError:
         return None                           # no database: no supervisor either
@@ -3662,7 +3914,7 @@ class Supervisor:
             _name_process("queuectl-super")
             os.chdir("/")    # hold no directory busy; every path used is absolute
             LogRotation.enable(self.db_path + LOG_SUFFIX)
-            with Store(self.db_path) as store:
+            with open_store(self.db_path) as store:
                 self.register(store)
                 recovered = reclaim_expired(store, "supervisor")
                 running = store.running_tokens()
@@ -3683,7 +3935,7 @@ class Supervisor:
                 if self.stop.level:
                     break
                 self.start_worker(index)
-            self.store = Store(self.db_path)
+            self.store = open_store(self.db_path)
             self.loop()
         finally:
             try:
@@ -3719,7 +3971,7 @@ class Supervisor:
         stamp = iso(now_utc())
         store.register_supervisor(
             {"id": self.id, "host": host, "boot_id": boot, "pid": os.getpid(),
-             "pid_start": start_ticks(os.getpid()), "workers": "", "state": STARTING,
+             "pid_start": start_ticks(os.getpid()), "workers": "", "state": SUPERVISOR_STARTING,
              "started_at": stamp, "seen_at": stamp},
             lambda row: row["pid"] != os.getpid() and supervisor_alive(row))
 
@@ -3782,7 +4034,7 @@ class Supervisor:
                 return                          # run() kills them
             self.flush()
             self.watch_outboxes()
-            self.publish(STOPPING if self.stop.level else self.up_state())
+            self.publish(SUPERVISOR_STOPPING if self.stop.level else self.up_state())
             for key, _ in self.selector.select(self.timeout()):
                 key.data(key.fileobj)
 
@@ -4059,7 +4311,7 @@ class Supervisor:
         finally:
             theirs.close()
             if reopen:
-                self.store = Store(self.db_path)
+                self.store = open_store(self.db_path)
         slot = Slot(index, process, ours.nonblocking(), running)
         self.slots[index] = slot
         self.selector.register(ours, selectors.EVENT_READ,
@@ -4210,7 +4462,7 @@ class Supervisor:
     def up_state(self):
         """running once every worker has reached its loop, else starting."""
         ready = self.slots and all(slot.ready for slot in self.slots.values())
-        return RUNNING_STATE if ready and not self.restarts else STARTING
+        return SUPERVISOR_UP if ready and not self.restarts else SUPERVISOR_STARTING
 
     def publish(self, state):
         """Write the live worker pids and the state to the PID file and the
@@ -4245,7 +4497,7 @@ def start_detached(db_path, count, log_path):
             raise QueueError(_last_error_line(log_path, offset)
                              or f"supervisor exited with code {proc.returncode}")
         running = PidFile.running(pid_path(db_path))
-        if running and running.pid == proc.pid and running.state == RUNNING_STATE:
+        if running and running.pid == proc.pid and running.state == SUPERVISOR_UP:
             return running
         time.sleep(0.05)
     # Half started is worse than not started: stop it (warm: it runs no job yet).
@@ -4269,15 +4521,16 @@ def _last_error_line(log_path, offset):
 # Commands ####
 ####
 
-def open_store(args, create=False):
-    return Store(args.db, create=create)
+def store_of(args, create=False):
+    """The store that --db names."""
+    return open_store(args.db, create=create)
 
 
 def note_created(store):
     """Say that STORE's database is new: a --db path mistyped, or relative to
     another directory, would otherwise start a second, empty queue unseen."""
     if store.created:
-        print(f"queuectl: created a new database at {_one_line(store.path)}",
+        print(f"queuectl: created a new database at {shown(store.path)}",
               file=sys.stderr)
 
 
@@ -4295,9 +4548,9 @@ def cmd_enqueue(args):
             raise UsageError(f"-c takes the whole command as one argument: quote it, "
                              f"as in -c '{args.shell_command} {args.job}'")
         jobs = [validate_job(dict(flags, command=args.shell_command), now,
-                             names=_FLAG_LABELS)]
+                             names=job_flag_names())]
     elif flags:
-        raise UsageError(f"{next(iter(_FLAG_NAMES[k] for k in flags))} goes with "
+        raise UsageError(f"{job_flag_names()[next(iter(flags))]} goes with "
                          f"-c COMMAND; in JSON, give it as a field")
     elif args.job is None:
         raise UsageError("give a job: JSON, - to read one per line from stdin, or "
@@ -4320,13 +4573,13 @@ def cmd_enqueue(args):
                 continue
             unknown = [dep for dep in job["after"] if dep not in earlier]
             if unknown:
-                raise NotFound(_unknown_dependencies(unknown, index, len(jobs),
+                raise NotFound(unknown_dependencies(unknown, index, len(jobs),
                                                      skipped))
             earlier.add(job["id"])
             if key is not None:
                 keys[key] = (f"job {job['id']}" if job["id"] is not None
                              else f"the job of line {index + 1}")
-    with open_store(args, create=True) as store:
+    with store_of(args, create=True) as store:
         ids, notes = store.enqueue(jobs, cwd, now)
     note_created(store)
     wake_supervisor(store.path)
@@ -4335,26 +4588,19 @@ def cmd_enqueue(args):
     sys.stdout.write("".join(f"{job_id}\n" for job_id in ids))
 
 
-# enqueue -c: each flag and the job field it stands for.
-_FLAG_NAMES = {"id": "--id", "priority": "--priority", "max_retries": "--max-retries",
-               "timeout": "--timeout", "delay": "--delay", "run_at": "--run-at",
-               "after": "--after", "unique_key": "--unique-key"}
-# What validate_job's messages call each field given that way.
-_FLAG_LABELS = dict(_FLAG_NAMES, command="-c")
-
-
 def _job_flags(args):
-    """The job fields given as enqueue flags: numbers where they parse as numbers,
-    so that validate_job judges them exactly as it judges JSON."""
+    """The job fields given as enqueue flags (all but -c): whole numbers where a
+    field wants one and they parse as one, so that validate_job judges them
+    exactly as it judges JSON."""
     fields = {}
-    for field in _FLAG_NAMES:
-        value = getattr(args, field, None)
-        if value is None:
+    for field in JOB_FIELDS:
+        value = getattr(args, field.name, None)
+        if value is None or field.name == "command":
             continue
-        if field in ("priority", "max_retries") and \
+        if isinstance(field.check, WholeNumber) and \
                 WHOLE_NUMBER.fullmatch(value.strip()):
             value = int(value)
-        fields[field] = value
+        fields[field.name] = value
     return fields
 
 
@@ -4418,7 +4664,7 @@ _JSON = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
 
 def cmd_worker_start(args):
     db_path = args.db
-    with Store(db_path) as store:  # create or check the database before forking
+    with open_store(db_path) as store:  # create or check the database before forking
         note_created(store)
         running = find_supervisor(db_path, store)
     if running:
@@ -4459,7 +4705,7 @@ def cmd_worker_stop(args):
     ends = {}
     if held:
         try:
-            with Store(args.db, create=False) as store:
+            with open_store(args.db, create=False) as store:
                 ends = store.job_ends(held)
         except QueueError as e:
             print(f"stopped workers (supervisor pid {pid})")
@@ -4488,7 +4734,7 @@ def cmd_worker_stop(args):
 
 
 def _wait_stopped(running, timeout_s, sig):
-    """Wait until the supervisor RUNNING has exited; False if TIMEOUT_S ran out
+    """Wait until the supervisor RUN_GOING has exited; False if TIMEOUT_S ran out
     first. Raise NoAnswer if it does not act on the stop: the signal SIG sent to
     it is still pending, or it has been stopped (SIGSTOP), after ANSWER_GRACE_S.
 
@@ -4518,7 +4764,7 @@ def _wait_stopped(running, timeout_s, sig):
 
 
 def _still_running(running):
-    """Whether the supervisor RUNNING (a Supervised) is still that process, and
+    """Whether the supervisor RUN_GOING (a Supervised) is still that process, and
     not a zombie: one that exited, waiting for its parent to reap it."""
     fields = _proc_stat(running.pid)
     if fields is None:
@@ -4542,7 +4788,7 @@ def _signal_pending(pid, sig):
 def _jobs_of_workers(db_path, worker_pids):
     """Ids of the jobs the given worker processes are running ([] if unknown)."""
     try:
-        with Store(db_path, create=False) as store:
+        with open_store(db_path, create=False) as store:
             return sorted(job["id"] for job in store.list_jobs(PROCESSING)
                           if job["worker_pid"] in worker_pids)
     except QueueError:
@@ -4559,7 +4805,7 @@ def _signal_supervisor(pid, sig):
 
 
 def cmd_status(args):
-    with open_store(args) as store:
+    with store_of(args) as store:
         report, codes = status_report(store, args.max_age, args.max_dead)
     if args.json:
         print_json(report)
@@ -4591,7 +4837,7 @@ def status_report(store, max_age=None, max_dead=0):
     state = supervisor.state if supervisor else None
     problems = []
     # A paused queue's jobs wait on purpose: that is no sign of missing workers.
-    if oldest is not None and not paused and (not workers or state == STOPPING):
+    if oldest is not None and not paused and (not workers or state == SUPERVISOR_STOPPING):
         problems.append((EXIT_CHECK_NO_WORKERS,
                          "jobs are waiting but no workers are running"
                          + (" (they are stopping)" if workers else "")))
@@ -4661,7 +4907,7 @@ def cmd_list(args):
 
 
 def print_jobs(args, state, limit):
-    with open_store(args) as store:
+    with store_of(args) as store:
         jobs = store.list_jobs(state, limit)
     if args.json:
         print_json(jobs)
@@ -4692,7 +4938,7 @@ def print_job_table(jobs):
 
 
 def cmd_show(args):
-    with open_store(args) as store:
+    with store_of(args) as store:
         job = job_document(store, args.id)
     if args.json:
         print_json(job)
@@ -4754,7 +5000,7 @@ def cmd_dlq_list(args):
 def cmd_dlq_retry(args):
     if bool(args.ids) == bool(args.all):
         raise UsageError("give job ids or --all, not both or neither")
-    with open_store(args) as store:
+    with store_of(args) as store:
         ids, left = store.retry_dead(None if args.all else _unique(args.ids))
     wake_supervisor(store.path)
     if not ids and not left:
@@ -4770,7 +5016,7 @@ def _unique(items):
 
 
 def cmd_delete(args):
-    with open_store(args) as store:
+    with store_of(args) as store:
         store.delete(_unique(args.ids))
     for job_id in _unique(args.ids):
         print(f"{job_id}: deleted")
@@ -4778,7 +5024,7 @@ def cmd_delete(args):
 
 def cmd_cancel(args):
     ended = []
-    with open_store(args) as store:
+    with store_of(args) as store:
         cancelled = cancel_jobs(store, _unique(args.ids), ended)
     for job_id, state, run in cancelled:
         print(f"{job_id}: cancelled" + (" (its run was killed)" if run else ""))
@@ -4808,7 +5054,7 @@ def cancel_jobs(store, job_ids, ended=None):
 def cmd_logs(args):
     if args.follow and args.json:
         raise UsageError("--follow streams as text; --json prints one document")
-    with open_store(args) as store:
+    with store_of(args) as store:
         job, run = store.run_of(args.id, args.attempt)
         if args.follow:
             return follow_logs(store, job, run, args.attempt)
@@ -4832,7 +5078,7 @@ def cmd_logs(args):
         # stay exact.
         dest.write(shown(output[stream], lines=True) if dest.isatty() else output[stream])
         dest.flush()
-    if run["outcome"] == RUNNING:
+    if run["outcome"] == RUN_GOING:
         print(f"queuectl: job {job['id']} is still running (logs --follow streams "
               f"the rest)", file=sys.stderr)
     elif run["stdout"] is None and run["stderr"] is None:
@@ -4864,7 +5110,7 @@ def _run_output(db_path, run):
     output = {}
     for stream, short in (("stdout", "out"), ("stderr", "err")):
         text, dropped = run[stream] or "", run[f"{stream}_dropped"]
-        if run["outcome"] == RUNNING:
+        if run["outcome"] == RUN_GOING:
             spooled = Spool.read(spool_path(db_path, run["run_token"], short), 0)
             data, dropped, _ = spooled or (b"", 0, 0)
             text = data.decode("utf-8", "replace")
@@ -4923,7 +5169,7 @@ def follow_logs(store, job, run, number):
             return EXIT_NOT_COMPLETED
         if run is not None and run["number"] == past:
             pass                                       # waiting for its next run
-        elif run is not None and run["outcome"] != RUNNING:
+        elif run is not None and run["outcome"] != RUN_GOING:
             for stream, short, dest in streams:
                 # The rest: from its spool, which stays a while after the run, so
                 # every byte is printed once; else from the stored copy.
@@ -4980,7 +5226,7 @@ def cmd_wait(args):
     ids = _unique(args.ids)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     ended, last_seen = {}, {}
-    with open_store(args) as store:
+    with store_of(args) as store:
         store.require_jobs(ids)
         version = None
         while True:
@@ -5022,7 +5268,7 @@ def cmd_wait(args):
 
 
 def cmd_pause(args):
-    with open_store(args) as store:
+    with store_of(args) as store:
         since = store.pause()
     wake_supervisor(store.path)
     print(f"paused since {since}: workers start no new job; running jobs go on "
@@ -5030,7 +5276,7 @@ def cmd_pause(args):
 
 
 def cmd_resume(args):
-    with open_store(args) as store:
+    with store_of(args) as store:
         since = store.resume()
     wake_supervisor(store.path)
     print(f"resumed (paused since {since})" if since else "the queue was not paused")
@@ -5038,7 +5284,7 @@ def cmd_resume(args):
 
 def cmd_purge(args):
     age = f" older than {format_span(args.older_than)}" if args.older_than else ""
-    with open_store(args) as store:
+    with store_of(args) as store:
         for state in _unique(args.state):
             purged = store.purge(state, args.older_than or 0)
             print(f"purged {purged} {state} job(s){age}")
@@ -5050,7 +5296,7 @@ def _config_of(args):
     path = args.db
     if not os.path.exists(path) or (os.path.isfile(path) and not os.path.getsize(path)):
         return dict(CONFIG_DEFAULTS), {}
-    with open_store(args) as store:
+    with store_of(args) as store:
         return store.config(), store.config_problems()
 
 
@@ -5058,11 +5304,11 @@ def cmd_config_show(args):
     values, problems = _config_of(args)
     if args.json:
         for key in problems:
-            print(f"queuectl: {_one_line(problems[key])}", file=sys.stderr)
+            print(f"queuectl: {shown(problems[key])}", file=sys.stderr)
         print_json(values)
     else:
         for key, value in values.items():
-            note = f"  ({_one_line(problems[key])})" if key in problems else ""
+            note = f"  ({shown(problems[key])})" if key in problems else ""
             print(f"{key} = {value}{note}")
 
 
@@ -5071,7 +5317,7 @@ def cmd_config_get(args):
     values, problems = _config_of(args)
     value, problem = values[key], problems.get(key)
     if problem:
-        print(f"queuectl: {_one_line(problem)}", file=sys.stderr)
+        print(f"queuectl: {shown(problem)}", file=sys.stderr)
     print(value)
 
 
@@ -5079,14 +5325,14 @@ def cmd_config_set(args):
     key = config_key(args.key)
     value = parse_config_value(key, args.value)
     config_text(key, value)              # refuse it before creating a database
-    with open_store(args, create=True) as store:
+    with store_of(args, create=True) as store:
         text = store.set_config(key, value)
     note_created(store)
     print(f"{key} = {text}")
 
 
 def cmd_stats(args):
-    with open_store(args) as store:
+    with store_of(args) as store:
         stats = store.stats()
     if args.json:
         print_json(stats)
@@ -5701,7 +5947,7 @@ class Dashboard:
         return f"{self.cookie_name}={self.session}; HttpOnly; SameSite=Strict; Path=/"
 
     def store(self):
-        return Store(self.db_path, create=False)
+        return open_store(self.db_path, create=False)
 
 
 class DashboardHandler:
@@ -6272,7 +6518,7 @@ def cmd_dashboard(args):
         raise UsageError(f"refusing to serve on {args.host} without a token: give "
                          f"--token or set ${ENV_TOKEN} (or serve on 127.0.0.1 and open "
                          f"it through an SSH tunnel)")
-    Store(args.db, create=False).close()           # there must be a queue to show
+    open_store(args.db, create=False).close()           # there must be a queue to show
     given = token is not None
     if not given:
         # Every account on this machine can reach a loopback port, and commands
@@ -6447,11 +6693,10 @@ EPILOG = ("exit codes: 0 ok, 1 runtime error (unknown job, wrong state, workers 
           "stop and worker start: 7 running jobs were interrupted; worker stop: 8 the "
           "supervisor does not answer. Durations: 90, 90s, 10m, 2h, 7d, 1h30m.")
 ENQUEUE_EPILOG = (
-    "job fields: command (required), id, max_retries, priority, run_at (ISO-8601 "
-    "with Z or an offset) or delay (a duration), timeout (a duration), after (ids "
-    "it runs after), unique_key. Examples: queuectl enqueue '{\"id\": \"job1\", "
-    "\"command\": \"sleep 2\", \"priority\": 5}'; queuectl enqueue -c 'make "
-    "report' --after job1 --timeout 10m")
+    "job fields, in JSON or as the flags above: " +
+    "; ".join(f"{field.name} ({field.help})" for field in JOB_FIELDS) +
+    ". Examples: queuectl enqueue '{\"id\": \"job1\", \"command\": \"sleep 2\", "
+    "\"priority\": 5}'; queuectl enqueue -c 'make report' --after job1 --timeout 10m")
 
 
 def build_parser():
@@ -6488,16 +6733,11 @@ def build_parser():
     sub.add_argument("-c", "--command", dest="shell_command", metavar="COMMAND",
                      help="the job's command, instead of JSON; the flags below give "
                           "its other fields")
-    sub.add_argument("--id", metavar="ID", help="its id (default: a new one)")
-    sub.add_argument("--priority", metavar="N", help="higher runs first (0)")
-    sub.add_argument("--max-retries", metavar="N", help="retries after the first run")
-    sub.add_argument("--timeout", metavar="DURATION", help="kill it after this long")
-    sub.add_argument("--delay", metavar="DURATION", help="run it this long from now")
-    sub.add_argument("--run-at", metavar="TIME", help="run it at this ISO-8601 time")
-    sub.add_argument("--after", metavar="ID", action="append",
-                     help="run it once job ID has completed (repeat for more)")
-    sub.add_argument("--unique-key", metavar="KEY",
-                     help="add nothing while an unfinished job holds KEY")
+    for field in JOB_FIELDS:
+        if field.name != "command":
+            sub.add_argument(field.flag, dest=field.name, metavar=field.metavar,
+                             help=field.help,
+                             action="append" if field.column == "after" else "store")
 
     actions = group("worker", "start or stop workers")
     sub = command(actions, "start", cmd_worker_start, "run workers until stopped")
@@ -6637,7 +6877,7 @@ def main(argv=None):
         return code
     except QueueError as e:
         # One line, whatever a job id or path in the message contains.
-        print(f"{PROG}: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"{PROG}: error: {shown(str(e))}", file=sys.stderr)
         return e.code
     except UnicodeEncodeError:
         # An argument that is not UTF-8 (the shell passed raw bytes) reaching SQLite.

@@ -25,7 +25,7 @@ class CliTestCase(QueueTestCase):
 
     def store(self):
         """A real Store on the test database, closed at cleanup."""
-        store = queuectl.Store(self.db)
+        store = queuectl.open_store(self.db)
         self.addCleanup(store.close)
         return store
 

@@ -138,7 +138,7 @@ class LeaseTest(RegressionTestCase):
         lost = self.enqueue(command="true")
         dead = subprocess.Popen(["true"])
         dead.wait(timeout=10)
-        store = queuectl.Store(self.db)
+        store = queuectl.open_store(self.db)
         try:
             claim = claim_one(store, dead.pid)
         finally:

@@ -28,7 +28,7 @@ class StoreTestCase(QueueTestCase):
         self.store = self.open()
 
     def open(self, path=None, create=True):
-        store = queuectl.Store(path or self.db, create=create)
+        store = queuectl.open_store(path or self.db, create=create)
         self.addCleanup(store.close)
         return store
 
@@ -87,7 +87,7 @@ class ClaimTest(StoreTestCase):
         job, attempts = self.store.get_job(job_id)
         self.assertEqual((job["state"], job["worker_pid"]), (queuectl.PROCESSING, 4242))
         self.assertEqual([(a["number"], a["outcome"], a["worker_pid"]) for a in attempts],
-                         [(1, queuectl.RUNNING, 4242)])
+                         [(1, queuectl.RUN_GOING, 4242)])
         self.assertIsNone(claim_one(self.store, 4243, now=T0))
 
     def test_claim_uses_config_defaults(self):
@@ -132,7 +132,7 @@ class FencingTest(StoreTestCase):
                          (queuectl.PROCESSING, 222, 2))
         self.assertEqual([(a["worker_pid"], a["outcome"], a["reason"]) for a in attempts],
                          [(111, queuectl.FAILED, queuectl.WORKER_LOST),
-                          (222, queuectl.RUNNING, None)])
+                          (222, queuectl.RUN_GOING, None)])
         self.assertEqual(self.store.finish(job_id, new.token, OK, now=at(32)),
                          queuectl.COMPLETED)
 
@@ -422,7 +422,7 @@ class SchemaTest(StoreTestCase):
         """Each Store connection uses synchronous=FULL: in WAL, NORMAL can lose the
         last commits on power loss."""
         for create in (True, False):
-            with queuectl.Store(self.db, create=create) as store:
+            with queuectl.open_store(self.db, create=create) as store:
                 self.assertEqual(store.conn.execute("PRAGMA synchronous").fetchone()[0],
                                  2)   # FULL
                 self.assertEqual(
@@ -510,7 +510,7 @@ class SchemaTest(StoreTestCase):
         conn.close()
         before = self.read(self.db)
         with self.assertRaises(queuectl.QueueError) as cm:
-            queuectl.Store(self.db)
+            queuectl.open_store(self.db)
         self.assertIn("newer", str(cm.exception))
         self.assertEqual(self.read(self.db), before)
         self.assertEqual(self.pragma("user_version"), queuectl.SCHEMA_VERSION + 1)
@@ -526,7 +526,7 @@ class SchemaTest(StoreTestCase):
         before = self.read(path)
         for create in (True, False):
             with self.assertRaises(queuectl.QueueError) as cm:
-                queuectl.Store(path, create=create)
+                queuectl.open_store(path, create=create)
             self.assertIn("not a queuectl database", str(cm.exception))
         self.assertEqual(self.read(path), before)
         self.assertEqual(self.pragma("journal_mode", path), "delete")
@@ -537,7 +537,7 @@ class SchemaTest(StoreTestCase):
         with open(path, "w") as f:
             f.write("my precious notes\n")
         with self.assertRaises(queuectl.QueueError) as cm:
-            queuectl.Store(path)
+            queuectl.open_store(path)
         self.assertIn("not a queuectl database", str(cm.exception))
         self.assertEqual(self.read(path), b"my precious notes\n")
         self.assertEqual([n for n in os.listdir(self.dir) if n.startswith("notes")],
@@ -565,7 +565,7 @@ class SchemaTest(StoreTestCase):
         for name, path in self.version_zero_files():
             with self.subTest(name), self.failing_migration():
                 with self.assertRaises(queuectl.QueueError):
-                    queuectl.Store(path)
+                    queuectl.open_store(path)
                 self.assertEqual(self.pragma("user_version", path), 0)
                 self.assertEqual(self.pragma("application_id", path), 0)
                 conn = sqlite3.connect(path)
@@ -581,7 +581,7 @@ class SchemaTest(StoreTestCase):
             before = self.read(path)
             with self.subTest(name), self.failing_migration():
                 with self.assertRaises(queuectl.QueueError):
-                    queuectl.Store(path)
+                    queuectl.open_store(path)
                 after = self.read(path)
                 self.assertTrue(after == before,
                                 f"file changed: {len(before)} -> {len(after)} bytes, "
@@ -603,14 +603,14 @@ class SchemaTest(StoreTestCase):
         """create=False refuses a missing database and creates nothing."""
         path = os.path.join(self.dir, "nope", "missing.db")
         with self.assertRaises(queuectl.QueueError) as cm:
-            queuectl.Store(path, create=False)
+            queuectl.open_store(path, create=False)
         self.assertIn("no database", str(cm.exception))
         self.assertFalse(os.path.exists(os.path.dirname(path)))
 
     def test_directory_refused(self):
         """A directory is not a database."""
         with self.assertRaises(queuectl.QueueError) as cm:
-            queuectl.Store(self.dir)
+            queuectl.open_store(self.dir)
         self.assertIn("directory", str(cm.exception))
 
     def test_full_database(self):
