@@ -6693,8 +6693,9 @@ EPILOG = ("exit codes: 0 ok, 1 runtime error (unknown job, wrong state, workers 
           "stop and worker start: 7 running jobs were interrupted; worker stop: 8 the "
           "supervisor does not answer. Durations: 90, 90s, 10m, 2h, 7d, 1h30m.")
 ENQUEUE_EPILOG = (
-    "job fields, in JSON or as the flags above: " +
-    "; ".join(f"{field.name} ({field.help})" for field in JOB_FIELDS) +
+    "job fields in JSON, each with the flag that gives it: " +
+    ", ".join(f"{field.name} ({field.flag})" for field in JOB_FIELDS) +
+    "; run_at is ISO-8601 with Z or an offset, delay and timeout are durations" +
     ". Examples: queuectl enqueue '{\"id\": \"job1\", \"command\": \"sleep 2\", "
     "\"priority\": 5}'; queuectl enqueue -c 'make report' --after job1 --timeout 10m")
 
