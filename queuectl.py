@@ -3232,11 +3232,62 @@ def result_line(who, claim, result, state):
     return f"{who}: job {claim.id} failed: {result.reason}; {AFTER_FAILURE[state]}"
 
 
+# The messages between a supervisor and one of its workers, over a pair of pipes.
+#
+# Supervisor to worker:
+Assign = collections.namedtuple("Assign", "claim")
+Assign.__doc__ = "Run this job (a Claim) next."
+Abort = collections.namedtuple("Abort", "job_id token reason")
+Abort.__doc__ = "Drop this claim, killing its run: cancelled, taken over (REASON)."
+Unqueue = collections.namedtuple("Unqueue", "job_id token")
+Unqueue.__doc__ = "Give this claim back if its run has not started (a pause)."
+Recorded = collections.namedtuple("Recorded", "tokens")
+Recorded.__doc__ = "These reports (claim tokens) are written down: forget them."
+# Worker to supervisor:
+Ready = collections.namedtuple("Ready", "pid start")
+Ready.__doc__ = "The worker's loop runs; START is its start time (/proc ticks)."
+Started = collections.namedtuple("Started", "job_id token pgid pg_start started_mono")
+Started.__doc__ = ("A command has run STARTED_AFTER_S: its process group, the group "
+                   "leader's start ticks, and time.monotonic() when it started.")
+Beat = collections.namedtuple("Beat", "job_id token")
+Beat.__doc__ = "Renew this claim's lease: its run goes on."
+Done = collections.namedtuple("Done", "job_id token result")
+Done.__doc__ = "A run ended, with this RunResult (or never started: aborted)."
+Returned = collections.namedtuple("Returned", "job_id token")
+Returned.__doc__ = "This claim is given back unstarted."
+Log = collections.namedtuple("Log", "line")
+Log.__doc__ = "A line for the supervisor's log."
+
+MESSAGES = (Assign, Abort, Unqueue, Recorded, Ready, Started, Beat, Done, Returned,
+            Log)
+_MESSAGE_CODES = {kind: code for code, kind in enumerate(MESSAGES)}
+
+
+def _to_wire(message):
+    """A message as plain values for marshal: its type's code, then its fields,
+    the records among them (Claim, RunResult) as tuples."""
+    if isinstance(message, Assign):
+        return _MESSAGE_CODES[Assign], tuple(message.claim)
+    if isinstance(message, Done):
+        return (_MESSAGE_CODES[Done], message.job_id, message.token,
+                message.result.fields())
+    return (_MESSAGE_CODES[type(message)], *message)
+
+
+def _from_wire(values):
+    kind = MESSAGES[values[0]]
+    if kind is Assign:
+        return Assign(Claim(*values[1]))
+    if kind is Done:
+        return Done(values[1], values[2], RunResult(*values[3]))
+    return kind(*values[1:])
+
+
 class Channel:
     """Messages between the supervisor and one worker, over a pair of pipes.
 
-    A message is a tuple of plain values (str, int, float, None), sent as a
-    4-byte length and its marshal encoding: both ends are the same program.
+    A message (one of MESSAGES) is sent as a 4-byte length and the marshal
+    encoding of its plain values: both ends are the same program.
     receive() never waits. send() waits while the pipe is full, unless the
     channel is non-blocking (the supervisor's ends): then what does not fit
     waits in `outbox` for flush(), so that a worker that does not read (frozen,
@@ -3270,7 +3321,7 @@ class Channel:
 
     def send(self, message):
         """Send MESSAGE; raise OSError (BrokenPipeError) if the other end is gone."""
-        data = marshal.dumps(message)
+        data = marshal.dumps(_to_wire(message))
         self.outbox += len(data).to_bytes(4, "big") + data
         self.flush()
 
@@ -3300,7 +3351,7 @@ class Channel:
             end = 4 + int.from_bytes(self.buffer[:4], "big")
             if len(self.buffer) < end:
                 break
-            messages.append(marshal.loads(self.buffer[4:end]))
+            messages.append(_from_wire(marshal.loads(self.buffer[4:end])))
             del self.buffer[:end]
         return messages
 
@@ -3315,11 +3366,8 @@ class Worker:
     reports how each run ended. It does not touch the database while its
     supervisor lives; orphaned, it finishes its job, records it, and exits.
 
-    Messages from the supervisor: ("run", claim), ("abort", job id, token,
-    reason), ("unqueue", job id, token) of a job to give back if not started
-    yet, and ("recorded", tokens) of reports it has written. To it: ("ready", pid, start ticks), ("started", job id, token, pgid,
-    start ticks), ("beat", job id, token), ("done", job id, token, result fields),
-    ("returned", job id, token) of a job it will not start, and ("log", line).
+    It takes Assign, Abort, Unqueue and Recorded messages, and sends Ready,
+    Started, Beat, Done, Returned and Log (see MESSAGES).
 
     A worker whose jobs are quick may be sent its next job before the current one
     ends. It keeps that job only while the current one is young: once the
@@ -3351,7 +3399,7 @@ class Worker:
             self.store.close()
 
     def loop(self):
-        self.send(("ready", self.pid, start_ticks(self.pid)))
+        self.send(Ready(self.pid, start_ticks(self.pid)))
         while True:
             self.receive()
             if self.stop.level or self.orphaned:
@@ -3360,8 +3408,8 @@ class Worker:
                 self.poll(None)
                 continue
             message = self.inbox.popleft()
-            if message[0] == "run":
-                self.run(Claim(*message[1]))
+            if isinstance(message, Assign):
+                self.run(message.claim)
             # an "abort" of a run that has ended needs nothing
         self.give_back()                   # jobs handed over as the stop came
         if self.orphaned:
@@ -3371,13 +3419,13 @@ class Worker:
         """Give back the jobs in the inbox (or the one ONLY names: its id and
         token): this worker will not start them."""
         for message in list(self.inbox):
-            if message[0] != "run":
+            if not isinstance(message, Assign):
                 continue
-            claim = Claim(*message[1])
+            claim = message.claim
             if only is not None and (claim.id, claim.token) != tuple(only):
                 continue
             self.inbox.remove(message)
-            if self.send(("returned", claim.id, claim.token)):
+            if self.send(Returned(claim.id, claim.token)):
                 self.unconfirmed[claim.token] = (claim, None)
             else:
                 self.open_store().give_back(claim.id, claim.token)
@@ -3403,10 +3451,10 @@ class Worker:
         """Move every message waiting in the pipe to the inbox."""
         if not self.orphaned:
             for message in self.conn.receive():
-                if message[0] == "unqueue":         # the queue was paused
-                    self.give_back(message[1:3])
-                elif message[0] == "recorded":
-                    for token in message[1]:
+                if isinstance(message, Unqueue):     # the queue was paused
+                    self.give_back((message.job_id, message.token))
+                elif isinstance(message, Recorded):
+                    for token in message.tokens:
                         self.unconfirmed.pop(token, None)
                 else:
                     self.inbox.append(message)
@@ -3437,15 +3485,16 @@ class Worker:
                     self.record(claim, result, again=True)
 
     def log(self, line):
-        if not self.send(("log", line)):
+        if not self.send(Log(line)):
             log(line)
 
     def aborted(self, claim):
         """Why the supervisor took CLAIM away (an "abort" in the inbox), or None."""
         for message in self.inbox:
-            if message[0] == "abort" and message[1:3] == (claim.id, claim.token):
+            if isinstance(message, Abort) and \
+                    (message.job_id, message.token) == (claim.id, claim.token):
                 self.inbox.remove(message)
-                return message[3]
+                return message.reason
         return None
 
     # -- running a job --------------------------------------------------------------
@@ -3466,7 +3515,7 @@ class Worker:
                 self.running[:] = _pack_group(run.pid, start_ticks(run.pid))
                 result = self.watch(run)
                 self.running[:] = _pack_group(0, 0)
-        if self.send(("done", claim.id, claim.token, result.fields())):
+        if self.send(Done(claim.id, claim.token, result)):
             self.unconfirmed[claim.token] = (claim, result)
         else:
             self.record(claim, result)
@@ -3497,8 +3546,8 @@ class Worker:
                 # Only a run that lasts is worth a record (a recoverer kills its
                 # group by it, even if the command cleared its environment) and
                 # a spool of its output.
-                self.send(("started", claim.id, claim.token, run.pid,
-                           start_ticks(run.pid), run.started))
+                self.send(Started(claim.id, claim.token, run.pid,
+                                  start_ticks(run.pid), run.started))
                 run.follow(self.db_path)
                 tell_start = None
             if not tell_start or self.stop.level:
@@ -3511,7 +3560,7 @@ class Worker:
 
     def beat(self, claim):
         """Keep the claim's lease alive; False once the claim has been taken away."""
-        if self.send(("beat", claim.id, claim.token)):
+        if self.send(Beat(claim.id, claim.token)):
             return True
         try:
             return self.open_store().renew(claim.id, claim.token, claim.lease_s)
@@ -4022,7 +4071,7 @@ class Supervisor:
         if paused:
             for slot in self.slots.values():
                 for claim in slot.claims[1:]:
-                    slot.send(("unqueue", claim.id, claim.token))
+                    slot.send(Unqueue(claim.id, claim.token))
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -4126,12 +4175,20 @@ class Supervisor:
             self.unregister(slot.conn)          # it is exiting; on_exit follows
 
     def handle(self, slot, message):
-        kind = message[0]
-        position = slot.holding(*message[1:3]) if kind != "ready" and kind != "log" \
-            else None
-        if kind == "done" and position is not None:
-            claim = slot.claims.pop(position)
-            result = RunResult(*message[3])
+        """Act on one message from SLOT's worker."""
+        if isinstance(message, Ready):
+            slot.ready = True
+            if self.relayed:                    # it may have missed the stop
+                self.signal_worker(slot, self.relayed)
+            return
+        if isinstance(message, Log):
+            log(message.line)
+            return
+        position = slot.holding(message.job_id, message.token)
+        if position is None:
+            return                              # a claim it no longer holds
+        if isinstance(message, Done):
+            claim, result = slot.claims.pop(position), message.result
             if claim.token in self.announced:
                 self.announced.discard(claim.token)
             elif result.started_mono is not None:     # a run too short to say so
@@ -4139,28 +4196,19 @@ class Supervisor:
             slot.quick = (result.duration_s or 0) < STARTED_AFTER_S
             self.finished.append((slot, claim, result))
             self.look = True
-            self.reported()
-        elif kind == "returned" and position is not None:
+        elif isinstance(message, Returned):
             self.unstarted.append((slot, slot.claims.pop(position)))
             self.look = True
-            self.reported()
-        elif kind == "started" and position is not None:
+        elif isinstance(message, Started):
             slot.quick = False
-            self.spooled.add(message[2])
-            self.started.append(message[1:])
-            self.announce(slot, slot.claims[position], message[5])
-            self.announced.add(message[2])
-            self.reported()
-        elif kind == "beat" and position is not None:
+            self.spooled.add(message.token)
+            self.started.append(tuple(message))
+            self.announce(slot, slot.claims[position], message.started_mono)
+            self.announced.add(message.token)
+        elif isinstance(message, Beat):
             claim = slot.claims[position]
             self.renewed.append((claim.id, claim.token, claim.lease_s))
-            self.reported()
-        elif kind == "ready":
-            slot.ready = True
-            if self.relayed:                    # it may have missed the stop
-                self.signal_worker(slot, self.relayed)
-        elif kind == "log":
-            log(message[1])
+        self.reported()
 
     @staticmethod
     def announce(slot, claim, started_mono):
@@ -4216,7 +4264,7 @@ class Supervisor:
         lines = [f"supervisor: job {job_id} dead: {why}" for job_id, why in ended]
         for slot, claim in zip(slots, claims):
             slot.claims.append(claim)
-            slot.send(("run", tuple(claim)))    # if it died, on_exit recovers the job
+            slot.send(Assign(claim))            # if it died, on_exit recovers the job
         if len(claims) < len(slots):
             self.look = False
             self.next_due = None
@@ -4263,7 +4311,7 @@ class Supervisor:
             written.setdefault(slot, []).append(claim.token)
         for slot, tokens in written.items():
             if self.slots.get(slot.index) is slot:
-                slot.send(("recorded", tokens))
+                slot.send(Recorded(tokens))
         self.finished, self.started, self.renewed, self.unstarted = [], [], [], []
         self.record_at = None
         for (slot, claim, result), state in zip(ended, states):
@@ -4281,7 +4329,7 @@ class Supervisor:
         for job_id, token in claims:
             for slot in self.slots.values():
                 if slot.holding(job_id, token) is not None:
-                    slot.send(("abort", job_id, token, reason))
+                    slot.send(Abort(job_id, token, reason))
 
     # -- workers: start, exit, stop ------------------------------------------------------
 
