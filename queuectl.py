@@ -2711,11 +2711,12 @@ def spool_path(db_path, run_token, stream):
     return os.path.join(db_path + SPOOL_SUFFIX, f"{run_token}.{stream}")
 
 
-def sweep_spools(db_path, running):
-    """Remove the spools of runs that are not RUN_GOING (left by a crash)."""
+def sweep_spools(db_path, going):
+    """Remove the spools of runs whose tokens are not among GOING (left by a
+    crash)."""
     with contextlib.suppress(OSError):
         for name in os.listdir(db_path + SPOOL_SUFFIX):
-            if name.rpartition(".")[0] not in running:
+            if name.rpartition(".")[0] not in going:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(db_path + SPOOL_SUFFIX, name))
 
@@ -3374,9 +3375,9 @@ class Worker:
     current one has run STARTED_AFTER_S, or a stop comes, it gives it back.
     """
 
-    def __init__(self, conn, index, db_path, stop, wake_fd, running):
+    def __init__(self, conn, index, db_path, stop, wake_fd, command_group):
         self.conn = conn
-        self.running = running             # shared with the supervisor: see Slot
+        self.command_group = command_group    # shared with the supervisor: see Slot
         self.index = index
         self.db_path = db_path
         self.stop = stop
@@ -3482,7 +3483,7 @@ class Worker:
                 if result is None:
                     self.open_store().give_back(claim.id, claim.token)
                 else:
-                    self.record(claim, result, again=True)
+                    self.write_own(claim, result, again=True)
 
     def log(self, line):
         if not self.send(Log(line)):
@@ -3512,13 +3513,13 @@ class Worker:
             run = Run(claim, env, self.poller)
             result = run.start()
             if result is None:
-                self.running[:] = _pack_group(run.pid, start_ticks(run.pid))
+                self.command_group[:] = _pack_group(run.pid, start_ticks(run.pid))
                 result = self.watch(run)
-                self.running[:] = _pack_group(0, 0)
+                self.command_group[:] = _pack_group(0, 0)
         if self.send(Done(claim.id, claim.token, result)):
             self.unconfirmed[claim.token] = (claim, result)
         else:
-            self.record(claim, result)
+            self.write_own(claim, result)
 
     def watch(self, run):
         """Wait for RUN to end, minding its timeout, stops, aborts and lease."""
@@ -3573,7 +3574,7 @@ class Worker:
             self.store = open_store(self.db_path, create=False)
         return self.store
 
-    def record(self, claim, result, again=False):
+    def write_own(self, claim, result, again=False):
         """Orphaned: write the end of a run as the supervisor would have. AGAIN: it
         was reported, and its supervisor may have written it already."""
         store = self.open_store()
@@ -3602,7 +3603,7 @@ def _pack_group(pgid, ticks):
     return pgid.to_bytes(8, "little") + (ticks or 0).to_bytes(8, "little")
 
 
-def run_worker(conn, index, db_path, private_fds, running):
+def run_worker(conn, index, db_path, private_fds, command_group):
     """Entry point of a worker process, forked by its supervisor."""
     # First drop what the fork copied from the supervisor: its signal wake-up
     # pipe, its PID file (whose lock must die with the supervisor, not with its
@@ -3625,7 +3626,7 @@ def run_worker(conn, index, db_path, private_fds, running):
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     _name_process(f"queuectl-w{index}")
-    worker = Worker(conn, index, db_path, stop, wake_r, running)
+    worker = Worker(conn, index, db_path, stop, wake_r, command_group)
     try:
         worker.loop()
     except QueueError as e:        # an orphan could not reach the database
@@ -3741,7 +3742,7 @@ class PidFile:
             return None
 
     @classmethod
-    def running(cls, path, tries=50):
+    def holder(cls, path, tries=50):
         """Return a Supervised if a live supervisor holds PATH, else None."""
         for attempt in range(tries):
             try:
@@ -3806,9 +3807,9 @@ def find_supervisor(db_path, store=None):
     alive, is asked next: deleting a file cannot hide a supervisor, nor let a
     second one start."""
     with contextlib.suppress(QueueError):      # not a file of ours: ask the database
-        running = PidFile.running(pid_path(db_path))
-        if running:
-            return running
+        found = PidFile.holder(pid_path(db_path))
+        if found:
+            return found
     try:
         if store is not None:
             rows = store.supervisors()
@@ -3835,7 +3836,7 @@ def wake_supervisor(db_path):
     the pid is the supervisor's, so a nudge can never hurt another process.
     """
     with contextlib.suppress(QueueError):
-        supervised = PidFile.running(pid_path(db_path), tries=1)
+        supervised = PidFile.holder(pid_path(db_path), tries=1)
         if supervised:
             with contextlib.suppress(OSError):
                 os.kill(supervised.pid, WAKE_SIGNAL)
@@ -3844,7 +3845,7 @@ def wake_supervisor(db_path):
 class Slot:
     """The supervisor's view of one worker process."""
 
-    def __init__(self, index, process, conn, running):
+    def __init__(self, index, process, conn, command_group):
         self.index = index
         self.process = process
         self.conn = conn
@@ -3852,7 +3853,7 @@ class Slot:
         # start time of the command it runs, the moment it starts it: so that if
         # the worker dies, its command is found even before a record of it is
         # written, and even if the command cleared its environment.
-        self.running = running
+        self.command_group = command_group
         self.pid = process.pid
         self.start = start_ticks(process.pid)
         self.name = f"worker {index} (pid {self.pid})"
@@ -3875,7 +3876,7 @@ class Slot:
         """(pgid, start ticks) of the command the worker runs, or None: from the
         memory they share or, if the worker stopped before writing it there
         (frozen the moment it started the command), from its child."""
-        data = bytes(self.running)
+        data = bytes(self.command_group)
         pgid = int.from_bytes(data[:8], "little")
         if pgid:
             return pgid, int.from_bytes(data[8:], "little")
@@ -3966,10 +3967,10 @@ class Supervisor:
             with open_store(self.db_path) as store:
                 self.register(store)
                 recovered = reclaim_expired(store, "supervisor")
-                running = store.running_tokens()
+                going = store.running_tokens()
             if recovered:
                 log(f"supervisor: recovered {len(recovered)} job(s) of lost workers")
-            sweep_spools(self.db_path, running)
+            sweep_spools(self.db_path, going)
             log(f"supervisor (pid {os.getpid()}): starting {self.count} worker(s) "
                 f"on {self.db_path}")
             # Signals wake the loop through this pipe; their handlers set flags.
@@ -4081,7 +4082,7 @@ class Supervisor:
             if self.cold_deadline is not None and time.monotonic() > self.cold_deadline:
                 log("supervisor: workers did not stop in time; killing them")
                 return                          # run() kills them
-            self.flush()
+            self.advance()
             self.watch_outboxes()
             self.publish(SUPERVISOR_STOPPING if self.stop.level else self.up_state())
             for key, _ in self.selector.select(self.timeout()):
@@ -4220,7 +4221,7 @@ class Supervisor:
 
     # -- writing: claims, then results ---------------------------------------------
 
-    def flush(self):
+    def advance(self):
         """Hand jobs to idle workers, then write what workers reported.
 
         Claims come first: they need no fsync, so a worker that just finished
@@ -4234,7 +4235,7 @@ class Supervisor:
         lines = self.dispatch()
         if self.record_at is not None and (time.monotonic() >= self.record_at
                                            or self.stop.level):
-            lines = self.record() + lines
+            lines = self.write_reports() + lines
             lines += self.dispatch()            # for jobs whose dependencies completed
         if lines:
             log(*lines)
@@ -4273,7 +4274,7 @@ class Supervisor:
                 self.next_due = time.monotonic() + max(0.0, wait)
         return lines
 
-    def record(self):
+    def write_reports(self):
         """Write every reported result, start and renewal in one transaction;
         return the log lines."""
         finished, started, renewed = self.finished, self.started, self.renewed
@@ -4339,7 +4340,7 @@ class Supervisor:
         import selectors
         context = multiprocessing.get_context("fork")
         ours, theirs = Channel.pair()
-        running = mmap.mmap(-1, 16)         # anonymous and shared with the fork
+        command_group = mmap.mmap(-1, 16)   # anonymous and shared with the fork
         private = [self.pidfile.fd, *self.wake_fds, *ours.fds()]
         with contextlib.suppress(AttributeError):
             private.append(self.selector.fileno())
@@ -4354,13 +4355,14 @@ class Supervisor:
             self.store = None
         try:
             process = context.Process(target=run_worker, name=f"queuectl-worker-{index}",
-                                      args=(theirs, index, self.db_path, private, running))
+                                      args=(theirs, index, self.db_path, private,
+                                            command_group))
             process.start()
         finally:
             theirs.close()
             if reopen:
                 self.store = open_store(self.db_path)
-        slot = Slot(index, process, ours.nonblocking(), running)
+        slot = Slot(index, process, ours.nonblocking(), command_group)
         self.slots[index] = slot
         self.selector.register(ours, selectors.EVENT_READ,
                                lambda _: self.on_message(slot))
@@ -4496,7 +4498,7 @@ class Supervisor:
         while self.store is not None and (self.recoveries or self.record_at):
             self.step_recoveries()
             if self.record_at is not None:
-                log(*self.record())
+                log(*self.write_reports())
             if all(recovery.killed for recovery in self.recoveries):
                 give_up = give_up or time.monotonic() + STOP_RECORD_TRIES_S
                 if time.monotonic() > give_up:
@@ -4544,9 +4546,10 @@ def start_detached(db_path, count, log_path):
         if proc.poll() is not None:
             raise QueueError(_last_error_line(log_path, offset)
                              or f"supervisor exited with code {proc.returncode}")
-        running = PidFile.running(pid_path(db_path))
-        if running and running.pid == proc.pid and running.state == SUPERVISOR_UP:
-            return running
+        supervisor = PidFile.holder(pid_path(db_path))
+        if supervisor and supervisor.pid == proc.pid and \
+                supervisor.state == SUPERVISOR_UP:
+            return supervisor
         time.sleep(0.05)
     # Half started is worse than not started: stop it (warm: it runs no job yet).
     with contextlib.suppress(ProcessLookupError):
@@ -4714,34 +4717,34 @@ def cmd_worker_start(args):
     db_path = args.db
     with open_store(db_path) as store:  # create or check the database before forking
         note_created(store)
-        running = find_supervisor(db_path, store)
-    if running:
+        supervisor = find_supervisor(db_path, store)
+    if supervisor:
         raise QueueError(f"workers are already running on this database "
-                         f"(supervisor pid {running.pid})")
+                         f"(supervisor pid {supervisor.pid})")
     if args.detach:
         log_path = db_path + LOG_SUFFIX
-        running = start_detached(db_path, args.count, log_path)
-        print(f"started {len(running.workers)} worker(s) in the background "
-              f"(supervisor pid {running.pid}); log: {log_path}")
+        supervisor = start_detached(db_path, args.count, log_path)
+        print(f"started {len(supervisor.workers)} worker(s) in the background "
+              f"(supervisor pid {supervisor.pid}); log: {log_path}")
         return EXIT_OK
     return Supervisor(db_path, args.count).run()
 
 
 def cmd_worker_stop(args):
-    running = find_supervisor(args.db)
-    if not running:
+    supervisor = find_supervisor(args.db)
+    if not supervisor:
         print("no workers running")
         return EXIT_OK
-    pid = running.pid
-    held = _jobs_of_workers(args.db, running.workers)
+    pid = supervisor.pid
+    held = _jobs_of_workers(args.db, supervisor.workers)
     _signal_supervisor(pid, WARM_SIGNAL)
     how_long = ("until its running jobs finish" if args.timeout is None else
                 f"up to {args.timeout:g}s for its running jobs to finish")
     print(f"asked supervisor {pid} to stop; waiting {how_long}", file=sys.stderr)
     try:
-        if not _wait_stopped(running, args.timeout, WARM_SIGNAL):
+        if not _wait_stopped(supervisor, args.timeout, WARM_SIGNAL):
             _signal_supervisor(pid, COLD_SIGNAL)
-            if not _wait_stopped(running, COLD_STOP_GRACE_S + KILL_GRACE_S + 10,
+            if not _wait_stopped(supervisor, COLD_STOP_GRACE_S + KILL_GRACE_S + 10,
                                  COLD_SIGNAL):
                 raise QueueError(f"supervisor {pid} did not stop")
     except KeyboardInterrupt:
@@ -4781,8 +4784,8 @@ def cmd_worker_stop(args):
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
-def _wait_stopped(running, timeout_s, sig):
-    """Wait until the supervisor RUN_GOING has exited; False if TIMEOUT_S ran out
+def _wait_stopped(supervisor, timeout_s, sig):
+    """Wait until SUPERVISOR (a Supervised) has exited; False if TIMEOUT_S ran out
     first. Raise NoAnswer if it does not act on the stop: the signal SIG sent to
     it is still pending, or it has been stopped (SIGSTOP), after ANSWER_GRACE_S.
 
@@ -4791,19 +4794,19 @@ def _wait_stopped(running, timeout_s, sig):
     started = time.monotonic()
     deadline = None if timeout_s is None else started + timeout_s
     frozen_since = None
-    while _still_running(running):
+    while _still_running(supervisor):
         now = time.monotonic()
-        fields = _proc_stat(running.pid)
+        fields = _proc_stat(supervisor.pid)
         frozen = bool(fields) and fields[0] in "Tt"
         frozen_since = (frozen_since or now) if frozen else None
         if frozen_since is not None and now - frozen_since > ANSWER_GRACE_S:
-            raise NoAnswer(f"supervisor pid {running.pid} does not answer: it is "
+            raise NoAnswer(f"supervisor pid {supervisor.pid} does not answer: it is "
                            f"stopped (SIGSTOP?); it stops once resumed (kill -CONT "
-                           f"{running.pid}), or end it with kill -KILL {running.pid} "
+                           f"{supervisor.pid}), or end it with kill -KILL {supervisor.pid} "
                            f"and its jobs are recovered")
-        if now - started > ANSWER_GRACE_S and _signal_pending(running.pid, sig) and \
-                _still_running(running):
-            raise NoAnswer(f"supervisor pid {running.pid} does not answer: it has not "
+        if now - started > ANSWER_GRACE_S and _signal_pending(supervisor.pid, sig) and \
+                _still_running(supervisor):
+            raise NoAnswer(f"supervisor pid {supervisor.pid} does not answer: it has not "
                            f"taken the stop signal after {ANSWER_GRACE_S:g}s")
         if deadline is not None and now >= deadline:
             return False
@@ -4811,14 +4814,14 @@ def _wait_stopped(running, timeout_s, sig):
     return True
 
 
-def _still_running(running):
-    """Whether the supervisor RUN_GOING (a Supervised) is still that process, and
+def _still_running(supervisor):
+    """Whether SUPERVISOR (a Supervised) is still that process, and
     not a zombie: one that exited, waiting for its parent to reap it."""
-    fields = _proc_stat(running.pid)
+    fields = _proc_stat(supervisor.pid)
     if fields is None:
-        return not os.path.isdir("/proc/self") and _pid_exists(running.pid)
-    return fields[0] not in "ZX" and (running.start is None or
-                                      int(fields[19]) == running.start)
+        return not os.path.isdir("/proc/self") and _pid_exists(supervisor.pid)
+    return fields[0] not in "ZX" and (supervisor.start is None or
+                                      int(fields[19]) == supervisor.start)
 
 
 def _signal_pending(pid, sig):

@@ -201,7 +201,7 @@ class QueueTestCase(unittest.TestCase):
 
     def worker_pids(self, supervisor_pid=None, count=None):
         """Worker pids listed in the PID file (if it names SUPERVISOR_PID)."""
-        running = queuectl.PidFile.running(self.db + ".pid")
+        running = queuectl.PidFile.holder(self.db + ".pid")
         if not running or (supervisor_pid and running[0] != supervisor_pid):
             return None
         if count is not None and len(running[1]) != count:

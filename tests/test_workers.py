@@ -49,7 +49,7 @@ class WorkerTestCase(QueueTestCase):
 
     def kill_detached(self):
         """Cleanup: SIGKILL a detached supervisor (its own process group) if it runs."""
-        running = queuectl.PidFile.running(self.db + ".pid")
+        running = queuectl.PidFile.holder(self.db + ".pid")
         if running:
             self.kill_group_cleanup(running[0])
 
