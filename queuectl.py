@@ -5401,445 +5401,6 @@ def cmd_stats(args):
 
 
 ####
-# Dashboard: page, style and script ####
-####
-
-# Every page is this skeleton, filled by the server with escaped text only; the
-# script (served from /static/app.js: the Content-Security-Policy allows no
-# other) fetches the JSON API and builds the rest with textContent, never HTML.
-DASHBOARD_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="csrf-token" content="{csrf}">
-<title>{title} - queuectl</title>
-<link rel="stylesheet" href="/static/app.css">
-<link rel="icon" href="/static/icon.svg" type="image/svg+xml">
-<script src="/static/app.js" defer></script>{head}
-</head>
-<body data-page="{page}" data-job="{job}">
-<header>
-<a class="brand" href="/">queuectl</a>
-<nav><a href="/">Overview</a><a href="/jobs">Jobs</a><a href="/dlq">DLQ</a></nav>
-<span id="paused" class="badge" hidden>paused</span>
-<span class="db">{db}</span>
-</header>
-<main>
-{main}
-</main>
-<p id="message" role="status"></p>
-</body>
-</html>
-"""
-
-DASHBOARD_MAIN = {
-    "overview": """<h1>Overview</h1>
-<p id="verdict" class="verdict">Loading...</p>
-<div id="counts" class="cards"></div>
-<div class="row">
-<section class="panel"><h2>Last hour</h2><p id="rate"></p>
-<svg id="chart" viewBox="0 0 600 120" role="img"
- aria-label="completions and failures per minute"></svg>
-<p class="legend"><span>an hour ago</span><span><span class="key ok"></span>completed
-<span class="key bad"></span>failed, per minute</span><span>now</span></p></section>
-<section class="panel"><h2>Workers</h2><p id="supervisor"></p><ul id="workers"></ul>
-</section>
-</div>
-<div class="row">
-<section class="panel"><h2>Oldest waiting job</h2><p id="oldest"></p></section>
-<section class="panel"><h2>Queue</h2><p id="queue-state"></p>
-<p><button id="pause" data-action="/api/pause" data-ask="Pause the queue? Workers
- will start no new job; running jobs go on.">Pause</button>
-<button id="resume" data-action="/api/resume" data-ask="Resume the queue?">Resume</button>
-</p></section>
-</div>""",
-    "jobs": """<h1>Jobs</h1>
-<form id="filter" method="get" action="/jobs">
-<label>State <select name="state"><option value="">any</option>{state_options}</select>
-</label>
-<label>Search <input name="q" value="{q}" placeholder="id or command"></label>
-<button type="submit">Show</button>
-</form>
-<table id="jobs"><thead><tr><th>id</th><th>state</th><th>tries</th><th>priority</th>
-<th>updated (UTC)</th><th>last error</th><th>command</th></tr></thead>
-<tbody></tbody></table>
-<p id="note"></p>
-<p><a id="older" href="/jobs" hidden>Older jobs</a></p>""",
-    "job": """<h1>Job <span id="job-id">{job}</span></h1>
-<p id="actions"><button id="cancel" data-ask="Cancel this job? A running job is
- killed." hidden>Cancel</button>
-<button id="retry" data-ask="Retry this dead job?" hidden>Retry</button></p>
-<table id="fields" class="fields"><tbody></tbody></table>
-<h2>Runs</h2>
-<table id="runs"><thead><tr><th>run</th><th>worker</th><th>started (UTC)</th>
-<th>duration</th><th>outcome</th><th>exit code or reason</th></tr></thead><tbody></tbody></table>
-<h2 id="output-title">Output</h2>
-<h3>stdout</h3><pre id="stdout"></pre>
-<h3>stderr</h3><pre id="stderr"></pre>""",
-    "dlq": """<h1>Dead letter queue</h1>
-<p><button id="retry-all" data-action="/api/dlq/retry" data-ask="Retry every dead
- job?">Retry all</button></p>
-<table id="dlq"><thead><tr><th>id</th><th>tries</th><th>updated (UTC)</th>
-<th>last error</th><th>command</th><th></th></tr></thead><tbody></tbody></table>
-<p id="note"></p>
-<p><a id="older" href="/dlq" hidden>Older dead jobs</a></p>""",
-    "login": """<h1>Sign in</h1>
-<form method="post" action="/login">
-<label>Token <input type="password" name="token" autocomplete="current-password"
- autofocus></label>
-<input type="hidden" name="csrf" value="{csrf}">
-<button type="submit">Sign in</button>
-</form>
-<p class="error">{error}</p>""",
-    # A sign-in URL's answer: the cookie is set, and the page's own refresh
-    # (a same-site navigation, which carries a SameSite=Strict cookie where a
-    # redirect from another site's link would not) opens the page asked for.
-    "signed_in": """<h1>Signed in</h1>
-<p><a href="{target}">Open the dashboard</a></p>""",
-}
-
-# The tab's icon: three queued bars.
-DASHBOARD_ICON = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">
-<rect width="32" height="32" rx="6" fill="#1d2733"/>
-<rect x="7" y="8" width="18" height="4" rx="1" fill="#2e9d52"/>
-<rect x="7" y="14" width="14" height="4" rx="1" fill="#e6edf3"/>
-<rect x="7" y="20" width="10" height="4" rx="1" fill="#e6edf3"/>
-</svg>
-"""
-
-DASHBOARD_CSS = """
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
-       color: #1d2733; background: #f4f6f9; }
-header { display: flex; align-items: center; gap: 1.5em; padding: 0.7em 1.5em;
-         background: #1d2733; color: #fff; }
-header a { color: #fff; text-decoration: none; }
-.brand { font-weight: 700; font-size: 1.1em; }
-nav a { margin-right: 1.1em; opacity: 0.85; }
-nav a:hover { opacity: 1; text-decoration: underline; }
-.db { margin-left: auto; font-size: 0.85em; opacity: 0.7; }
-.badge { background: #e0a100; color: #1d2733; border-radius: 4px; padding: 0 0.5em;
-         font-weight: 600; }
-main { max-width: 1200px; margin: 0 auto; padding: 1em 1.5em 3em; }
-h1 { font-size: 1.5em; margin: 0.4em 0 0.6em; }
-h2 { font-size: 1.1em; margin: 0 0 0.5em; }
-h3 { font-size: 0.95em; margin: 1em 0 0.3em; }
-.cards { display: flex; flex-wrap: wrap; gap: 0.8em; margin-bottom: 1em; }
-.card { flex: 1 1 120px; background: #fff; border-radius: 8px; padding: 0.8em 1em;
-        box-shadow: 0 1px 2px #0002; color: inherit; text-decoration: none; }
-.card .n { display: block; font-size: 1.8em; font-weight: 700; }
-.card.dead .n, .card.failed .n { color: #b3261e; }
-.card.completed .n { color: #1f7a3a; }
-.row { display: flex; flex-wrap: wrap; gap: 1em; margin-bottom: 1em; }
-.panel { flex: 1 1 400px; background: #fff; border-radius: 8px; padding: 1em;
-         box-shadow: 0 1px 2px #0002; }
-.verdict { font-weight: 600; padding: 0.5em 0.8em; border-radius: 6px; background: #e3f3e7;
-           color: #1f7a3a; }
-.verdict.bad { background: #fbe4e2; color: #b3261e; }
-#chart { width: 100%; height: 120px; background: #fafbfc; border: 1px solid #e3e7ec; }
-#chart .ok { fill: #2e9d52; }
-#chart .bad { fill: #d33b2f; }
-.legend { display: flex; justify-content: space-between; margin: 0.2em 0 0;
-          font-size: 0.85em; color: #5b6775; }
-.key { display: inline-block; width: 0.8em; height: 0.8em; margin: 0 0.3em 0 0.8em; }
-.key.ok { background: #2e9d52; }
-.key.bad { background: #d33b2f; }
-table { width: 100%; border-collapse: collapse; background: #fff; margin-bottom: 1em;
-        box-shadow: 0 1px 2px #0002; }
-th, td { text-align: left; padding: 0.4em 0.6em; border-bottom: 1px solid #e3e7ec;
-         vertical-align: top; }
-th { background: #eef1f5; font-weight: 600; font-size: 0.9em; }
-td.command, td.error, td.code { font-family: ui-monospace, monospace; font-size: 0.88em;
-                       overflow-wrap: anywhere; }
-td.nowrap { white-space: nowrap; }
-.fields th { width: 12em; background: #fff; }
-code { font-family: ui-monospace, monospace; font-size: 0.88em; }
-pre { background: #1d2733; color: #e6edf3; padding: 0.8em; border-radius: 6px;
-      overflow: auto; max-height: 30em; white-space: pre-wrap; word-break: break-all; }
-pre:empty::before { content: "(nothing)"; opacity: 0.5; }
-form { margin-bottom: 1em; }
-label { margin-right: 1em; }
-input, select, button { font: inherit; padding: 0.3em 0.6em; }
-button { border: 1px solid #1d2733; background: #fff; border-radius: 4px;
-         cursor: pointer; }
-button:hover { background: #1d2733; color: #fff; }
-#message { position: fixed; bottom: 1em; right: 1em; margin: 0; padding: 0.6em 1em;
-           background: #1d2733; color: #fff; border-radius: 6px; }
-#message:empty { display: none; }
-.error { color: #b3261e; }
-[hidden] { display: none !important; }
-"""
-
-DASHBOARD_JS = r"""
-"use strict";
-const csrf = document.querySelector('meta[name="csrf-token"]').content;
-const body = document.body;
-const STATES = ["pending", "processing", "completed", "failed", "dead", "cancelled"];
-
-// Build an element; children are nodes or strings (always text, never HTML).
-function el(tag, attrs, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs || {})) {
-    if (value !== null && value !== undefined) node.setAttribute(key, value);
-  }
-  for (const child of children) {
-    node.append(child instanceof Node ? child : document.createTextNode(
-      child === null || child === undefined ? "" : String(child)));
-  }
-  return node;
-}
-
-function jobLink(id) {
-  return el("a", {href: "/jobs/" + encodeURIComponent(id)}, id);
-}
-
-function short(text, width) {
-  text = text === null || text === undefined ? "" : String(text);
-  return text.length > width ? text.slice(0, width - 1) + "\u2026" : text;
-}
-
-// A timestamp, short (to the second, in UTC), with the exact one in its tooltip.
-function when(stamp) {
-  if (!stamp) return "-";
-  return el("span", {title: stamp}, stamp.slice(0, 19).replace("T", " "));
-}
-
-function age(seconds) {
-  if (seconds === null || seconds === undefined) return "-";
-  if (seconds < 60) return seconds.toFixed(seconds < 10 ? 1 : 0) + "s";
-  if (seconds < 3600) return Math.floor(seconds / 60) + "m" + Math.floor(seconds % 60) + "s";
-  if (seconds < 86400) return Math.floor(seconds / 3600) + "h" +
-    Math.floor(seconds % 3600 / 60) + "m";
-  return Math.floor(seconds / 86400) + "d" + Math.floor(seconds % 86400 / 3600) + "h";
-}
-
-function say(text) {
-  const message = document.getElementById("message");
-  message.textContent = text;
-  clearTimeout(say.timer);
-  say.timer = setTimeout(() => { message.textContent = ""; }, 6000);
-}
-
-async function api(path, method) {
-  const response = await fetch(path, {
-    method: method || "GET", credentials: "same-origin",
-    headers: method === "POST" ? {"X-CSRF-Token": csrf} : {"Accept": "application/json"}});
-  let doc = null;
-  try { doc = await response.json(); } catch (e) { doc = null; }
-  if (!response.ok) {
-    throw new Error(doc && doc.error ? doc.error : response.status + " " + response.statusText);
-  }
-  return {doc: doc, response: response};
-}
-
-// An action: ask, POST it, say what came of it, refresh the page's data.
-async function act(path, question, refresh) {
-  if (!window.confirm(question)) return;
-  try {
-    const {doc} = await api(path, "POST");
-    say(doc.message);
-  } catch (e) {
-    say("Failed: " + e.message);
-  }
-  refresh();
-}
-
-function replaceRows(tbody, rows) {
-  tbody.replaceChildren(...rows);
-}
-
-// The link to the next page of a paged list, from the API's X-Next-Before.
-function pageOn(response, path, params) {
-  const next = response.headers.get("X-Next-Before");
-  const older = document.getElementById("older");
-  older.hidden = !next;
-  if (next) {
-    const more = new URLSearchParams(params);
-    more.set("before", next);
-    older.setAttribute("href", path + "?" + more.toString());
-  }
-}
-
-function setPaused(paused) {
-  document.getElementById("paused").hidden = !paused;
-}
-
-// Every page refreshes its data every two seconds, without reloading.
-function every(refresh) {
-  const run = async () => {
-    try { await refresh(); } catch (e) { say("Could not load: " + e.message); }
-  };
-  run();
-  setInterval(run, 2000);
-  return run;
-}
-
-const pages = {
-  overview() {
-    const refresh = every(async () => {
-      const {doc} = await api("/api/overview");
-      const status = doc.status;
-      setPaused(status.paused);
-      const verdict = document.getElementById("verdict");
-      verdict.textContent = status.healthy ? "Healthy: no problem found" :
-        "Needs attention: " + status.problems.join("; ");
-      verdict.className = "verdict" + (status.healthy ? "" : " bad");
-      document.getElementById("counts").replaceChildren(...STATES.map(state =>
-        el("a", {class: "card " + state, href: "/jobs?state=" + state},
-           el("span", {class: "n"}, status.counts[state]), state)));
-      drawChart(doc.minutes);
-      const done = doc.minutes.reduce((sum, m) => sum + m.completed, 0);
-      const failed = doc.minutes.reduce((sum, m) => sum + m.failed, 0);
-      document.getElementById("rate").textContent = done + " runs completed, " + failed +
-        " failed" + (done + failed ? " (" + (100 * failed / (done + failed)).toFixed(1) +
-        "% of runs failed)" : "");
-      document.getElementById("supervisor").textContent = status.supervisor_pid ?
-        status.workers.length + " worker(s), " + status.supervisor_state +
-        " (supervisor pid " + status.supervisor_pid + ")" : "No workers running.";
-      document.getElementById("workers").replaceChildren(...status.workers.map(w =>
-        el("li", {}, "pid " + w.pid + ": ", ...(w.job_id ? [jobLink(w.job_id), " ",
-           el("code", {}, short(w.command, 80))] : ["idle"]))));
-      const oldest = doc.oldest_waiting;
-      document.getElementById("oldest").replaceChildren(...(oldest ?
-        [jobLink(oldest.id), " has waited " + age(status.oldest_runnable_age_s) + ": ",
-         el("code", {}, short(oldest.command, 80))] : ["No job is waiting."]));
-      document.getElementById("queue-state").textContent = status.paused ?
-        "Paused since " + status.paused_since + ": workers start no new job." :
-        "Running: workers take jobs as they come.";
-      document.getElementById("pause").hidden = status.paused;
-      document.getElementById("resume").hidden = !status.paused;
-    });
-    for (const button of document.querySelectorAll("button[data-action]")) {
-      button.addEventListener("click", () =>
-        act(button.dataset.action, button.dataset.ask, refresh));
-    }
-  },
-
-  jobs() {
-    const params = new URLSearchParams(location.search);
-    every(async () => {
-      const {doc, response} = await api("/api/jobs?" + params.toString());
-      pageOn(response, "/jobs", params);
-      replaceRows(document.querySelector("#jobs tbody"), doc.map(job => el("tr", {},
-        el("td", {class: "nowrap"}, jobLink(job.id)), el("td", {}, job.state),
-        el("td", {}, job.attempts + "/" + (job.max_retries + 1)),
-        el("td", {}, job.priority), el("td", {class: "nowrap"}, when(job.updated_at)),
-        el("td", {class: "error"}, short(job.last_error, 60)),
-        el("td", {class: "command"}, short(job.command, 120)))));
-      document.getElementById("note").textContent =
-        (doc.length ? "" : "No jobs. ") + (response.headers.get("X-Search-Limited") ?
-        "The search looked at the newest " + response.headers.get("X-Search-Limited") +
-        " jobs only; narrow it with a state, or page on." : "");
-    });
-  },
-
-  job() {
-    const id = body.dataset.job;
-    const path = "/api/jobs/" + encodeURIComponent(id);
-    const refresh = every(async () => {
-      const {doc: job} = await api(path);
-      const fields = ["state", "command", "attempts", "max_retries", "priority", "run_at",
-        "timeout", "created_at", "updated_at", "next_retry_at", "last_error",
-        "worker_pid", "lease_until", "cwd", "unique_key"];
-      const rows = fields.map(name => el("tr", {}, el("th", {}, name),
-        el("td", {class: name === "command" ? "command" : null},
-           job[name] === null ? "-" : job[name])));
-      rows.push(el("tr", {}, el("th", {}, "after"), el("td", {},
-        ...(job.after.length ? job.after.flatMap((dep, i) =>
-          [i ? ", " : "", jobLink(dep.id), " (" + dep.state + ")"]) : ["-"]))));
-      rows.push(el("tr", {}, el("th", {}, "waiting for"),
-        el("td", {}, job.waiting_for.join(", ") || "-")));
-      replaceRows(document.querySelector("#fields tbody"), rows);
-      replaceRows(document.querySelector("#runs tbody"), job.history.map(run =>
-        el("tr", {}, el("td", {}, run.number), el("td", {}, run.worker_pid),
-           el("td", {class: "nowrap"}, when(run.started_at)),
-           el("td", {}, run.duration_s === null ? "-" : run.duration_s + "s"),
-           el("td", {}, run.outcome),
-           el("td", {class: run.outcome === "completed" ? "code" : "error"},
-              run.reason || (run.exit_code === null ? "-" : "exit " + run.exit_code)))));
-      document.getElementById("cancel").hidden =
-        !["pending", "failed", "processing"].includes(job.state);
-      document.getElementById("retry").hidden = job.state !== "dead";
-      // The output of its last run; while it runs, what it wrote so far.
-      const {doc: logs} = await api(path + "/logs");
-      document.getElementById("output-title").textContent = logs.run !== null ?
-        "Output of run " + logs.run + " (" + logs.outcome + ")" :
-        ["completed", "dead", "cancelled"].includes(logs.state) ?
-        "Output (it ended " + logs.state + " without running)" : "Output (not run yet)";
-      for (const stream of ["stdout", "stderr"]) {
-        const dropped = logs[stream + "_dropped_bytes"];
-        document.getElementById(stream).textContent = (dropped ? "[the first " + dropped +
-          " bytes were not kept]\n" : "") + (logs[stream] || "");
-      }
-    });
-    document.getElementById("cancel").addEventListener("click", () =>
-      act(path + "/cancel", document.getElementById("cancel").dataset.ask, refresh));
-    document.getElementById("retry").addEventListener("click", () =>
-      act(path + "/retry", document.getElementById("retry").dataset.ask, refresh));
-  },
-
-  dlq() {
-    const params = new URLSearchParams(location.search);
-    const refresh = every(async () => {
-      const {doc, response} = await api("/api/dlq?" + params.toString());
-      pageOn(response, "/dlq", params);
-      replaceRows(document.querySelector("#dlq tbody"), doc.map(job => {
-        const retry = el("button", {}, "Retry");
-        retry.addEventListener("click", () => act(
-          "/api/jobs/" + encodeURIComponent(job.id) + "/retry",
-          "Retry dead job " + job.id + "?", refresh));
-        return el("tr", {}, el("td", {class: "nowrap"}, jobLink(job.id)),
-          el("td", {}, job.attempts + "/" + (job.max_retries + 1)),
-          el("td", {class: "nowrap"}, when(job.updated_at)),
-          el("td", {class: "error"}, job.last_error),
-          el("td", {class: "command"}, short(job.command, 120)), el("td", {}, retry));
-      }));
-      document.getElementById("note").textContent = doc.length ? "" : "The DLQ is empty.";
-      document.getElementById("retry-all").hidden = !doc.length;
-    });
-    const all = document.getElementById("retry-all");
-    all.addEventListener("click", () => act(all.dataset.action, all.dataset.ask, refresh));
-  },
-
-  login() {},
-};
-
-// The chart: completions (green) and failures (red) of each of the last 60
-// minutes, as SVG bars.
-function drawChart(minutes) {
-  const svg = document.getElementById("chart");
-  const ns = "http://www.w3.org/2000/svg";
-  const top = Math.max(1, ...minutes.map(m => m.completed + m.failed));
-  const width = 600 / minutes.length;
-  const bars = [];
-  minutes.forEach((m, i) => {
-    const done = 110 * m.completed / top;
-    const failed = 110 * m.failed / top;
-    for (const [height, y, cls] of [[done, 115 - done, "ok"],
-                                    [failed, 115 - done - failed, "bad"]]) {
-      if (!height) continue;
-      const bar = document.createElementNS(ns, "rect");
-      bar.setAttribute("x", (i * width + 1).toFixed(1));
-      bar.setAttribute("y", y.toFixed(1));
-      bar.setAttribute("width", Math.max(1, width - 2).toFixed(1));
-      bar.setAttribute("height", height.toFixed(1));
-      bar.setAttribute("class", cls);
-      const title = document.createElementNS(ns, "title");
-      title.textContent = m.minute.slice(0, 16).replace("T", " ") + ": " + m.completed + " completed, " + m.failed +
-        " failed";
-      bar.append(title);
-      bars.push(bar);
-    }
-  });
-  svg.replaceChildren(...bars);
-}
-
-(pages[body.dataset.page] || (() => {}))();
-"""
-
-
-####
 # Dashboard: HTTP ####
 ####
 
@@ -6001,6 +5562,24 @@ class Dashboard:
         return open_store(self.db_path, create=False)
 
 
+# A route of the dashboard: METHOD and PATTERN (a regular expression of the path,
+# its groups the handler's arguments) answered by HANDLER (a method's name); a
+# PAGE is HTML, so a request without the token is sent to sign in rather than
+# refused; NAV is a page's label in the navigation; a PUBLIC one needs no token.
+Route = collections.namedtuple("Route", "method pattern handler page nav public")
+JOB_PATH = r"/jobs/([^/]+)"
+
+
+def route(method, pattern, page=False, nav=None, public=False):
+    """Declare, above a handler, a route it answers (see Route)."""
+    def declare(handler):
+        handler.routes = getattr(handler, "routes", ()) + (
+            Route(method, pattern, handler.__name__, page or nav is not None, nav,
+                  public),)
+        return handler
+    return declare
+
+
 class DashboardHandler:
     """One request to the dashboard: a page, the JSON API, /metrics, or an action.
 
@@ -6057,15 +5636,15 @@ class DashboardHandler:
             query = {key: values[-1] for key, values in
                      parse_qs(url.query, keep_blank_values=True).items()}
             self.check_host(dashboard)
-            handler, args = self.route(path, method)
-            if handler.startswith("page_") and "token" in query and method != "POST":
+            found, args = self.find_route(path, method)
+            if found.page and "token" in query and method != "POST":
                 return self.sign_in_by_url(dashboard, url)
-            if handler not in PUBLIC:
-                self.authenticate(dashboard, page=path in PAGE_PATHS or
-                                  path.startswith("/jobs/"))
-            if method == "POST" and handler != "post_login":
-                self.check_same_origin(dashboard)
-            getattr(self, handler)(dashboard, query, *(unquote(arg) for arg in args))
+            if not found.public:
+                self.authenticate(dashboard, page=found.page)
+                if method == "POST":
+                    self.check_same_origin(dashboard)
+            getattr(self, found.handler)(dashboard, query,
+                                         *(unquote(arg) for arg in args))
         except HttpError as e:
             self.send_text(e.status, str(e), e.headers, json_error=path_is_api(self))
         except QueueError as e:
@@ -6081,15 +5660,16 @@ class DashboardHandler:
                 self.send_text(500, f"internal error: {type(e).__name__}",
                                json_error=path_is_api(self))
 
-    def route(self, path, method):
-        """The handler's name and arguments for PATH and METHOD (HEAD is GET)."""
+    def find_route(self, path, method):
+        """The Route and its arguments for PATH and METHOD (HEAD is GET)."""
         allowed = []
-        for route_method, pattern, handler in ROUTES:
-            match = re.fullmatch(pattern, path)
+        for declared in ROUTES:
+            match = re.fullmatch(declared.pattern, path)
             if match is not None:
-                if route_method == method or (route_method, method) == ("GET", "HEAD"):
-                    return handler, match.groups()
-                allowed.append(route_method)
+                if declared.method == method or \
+                        (declared.method, method) == ("GET", "HEAD"):
+                    return declared, match.groups()
+                allowed.append(declared.method)
         if allowed:
             raise HttpError(405, f"use {' or '.join(allowed)}",
                             {"Allow": ", ".join(allowed)})
@@ -6190,8 +5770,10 @@ class DashboardHandler:
             csrf=csrf, job=html.escape(job),
             **{key: html.escape(str(value)) if key != "state_options" else value
                for key, value in fields.items()})
+        nav = "".join(f'<a href="{route_path(r.pattern)}">{r.nav}</a>'
+                      for r in ROUTES if r.nav)
         self.send(status, DASHBOARD_PAGE.format(
-            csrf=csrf, title=html.escape(title), page=page, head=head,
+            csrf=csrf, title=html.escape(title), page=page, head=head, nav=nav,
             job=html.escape(job, quote=True),
             db="" if page == "login" else html.escape(dashboard.db_path),
             main=main), "text/html; charset=utf-8", headers)
@@ -6211,9 +5793,11 @@ class DashboardHandler:
 
     # -- pages ------------------------------------------------------------------------
 
+    @route("GET", r"/", nav="Overview")
     def page_overview(self, dashboard, query):
         self.send_page(dashboard, "overview", "Overview")
 
+    @route("GET", r"/jobs", nav="Jobs")
     def page_jobs(self, dashboard, query):
         state = query.get("state") or None
         if state is not None and state not in STATES:
@@ -6224,14 +5808,17 @@ class DashboardHandler:
         self.send_page(dashboard, "jobs", "Jobs", state_options=options,
                        q=query.get("q", ""))
 
+    @route("GET", JOB_PATH, page=True)
     def page_job(self, dashboard, query, job_id):
         with dashboard.store() as store:
             store.run_of(job_id)                      # 404 if there is no such job
         self.send_page(dashboard, "job", f"Job {job_id}", job=job_id)
 
+    @route("GET", r"/dlq", nav="DLQ")
     def page_dlq(self, dashboard, query):
         self.send_page(dashboard, "dlq", "DLQ")
 
+    @route("GET", r"/login", page=True, public=True)
     def page_login(self, dashboard, query, error="", status=200):
         self.send_page(dashboard, "login", "Sign in", status=status, error=error)
 
@@ -6254,6 +5841,7 @@ class DashboardHandler:
                             f'{html.escape(target, quote=True)}">',
                        headers={"Set-Cookie": dashboard.session_cookie()})
 
+    @route("POST", r"/login", public=True)
     def post_login(self, dashboard, query):
         from urllib.parse import parse_qs, urlsplit
         origin = self.headers.get("Origin")
@@ -6274,33 +5862,40 @@ class DashboardHandler:
         raise HttpError(303, "signed in", {"Location": "/",
                                            "Set-Cookie": dashboard.session_cookie()})
 
+    @route("GET", r"/static/(app\.js|app\.css|icon\.svg)", public=True)
     def static(self, dashboard, query, name):
         self.send(200, *DASHBOARD_STATIC[name])
 
+    @route("GET", r"/favicon\.ico", public=True)       # browsers ask for it anyway
     def favicon(self, dashboard, query):
         self.send(200, *DASHBOARD_STATIC["icon.svg"])
 
     # -- the JSON API: the CLI's --json documents ---------------------------------------
 
+    @route("GET", r"/api/?")
     def api_index(self, dashboard, query):
         """These endpoints: each one's method, path and what it answers."""
         self.send_json({"endpoints": api_endpoints()})
 
+    @route("GET", r"/api/status")
     def api_status(self, dashboard, query):
         """The queue's status: `status --json`."""
         with dashboard.store() as store:
             self.send_json(status_report(store)[0])
 
+    @route("GET", r"/api/stats")
     def api_stats(self, dashboard, query):
         """Throughput and run times: `stats --json`."""
         with dashboard.store() as store:
             self.send_json(store.stats())
 
+    @route("GET", r"/api/config")
     def api_config(self, dashboard, query):
         """The configuration: `config show --json`."""
         with dashboard.store() as store:
             self.send_json(store.config())
 
+    @route("GET", r"/api/jobs")
     def api_jobs(self, dashboard, query, state=None):
         """Jobs, newest first: `list --json`, with ?state=S, ?q=TEXT (a search of
         ids and commands), ?limit=N (1 to 1000; 50) and ?before= (the page
@@ -6321,11 +5916,13 @@ class DashboardHandler:
             headers["X-Search-Limited"] = str(SEARCH_SCAN)
         self.send_json(jobs, headers)
 
+    @route("GET", r"/api" + JOB_PATH)
     def api_job(self, dashboard, query, job_id):
         """A job with its runs and dependencies: `show ID --json`."""
         with dashboard.store() as store:
             self.send_json(job_document(store, job_id))
 
+    @route("GET", r"/api" + JOB_PATH + "/logs")
     def api_logs(self, dashboard, query, job_id):
         """The output of a job's last run (or ?attempt=N): `logs ID --json`."""
         number = None
@@ -6335,10 +5932,12 @@ class DashboardHandler:
             job, run = store.run_of(job_id, number)
             self.send_json(logs_document(store.path, job, run))
 
+    @route("GET", r"/api/dlq")
     def api_dlq(self, dashboard, query):
         """Dead jobs, newest first: `dlq list --json`, paged as /api/jobs is."""
         self.api_jobs(dashboard, query, state=DEAD)
 
+    @route("GET", r"/api/overview")
     def api_overview(self, dashboard, query):
         """What the overview page shows: status, the last hour's runs by minute,
         and the job that has waited longest."""
@@ -6359,6 +5958,7 @@ class DashboardHandler:
 
     # -- actions --------------------------------------------------------------------------
 
+    @route("POST", r"/api" + JOB_PATH + "/cancel")
     def act_cancel(self, dashboard, query, job_id):
         """Cancel a pending, failed or running job (its run is killed): `cancel ID`."""
         with dashboard.store() as store:
@@ -6367,6 +5967,7 @@ class DashboardHandler:
         self.send_json({"message": f"cancelled job {job_id}" +
                         (" (its run was killed)" if killed else "")})
 
+    @route("POST", r"/api" + JOB_PATH + "/retry")
     def act_retry(self, dashboard, query, job_id):
         """Send a dead job back to pending: `dlq retry ID`."""
         with dashboard.store() as store:
@@ -6374,6 +5975,7 @@ class DashboardHandler:
         wake_supervisor(dashboard.db_path)
         self.send_json({"message": f"job {job_id} is back to pending"})
 
+    @route("POST", r"/api/dlq/retry")
     def act_retry_all(self, dashboard, query):
         """Send every dead job back to pending: `dlq retry --all`."""
         with dashboard.store() as store:
@@ -6386,6 +5988,7 @@ class DashboardHandler:
                         (", ..." if len(whys) > 3 else ""))
         self.send_json({"message": message})
 
+    @route("POST", r"/api/pause")
     def act_pause(self, dashboard, query):
         """Pause the queue: `pause`."""
         with dashboard.store() as store:
@@ -6393,6 +5996,7 @@ class DashboardHandler:
         wake_supervisor(dashboard.db_path)
         self.send_json({"message": f"paused since {since}"})
 
+    @route("POST", r"/api/resume")
     def act_resume(self, dashboard, query):
         """Resume the queue: `resume`."""
         with dashboard.store() as store:
@@ -6402,6 +6006,7 @@ class DashboardHandler:
 
     # -- /metrics ---------------------------------------------------------------------------
 
+    @route("GET", r"/metrics")
     def metrics(self, dashboard, query):
         """The queue's metrics in Prometheus's text format."""
         with dashboard.store() as store:
@@ -6469,11 +6074,11 @@ def api_endpoints():
     """The API's routes (and /metrics), each with the first paragraph of its
     handler's docstring: the route table and the code stay the only copy."""
     endpoints = []
-    for method, pattern, handler in ROUTES:
-        path = route_path(pattern)
+    for declared in ROUTES:
+        path = route_path(declared.pattern)
         if path.startswith("/api/") or path == "/metrics":
-            doc = getattr(DashboardHandler, handler).__doc__.split("\n\n")[0]
-            endpoints.append({"method": method, "path": path,
+            doc = getattr(DashboardHandler, declared.handler).__doc__.split("\n\n")[0]
+            endpoints.append({"method": declared.method, "path": path,
                               "description": " ".join(doc.split())})
     return endpoints
 
@@ -6522,43 +6127,12 @@ def prometheus_metrics(report, totals):
     return "\n".join(lines) + "\n"
 
 
-# The dashboard's own script and style: the only ones its pages may load.
-DASHBOARD_STATIC = {
-    "app.js": (DASHBOARD_JS, "text/javascript; charset=utf-8"),
-    "app.css": (DASHBOARD_CSS, "text/css; charset=utf-8"),
-    "icon.svg": (DASHBOARD_ICON, "image/svg+xml"),
-}
 DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
                  "img-src 'self'; connect-src 'self'; form-action 'self'; "
                  "base-uri 'none'; frame-ancestors 'none'")
-JOB_PATH = r"/jobs/([^/]+)"
-ROUTES = [
-    ("GET", r"/", "page_overview"),
-    ("GET", r"/jobs", "page_jobs"),
-    ("GET", JOB_PATH, "page_job"),
-    ("GET", r"/dlq", "page_dlq"),
-    ("GET", r"/login", "page_login"),
-    ("POST", r"/login", "post_login"),
-    ("GET", r"/static/(app\.js|app\.css|icon\.svg)", "static"),
-    ("GET", r"/favicon\.ico", "favicon"),            # what browsers ask for anyway
-    ("GET", r"/api/?", "api_index"),
-    ("GET", r"/api/status", "api_status"),
-    ("GET", r"/api/stats", "api_stats"),
-    ("GET", r"/api/config", "api_config"),
-    ("GET", r"/api/overview", "api_overview"),
-    ("GET", r"/api/jobs", "api_jobs"),
-    ("GET", r"/api" + JOB_PATH, "api_job"),
-    ("GET", r"/api" + JOB_PATH + "/logs", "api_logs"),
-    ("GET", r"/api/dlq", "api_dlq"),
-    ("POST", r"/api" + JOB_PATH + "/cancel", "act_cancel"),
-    ("POST", r"/api" + JOB_PATH + "/retry", "act_retry"),
-    ("POST", r"/api/dlq/retry", "act_retry_all"),
-    ("POST", r"/api/pause", "act_pause"),
-    ("POST", r"/api/resume", "act_resume"),
-    ("GET", r"/metrics", "metrics"),
-]
-PAGE_PATHS = ("/", "/jobs", "/dlq")
-PUBLIC = ("static", "favicon", "page_login", "post_login")    # no token needed to load these
+# Every route, as its handler declares it, in the order they are written.
+ROUTES = [declared for handler in vars(DashboardHandler).values()
+          for declared in reversed(getattr(handler, "routes", ()))]
 
 
 def cmd_dashboard(args):
@@ -6942,6 +6516,462 @@ def main(argv=None):
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+
+
+
+####
+# Dashboard: page, style and script ####
+####
+
+# Every page is this skeleton, filled by the server with escaped text only; the
+# script (served from /static/app.js: the Content-Security-Policy allows no
+# other) fetches the JSON API and builds the rest with textContent, never HTML.
+DASHBOARD_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="{csrf}">
+<title>{title} - queuectl</title>
+<link rel="stylesheet" href="/static/app.css">
+<link rel="icon" href="/static/icon.svg" type="image/svg+xml">
+<script src="/static/app.js" defer></script>{head}
+</head>
+<body data-page="{page}" data-job="{job}">
+<header>
+<a class="brand" href="/">queuectl</a>
+<nav>{nav}</nav>
+<span id="paused" class="badge" hidden>paused</span>
+<span class="db">{db}</span>
+</header>
+<main>
+{main}
+</main>
+<p id="message" role="status"></p>
+</body>
+</html>
+"""
+
+DASHBOARD_MAIN = {
+    "overview": """<h1>Overview</h1>
+<p id="verdict" class="verdict">Loading...</p>
+<div id="counts" class="cards"></div>
+<div class="row">
+<section class="panel"><h2>Last hour</h2><p id="rate"></p>
+<svg id="chart" viewBox="0 0 600 120" role="img"
+ aria-label="completions and failures per minute"></svg>
+<p class="legend"><span>an hour ago</span><span><span class="key ok"></span>completed
+<span class="key bad"></span>failed, per minute</span><span>now</span></p></section>
+<section class="panel"><h2>Workers</h2><p id="supervisor"></p><ul id="workers"></ul>
+</section>
+</div>
+<div class="row">
+<section class="panel"><h2>Oldest waiting job</h2><p id="oldest"></p></section>
+<section class="panel"><h2>Queue</h2><p id="queue-state"></p>
+<p><button id="pause" data-action="/api/pause" data-ask="Pause the queue? Workers
+ will start no new job; running jobs go on.">Pause</button>
+<button id="resume" data-action="/api/resume" data-ask="Resume the queue?">Resume</button>
+</p></section>
+</div>""",
+    "jobs": """<h1>Jobs</h1>
+<form id="filter" method="get" action="/jobs">
+<label>State <select name="state"><option value="">any</option>{state_options}</select>
+</label>
+<label>Search <input name="q" value="{q}" placeholder="id or command"></label>
+<button type="submit">Show</button>
+</form>
+<table id="jobs"><thead><tr><th>id</th><th>state</th><th>tries</th><th>priority</th>
+<th>updated (UTC)</th><th>last error</th><th>command</th></tr></thead>
+<tbody></tbody></table>
+<p id="note"></p>
+<p><a id="older" href="/jobs" hidden>Older jobs</a></p>""",
+    "job": """<h1>Job <span id="job-id">{job}</span></h1>
+<p id="actions"><button id="cancel" data-ask="Cancel this job? A running job is
+ killed." hidden>Cancel</button>
+<button id="retry" data-ask="Retry this dead job?" hidden>Retry</button></p>
+<table id="fields" class="fields"><tbody></tbody></table>
+<h2>Runs</h2>
+<table id="runs"><thead><tr><th>run</th><th>worker</th><th>started (UTC)</th>
+<th>duration</th><th>outcome</th><th>exit code or reason</th></tr></thead><tbody></tbody></table>
+<h2 id="output-title">Output</h2>
+<h3>stdout</h3><pre id="stdout"></pre>
+<h3>stderr</h3><pre id="stderr"></pre>""",
+    "dlq": """<h1>Dead letter queue</h1>
+<p><button id="retry-all" data-action="/api/dlq/retry" data-ask="Retry every dead
+ job?">Retry all</button></p>
+<table id="dlq"><thead><tr><th>id</th><th>tries</th><th>updated (UTC)</th>
+<th>last error</th><th>command</th><th></th></tr></thead><tbody></tbody></table>
+<p id="note"></p>
+<p><a id="older" href="/dlq" hidden>Older dead jobs</a></p>""",
+    "login": """<h1>Sign in</h1>
+<form method="post" action="/login">
+<label>Token <input type="password" name="token" autocomplete="current-password"
+ autofocus></label>
+<input type="hidden" name="csrf" value="{csrf}">
+<button type="submit">Sign in</button>
+</form>
+<p class="error">{error}</p>""",
+    # A sign-in URL's answer: the cookie is set, and the page's own refresh
+    # (a same-site navigation, which carries a SameSite=Strict cookie where a
+    # redirect from another site's link would not) opens the page asked for.
+    "signed_in": """<h1>Signed in</h1>
+<p><a href="{target}">Open the dashboard</a></p>""",
+}
+
+# The tab's icon: three queued bars.
+DASHBOARD_ICON = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">
+<rect width="32" height="32" rx="6" fill="#1d2733"/>
+<rect x="7" y="8" width="18" height="4" rx="1" fill="#2e9d52"/>
+<rect x="7" y="14" width="14" height="4" rx="1" fill="#e6edf3"/>
+<rect x="7" y="20" width="10" height="4" rx="1" fill="#e6edf3"/>
+</svg>
+"""
+
+DASHBOARD_CSS = """
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
+       color: #1d2733; background: #f4f6f9; }
+header { display: flex; align-items: center; gap: 1.5em; padding: 0.7em 1.5em;
+         background: #1d2733; color: #fff; }
+header a { color: #fff; text-decoration: none; }
+.brand { font-weight: 700; font-size: 1.1em; }
+nav a { margin-right: 1.1em; opacity: 0.85; }
+nav a:hover { opacity: 1; text-decoration: underline; }
+.db { margin-left: auto; font-size: 0.85em; opacity: 0.7; }
+.badge { background: #e0a100; color: #1d2733; border-radius: 4px; padding: 0 0.5em;
+         font-weight: 600; }
+main { max-width: 1200px; margin: 0 auto; padding: 1em 1.5em 3em; }
+h1 { font-size: 1.5em; margin: 0.4em 0 0.6em; }
+h2 { font-size: 1.1em; margin: 0 0 0.5em; }
+h3 { font-size: 0.95em; margin: 1em 0 0.3em; }
+.cards { display: flex; flex-wrap: wrap; gap: 0.8em; margin-bottom: 1em; }
+.card { flex: 1 1 120px; background: #fff; border-radius: 8px; padding: 0.8em 1em;
+        box-shadow: 0 1px 2px #0002; color: inherit; text-decoration: none; }
+.card .n { display: block; font-size: 1.8em; font-weight: 700; }
+.card.dead .n, .card.failed .n { color: #b3261e; }
+.card.completed .n { color: #1f7a3a; }
+.row { display: flex; flex-wrap: wrap; gap: 1em; margin-bottom: 1em; }
+.panel { flex: 1 1 400px; background: #fff; border-radius: 8px; padding: 1em;
+         box-shadow: 0 1px 2px #0002; }
+.verdict { font-weight: 600; padding: 0.5em 0.8em; border-radius: 6px; background: #e3f3e7;
+           color: #1f7a3a; }
+.verdict.bad { background: #fbe4e2; color: #b3261e; }
+#chart { width: 100%; height: 120px; background: #fafbfc; border: 1px solid #e3e7ec; }
+#chart .ok { fill: #2e9d52; }
+#chart .bad { fill: #d33b2f; }
+.legend { display: flex; justify-content: space-between; margin: 0.2em 0 0;
+          font-size: 0.85em; color: #5b6775; }
+.key { display: inline-block; width: 0.8em; height: 0.8em; margin: 0 0.3em 0 0.8em; }
+.key.ok { background: #2e9d52; }
+.key.bad { background: #d33b2f; }
+table { width: 100%; border-collapse: collapse; background: #fff; margin-bottom: 1em;
+        box-shadow: 0 1px 2px #0002; }
+th, td { text-align: left; padding: 0.4em 0.6em; border-bottom: 1px solid #e3e7ec;
+         vertical-align: top; }
+th { background: #eef1f5; font-weight: 600; font-size: 0.9em; }
+td.command, td.error, td.code { font-family: ui-monospace, monospace; font-size: 0.88em;
+                       overflow-wrap: anywhere; }
+td.nowrap { white-space: nowrap; }
+.fields th { width: 12em; background: #fff; }
+code { font-family: ui-monospace, monospace; font-size: 0.88em; }
+pre { background: #1d2733; color: #e6edf3; padding: 0.8em; border-radius: 6px;
+      overflow: auto; max-height: 30em; white-space: pre-wrap; word-break: break-all; }
+pre:empty::before { content: "(nothing)"; opacity: 0.5; }
+form { margin-bottom: 1em; }
+label { margin-right: 1em; }
+input, select, button { font: inherit; padding: 0.3em 0.6em; }
+button { border: 1px solid #1d2733; background: #fff; border-radius: 4px;
+         cursor: pointer; }
+button:hover { background: #1d2733; color: #fff; }
+#message { position: fixed; bottom: 1em; right: 1em; margin: 0; padding: 0.6em 1em;
+           background: #1d2733; color: #fff; border-radius: 6px; }
+#message:empty { display: none; }
+.error { color: #b3261e; }
+[hidden] { display: none !important; }
+"""
+
+DASHBOARD_JS = r"""
+"use strict";
+const csrf = document.querySelector('meta[name="csrf-token"]').content;
+const body = document.body;
+// FACTS, from Python, comes first in this file: the states, which can be
+// cancelled or retried, which are final, and the fields of a job document.
+const STATES = FACTS.states;
+
+// Build an element; children are nodes or strings (always text, never HTML).
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value !== null && value !== undefined) node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    node.append(child instanceof Node ? child : document.createTextNode(
+      child === null || child === undefined ? "" : String(child)));
+  }
+  return node;
+}
+
+function jobLink(id) {
+  return el("a", {href: "/jobs/" + encodeURIComponent(id)}, id);
+}
+
+function short(text, width) {
+  text = text === null || text === undefined ? "" : String(text);
+  return text.length > width ? text.slice(0, width - 1) + "\u2026" : text;
+}
+
+// A timestamp, short (to the second, in UTC), with the exact one in its tooltip.
+function when(stamp) {
+  if (!stamp) return "-";
+  return el("span", {title: stamp}, stamp.slice(0, 19).replace("T", " "));
+}
+
+function age(seconds) {
+  if (seconds === null || seconds === undefined) return "-";
+  if (seconds < 60) return seconds.toFixed(seconds < 10 ? 1 : 0) + "s";
+  if (seconds < 3600) return Math.floor(seconds / 60) + "m" + Math.floor(seconds % 60) + "s";
+  if (seconds < 86400) return Math.floor(seconds / 3600) + "h" +
+    Math.floor(seconds % 3600 / 60) + "m";
+  return Math.floor(seconds / 86400) + "d" + Math.floor(seconds % 86400 / 3600) + "h";
+}
+
+function say(text) {
+  const message = document.getElementById("message");
+  message.textContent = text;
+  clearTimeout(say.timer);
+  say.timer = setTimeout(() => { message.textContent = ""; }, 6000);
+}
+
+async function api(path, method) {
+  const response = await fetch(path, {
+    method: method || "GET", credentials: "same-origin",
+    headers: method === "POST" ? {"X-CSRF-Token": csrf} : {"Accept": "application/json"}});
+  let doc = null;
+  try { doc = await response.json(); } catch (e) { doc = null; }
+  if (!response.ok) {
+    throw new Error(doc && doc.error ? doc.error : response.status + " " + response.statusText);
+  }
+  return {doc: doc, response: response};
+}
+
+// An action: ask, POST it, say what came of it, refresh the page's data.
+async function act(path, question, refresh) {
+  if (!window.confirm(question)) return;
+  try {
+    const {doc} = await api(path, "POST");
+    say(doc.message);
+  } catch (e) {
+    say("Failed: " + e.message);
+  }
+  refresh();
+}
+
+function replaceRows(tbody, rows) {
+  tbody.replaceChildren(...rows);
+}
+
+// The link to the next page of a paged list, from the API's X-Next-Before.
+function pageOn(response, path, params) {
+  const next = response.headers.get("X-Next-Before");
+  const older = document.getElementById("older");
+  older.hidden = !next;
+  if (next) {
+    const more = new URLSearchParams(params);
+    more.set("before", next);
+    older.setAttribute("href", path + "?" + more.toString());
+  }
+}
+
+function setPaused(paused) {
+  document.getElementById("paused").hidden = !paused;
+}
+
+// Every page refreshes its data every two seconds, without reloading.
+function every(refresh) {
+  const run = async () => {
+    try { await refresh(); } catch (e) { say("Could not load: " + e.message); }
+  };
+  run();
+  setInterval(run, 2000);
+  return run;
+}
+
+const pages = {
+  overview() {
+    const refresh = every(async () => {
+      const {doc} = await api("/api/overview");
+      const status = doc.status;
+      setPaused(status.paused);
+      const verdict = document.getElementById("verdict");
+      verdict.textContent = status.healthy ? "Healthy: no problem found" :
+        "Needs attention: " + status.problems.join("; ");
+      verdict.className = "verdict" + (status.healthy ? "" : " bad");
+      document.getElementById("counts").replaceChildren(...STATES.map(state =>
+        el("a", {class: "card " + state, href: "/jobs?state=" + state},
+           el("span", {class: "n"}, status.counts[state]), state)));
+      drawChart(doc.minutes);
+      const done = doc.minutes.reduce((sum, m) => sum + m.completed, 0);
+      const failed = doc.minutes.reduce((sum, m) => sum + m.failed, 0);
+      document.getElementById("rate").textContent = done + " runs completed, " + failed +
+        " failed" + (done + failed ? " (" + (100 * failed / (done + failed)).toFixed(1) +
+        "% of runs failed)" : "");
+      document.getElementById("supervisor").textContent = status.supervisor_pid ?
+        status.workers.length + " worker(s), " + status.supervisor_state +
+        " (supervisor pid " + status.supervisor_pid + ")" : "No workers running.";
+      document.getElementById("workers").replaceChildren(...status.workers.map(w =>
+        el("li", {}, "pid " + w.pid + ": ", ...(w.job_id ? [jobLink(w.job_id), " ",
+           el("code", {}, short(w.command, 80))] : ["idle"]))));
+      const oldest = doc.oldest_waiting;
+      document.getElementById("oldest").replaceChildren(...(oldest ?
+        [jobLink(oldest.id), " has waited " + age(status.oldest_runnable_age_s) + ": ",
+         el("code", {}, short(oldest.command, 80))] : ["No job is waiting."]));
+      document.getElementById("queue-state").textContent = status.paused ?
+        "Paused since " + status.paused_since + ": workers start no new job." :
+        "Running: workers take jobs as they come.";
+      document.getElementById("pause").hidden = status.paused;
+      document.getElementById("resume").hidden = !status.paused;
+    });
+    for (const button of document.querySelectorAll("button[data-action]")) {
+      button.addEventListener("click", () =>
+        act(button.dataset.action, button.dataset.ask, refresh));
+    }
+  },
+
+  jobs() {
+    const params = new URLSearchParams(location.search);
+    every(async () => {
+      const {doc, response} = await api("/api/jobs?" + params.toString());
+      pageOn(response, "/jobs", params);
+      replaceRows(document.querySelector("#jobs tbody"), doc.map(job => el("tr", {},
+        el("td", {class: "nowrap"}, jobLink(job.id)), el("td", {}, job.state),
+        el("td", {}, job.attempts + "/" + (job.max_retries + 1)),
+        el("td", {}, job.priority), el("td", {class: "nowrap"}, when(job.updated_at)),
+        el("td", {class: "error"}, short(job.last_error, 60)),
+        el("td", {class: "command"}, short(job.command, 120)))));
+      document.getElementById("note").textContent =
+        (doc.length ? "" : "No jobs. ") + (response.headers.get("X-Search-Limited") ?
+        "The search looked at the newest " + response.headers.get("X-Search-Limited") +
+        " jobs only; narrow it with a state, or page on." : "");
+    });
+  },
+
+  job() {
+    const id = body.dataset.job;
+    const path = "/api/jobs/" + encodeURIComponent(id);
+    const refresh = every(async () => {
+      const {doc: job} = await api(path);
+      const rows = FACTS.job_fields.map(name => el("tr", {}, el("th", {}, name),
+        el("td", {class: name === "command" ? "command" : null},
+           job[name] === null ? "-" : job[name])));
+      rows.push(el("tr", {}, el("th", {}, "after"), el("td", {},
+        ...(job.after.length ? job.after.flatMap((dep, i) =>
+          [i ? ", " : "", jobLink(dep.id), " (" + dep.state + ")"]) : ["-"]))));
+      rows.push(el("tr", {}, el("th", {}, "waiting for"),
+        el("td", {}, job.waiting_for.join(", ") || "-")));
+      replaceRows(document.querySelector("#fields tbody"), rows);
+      replaceRows(document.querySelector("#runs tbody"), job.history.map(run =>
+        el("tr", {}, el("td", {}, run.number), el("td", {}, run.worker_pid),
+           el("td", {class: "nowrap"}, when(run.started_at)),
+           el("td", {}, run.duration_s === null ? "-" : run.duration_s + "s"),
+           el("td", {}, run.outcome),
+           el("td", {class: run.outcome === "completed" ? "code" : "error"},
+              run.reason || (run.exit_code === null ? "-" : "exit " + run.exit_code)))));
+      document.getElementById("cancel").hidden =
+        !FACTS.cancellable.includes(job.state);
+      document.getElementById("retry").hidden = !FACTS.retryable.includes(job.state);
+      // The output of its last run; while it runs, what it wrote so far.
+      const {doc: logs} = await api(path + "/logs");
+      document.getElementById("output-title").textContent = logs.run !== null ?
+        "Output of run " + logs.run + " (" + logs.outcome + ")" :
+        FACTS.finished.includes(logs.state) ?
+        "Output (it ended " + logs.state + " without running)" : "Output (not run yet)";
+      for (const stream of ["stdout", "stderr"]) {
+        const dropped = logs[stream + "_dropped_bytes"];
+        document.getElementById(stream).textContent = (dropped ? "[the first " + dropped +
+          " bytes were not kept]\n" : "") + (logs[stream] || "");
+      }
+    });
+    document.getElementById("cancel").addEventListener("click", () =>
+      act(path + "/cancel", document.getElementById("cancel").dataset.ask, refresh));
+    document.getElementById("retry").addEventListener("click", () =>
+      act(path + "/retry", document.getElementById("retry").dataset.ask, refresh));
+  },
+
+  dlq() {
+    const params = new URLSearchParams(location.search);
+    const refresh = every(async () => {
+      const {doc, response} = await api("/api/dlq?" + params.toString());
+      pageOn(response, "/dlq", params);
+      replaceRows(document.querySelector("#dlq tbody"), doc.map(job => {
+        const retry = el("button", {}, "Retry");
+        retry.addEventListener("click", () => act(
+          "/api/jobs/" + encodeURIComponent(job.id) + "/retry",
+          "Retry dead job " + job.id + "?", refresh));
+        return el("tr", {}, el("td", {class: "nowrap"}, jobLink(job.id)),
+          el("td", {}, job.attempts + "/" + (job.max_retries + 1)),
+          el("td", {class: "nowrap"}, when(job.updated_at)),
+          el("td", {class: "error"}, job.last_error),
+          el("td", {class: "command"}, short(job.command, 120)), el("td", {}, retry));
+      }));
+      document.getElementById("note").textContent = doc.length ? "" : "The DLQ is empty.";
+      document.getElementById("retry-all").hidden = !doc.length;
+    });
+    const all = document.getElementById("retry-all");
+    all.addEventListener("click", () => act(all.dataset.action, all.dataset.ask, refresh));
+  },
+
+  login() {},
+};
+
+// The chart: completions (green) and failures (red) of each of the last 60
+// minutes, as SVG bars.
+function drawChart(minutes) {
+  const svg = document.getElementById("chart");
+  const ns = "http://www.w3.org/2000/svg";
+  const top = Math.max(1, ...minutes.map(m => m.completed + m.failed));
+  const width = 600 / minutes.length;
+  const bars = [];
+  minutes.forEach((m, i) => {
+    const done = 110 * m.completed / top;
+    const failed = 110 * m.failed / top;
+    for (const [height, y, cls] of [[done, 115 - done, "ok"],
+                                    [failed, 115 - done - failed, "bad"]]) {
+      if (!height) continue;
+      const bar = document.createElementNS(ns, "rect");
+      bar.setAttribute("x", (i * width + 1).toFixed(1));
+      bar.setAttribute("y", y.toFixed(1));
+      bar.setAttribute("width", Math.max(1, width - 2).toFixed(1));
+      bar.setAttribute("height", height.toFixed(1));
+      bar.setAttribute("class", cls);
+      const title = document.createElementNS(ns, "title");
+      title.textContent = m.minute.slice(0, 16).replace("T", " ") + ": " + m.completed + " completed, " + m.failed +
+        " failed";
+      bar.append(title);
+      bars.push(bar);
+    }
+  });
+  svg.replaceChildren(...bars);
+}
+
+(pages[body.dataset.page] || (() => {}))();
+"""
+
+
+# What the script repeats of Python's facts, handed to it at the top of app.js.
+DASHBOARD_FACTS = {
+    "states": STATES,
+    "cancellable": UNFINISHED,
+    "retryable": (DEAD,),
+    "finished": FINISHED,
+    "job_fields": [name for name in JOB_DOCUMENT_FIELDS if name != "id"],
+}
+# The dashboard's own script and style: the only ones its pages may load.
+DASHBOARD_STATIC = {
+    "app.js": (f"const FACTS = {json.dumps(DASHBOARD_FACTS)};\n" + DASHBOARD_JS,
+               "text/javascript; charset=utf-8"),
+    "app.css": (DASHBOARD_CSS, "text/css; charset=utf-8"),
+    "icon.svg": (DASHBOARD_ICON, "image/svg+xml"),
+}
 
 
 if __name__ == "__main__":

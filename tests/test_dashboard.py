@@ -286,9 +286,9 @@ class DashboardApiTest(DashboardTestCase):
         index = self.get_json("/api/")
         self.assertEqual(self.get_json("/api"), index)
         listed = [(e["method"], e["path"]) for e in index["endpoints"]]
-        routed = [(method, queuectl.route_path(pattern))
-                  for method, pattern, _ in queuectl.ROUTES
-                  if pattern.startswith("/api") or pattern == "/metrics"]
+        routed = [(r.method, queuectl.route_path(r.pattern))
+                  for r in queuectl.ROUTES
+                  if r.pattern.startswith("/api") or r.pattern == "/metrics"]
         self.assertEqual(listed, routed)
         self.assertIn(("GET", "/api/jobs/{id}/logs"), listed)
         self.assertIn(("POST", "/api/pause"), listed)
