@@ -1180,8 +1180,8 @@ class Store:
             if key is not None:
                 holder = keys.get(key) or self._key_holder(conn, key)
                 if holder:
-                    notes[index] = (f"queuectl: job {holder} holds unique key {key!r} "
-                                    f"already: nothing added")
+                    notes[index] = (f"job {holder} holds unique key {key!r} already: "
+                                    f"nothing added")
                     if job["id"] is not None:
                         skipped[job["id"]] = (f"job {holder}", key)
                     row["id"] = holder
@@ -1196,7 +1196,7 @@ class Store:
             if ready is not None:
                 row["ready"] = ready
             if why:
-                notes[index] = f"queuectl: job {row['id']} is dead already: its {why}"
+                notes[index] = f"job {row['id']} is dead already: its {why}"
             self._insert_job(conn, row, job)
             conn.executemany(self._ADD_DEPENDENCY,
                              [(row["id"], dep) for dep in job["after"]])
@@ -2553,6 +2553,10 @@ class SQLiteStore(Store):
     def data_version(self):
         """Return a number that changes whenever another connection commits."""
         return self._retrying(lambda: self._changes(self.conn))
+
+    def clock(self):
+        """The store's time now: this host's."""
+        return now_utc()
 
 
 def open_store(target, create=True):
@@ -4569,6 +4573,290 @@ def _last_error_line(log_path, offset):
 
 
 ####
+# Operations and documents ####
+####
+
+# Each action is one function here, used by the command line and the dashboard
+# alike: it changes the store, wakes the supervisor when its workers have
+# something to do (work became runnable, or claims they hold must be dropped),
+# and says what it did in one Outcome, in the same words for both.
+
+class Outcome(collections.namedtuple("Outcome", "lines notes code")):
+    """What an action did: LINES (the CLI prints them on stdout; the dashboard
+    answers them), NOTES of what it left undone or wants known (stderr), and the
+    exit CODE of the CLI."""
+
+    def __new__(cls, lines=(), notes=(), code=EXIT_OK):
+        return super().__new__(cls, list(lines), list(notes), code)
+
+    def message(self, most=3):
+        """The lines and notes as one message, the first MOST of each."""
+        def some(items):
+            return items[:most] + ([f"... and {len(items) - most} more"]
+                                   if len(items) > most else [])
+        return "; ".join(some(self.lines) + some(self.notes))
+
+
+def enqueue_jobs(store, jobs, cwd, now=None):
+    """Add validated jobs; lines: their ids; notes: the jobs that a unique key
+    kept out or a dead dependency added dead."""
+    ids, notes = store.enqueue(jobs, cwd, now)
+    wake_supervisor(store.path)
+    return Outcome(ids, [notes[index] for index in sorted(notes)])
+
+
+def cancel_jobs(store, job_ids):
+    """Cancel jobs that have not finished (Store.cancel), kill what runs of them,
+    and say which waiting jobs ended dead with them."""
+    ended = []
+    cancelled = store.cancel(job_ids, ended=ended)
+    wake_supervisor(store.path)            # so that its workers drop these at once
+    runs = [run for _, _, run in cancelled if run]
+    for run in runs:
+        kill_run(*run)                     # SIGTERM now, SIGKILL after the grace
+    if runs:
+        # A run that its worker started the moment it was cancelled: its worker
+        # is told to kill it too; this makes sure.
+        time.sleep(CANCEL_RECHECK_S)
+        for run in runs:
+            kill_run(*run)
+    lines = [f"{job_id}: cancelled" + (" (its run was killed)" if run else "")
+             for job_id, _, run in cancelled]
+    lines += [f"{job_id}: dead ({why})" for job_id, why in ended
+              if job_id not in job_ids]
+    return Outcome(lines)
+
+
+def retry_jobs(store, job_ids=None):
+    """Send dead jobs back to pending: those named (all or none), or with None
+    every dead job that can go back, naming the others."""
+    ids, left = store.retry_dead(job_ids)
+    if ids:
+        wake_supervisor(store.path)
+    notes = [f"job {job_id} stays dead: {why}" for job_id, why in left.items()]
+    if not ids and not left:
+        notes = ["the DLQ is empty"]
+    return Outcome([f"{job_id}: back to pending" for job_id in ids], notes)
+
+
+def delete_jobs(store, job_ids):
+    store.delete(job_ids)
+    return Outcome([f"{job_id}: deleted" for job_id in job_ids])
+
+
+def pause_queue(store):
+    since = store.pause()
+    wake_supervisor(store.path)            # so that it takes back unstarted jobs
+    return Outcome([f"paused since {since}: workers start no new job; running "
+                    f"jobs go on (resume lets them start jobs again)"])
+
+
+def resume_queue(store):
+    since = store.resume()
+    wake_supervisor(store.path)
+    return Outcome([f"resumed (paused since {since})" if since
+                    else "the queue was not paused"])
+
+
+def purge_jobs(store, states, older_than_s=0):
+    """Delete finished jobs in STATES older than OLDER_THAN_S, with their history."""
+    age = f" older than {format_span(older_than_s)}" if older_than_s else ""
+    return Outcome([f"purged {store.purge(state, older_than_s)} {state} job(s){age}"
+                    for state in states])
+
+
+# -- documents: what --json prints and the dashboard's API answers -------------------
+
+def status_report(store, max_age=None, max_dead=0):
+    """The status --json document, and the --check exit codes of its problems."""
+    counts, oldest, running = store.status()
+    blocked = store.waiting_for_dependencies()
+    paused = store.paused()
+    now = store.clock()
+    oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
+    supervisor = find_supervisor(store.path, store)
+    worker_pids = supervisor.workers if supervisor else []
+    workers = [{"pid": pid,
+                "job_id": running[pid]["id"] if pid in running else None,
+                "command": running[pid]["command"] if pid in running else None}
+               for pid in worker_pids]
+    # Jobs held by processes that are not our workers: the workers of a killed
+    # supervisor finishing up, or claims waiting for their lease to run out.
+    others = [{"pid": pid, "job_id": job["id"], "command": job["command"],
+               "alive": _pid_exists(pid), "lease_until": job["lease_until"]}
+              for pid, job in sorted(running.items()) if pid not in worker_pids]
+    state = supervisor.state if supervisor else None
+    problems = []
+    # A paused queue's jobs wait on purpose: that is no sign of missing workers.
+    if oldest is not None and not paused and (not workers or state == SUPERVISOR_STOPPING):
+        problems.append((EXIT_CHECK_NO_WORKERS,
+                         "jobs are waiting but no workers are running"
+                         + (" (they are stopping)" if workers else "")))
+    stuck = [w["job_id"] for w in others if not w["alive"]]
+    if stuck and not workers:
+        problems.append((EXIT_CHECK_NO_WORKERS,
+                         f"{len(stuck)} job(s) held by a worker that is gone; start "
+                         f"workers to recover them"))
+    if oldest_age is not None and max_age is not None and oldest_age > max_age:
+        problems.append((EXIT_CHECK_STALE, f"oldest runnable job has waited "
+                                           f"{format_duration(oldest_age)} "
+                                           f"(more than {max_age:g}s)"))
+    if counts[DEAD] > max_dead:
+        problems.append((EXIT_CHECK_DEAD, f"{counts[DEAD]} dead job(s) in the DLQ"))
+    report = {
+        "db": store.path,
+        "counts": counts,
+        "waiting_for_dependencies": blocked,     # of the pending jobs
+        "dlq": counts[DEAD],
+        "oldest_runnable_age_s": oldest_age,
+        "paused": paused is not None,
+        "paused_since": paused,
+        "supervisor_pid": supervisor.pid if supervisor else None,
+        "supervisor_state": state,
+        "workers": workers,
+        "other_claims": others,
+        "healthy": not problems,
+        "problems": [text for _, text in problems],
+    }
+    return report, [code for code, _ in problems]
+
+
+def job_document(store, job_id):
+    """The show --json document of a job: its fields, runs and last output."""
+    job, attempts = store.get_job(job_id)
+    history = [{
+        "number": a["number"], "worker_pid": a["worker_pid"],
+        "started_at": a["started_at"], "finished_at": a["finished_at"],
+        "outcome": a["outcome"], "exit_code": a["exit_code"], "reason": a["reason"],
+        "duration_s": a["duration_s"]} for a in attempts]
+    last = next((a for a in reversed(attempts)
+                 if a["outcome"] in (COMPLETED, FAILED, CANCELLED)), None)
+    waiting_for = [dep["id"] for dep in job["after"] if dep["state"] != COMPLETED]
+    if job["state"] != PENDING:
+        waiting_for = []
+    job["waiting_for"] = waiting_for
+    output = None
+    if last is not None:
+        output = {"stdout": last["stdout"] or "", "stderr": last["stderr"] or "",
+                  "stdout_dropped_bytes": last["stdout_dropped"],
+                  "stderr_dropped_bytes": last["stderr_dropped"]}
+    return dict(job, history=history, output=output)
+
+
+def ended_unrun(job, again=False):
+    """Say that a job ended without a (new) run: cancelled, or dead through a
+    dependency."""
+    return (f"job {job['id']} ended {job['state']} without running"
+            + (" again" if again else "")
+            + (f": {job['last_error']}" if job["last_error"] else ""))
+
+
+def logs_document(db_path, job, run):
+    """The logs --json document of a job's RUN (an attempts row, or None)."""
+    if run is None:                      # the same fields, all empty
+        return {"id": job["id"], "state": job["state"], "run": None, "outcome": None,
+                "stdout": "", "stdout_dropped_bytes": 0, "stderr": "",
+                "stderr_dropped_bytes": 0}
+    return dict({"id": job["id"], "state": job["state"], "run": run["number"],
+                 "outcome": run["outcome"]}, **_run_output(db_path, run))
+
+
+def _run_output(db_path, run):
+    """A run's stdout and stderr: the stored copy, or while it runs, its spool."""
+    output = {}
+    for stream, short in (("stdout", "out"), ("stderr", "err")):
+        text, dropped = run[stream] or "", run[f"{stream}_dropped"]
+        if run["outcome"] == RUN_GOING:
+            spooled = Spool.read(spool_path(db_path, run["run_token"], short), 0)
+            data, dropped, _ = spooled or (b"", 0, 0)
+            text = data.decode("utf-8", "replace")
+        output[stream], output[f"{stream}_dropped_bytes"] = text, dropped
+    return output
+
+
+def run_ending(job, run):
+    """How a run that did not complete ended, and what became of its job:
+    'run 2 of job X failed (exit 3); the job will be retried'."""
+    how = run["reason"] if run["reason"] and run["reason"] != run["outcome"] else None
+    after = {FAILED: "the job will be retried", DEAD: "the job is dead (in the DLQ)",
+             PENDING: "the job is back to pending",
+             PROCESSING: "the job runs again"}.get(job["state"])
+    return (f"run {run['number']} of job {job['id']} ended {run['outcome']}"
+            + (f" ({how})" if how else "") + (f"; {after}" if after else ""))
+
+
+def config_document(db_path):
+    """(values, problems) of a database's settings (Store.config_problems); the
+    defaults, creating nothing, before there is a database."""
+    if not os.path.exists(db_path) or (os.path.isfile(db_path) and
+                                       not os.path.getsize(db_path)):
+        return dict(CONFIG_DEFAULTS), {}
+    with open_store(db_path, create=False) as store:
+        return store.config(), store.config_problems()
+
+
+def overview_document(store):
+    """What the dashboard's overview shows: status, the last hour's runs by
+    minute, and the job that has waited longest."""
+    now = store.clock()
+    report = status_report(store)[0]
+    by_minute = store.run_minutes(now - timedelta(minutes=59))
+    oldest = store.oldest_waiting(now)
+    minutes = []
+    for n in range(59, -1, -1):
+        minute = iso(now - timedelta(minutes=n))[:16]
+        runs = by_minute.get(minute, {})
+        minutes.append({"minute": minute + ":00.000Z",    # as every time here
+                        "completed": runs.get(COMPLETED, 0),
+                        "failed": runs.get(FAILED, 0)})
+    return {"status": report, "minutes": minutes, "oldest_waiting": oldest}
+
+
+def prometheus_metrics(report, totals):
+    """The Prometheus text format of the queue's state and run totals."""
+    lines = []
+
+    def metric(name, kind, help_text, samples):
+        lines.append(f"# HELP queuectl_{name} {help_text}")
+        lines.append(f"# TYPE queuectl_{name} {kind}")
+        for labels, value in samples:
+            label = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
+            lines.append(f"queuectl_{name}{label} {value!r}")   # floats exact
+
+    metric("jobs", "gauge", "Jobs by state.",
+           [((("state", state),), report["counts"][state]) for state in STATES])
+    metric("runs_total", "counter", "Runs that have ended, by outcome.",
+           [((("outcome", outcome),), sum(runs for _, runs, _ in totals.get(outcome, ())))
+            for outcome in (COMPLETED, FAILED, INTERRUPTED, CANCELLED)])
+    cumulative, samples = 0, []
+    completed = dict((bucket, runs) for bucket, runs, _ in totals.get(COMPLETED, ()))
+    for bucket, bound in enumerate(RUN_TIME_BUCKETS):
+        cumulative += completed.get(bucket, 0)
+        samples.append(((("le", f"{bound:g}"),), cumulative))
+    cumulative += completed.get(len(RUN_TIME_BUCKETS), 0)
+    samples.append(((("le", "+Inf"),), cumulative))
+    lines.append("# HELP queuectl_run_duration_seconds Run time of completed runs.")
+    lines.append("# TYPE queuectl_run_duration_seconds histogram")
+    for labels, value in samples:
+        lines.append(f'queuectl_run_duration_seconds_bucket{{le="{labels[0][1]}"}} {value}')
+    seconds = sum(s for _, _, s in totals.get(COMPLETED, ()))
+    lines.append(f"queuectl_run_duration_seconds_sum {float(seconds)!r}")
+    lines.append(f"queuectl_run_duration_seconds_count {cumulative}")
+    metric("workers", "gauge", "Worker processes of the running supervisor.",
+           [((), len(report["workers"]))])
+    metric("paused", "gauge", "1 while the queue is paused.", [((), int(report["paused"]))])
+    # No sample while nothing waits (/api/status says null): 0 would claim a job
+    # that has just become due, and NaN breaks max() and sum() across queues.
+    age_s = report["oldest_runnable_age_s"]
+    metric("oldest_waiting_seconds", "gauge",
+           "How long the oldest runnable job has waited past its run_at; absent "
+           "while no job waits.", [] if age_s is None else [((), float(age_s))])
+    metric("healthy", "gauge", "1 if status --check finds no problem.",
+           [((), int(report["healthy"]))])
+    return "\n".join(lines) + "\n"
+
+
+####
 # Commands ####
 ####
 
@@ -4583,6 +4871,14 @@ def note_created(store):
     if store.created:
         print(f"queuectl: created a new database at {shown(store.path)}",
               file=sys.stderr)
+
+
+def print_outcome(outcome):
+    """Print what an operation did: its lines on stdout, its notes on stderr."""
+    for note in outcome.notes:
+        print(f"queuectl: {shown(note)}", file=sys.stderr)
+    sys.stdout.write(shown("".join(f"{line}\n" for line in outcome.lines), lines=True))
+    return outcome.code
 
 
 def print_json(value):
@@ -4631,12 +4927,9 @@ def cmd_enqueue(args):
                 keys[key] = (f"job {job['id']}" if job["id"] is not None
                              else f"the job of line {index + 1}")
     with store_of(args, create=True) as store:
-        ids, notes = store.enqueue(jobs, cwd, now)
+        outcome = enqueue_jobs(store, jobs, cwd, now)
     note_created(store)
-    wake_supervisor(store.path)
-    for index in sorted(notes):
-        print(notes[index], file=sys.stderr)
-    sys.stdout.write("".join(f"{job_id}\n" for job_id in ids))
+    return print_outcome(outcome)
 
 
 def _job_flags(args):
@@ -4867,60 +5160,6 @@ def cmd_status(args):
     return EXIT_OK
 
 
-def status_report(store, max_age=None, max_dead=0):
-    """The status --json document, and the --check exit codes of its problems."""
-    counts, oldest, running = store.status()
-    blocked = store.waiting_for_dependencies()
-    paused = store.paused()
-    now = now_utc()
-    oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
-    supervisor = find_supervisor(store.path, store)
-    worker_pids = supervisor.workers if supervisor else []
-    workers = [{"pid": pid,
-                "job_id": running[pid]["id"] if pid in running else None,
-                "command": running[pid]["command"] if pid in running else None}
-               for pid in worker_pids]
-    # Jobs held by processes that are not our workers: the workers of a killed
-    # supervisor finishing up, or claims waiting for their lease to run out.
-    others = [{"pid": pid, "job_id": job["id"], "command": job["command"],
-               "alive": _pid_exists(pid), "lease_until": job["lease_until"]}
-              for pid, job in sorted(running.items()) if pid not in worker_pids]
-    state = supervisor.state if supervisor else None
-    problems = []
-    # A paused queue's jobs wait on purpose: that is no sign of missing workers.
-    if oldest is not None and not paused and (not workers or state == SUPERVISOR_STOPPING):
-        problems.append((EXIT_CHECK_NO_WORKERS,
-                         "jobs are waiting but no workers are running"
-                         + (" (they are stopping)" if workers else "")))
-    stuck = [w["job_id"] for w in others if not w["alive"]]
-    if stuck and not workers:
-        problems.append((EXIT_CHECK_NO_WORKERS,
-                         f"{len(stuck)} job(s) held by a worker that is gone; start "
-                         f"workers to recover them"))
-    if oldest_age is not None and max_age is not None and oldest_age > max_age:
-        problems.append((EXIT_CHECK_STALE, f"oldest runnable job has waited "
-                                           f"{format_duration(oldest_age)} "
-                                           f"(more than {max_age:g}s)"))
-    if counts[DEAD] > max_dead:
-        problems.append((EXIT_CHECK_DEAD, f"{counts[DEAD]} dead job(s) in the DLQ"))
-    report = {
-        "db": store.path,
-        "counts": counts,
-        "waiting_for_dependencies": blocked,     # of the pending jobs
-        "dlq": counts[DEAD],
-        "oldest_runnable_age_s": oldest_age,
-        "paused": paused is not None,
-        "paused_since": paused,
-        "supervisor_pid": supervisor.pid if supervisor else None,
-        "supervisor_state": state,
-        "workers": workers,
-        "other_claims": others,
-        "healthy": not problems,
-        "problems": [text for _, text in problems],
-    }
-    return report, [code for code, _ in problems]
-
-
 def print_status(report, check):
     counts = report["counts"]
     print(f"database:  {shown(report['db'])}")
@@ -5022,28 +5261,6 @@ def cmd_show(args):
             print(text if text.endswith("\n") or not text else text + "\n", end="")
 
 
-def job_document(store, job_id):
-    """The show --json document of a job: its fields, runs and last output."""
-    job, attempts = store.get_job(job_id)
-    history = [{
-        "number": a["number"], "worker_pid": a["worker_pid"],
-        "started_at": a["started_at"], "finished_at": a["finished_at"],
-        "outcome": a["outcome"], "exit_code": a["exit_code"], "reason": a["reason"],
-        "duration_s": a["duration_s"]} for a in attempts]
-    last = next((a for a in reversed(attempts)
-                 if a["outcome"] in (COMPLETED, FAILED, CANCELLED)), None)
-    waiting_for = [dep["id"] for dep in job["after"] if dep["state"] != COMPLETED]
-    if job["state"] != PENDING:
-        waiting_for = []
-    job["waiting_for"] = waiting_for
-    output = None
-    if last is not None:
-        output = {"stdout": last["stdout"] or "", "stderr": last["stderr"] or "",
-                  "stdout_dropped_bytes": last["stdout_dropped"],
-                  "stderr_dropped_bytes": last["stderr_dropped"]}
-    return dict(job, history=history, output=output)
-
-
 def cmd_dlq_list(args):
     print_jobs(args, DEAD, args.limit)
 
@@ -5052,14 +5269,7 @@ def cmd_dlq_retry(args):
     if bool(args.ids) == bool(args.all):
         raise UsageError("give job ids or --all, not both or neither")
     with store_of(args) as store:
-        ids, left = store.retry_dead(None if args.all else _unique(args.ids))
-    wake_supervisor(store.path)
-    if not ids and not left:
-        print("the DLQ is empty", file=sys.stderr)
-    for job_id in ids:
-        print(f"{job_id}: back to pending")
-    for job_id, why in left.items():           # --all: what could not go back
-        print(f"queuectl: job {job_id} stays dead: {shown(why)}", file=sys.stderr)
+        return print_outcome(retry_jobs(store, None if args.all else _unique(args.ids)))
 
 
 def _unique(items):
@@ -5068,38 +5278,12 @@ def _unique(items):
 
 def cmd_delete(args):
     with store_of(args) as store:
-        store.delete(_unique(args.ids))
-    for job_id in _unique(args.ids):
-        print(f"{job_id}: deleted")
+        return print_outcome(delete_jobs(store, _unique(args.ids)))
 
 
 def cmd_cancel(args):
-    ended = []
     with store_of(args) as store:
-        cancelled = cancel_jobs(store, _unique(args.ids), ended)
-    for job_id, state, run in cancelled:
-        print(f"{job_id}: cancelled" + (" (its run was killed)" if run else ""))
-    for job_id, why in ended:
-        if job_id not in args.ids:
-            print(f"{job_id}: dead ({why})")
-
-
-def cancel_jobs(store, job_ids, ended=None):
-    """Cancel jobs (Store.cancel), kill what runs of them, wake the supervisor.
-    ENDED, if a list, gets (job id, why) of the jobs that waited for them and so
-    ended dead."""
-    cancelled = store.cancel(job_ids, ended=ended)
-    wake_supervisor(store.path)            # so that its workers drop these at once
-    runs = [run for _, _, run in cancelled if run]
-    for run in runs:
-        kill_run(*run)                     # SIGTERM now, SIGKILL after the grace
-    if runs:
-        # A run that its worker started the moment it was cancelled: its worker
-        # is told to kill it too; this makes sure.
-        time.sleep(CANCEL_RECHECK_S)
-        for run in runs:
-            kill_run(*run)
-    return cancelled
+        return print_outcome(cancel_jobs(store, _unique(args.ids)))
 
 
 def cmd_logs(args):
@@ -5136,37 +5320,6 @@ def cmd_logs(args):
         print(f"queuectl: {shown(run_ending(job, run))}; the run's output was not "
               f"kept", file=sys.stderr)
     return EXIT_OK
-
-
-def ended_unrun(job, again=False):
-    """Say that a job ended without a (new) run: cancelled, or dead through a
-    dependency."""
-    return (f"job {job['id']} ended {job['state']} without running"
-            + (" again" if again else "")
-            + (f": {job['last_error']}" if job["last_error"] else ""))
-
-
-def logs_document(db_path, job, run):
-    """The logs --json document of a job's RUN (an attempts row, or None)."""
-    if run is None:                      # the same fields, all empty
-        return {"id": job["id"], "state": job["state"], "run": None, "outcome": None,
-                "stdout": "", "stdout_dropped_bytes": 0, "stderr": "",
-                "stderr_dropped_bytes": 0}
-    return dict({"id": job["id"], "state": job["state"], "run": run["number"],
-                 "outcome": run["outcome"]}, **_run_output(db_path, run))
-
-
-def _run_output(db_path, run):
-    """A run's stdout and stderr: the stored copy, or while it runs, its spool."""
-    output = {}
-    for stream, short in (("stdout", "out"), ("stderr", "err")):
-        text, dropped = run[stream] or "", run[f"{stream}_dropped"]
-        if run["outcome"] == RUN_GOING:
-            spooled = Spool.read(spool_path(db_path, run["run_token"], short), 0)
-            data, dropped, _ = spooled or (b"", 0, 0)
-            text = data.decode("utf-8", "replace")
-        output[stream], output[f"{stream}_dropped_bytes"] = text, dropped
-    return output
 
 
 def follow_logs(store, job, run, number):
@@ -5262,17 +5415,6 @@ def follow_logs(store, job, run, number):
                 job["state"], version = PROCESSING, None
 
 
-def run_ending(job, run):
-    """How a run that did not complete ended, and what became of its job:
-    'run 2 of job X failed (exit 3); the job will be retried'."""
-    how = run["reason"] if run["reason"] and run["reason"] != run["outcome"] else None
-    after = {FAILED: "the job will be retried", DEAD: "the job is dead (in the DLQ)",
-             PENDING: "the job is back to pending",
-             PROCESSING: "the job runs again"}.get(job["state"])
-    return (f"run {run['number']} of job {job['id']} ended {run['outcome']}"
-            + (f" ({how})" if how else "") + (f"; {after}" if after else ""))
-
-
 def cmd_wait(args):
     ids = _unique(args.ids)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -5320,39 +5462,21 @@ def cmd_wait(args):
 
 def cmd_pause(args):
     with store_of(args) as store:
-        since = store.pause()
-    wake_supervisor(store.path)
-    print(f"paused since {since}: workers start no new job; running jobs go on "
-          f"(queuectl resume lets them start jobs again)")
+        return print_outcome(pause_queue(store))
 
 
 def cmd_resume(args):
     with store_of(args) as store:
-        since = store.resume()
-    wake_supervisor(store.path)
-    print(f"resumed (paused since {since})" if since else "the queue was not paused")
+        return print_outcome(resume_queue(store))
 
 
 def cmd_purge(args):
-    age = f" older than {format_span(args.older_than)}" if args.older_than else ""
     with store_of(args) as store:
-        for state in _unique(args.state):
-            purged = store.purge(state, args.older_than or 0)
-            print(f"purged {purged} {state} job(s){age}")
-
-
-def _config_of(args):
-    """(values, problems) of the database's settings (Store.config_problems); the
-    defaults, creating nothing, before there is a database."""
-    path = args.db
-    if not os.path.exists(path) or (os.path.isfile(path) and not os.path.getsize(path)):
-        return dict(CONFIG_DEFAULTS), {}
-    with store_of(args) as store:
-        return store.config(), store.config_problems()
+        return print_outcome(purge_jobs(store, _unique(args.state), args.older_than or 0))
 
 
 def cmd_config_show(args):
-    values, problems = _config_of(args)
+    values, problems = config_document(args.db)
     if args.json:
         for key in problems:
             print(f"queuectl: {shown(problems[key])}", file=sys.stderr)
@@ -5365,7 +5489,7 @@ def cmd_config_show(args):
 
 def cmd_config_get(args):
     key = config_key(args.key)
-    values, problems = _config_of(args)
+    values, problems = config_document(args.db)
     value, problem = values[key], problems.get(key)
     if problem:
         print(f"queuectl: {shown(problem)}", file=sys.stderr)
@@ -5941,68 +6065,40 @@ class DashboardHandler:
     def api_overview(self, dashboard, query):
         """What the overview page shows: status, the last hour's runs by minute,
         and the job that has waited longest."""
-        now = now_utc()
         with dashboard.store() as store:
-            report = status_report(store)[0]
-            by_minute = store.run_minutes(now - timedelta(minutes=59))
-            oldest = store.oldest_waiting(now)
-        minutes = []
-        for n in range(59, -1, -1):
-            minute = iso(now - timedelta(minutes=n))[:16]
-            runs = by_minute.get(minute, {})
-            minutes.append({"minute": minute + ":00.000Z",    # as every time here
-                            "completed": runs.get(COMPLETED, 0),
-                            "failed": runs.get(FAILED, 0)})
-        self.send_json({"status": report, "minutes": minutes,
-                        "oldest_waiting": oldest})
+            self.send_json(overview_document(store))
 
     # -- actions --------------------------------------------------------------------------
 
     @route("POST", r"/api" + JOB_PATH + "/cancel")
     def act_cancel(self, dashboard, query, job_id):
         """Cancel a pending, failed or running job (its run is killed): `cancel ID`."""
-        with dashboard.store() as store:
-            cancelled = cancel_jobs(store, [job_id])
-        killed = any(run for _, _, run in cancelled)
-        self.send_json({"message": f"cancelled job {job_id}" +
-                        (" (its run was killed)" if killed else "")})
+        self.act(dashboard, cancel_jobs, [job_id])
 
     @route("POST", r"/api" + JOB_PATH + "/retry")
     def act_retry(self, dashboard, query, job_id):
         """Send a dead job back to pending: `dlq retry ID`."""
-        with dashboard.store() as store:
-            store.retry_dead([job_id])
-        wake_supervisor(dashboard.db_path)
-        self.send_json({"message": f"job {job_id} is back to pending"})
+        self.act(dashboard, retry_jobs, [job_id])
 
     @route("POST", r"/api/dlq/retry")
     def act_retry_all(self, dashboard, query):
         """Send every dead job back to pending: `dlq retry --all`."""
-        with dashboard.store() as store:
-            ids, left = store.retry_dead()
-        wake_supervisor(dashboard.db_path)
-        message = f"{len(ids)} dead job(s) back to pending"
-        if left:
-            whys = [f"{job_id} ({why})" for job_id, why in left.items()]
-            message += (f"; {len(left)} stay dead: {', '.join(whys[:3])}" +
-                        (", ..." if len(whys) > 3 else ""))
-        self.send_json({"message": message})
+        self.act(dashboard, retry_jobs)
 
     @route("POST", r"/api/pause")
     def act_pause(self, dashboard, query):
         """Pause the queue: `pause`."""
-        with dashboard.store() as store:
-            since = store.pause()
-        wake_supervisor(dashboard.db_path)
-        self.send_json({"message": f"paused since {since}"})
+        self.act(dashboard, pause_queue)
 
     @route("POST", r"/api/resume")
     def act_resume(self, dashboard, query):
         """Resume the queue: `resume`."""
+        self.act(dashboard, resume_queue)
+
+    def act(self, dashboard, operation, *args):
+        """Do OPERATION (of "Operations and documents") and answer its message."""
         with dashboard.store() as store:
-            since = store.resume()
-        wake_supervisor(dashboard.db_path)
-        self.send_json({"message": "resumed" if since else "the queue was not paused"})
+            self.send_json({"message": operation(store, *args).message()})
 
     # -- /metrics ---------------------------------------------------------------------------
 
@@ -6081,50 +6177,6 @@ def api_endpoints():
             endpoints.append({"method": declared.method, "path": path,
                               "description": " ".join(doc.split())})
     return endpoints
-
-
-def prometheus_metrics(report, totals):
-    """The Prometheus text format of the queue's state and run totals."""
-    lines = []
-
-    def metric(name, kind, help_text, samples):
-        lines.append(f"# HELP queuectl_{name} {help_text}")
-        lines.append(f"# TYPE queuectl_{name} {kind}")
-        for labels, value in samples:
-            label = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
-            lines.append(f"queuectl_{name}{label} {value!r}")   # floats exact
-
-    metric("jobs", "gauge", "Jobs by state.",
-           [((("state", state),), report["counts"][state]) for state in STATES])
-    metric("runs_total", "counter", "Runs that have ended, by outcome.",
-           [((("outcome", outcome),), sum(runs for _, runs, _ in totals.get(outcome, ())))
-            for outcome in (COMPLETED, FAILED, INTERRUPTED, CANCELLED)])
-    cumulative, samples = 0, []
-    completed = dict((bucket, runs) for bucket, runs, _ in totals.get(COMPLETED, ()))
-    for bucket, bound in enumerate(RUN_TIME_BUCKETS):
-        cumulative += completed.get(bucket, 0)
-        samples.append(((("le", f"{bound:g}"),), cumulative))
-    cumulative += completed.get(len(RUN_TIME_BUCKETS), 0)
-    samples.append(((("le", "+Inf"),), cumulative))
-    lines.append("# HELP queuectl_run_duration_seconds Run time of completed runs.")
-    lines.append("# TYPE queuectl_run_duration_seconds histogram")
-    for labels, value in samples:
-        lines.append(f'queuectl_run_duration_seconds_bucket{{le="{labels[0][1]}"}} {value}')
-    seconds = sum(s for _, _, s in totals.get(COMPLETED, ()))
-    lines.append(f"queuectl_run_duration_seconds_sum {float(seconds)!r}")
-    lines.append(f"queuectl_run_duration_seconds_count {cumulative}")
-    metric("workers", "gauge", "Worker processes of the running supervisor.",
-           [((), len(report["workers"]))])
-    metric("paused", "gauge", "1 while the queue is paused.", [((), int(report["paused"]))])
-    # No sample while nothing waits (/api/status says null): 0 would claim a job
-    # that has just become due, and NaN breaks max() and sum() across queues.
-    age_s = report["oldest_runnable_age_s"]
-    metric("oldest_waiting_seconds", "gauge",
-           "How long the oldest runnable job has waited past its run_at; absent "
-           "while no job waits.", [] if age_s is None else [((), float(age_s))])
-    metric("healthy", "gauge", "1 if status --check finds no problem.",
-           [((), int(report["healthy"]))])
-    return "\n".join(lines) + "\n"
 
 
 DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; "
