@@ -244,22 +244,36 @@ class NoAnswer(QueueError):
 # Time and text ####
 ####
 
+class Pattern:
+    """A regular expression compiled when first used: most commands use none of
+    these, and compiling them all costs every start a millisecond or two."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self.compiled = None
+
+    def __getattr__(self, name):           # fullmatch, match, sub, findall ...
+        if self.compiled is None:
+            self.compiled = re.compile(self.pattern)
+        return getattr(self.compiled, name)
+
+
 # Numbers as users write them: ASCII digits only ([0-9], never \d, which takes
 # any script's digits: int("١٢") is 12), no exponent, no "_", no inf or nan.
-WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
-DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+WHOLE_NUMBER = Pattern(r"[+-]?[0-9]+")
+DECIMAL = Pattern(r"[0-9]+(?:\.[0-9]+)?")
 
 # A duration as users write it: seconds alone, or numbers with units (1h30m).
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
-DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)|(?:[0-9]+(?:\.[0-9]+)?[smhdw])+")
+DURATION_PART = Pattern(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
+DURATION = Pattern(r"([0-9]+(?:\.[0-9]+)?)|(?:[0-9]+(?:\.[0-9]+)?[smhdw])+")
 
 # An ISO-8601 time as users write it: date, T or space, time, Z or an offset.
-USER_TIME = re.compile(
+USER_TIME = Pattern(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2})"
     r"(?::([0-9]{2})(?:[.,]([0-9]{1,9}))?)?"
     r"(?:([zZ])|([+-])([0-9]{2}):?([0-9]{2}))?")
-DATE_ONLY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+DATE_ONLY = Pattern(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def now_utc():
@@ -410,8 +424,8 @@ def _escape(match):
     return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_CONTROL_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = Pattern("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_LINES = Pattern("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _ESCAPES = {"\n": "\\n", "\r": "\\r"}
 
 
@@ -4860,6 +4874,64 @@ def prometheus_metrics(report, totals):
 # Commands ####
 ####
 
+# Each command is its cmd_ function, declared where it stands by @command: its
+# name, its help and its arguments. build_parser (Command line) reads COMMANDS.
+
+CommandSpec = collections.namedtuple("CommandSpec",
+                                     "name func help arguments json epilog")
+COMMANDS = []              # in the order `queuectl --help` lists them
+GROUPS = {"worker": "start or stop workers", "dlq": "the dead letter queue",
+          "config": "show or change settings"}
+
+
+def command(name, help_text, *arguments, json=False, epilog=None):
+    """Declare, above its cmd_ function, a command: NAME ("status", or "worker
+    start" for an action of a group), its help, its ARGUMENTS (each arg(...));
+    JSON gives it --json."""
+    def declare(func):
+        COMMANDS.append(CommandSpec(name, func, help_text, arguments, json, epilog))
+        return func
+    return declare
+
+
+def arg(*flags, **options):
+    """One argument of a command, as ArgumentParser.add_argument takes it."""
+    return flags, options
+
+
+ENQUEUE_EPILOG = (
+    "job fields in JSON, each with the flag that gives it: " +
+    ", ".join(f"{field.name} ({field.flag})" for field in JOB_FIELDS) +
+    "; run_at is ISO-8601 with Z or an offset, delay and timeout are durations" +
+    ". Examples: queuectl enqueue '{\"id\": \"job1\", \"command\": \"sleep 2\", "
+    "\"priority\": 5}'; queuectl enqueue -c 'make report' --after job1 --timeout 10m")
+
+CONFIG_KEYS_HELP = ("keys and their valid values: " +
+                    "; ".join(f"{key} ({setting.wanted})"
+                              for key, setting in CONFIG.items()) +
+                    ". - or _ both work in a key")
+
+
+def int_between(low, high):
+    """An argparse type: a whole number from LOW to HIGH."""
+    def parse(text):
+        if not WHOLE_NUMBER.fullmatch(text.strip()):     # int("٣") would be 3
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {text!r}")
+        return value
+    return parse
+
+
+def duration(text):
+    """An argparse type: a duration >= 0 (90, 90s, 10m, 2h, 7d)."""
+    try:
+        return check_duration(parse_duration(text), text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def store_of(args, create=False):
     """The store that --db names."""
     return open_store(args.db, create=create)
@@ -4885,6 +4957,16 @@ def print_json(value):
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+@command("enqueue", "add a job (or, with -, one per line from stdin)",
+         arg("job", metavar="JSON", nargs="?",
+             help='job as JSON, e.g. \'{"command": "sleep 2"}\', or - for stdin'),
+         arg("-c", "--command", dest="shell_command", metavar="COMMAND",
+             help="the job's command, instead of JSON; the flags below give its "
+                  "other fields"),
+         *(arg(field.flag, dest=field.name, metavar=field.metavar, help=field.help,
+               action="append" if field.column == "after" else "store")
+           for field in JOB_FIELDS if field.name != "command"),
+         epilog=ENQUEUE_EPILOG)
 def cmd_enqueue(args):
     now = now_utc()
     flags = _job_flags(args)
@@ -5006,6 +5088,11 @@ def _no_duplicate_keys(pairs):
 _JSON = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
 
 
+@command("worker start", "run workers until stopped",
+         arg("--count", type=int_between(1, MAX_WORKERS), default=1, metavar="N",
+             help="number of worker processes (default 1)"),
+         arg("--detach", action="store_true",
+             help="run in the background; return once the workers are up"))
 def cmd_worker_start(args):
     db_path = args.db
     with open_store(db_path) as store:  # create or check the database before forking
@@ -5023,6 +5110,11 @@ def cmd_worker_start(args):
     return Supervisor(db_path, args.count).run()
 
 
+@command("worker stop", "stop the workers gracefully",
+         arg("--timeout", type=duration, default=None, metavar="DURATION",
+             help="after this long, kill running jobs and put them back (default: "
+                  "wait for them); exit 7 if it did, 8 if the supervisor does not "
+                  "answer (frozen)"))
 def cmd_worker_stop(args):
     supervisor = find_supervisor(args.db)
     if not supervisor:
@@ -5148,6 +5240,14 @@ def _signal_supervisor(pid, sig):
         raise QueueError(f"not allowed to signal supervisor pid {pid}") from None
 
 
+@command("status", "show queue health",
+         arg("--check", action="store_true",
+             help="exit 3/4/5 when the queue needs attention (for cron)"),
+         arg("--max-age", type=duration, default=None, metavar="DURATION",
+             help="with --check: problem if a runnable job waited longer"),
+         arg("--max-dead", type=int_between(0, INT_LIMIT - 1), default=0, metavar="N",
+             help="with --check: problem if the DLQ holds more than N (0)"),
+         json=True)
 def cmd_status(args):
     with store_of(args) as store:
         report, codes = status_report(store, args.max_age, args.max_dead)
@@ -5192,6 +5292,11 @@ def print_status(report, check):
             print(f"problem:   {text}")
 
 
+@command("list", "list jobs, newest first",
+         arg("--state", choices=STATES, help="only jobs in this state"),
+         arg("--limit", type=int_between(1, INT_LIMIT - 1), default=None,
+             metavar="N", help="at most N jobs"),
+         json=True)
 def cmd_list(args):
     print_jobs(args, args.state, args.limit)
 
@@ -5227,6 +5332,7 @@ def print_job_table(jobs):
         print("  ".join(cells + [row[-1]]))
 
 
+@command("show", "show one job whole", arg("id", metavar="ID"), json=True)
 def cmd_show(args):
     with store_of(args) as store:
         job = job_document(store, args.id)
@@ -5261,31 +5367,15 @@ def cmd_show(args):
             print(text if text.endswith("\n") or not text else text + "\n", end="")
 
 
-def cmd_dlq_list(args):
-    print_jobs(args, DEAD, args.limit)
-
-
-def cmd_dlq_retry(args):
-    if bool(args.ids) == bool(args.all):
-        raise UsageError("give job ids or --all, not both or neither")
-    with store_of(args) as store:
-        return print_outcome(retry_jobs(store, None if args.all else _unique(args.ids)))
-
-
-def _unique(items):
-    return list(dict.fromkeys(items))
-
-
-def cmd_delete(args):
-    with store_of(args) as store:
-        return print_outcome(delete_jobs(store, _unique(args.ids)))
-
-
-def cmd_cancel(args):
-    with store_of(args) as store:
-        return print_outcome(cancel_jobs(store, _unique(args.ids)))
-
-
+@command("logs", "print a run's stdout and stderr",
+         arg("id", metavar="ID"),
+         arg("--attempt", type=int_between(1, INT_LIMIT - 1), metavar="N",
+             help="run N (1 is the first; default: the last)"),
+         arg("-f", "--follow", action="store_true",
+             help="stream the job's output as it is written, run after run, until "
+                  "the job completes (exit 0) or ends dead or cancelled (6); with "
+                  "--attempt, that run only"),
+         json=True)
 def cmd_logs(args):
     if args.follow and args.json:
         raise UsageError("--follow streams as text; --json prints one document")
@@ -5415,6 +5505,12 @@ def follow_logs(store, job, run, number):
                 job["state"], version = PROCESSING, None
 
 
+@command("wait", "wait until jobs have finished",
+         arg("ids", nargs="+", metavar="ID"),
+         arg("--timeout", type=duration, default=None, metavar="DURATION",
+             help="give up after this long (exit 124)"),
+         json=True, epilog="exit 0 if every job completed, 6 if one ended dead or "
+                           "cancelled, 124 if --timeout ran out first")
 def cmd_wait(args):
     ids = _unique(args.ids)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -5460,21 +5556,65 @@ def cmd_wait(args):
     return EXIT_OK if completed else EXIT_NOT_COMPLETED
 
 
+@command("cancel", "cancel jobs that have not finished (a running job's "
+                   "processes are killed)", arg("ids", nargs="+", metavar="ID"))
+def cmd_cancel(args):
+    with store_of(args) as store:
+        return print_outcome(cancel_jobs(store, _unique(args.ids)))
+
+
+@command("pause", "stop workers from starting jobs (running jobs go on)")
 def cmd_pause(args):
     with store_of(args) as store:
         return print_outcome(pause_queue(store))
 
 
+@command("resume", "let workers start jobs again")
 def cmd_resume(args):
     with store_of(args) as store:
         return print_outcome(resume_queue(store))
 
 
+@command("purge", "delete finished jobs with their history and output",
+         arg("--state", choices=FINISHED, required=True, action="append",
+             help="completed, dead or cancelled (repeat for more)"),
+         arg("--older-than", type=duration, metavar="DURATION",
+             help="only jobs that finished longer ago than this"))
 def cmd_purge(args):
     with store_of(args) as store:
         return print_outcome(purge_jobs(store, _unique(args.state), args.older_than or 0))
 
 
+@command("dlq list", "list dead jobs, newest first",
+         arg("--limit", type=int_between(1, INT_LIMIT - 1), default=None,
+             metavar="N", help="at most N jobs"),
+         json=True)
+def cmd_dlq_list(args):
+    print_jobs(args, DEAD, args.limit)
+
+
+@command("dlq retry", "put dead jobs back to pending",
+         arg("ids", nargs="*", metavar="ID"),
+         arg("--all", action="store_true", help="every dead job"))
+def cmd_dlq_retry(args):
+    if bool(args.ids) == bool(args.all):
+        raise UsageError("give job ids or --all, not both or neither")
+    with store_of(args) as store:
+        return print_outcome(retry_jobs(store, None if args.all else _unique(args.ids)))
+
+
+def _unique(items):
+    return list(dict.fromkeys(items))
+
+
+@command("delete", "delete jobs that are not running",
+         arg("ids", nargs="+", metavar="ID"))
+def cmd_delete(args):
+    with store_of(args) as store:
+        return print_outcome(delete_jobs(store, _unique(args.ids)))
+
+
+@command("config show", "show every setting", json=True)
 def cmd_config_show(args):
     values, problems = config_document(args.db)
     if args.json:
@@ -5487,6 +5627,8 @@ def cmd_config_show(args):
             print(f"{key} = {value}{note}")
 
 
+@command("config get", "print one setting's value", arg("key", metavar="KEY"),
+         epilog=CONFIG_KEYS_HELP)
 def cmd_config_get(args):
     key = config_key(args.key)
     values, problems = config_document(args.db)
@@ -5496,6 +5638,8 @@ def cmd_config_get(args):
     print(value)
 
 
+@command("config set", "change a setting", arg("key", metavar="KEY"),
+         arg("value", metavar="VALUE"), epilog=CONFIG_KEYS_HELP)
 def cmd_config_set(args):
     key = config_key(args.key)
     value = parse_config_value(key, args.value)
@@ -5506,6 +5650,7 @@ def cmd_config_set(args):
     print(f"{key} = {text}")
 
 
+@command("stats", "show throughput and run times", json=True)
 def cmd_stats(args):
     with store_of(args) as store:
         stats = store.stats()
@@ -6187,6 +6332,15 @@ ROUTES = [declared for handler in vars(DashboardHandler).values()
           for declared in reversed(getattr(handler, "routes", ()))]
 
 
+@command("dashboard", "serve a web dashboard of the queue (Ctrl-C to stop)",
+         arg("--host", default="127.0.0.1",
+             help="address to listen on (default 127.0.0.1; any other needs a token)"),
+         arg("--port", type=int_between(0, 65535), default=DASHBOARD_PORT,
+             metavar="N", help=f"port (default {DASHBOARD_PORT}; 0: any free one)"),
+         arg("--token", metavar="TOKEN",
+             help=f"the token every request must carry, at least {TOKEN_MIN_LEN} "
+                  f"characters (default: ${ENV_TOKEN}, which `ps` does not show; "
+                  f"else, on 127.0.0.1, the one kept in <db>{TOKEN_SUFFIX})"))
 def cmd_dashboard(args):
     token = args.token or os.environ.get(ENV_TOKEN) or None
     if token is not None:
@@ -6332,35 +6486,6 @@ class Parser(argparse.ArgumentParser):
         super()._check_value(action, value)
 
 
-def int_between(low, high):
-    """An argparse type: a whole number from LOW to HIGH."""
-    def parse(text):
-        if not WHOLE_NUMBER.fullmatch(text.strip()):     # int("٣") would be 3
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {text!r}")
-        return value
-    return parse
-
-
-def non_negative_float(text):
-    if not DECIMAL.fullmatch(text.strip()):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
-    return value
-
-
-def duration(text):
-    """An argparse type: a duration >= 0 (90, 90s, 10m, 2h, 7d)."""
-    try:
-        return check_duration(parse_duration(text), text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 DB_HELP = (f"database file (default: ${ENV_DB}, else $XDG_DATA_HOME/queuectl/"
            f"{DB_FILENAME}, else ~/.local/share/queuectl/{DB_FILENAME})")
 EPILOG = ("exit codes: 0 ok, 1 runtime error (unknown job, wrong state, workers "
@@ -6369,153 +6494,97 @@ EPILOG = ("exit codes: 0 ok, 1 runtime error (unknown job, wrong state, workers 
           "--follow: 6 a job ended without completing, 124 wait timed out; worker "
           "stop and worker start: 7 running jobs were interrupted; worker stop: 8 the "
           "supervisor does not answer. Durations: 90, 90s, 10m, 2h, 7d, 1h30m.")
-ENQUEUE_EPILOG = (
-    "job fields in JSON, each with the flag that gives it: " +
-    ", ".join(f"{field.name} ({field.flag})" for field in JOB_FIELDS) +
-    "; run_at is ISO-8601 with Z or an offset, delay and timeout are durations" +
-    ". Examples: queuectl enqueue '{\"id\": \"job1\", \"command\": \"sleep 2\", "
-    "\"priority\": 5}'; queuectl enqueue -c 'make report' --after job1 --timeout 10m")
+
+
+class LazyParsers(dict):
+    """The parsers of a command's subcommands (argparse's choices), each built the
+    first time it is looked up: a command line builds only the parser it uses,
+    not twenty (a tenth of a millisecond each, at every start)."""
+
+    def __init__(self, builders):
+        super().__init__()
+        self.builders = builders          # name -> a function that builds it
+
+    def __contains__(self, name):
+        return name in self.builders
+
+    def __iter__(self):
+        return iter(self.builders)
+
+    def __len__(self):
+        return len(self.builders)
+
+    def __missing__(self, name):
+        self[name] = parser = self.builders[name]()
+        return parser
+
+    def keys(self):
+        return self.builders.keys()
+
+    def items(self):
+        return [(name, self[name]) for name in self.builders]
+
+    def values(self):
+        return [self[name] for name in self.builders]
 
 
 def build_parser():
+    """The command line's parser, read from COMMANDS (see @command)."""
     common = Parser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH", help=DB_HELP)
     json_opt = Parser(add_help=False)
     json_opt.add_argument("--json", action="store_true",
                           help="print one JSON document")
-
     parser = Parser(prog=PROG, description="A durable background job queue for "
                                            "shell commands.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--db", default=None, metavar="PATH", help=DB_HELP)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                     parser_class=Parser)
 
-    def command(parent, name, func, help_text, parents=(), epilog=None):
-        sub = parent.add_parser(name, help=help_text, description=help_text,
-                                parents=[common, *parents], epilog=epilog)
-        sub.set_defaults(func=func, parser=sub)
-        return sub
+    def subcommands(parent, dest, metavar, entries):
+        """Add ENTRIES ({name: (help, build(sub))}) to PARENT, built lazily."""
+        action = parent.add_subparsers(dest=dest, metavar=metavar, required=True,
+                                       parser_class=Parser)
 
-    def group(name, help_text):
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  parents=[common])
-        sub.set_defaults(parser=sub)
-        return sub.add_subparsers(dest="action", metavar="ACTION", required=True,
-                                  parser_class=Parser)
+        def builder(name, help_text, build):
+            def build_it():            # as add_parser builds it, less the listing
+                sub = Parser(prog=f"{action._prog_prefix} {name}",
+                             description=help_text, **build[1])
+                build[0](sub)
+                return sub
+            return build_it
+        action.choices = action._name_parser_map = LazyParsers(
+            {name: builder(name, help_text, build)
+             for name, (help_text, build) in entries.items()})
+        for name, (help_text, _) in entries.items():
+            action._choices_actions.append(
+                action._ChoicesPseudoAction(name, (), help_text))
 
-    sub = command(commands, "enqueue", cmd_enqueue, "add a job (or, with -, one per "
-                  "line from stdin)", epilog=ENQUEUE_EPILOG)
-    sub.add_argument("job", metavar="JSON", nargs="?",
-                     help='job as JSON, e.g. \'{"command": "sleep 2"}\', or - for stdin')
-    sub.add_argument("-c", "--command", dest="shell_command", metavar="COMMAND",
-                     help="the job's command, instead of JSON; the flags below give "
-                          "its other fields")
-    for field in JOB_FIELDS:
-        if field.name != "command":
-            sub.add_argument(field.flag, dest=field.name, metavar=field.metavar,
-                             help=field.help,
-                             action="append" if field.column == "after" else "store")
+    def verb(spec):
+        def build(sub):
+            sub.set_defaults(func=spec.func, parser=sub)
+            for flags, options in spec.arguments:
+                sub.add_argument(*flags, **options)
+        options = {"parents": [common] + ([json_opt] if spec.json else []),
+                   "epilog": spec.epilog}
+        return spec.help, (build, options)
 
-    actions = group("worker", "start or stop workers")
-    sub = command(actions, "start", cmd_worker_start, "run workers until stopped")
-    sub.add_argument("--count", type=int_between(1, MAX_WORKERS), default=1, metavar="N",
-                     help="number of worker processes (default 1)")
-    sub.add_argument("--detach", action="store_true",
-                     help="run in the background; return once the workers are up")
-    sub = command(actions, "stop", cmd_worker_stop, "stop the workers gracefully")
-    sub.add_argument("--timeout", type=duration, default=None, metavar="DURATION",
-                     help="after this long, kill running jobs and put them back "
-                          "(default: wait for them); exit 7 if it did, 8 if the "
-                          "supervisor does not answer (frozen)")
+    def group(name, specs):
+        def build(sub):
+            sub.set_defaults(parser=sub)
+            subcommands(sub, "action", "ACTION",
+                        {spec.name.split()[1]: verb(spec) for spec in specs})
+        return GROUPS[name], (build, {"parents": [common]})
 
-    sub = command(commands, "status", cmd_status, "show queue health", [json_opt])
-    sub.add_argument("--check", action="store_true",
-                     help="exit 3/4/5 when the queue needs attention (for cron)")
-    sub.add_argument("--max-age", type=duration, default=None, metavar="DURATION",
-                     help="with --check: problem if a runnable job waited longer")
-    sub.add_argument("--max-dead", type=int_between(0, INT_LIMIT - 1), default=0,
-                     metavar="N", help="with --check: problem if the DLQ holds more than N (0)")
-
-    sub = command(commands, "list", cmd_list, "list jobs, newest first", [json_opt])
-    sub.add_argument("--state", choices=STATES, help="only jobs in this state")
-    sub.add_argument("--limit", type=int_between(1, INT_LIMIT - 1), default=None,
-                     metavar="N", help="at most N jobs")
-
-    sub = command(commands, "show", cmd_show, "show one job whole", [json_opt])
-    sub.add_argument("id", metavar="ID")
-
-    sub = command(commands, "logs", cmd_logs, "print a run's stdout and stderr",
-                  [json_opt])
-    sub.add_argument("id", metavar="ID")
-    sub.add_argument("--attempt", type=int_between(1, INT_LIMIT - 1), metavar="N",
-                     help="run N (1 is the first; default: the last)")
-    sub.add_argument("-f", "--follow", action="store_true",
-                     help="stream the job's output as it is written, run after run, "
-                          "until the job completes (exit 0) or ends dead or cancelled "
-                          "(6); with --attempt, that run only")
-
-    sub = command(commands, "wait", cmd_wait, "wait until jobs have finished",
-                  [json_opt])
-    sub.add_argument("ids", nargs="+", metavar="ID")
-    sub.add_argument("--timeout", type=duration, default=None, metavar="DURATION",
-                     help="give up after this long (exit 124)")
-    sub.epilog = ("exit 0 if every job completed, 6 if one ended dead or cancelled, "
-                  "124 if --timeout ran out first")
-
-    sub = command(commands, "cancel", cmd_cancel, "cancel jobs that have not finished "
-                  "(a running job's processes are killed)")
-    sub.add_argument("ids", nargs="+", metavar="ID")
-
-    command(commands, "pause", cmd_pause, "stop workers from starting jobs (running "
-            "jobs go on)")
-    command(commands, "resume", cmd_resume, "let workers start jobs again")
-
-    sub = command(commands, "purge", cmd_purge, "delete finished jobs with their "
-                  "history and output")
-    sub.add_argument("--state", choices=FINISHED, required=True, action="append",
-                     help="completed, dead or cancelled (repeat for more)")
-    sub.add_argument("--older-than", type=duration, metavar="DURATION",
-                     help="only jobs that finished longer ago than this")
-
-    actions = group("dlq", "the dead letter queue")
-    sub = command(actions, "list", cmd_dlq_list, "list dead jobs, newest first",
-                  [json_opt])
-    sub.add_argument("--limit", type=int_between(1, INT_LIMIT - 1), default=None,
-                     metavar="N", help="at most N jobs")
-    sub = command(actions, "retry", cmd_dlq_retry, "put dead jobs back to pending")
-    sub.add_argument("ids", nargs="*", metavar="ID")
-    sub.add_argument("--all", action="store_true", help="every dead job")
-
-    sub = command(commands, "delete", cmd_delete, "delete jobs that are not running")
-    sub.add_argument("ids", nargs="+", metavar="ID")
-
-    actions = group("config", "show or change settings")
-    command(actions, "show", cmd_config_show, "show every setting", [json_opt])
-    keys = ("keys and their valid values: " +
-            "; ".join(f"{key} ({spec[3]})" for key, spec in CONFIG.items()) +
-            ". - or _ both work in a key")
-    sub = command(actions, "get", cmd_config_get, "print one setting's value",
-                  epilog=keys)
-    sub.add_argument("key", metavar="KEY")
-    sub = command(actions, "set", cmd_config_set, "change a setting", epilog=keys)
-    sub.add_argument("key", metavar="KEY")
-    sub.add_argument("value", metavar="VALUE")
-
-    command(commands, "stats", cmd_stats, "show throughput and run times", [json_opt])
-
-    sub = command(commands, "dashboard", cmd_dashboard, "serve a web dashboard of the "
-                  "queue (Ctrl-C to stop)")
-    sub.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on (default 127.0.0.1; any other "
-                          "needs a token)")
-    sub.add_argument("--port", type=int_between(0, 65535), default=DASHBOARD_PORT,
-                     metavar="N", help=f"port (default {DASHBOARD_PORT}; 0: any free one)")
-    sub.add_argument("--token", metavar="TOKEN",
-                     help=f"the token every request must carry, at least "
-                          f"{TOKEN_MIN_LEN} characters (default: ${ENV_TOKEN}, which "
-                          f"`ps` does not show; else, on 127.0.0.1, the one kept in "
-                          f"<db>{TOKEN_SUFFIX})")
+    entries = {}
+    for spec in COMMANDS:
+        name = spec.name.split()[0]
+        if name in GROUPS:
+            if name not in entries:
+                entries[name] = group(name, [s for s in COMMANDS
+                                             if s.name.split()[0] == name])
+        else:
+            entries[name] = verb(spec)
+    subcommands(parser, "command", "COMMAND", entries)
     return parser
 
 
