@@ -1,7 +1,5 @@
 """The command line, mostly in-process: output, validation, errors, exit codes."""
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -21,77 +19,7 @@ JOB_FIELDS = {"id", "command", "state", "attempts", "max_retries", "priority", "
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
-class CliTestCase(QueueTestCase):
-
-    def store(self):
-        """A real Store on the test database, closed at cleanup."""
-        store = queuectl.Store(self.db)
-        self.addCleanup(store.close)
-        return store
-
-    def run_next(self, ok=True, duration_s=0.5, pid=4321):
-        """Claim the best runnable job and finish it; return (job id, new state)."""
-        store = self.store()
-        claim = claim_one(store, pid)
-        self.assertIsNotNone(claim, "nothing to claim")
-        result = queuectl.RunResult(exit_code=0 if ok else 1,
-                                    reason=None if ok else "exit 1",
-                                    stdout="out\n", duration_s=duration_s)
-        state = store.finish(claim.id, claim.token, result)
-        store.close()
-        return claim.id, state
-
-    def make_dead(self, job_id):
-        self.enqueue(id=job_id, command="false", max_retries=0, priority=100)
-        self.assertEqual(self.run_next(ok=False), (job_id, "dead"))
-
-    def make_completed(self, job_id):
-        self.enqueue(id=job_id, command="true", priority=100)
-        self.assertEqual(self.run_next(ok=True), (job_id, "completed"))
-
-    def json_out(self, *argv):
-        """Run, assert success, and parse the whole of stdout as one JSON document."""
-        return json.loads(self.ok(*argv))
-
-    def main_raw(self, *argv):
-        """Run queuectl.main with exactly ARGV (no --db added); return (code, out, err)."""
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = queuectl.main(list(argv))
-            except SystemExit as e:
-                code = e.code
-        return code, out.getvalue(), err.getvalue()
-
-    def snapshot(self, path):
-        if os.path.isdir(path):
-            return ("dir", sorted(os.listdir(path)))
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                return ("file", f.read())
-        return None
-
-    def tree(self):
-        """Every path under the test directory."""
-        return sorted(os.path.join(top, name) for top, dirs, files in os.walk(self.dir)
-                      for name in dirs + files)
-
-    def assertFailsOnPath(self, code, path, *argv):
-        """Like assertFailsCleanly, for a database PATH that is not a usable DB."""
-        before = self.snapshot(path)
-        tree = self.tree()
-        got, out, err = self.cli(*argv, "--db", path)
-        self.assertEqual(got, code, f"exit code of {argv}: stderr={err!r}")
-        self.assertEqual(out, "")
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
-        self.assertTrue(err.startswith("queuectl"), err)
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(self.snapshot(path), before, "database path changed")
-        self.assertEqual(self.tree(), tree, "files created or removed")
-        return err
-
-
-class EnqueueTest(CliTestCase):
+class EnqueueTest(QueueTestCase):
 
     def test_prints_only_the_id(self):
         """enqueue prints the job id and nothing else."""
@@ -176,7 +104,7 @@ class EnqueueTest(CliTestCase):
         self.assertEqual(job["cwd"], os.getcwd())
 
 
-class CommandLengthTest(CliTestCase):
+class CommandLengthTest(QueueTestCase):
 
     def test_a_command_longer_than_the_kernel_takes_is_refused_at_enqueue(self):
         """A command of more than 131071 bytes (the kernel's limit on one argument)
@@ -207,7 +135,7 @@ class CommandLengthTest(CliTestCase):
                          "completed")
 
 
-class UsageErrorTest(CliTestCase):
+class UsageErrorTest(QueueTestCase):
     """Bad input: exit 2, one stderr line, database unchanged."""
 
     def setUp(self):
@@ -325,7 +253,7 @@ class UsageErrorTest(CliTestCase):
         self.assertFailsCleanly(2, "dlq", "retry", "d1", "--all")
 
 
-class SuggestionTest(CliTestCase):
+class SuggestionTest(QueueTestCase):
 
     def test_a_mistyped_command_or_choice_gets_the_near_one_suggested(self):
         """A command, action or state close to a real one is suggested on one line
@@ -351,7 +279,7 @@ class SuggestionTest(CliTestCase):
         self.assertNotIn("did you mean", err)
 
 
-class RuntimeErrorTest(CliTestCase):
+class RuntimeErrorTest(QueueTestCase):
     """Runtime errors: exit 1, one stderr line, database unchanged."""
 
     def test_unknown_job(self):
@@ -430,7 +358,7 @@ class RuntimeErrorTest(CliTestCase):
                 self.assertFailsOnPath(1, path, *argv)
 
 
-class ListShowTest(CliTestCase):
+class ListShowTest(QueueTestCase):
 
     def test_list_newest_first(self):
         """list shows the newest job first, in text and JSON."""
@@ -516,7 +444,7 @@ class ListShowTest(CliTestCase):
                 self.assertIsInstance(self.json_out(*argv), dict)
 
 
-class DbOptionTest(CliTestCase):
+class DbOptionTest(QueueTestCase):
 
     def test_db_before_and_after_subcommand(self):
         """--db works before the subcommand and after it."""
@@ -558,7 +486,7 @@ class DbOptionTest(CliTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.dir, "queuectl.db")))
 
 
-class ConfigTest(CliTestCase):
+class ConfigTest(QueueTestCase):
 
     def setUp(self):
         super().setUp()
@@ -606,26 +534,8 @@ class ConfigTest(CliTestCase):
                          (1, 9))
 
 
-class ConfigValueTest(CliTestCase):
+class ConfigValueTest(QueueTestCase):
     """What config set stores, and what the queue does with a bad stored value."""
-
-    def stored(self, key):
-        conn = sqlite3.connect(self.db)
-        try:
-            row = conn.execute("SELECT value FROM config WHERE key = ?", (key,)).fetchone()
-            return row and row[0]
-        finally:
-            conn.close()
-
-    def store_raw(self, key, value):
-        """Write a config value the way an older version or sqlite3 by hand could."""
-        conn = sqlite3.connect(self.db)
-        try:
-            with conn:
-                conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
-                             (key, value))
-        finally:
-            conn.close()
 
     def test_a_tiny_duration_is_refused_and_values_are_stored_plainly(self):
         """config set refuses a job_timeout under 0.01 s (it used to store 1e-05,
@@ -635,10 +545,10 @@ class ConfigValueTest(CliTestCase):
         self.assertIn("expected a duration >= 0.01s", err)
         self.assertEqual(self.ok("config", "set", "job_timeout", "0.0104"),
                          "job_timeout = 0.01\n")
-        self.assertEqual(self.stored("job_timeout"), "0.01")
+        self.assertEqual(self.stored_config("job_timeout"), "0.01")
         self.assertEqual(self.ok("config", "set", "backoff_max", "1.5m"),
                          "backoff_max = 90\n")
-        self.assertEqual(self.stored("backoff_max"), "90")
+        self.assertEqual(self.stored_config("backoff_max"), "90")
         self.assertEqual(self.json_out("config", "show", "--json")["job_timeout"], 0.01)
         self.assertEqual(self.job("j")["timeout"], 0.01)
 
@@ -646,8 +556,8 @@ class ConfigValueTest(CliTestCase):
         """A stored value the reader refuses never stops the queue: every command
         works with that key's default, and config show and get say why."""
         self.enqueue(id="j", command="true")
-        self.store_raw("job_timeout", "1e-05")
-        self.store_raw("max_retries", "١٢")
+        self.store_config_raw("job_timeout", "1e-05")
+        self.store_config_raw("max_retries", "١٢")
         for argv in (("status",), ("status", "--json"), ("list",), ("show", "j"),
                      ("stats",)):
             with self.subTest(argv=argv):
@@ -675,7 +585,7 @@ class ConfigValueTest(CliTestCase):
     def test_a_running_supervisor_goes_on_with_a_bad_stored_value(self):
         """Workers keep claiming with the default, and the supervisor logs why."""
         self.enqueue(id="first", command="true")
-        self.store_raw("job_timeout", "1e-05")
+        self.store_config_raw("job_timeout", "1e-05")
         proc = self.start_workers(1)
         self.wait_state("first", "completed")
         self.enqueue(id="second", command="true")
@@ -684,7 +594,7 @@ class ConfigValueTest(CliTestCase):
                    in self.log_text(proc), 10, "the supervisor to log the bad value")
 
 
-class AsciiDigitsCliTest(CliTestCase):
+class AsciiDigitsCliTest(QueueTestCase):
 
     def test_digits_of_other_scripts_are_refused_everywhere(self):
         """Numbers, durations and times on the command line and in job fields take
@@ -711,7 +621,7 @@ class AsciiDigitsCliTest(CliTestCase):
         self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
 
 
-class CreatedDatabaseTest(CliTestCase):
+class CreatedDatabaseTest(QueueTestCase):
 
     def test_a_command_that_creates_the_database_says_so_once(self):
         """enqueue, config set and worker start say on stderr when they created the
@@ -743,7 +653,7 @@ class CreatedDatabaseTest(CliTestCase):
         self.assertEqual(os.listdir(self.dir), [])
 
 
-class ConfigBeforeFirstJobTest(CliTestCase):
+class ConfigBeforeFirstJobTest(QueueTestCase):
 
     def test_config_show_and_get_print_the_defaults_and_create_nothing(self):
         """Before the first job, config show and get print the defaults (they
@@ -771,7 +681,7 @@ class ConfigBeforeFirstJobTest(CliTestCase):
                 self.assertEqual(os.listdir(self.dir), [])
 
 
-class DlqDeleteTest(CliTestCase):
+class DlqDeleteTest(QueueTestCase):
 
     def test_dlq_retry_all(self):
         """dlq retry --all puts every dead job back to pending with attempts 0."""
@@ -806,7 +716,7 @@ class DlqDeleteTest(CliTestCase):
         self.assertFailsCleanly(1, "show", "a")
 
 
-class StatusTest(CliTestCase):
+class StatusTest(QueueTestCase):
 
     def test_status_text(self):
         """status shows every state's count (zeros too), the DLQ, the db and the wait."""
@@ -879,7 +789,7 @@ class StatusTest(CliTestCase):
         self.assertFalse(codes & {0, 1, 2})
 
 
-class WaitingForDependenciesTest(CliTestCase):
+class WaitingForDependenciesTest(QueueTestCase):
 
     def test_list_and_status_show_jobs_that_wait_for_others(self):
         """list shows what a job waits for in RUN AT (and waiting_for in --json);
@@ -919,7 +829,7 @@ class WaitingForDependenciesTest(CliTestCase):
         self.assertIn("after dependency-...", row)
 
 
-class TerminalEscapesTest(CliTestCase):
+class TerminalEscapesTest(QueueTestCase):
     """A job's command, directory, error or output cannot drive the terminal."""
 
     ESC = "\x1b[2J\x1b]0;pwned\x07"          # clear the screen, retitle the window
@@ -1005,7 +915,7 @@ class TerminalEscapesTest(CliTestCase):
                 self.assertTrue(result.stderr.startswith("\x9b31m"), result.stderr)
 
 
-class StatsTest(CliTestCase):
+class StatsTest(QueueTestCase):
 
     def test_stats_json(self):
         """stats --json reports counts, success rate, run times and throughput."""
@@ -1015,9 +925,7 @@ class StatsTest(CliTestCase):
             self.run_next(ok=True, duration_s=duration)
         self.enqueue(id="f", command="false", max_retries=1)
         self.run_next(ok=False, duration_s=5.0)
-        store = self.store()
-        store.conn.execute("UPDATE jobs SET run_at = ? WHERE id = 'f'",
-                           (queuectl.iso(queuectl.now_utc()),))
+        self.make_due("f")
         self.run_next(ok=False, duration_s=5.0)
         stats = self.json_out("stats", "--json")
         for key in ("completed", "failed_attempts", "dead", "success_rate",
@@ -1044,7 +952,7 @@ class StatsTest(CliTestCase):
         self.assertIsNone(stats["run_time_p50_s"])
 
 
-class ExecutableTest(CliTestCase):
+class ExecutableTest(QueueTestCase):
     """The script as users run it: from a fresh clone, directly, and under 3.9."""
 
     def clone(self):

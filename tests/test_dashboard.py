@@ -20,9 +20,7 @@ import time
 import unittest
 from urllib.parse import quote, unquote
 
-from tests.support import QUEUECTL, cmdline, queuectl, wait_until
-from tests.test_regressions import RegressionTestCase
-from tests.test_cli import CliTestCase
+from tests.support import QUEUECTL, QueueTestCase, cmdline, queuectl, wait_until
 
 q = shlex.quote
 TOKEN = "s3cret-s3cret-s3cret"              # a token given by hand: 16 characters or more
@@ -41,7 +39,7 @@ class Response:
         return json.loads(self.body)
 
 
-class DashboardTestCase(RegressionTestCase, CliTestCase):
+class DashboardTestCase(QueueTestCase):
     """A dashboard subprocess on this test's database, and ways to talk to it:
     signed in, as a browser is, with the URL it prints when the token is its own."""
 

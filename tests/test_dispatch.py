@@ -10,13 +10,12 @@ import sys
 import unittest
 from datetime import timedelta
 
-from tests.support import QUEUECTL, pid_alive, proc_fields, queuectl, wait_until
-from tests.test_regressions import RegressionTestCase
+from tests.support import QUEUECTL, QueueTestCase, pid_alive, proc_fields, queuectl, wait_until
 
 q = shlex.quote
 
 
-class DispatchTestCase(RegressionTestCase):
+class DispatchTestCase(QueueTestCase):
 
     def make_quick(self, count=5):
         """Run a few quick jobs, so that idle workers are sent two jobs at a time."""
@@ -242,7 +241,7 @@ class ReviewFindingsTest(DispatchTestCase):
         self.addCleanup(lambda: pid_alive(frozen) and os.kill(frozen, signal.SIGCONT))
 
 
-class StartUpTest(RegressionTestCase):
+class StartUpTest(QueueTestCase):
 
     def test_as_a_command_it_runs_under_any_name_from_any_directory(self):
         """Run by its #! line (#!/usr/bin/env python3), under any name or through a

@@ -1,6 +1,5 @@
 """Regression tests for the post-review fixes, run with real processes."""
 
-import contextlib
 import json
 import os
 import shlex
@@ -11,62 +10,13 @@ import sys
 import unittest
 
 from tests.support import (QUEUECTL, QueueTestCase, claim_one, cmdline, pid_alive,
-                          processes_with_env, queuectl, wait_until)
+                           queuectl, wait_until)
 
 q = shlex.quote
 parse_iso = queuectl.parse_iso
 
 
-class RegressionTestCase(QueueTestCase):
-    """QueueTestCase with bounded subprocess runs and a sweep of leftover processes."""
-
-    def setUp(self):
-        super().setUp()
-        # Registered before any supervisor, so it runs after their cleanups: it
-        # catches job commands, which live in their own sessions.
-        self.addCleanup(self.kill_leftovers)
-
-    def kill_leftovers(self):
-        """Cleanup: SIGKILL every process (supervisor, worker, job) of this database."""
-        for pid in processes_with_env(f"{queuectl.ENV_DB}={self.db}".encode()):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-    def kill_stray(self, pid, needle):
-        """Cleanup: SIGKILL PID if it still runs a command containing NEEDLE."""
-        if pid_alive(pid) and needle in cmdline(pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-    def run_bounded(self, *argv, stdin=None, timeout=10):
-        """Run queuectl.py in its own session; kill the whole session if it is still
-        running after TIMEOUT s (a supervisor that should have been refused).
-        Return (exit code, or None if it had to be killed; stdout; stderr)."""
-        proc = subprocess.Popen([sys.executable, QUEUECTL, *argv], env=self.env,
-                                cwd=self.dir, start_new_session=True,
-                                stdin=subprocess.DEVNULL if stdin is None
-                                else subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = proc.communicate(stdin, timeout=timeout)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate(timeout=10)
-            code = None
-        return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-
-    def assertOneErrorLine(self, code, got, out, err):
-        """A failed process: exit CODE, no stdout, one 'queuectl...' stderr line."""
-        self.assertEqual(got, code, f"stderr={err[:600]!r}")
-        self.assertEqual(out, "")
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(len(err.splitlines()), 1, err[:600])
-        self.assertTrue(err.startswith("queuectl"), err[:600])
-
-
-class StopSignalTest(RegressionTestCase):
+class StopSignalTest(QueueTestCase):
 
     def test_sigterm_to_the_supervisors_process_group_is_a_warm_stop(self):
         """SIGTERM to the supervisor's whole group lets the running job finish."""
@@ -123,7 +73,7 @@ class StopSignalTest(RegressionTestCase):
         self.assertNotIn("cold stop", self.log_text(proc))
 
 
-class LeaseTest(RegressionTestCase):
+class LeaseTest(QueueTestCase):
 
     def test_expired_claim_is_recovered_while_every_worker_is_busy(self):
         """The supervisor recovers an expired claim while its only worker is busy."""
@@ -185,7 +135,7 @@ class LeaseTest(RegressionTestCase):
         self.assertEqual(self.read("f"), "ok\n")
 
 
-class JobProcessTest(RegressionTestCase):
+class JobProcessTest(QueueTestCase):
 
     def test_what_a_command_leaves_running_is_killed_when_it_exits(self):
         """A background process a job leaves in its group dies when the job exits."""
@@ -210,7 +160,7 @@ class JobProcessTest(RegressionTestCase):
                          f"SIGINT is ignored in the job's shell (SigIgn {fields[1]})")
 
 
-class ExitCodeTest(RegressionTestCase):
+class ExitCodeTest(QueueTestCase):
 
     def check(self, *extra):
         """Run status --check as a process; return (exit code, stdout)."""
@@ -276,7 +226,7 @@ class ExitCodeTest(RegressionTestCase):
                     self.assertEqual(len(result.stdout.splitlines()), 1)
 
 
-class BadInputTest(RegressionTestCase):
+class BadInputTest(QueueTestCase):
 
     def test_bad_inputs_fail_cleanly_with_exit_2(self):
         """Inputs that used to crash exit 2 with one line and change nothing."""
@@ -318,7 +268,7 @@ class BadInputTest(RegressionTestCase):
         self.assertIn("x\\nqueuectl: error: forged", err)
 
 
-class DatabasePathTest(RegressionTestCase):
+class DatabasePathTest(QueueTestCase):
 
     def test_symlink_to_the_database_cannot_start_a_second_supervisor(self):
         """worker start through a symlink to a busy database is refused: exit 1."""
@@ -354,7 +304,7 @@ if __name__ == "__main__":
     unittest.main()
 
 
-class RecoveryTest(RegressionTestCase):
+class RecoveryTest(QueueTestCase):
 
     def test_a_job_that_clears_its_environment_is_still_killed(self):
         """kill -9 a worker whose job ran `exec env -i ...`: its group still dies."""

@@ -14,8 +14,8 @@ import sys
 import time
 import unittest
 
-from tests.support import (ROOT, QueueTestCase, group_members, pid_alive, proc_fields,
-                          processes_with_env, queuectl, wait_until)
+from tests.support import (ROOT, QueueTestCase, group_members, lines, pid_alive,
+                           queuectl, short_leases, wait_until)
 
 q = shlex.quote
 
@@ -61,15 +61,6 @@ else:
 '''
 
 
-def lines(path):
-    """The lines of a file, or [] if it does not exist yet."""
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-
-
 def outcomes(job):
     """(number, outcome, reason) of each attempt in a job's history."""
     return [(h["number"], h["outcome"], h["reason"]) for h in job["history"]]
@@ -80,61 +71,9 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-class ReliabilityTestCase(QueueTestCase):
-    """QueueTestCase that also kills every process left running on its database."""
+class WorkerDeathTest(QueueTestCase):
 
-    def setUp(self):
-        super().setUp()
-        # Registered before any supervisor, so it runs after their cleanups: it
-        # catches job commands, which live in their own sessions.
-        self.addCleanup(self.kill_leftovers)
-        self.ok("config", "set", "lease_timeout", "1")
-        self.ok("config", "set", "backoff_base", "1")
-
-    def leftovers(self):
-        """Live processes (workers, supervisors, job commands) of this test's database."""
-        marker = f"{queuectl.ENV_DB}={self.db}".encode()
-        return [p for p in processes_with_env(marker) if pid_alive(p)]
-
-    def kill_leftovers(self):
-        for pid in self.leftovers():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-    def processing(self):
-        """{job id: worker pid} of the jobs being processed."""
-        return {j["id"]: j["worker_pid"] for j in json.loads(
-            self.ok("list", "--state", "processing", "--json"))}
-
-    def history(self, job_id):
-        return self.job(job_id)["history"]
-
-    def assertCleanLog(self, proc):
-        text = self.log_text(proc)
-        for bad in ("Traceback", "database is locked", "database is busy",
-                    "could not renew", "error:"):
-            self.assertNotIn(bad, text)
-
-    def freeze(self, pid):
-        """SIGSTOP PID at a moment it holds no write lock on the database."""
-        for _ in range(50):
-            os.kill(pid, signal.SIGSTOP)
-            wait_until(lambda: (proc_fields(pid) or ["?"])[0] == "T", 5,
-                       f"pid {pid} to stop")
-            conn = sqlite3.connect(self.db, timeout=2.0, isolation_level=None)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("ROLLBACK")
-                return
-            except sqlite3.OperationalError:
-                os.kill(pid, signal.SIGCONT)     # caught mid-write: try again
-            finally:
-                conn.close()
-        self.fail(f"pid {pid} always held the database write lock")
-
-
-class WorkerDeathTest(ReliabilityTestCase):
-
+    @short_leases
     def test_kill_9_worker_mid_job_fails_attempt_and_reruns_once(self):
         """kill -9 a busy worker: attempt is worker lost, its group dies, reruns once."""
         # A long lease: only the supervisor, not lease expiry, can recover in time.
@@ -171,6 +110,7 @@ class WorkerDeathTest(ReliabilityTestCase):
         self.assertIn(f"supervisor: job {job_id} failed: worker lost", self.log_text(sup))
         self.assertNotIn("Traceback", self.log_text(sup))
 
+    @short_leases
     def test_job_that_kills_its_worker_every_time_ends_dead(self):
         """A job running `kill -9 $PPID` with max_retries 1 dies after 2 lost workers."""
         job_id = self.enqueue(command="kill -9 $PPID", max_retries=1)
@@ -189,6 +129,7 @@ class WorkerDeathTest(ReliabilityTestCase):
         self.assertIsNone(sup.poll())
         self.assertNotIn("Traceback", self.log_text(sup))
 
+    @short_leases
     def test_kill_9_supervisor_orphans_finish_and_restart_recovers(self):
         """kill -9 the supervisor: orphans finish and exit; a restart runs the rest."""
         starts, done = self.path("starts"), self.path("done")
@@ -226,8 +167,9 @@ class WorkerDeathTest(ReliabilityTestCase):
         self.assertNotIn("Traceback", self.log_text(first) + self.log_text(second))
 
 
-class FrozenWorkerTest(ReliabilityTestCase):
+class FrozenWorkerTest(QueueTestCase):
 
+    @short_leases
     def test_sigstopped_worker_past_lease_loses_job_and_writes_nothing(self):
         """A worker frozen past its lease loses its job and, resumed, writes nothing."""
         starts, done = self.path("starts"), self.path("done")
@@ -268,7 +210,7 @@ class FrozenWorkerTest(ReliabilityTestCase):
         self.assertNotIn("Traceback", self.log_text(sup))
 
 
-class ConcurrencyTest(ReliabilityTestCase):
+class ConcurrencyTest(QueueTestCase):
 
     def race(self, total, enqueuers=8, workers=8, timeout=120):
         """ENQUEUERS processes add TOTAL jobs while WORKERS run them; each runs once.
@@ -327,17 +269,19 @@ class ConcurrencyTest(ReliabilityTestCase):
         self.assertCleanLog(sup)
         return elapsed
 
+    @short_leases
     def test_8_enqueuers_8_workers_2000_jobs_each_run_once(self):
         """8 enqueuer processes race 8 workers over 2,000 jobs: each runs once."""
         self.race(2000)
 
     @unittest.skipUnless(os.environ.get("QUEUECTL_SOAK") == "1", "set QUEUECTL_SOAK=1")
+    @short_leases
     def test_soak_8_enqueuers_8_workers_20000_jobs_each_run_once(self):
         """Soak: 8 enqueuers race 8 workers over 20,000 jobs: each runs exactly once."""
         self.race(20000, timeout=900)
 
 
-class BadEnvironmentTest(ReliabilityTestCase):
+class BadEnvironmentTest(QueueTestCase):
 
     def assertRefused(self, db, argv, contains=None):
         """Run queuectl on DB: exit 1, one 'queuectl: error:' line, nothing on stdout."""
@@ -366,6 +310,7 @@ class BadEnvironmentTest(ReliabilityTestCase):
                          (0, self.created_note(path)))
         return result.stdout.strip()
 
+    @short_leases
     def test_foreign_and_broken_files_are_refused_unchanged(self):
         """Text, corrupt, foreign, newer and directory databases: one line, no change."""
         cases = {}
@@ -460,6 +405,7 @@ class BadEnvironmentTest(ReliabilityTestCase):
         if result.returncode:
             subprocess.run(["umount", "-l", folder], capture_output=True, timeout=10)
 
+    @short_leases
     def test_read_only_filesystem_gives_one_clear_line(self):
         """A read-only filesystem: enqueue says read-only in one line, no change."""
         folder = self.mount_tmpfs("1m")
@@ -480,6 +426,7 @@ class BadEnvironmentTest(ReliabilityTestCase):
         self.assertEqual(sha256(db), before)
         self.assertTrue(job_id)
 
+    @short_leases
     def test_a_disk_turned_read_only_mid_run_is_reported_honestly(self):
         """The disk turns read-only while two jobs run: the supervisor logs each OS
         error as one line and stops with 1; worker stop says their results were
@@ -548,6 +495,7 @@ class BadEnvironmentTest(ReliabilityTestCase):
         finally:
             os.close(fd)
 
+    @short_leases
     def test_reads_on_a_completely_full_disk_say_it_is_full(self):
         """On a disk with not a byte left, status and list say the disk is full,
         in one line, not "disk I/O error"."""
@@ -560,6 +508,7 @@ class BadEnvironmentTest(ReliabilityTestCase):
                 error = self.assertRefused(db, argv)
                 self.assertIn("the disk is full", error)
 
+    @short_leases
     def test_a_log_line_is_written_whole_or_not_at_all(self):
         """A log that can take only part of a line (a disk filling up, a file size
         limit) keeps no torn line: the line is written whole or not at all."""
@@ -581,6 +530,7 @@ class BadEnvironmentTest(ReliabilityTestCase):
             text = f.read()
         self.assertRegex(text, r"^(x{99}\n){40}\S+Z z\n$")
 
+    @short_leases
     def test_full_disk_fails_in_one_line_and_keeps_acknowledged_jobs(self):
         """A full disk: enqueue fails in one line saying full; acknowledged jobs stay."""
         folder = self.mount_tmpfs("256k")
@@ -612,8 +562,9 @@ class BadEnvironmentTest(ReliabilityTestCase):
         self.assertEqual({j["state"] for j in jobs}, {"pending"})
 
 
-class FilesTest(ReliabilityTestCase):
+class FilesTest(QueueTestCase):
 
+    @short_leases
     def test_database_pid_and_log_files_are_owner_only(self):
         """Database, WAL, PID and detached log files are 0600, even under umask 0."""
         old = os.umask(0)
@@ -645,6 +596,7 @@ class FilesTest(ReliabilityTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue(result.stdout.startswith("stopped"), result.stdout)
 
+    @short_leases
     def test_stale_pid_file_naming_live_process_is_not_trusted(self):
         """A stale PID file naming a live stranger: stop spares it; start replaces it."""
         self.enqueue(command="true")
@@ -673,8 +625,9 @@ class FilesTest(ReliabilityTestCase):
         self.assertIsNone(bystander.poll(), "an unrelated process was signalled")
 
 
-class ShutdownTest(ReliabilityTestCase):
+class ShutdownTest(QueueTestCase):
 
+    @short_leases
     def test_sigterm_lets_running_job_finish_then_exits_clean(self):
         """First SIGTERM: the job finishes, no new one starts, exit 0, nothing left."""
         starts, done = self.path("starts"), self.path("done")
@@ -698,6 +651,7 @@ class ShutdownTest(ReliabilityTestCase):
         wait_until(lambda: not self.leftovers(), 5, "no process left on the database")
         self.assertCleanLog(sup)
 
+    @short_leases
     def test_second_sigterm_kills_job_and_gives_it_back(self):
         """Second SIGTERM: the job's group dies, job pending with 0 attempts, exit 7
         (as worker stop reports a cold stop)."""
@@ -733,6 +687,7 @@ class ShutdownTest(ReliabilityTestCase):
         self.assertNotIn("did not stop in time", self.log_text(sup))
         self.assertCleanLog(sup)
 
+    @short_leases
     def test_two_ctrl_c_that_kill_a_job_exit_7(self):
         """Two Ctrl-C (SIGINT to the foreground group) that kill a running job end
         worker start with exit 7; two with nothing running end it with 0."""

@@ -4,12 +4,11 @@ import os
 import sqlite3
 import stat
 import unittest
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from unittest import mock
 
-from tests.support import QueueTestCase, claim_one, queuectl
+from tests.support import T0, StoreTestCase, claim_one, queuectl
 
-T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=timezone.utc)
 OK = queuectl.RunResult(exit_code=0, duration_s=0.5)
 
 
@@ -19,34 +18,6 @@ def failed(reason="exit 1", **kw):
 
 def at(seconds):
     return T0 + timedelta(seconds=seconds)
-
-
-class StoreTestCase(QueueTestCase):
-
-    def setUp(self):
-        super().setUp()
-        self.store = self.open()
-
-    def open(self, path=None, create=True):
-        store = queuectl.Store(path or self.db, create=create)
-        self.addCleanup(store.close)
-        return store
-
-    def add(self, now=T0, **doc):
-        """Enqueue one job created at NOW; return its id."""
-        doc.setdefault("command", "true")
-        job = queuectl.validate_job(doc, now)
-        return self.store.enqueue([job], self.dir, now)[0][0]
-
-    def raw(self, sql, params=()):
-        return self.store.conn.execute(sql, params).fetchall()
-
-    def get(self, job_id):
-        return self.store.get_job(job_id)[0]
-
-    def dump(self):
-        return {t: [tuple(r) for r in self.raw(f"SELECT * FROM {t} ORDER BY 1")]
-                for t in ("jobs", "attempts", "config")}
 
 
 class ClaimTest(StoreTestCase):
@@ -657,8 +628,8 @@ class StatsTest(StoreTestCase):
         self.assertEqual(stats["completed_last_minute"], 2)
         self.assertEqual(stats["completed_last_hour"], 3)
         pending = self.add(id="later", now=now - timedelta(seconds=90))
-        self.store.conn.execute("UPDATE jobs SET run_at = ? WHERE id = ?",
-                                (queuectl.iso(now - timedelta(seconds=90)), pending))
+        self.raw("UPDATE jobs SET run_at = ? WHERE id = ?",
+                 (queuectl.iso(now - timedelta(seconds=90)), pending))
         counts, oldest, running = self.store.status(now=now)
         self.assertEqual(counts, {"pending": 1, "processing": 0, "completed": 3,
                                   "failed": 0, "dead": 1, "cancelled": 0})

@@ -11,41 +11,13 @@ import time
 import unittest
 from datetime import timedelta
 
-from tests.support import QUEUECTL, claim_one, group_members, pid_alive, proc_fields, \
-    queuectl, wait_until
-from tests.test_cli import CliTestCase
-from tests.test_regressions import RegressionTestCase
+from tests.support import (OK, QUEUECTL, QueueTestCase, claim_one, failed, group_members,
+                           proc_fields, queuectl, wait_until)
 
 q = shlex.quote
-OK = queuectl.RunResult(exit_code=0, duration_s=0.1, stdout="out\n", stderr="err\n")
 
 
-def failed(**kw):
-    return queuectl.RunResult(exit_code=1, reason="exit 1", **kw)
-
-
-class VerbTestCase(CliTestCase):
-    """In-process tests, with a Store to play the worker."""
-
-    def finish_next(self, result=OK, now=None):
-        """Claim the best runnable job and end its run with RESULT; its id."""
-        store = self.store()
-        claim = claim_one(store, 4321, now=now)
-        self.assertIsNotNone(claim, "nothing to claim")
-        store.finish(claim.id, claim.token, result, now=now)
-        store.close()
-        return claim.id
-
-    def claimable(self):
-        store = self.store()
-        claims, _ = store.claim([(1, None)] * 10)
-        for claim in claims:
-            store.give_back(claim.id, claim.token)
-        store.close()
-        return sorted(claim.id for claim in claims)
-
-
-class CancelTest(VerbTestCase):
+class CancelTest(QueueTestCase):
 
     def test_cancel_pending_and_failed_jobs(self):
         """cancel ends pending and failed jobs at once: no retry, not in the DLQ,
@@ -95,16 +67,14 @@ class CancelTest(VerbTestCase):
         self.assertEqual(self.job("c")["last_error"], "dependency b is dead")
 
 
-class LogsTest(VerbTestCase):
+class LogsTest(QueueTestCase):
 
     def test_logs_prints_a_runs_stdout_and_stderr(self):
         """logs prints the last run's stdout to stdout and stderr to stderr;
         --attempt N picks a run; --json gives both."""
         self.enqueue(id="j", command="x", max_retries=2)
         self.finish_next(failed(stdout="first out\n", stderr="first err\n"))
-        store = self.store()
-        store.conn.execute("UPDATE jobs SET run_at = ?", (queuectl.iso(queuectl.now_utc()),))
-        store.close()
+        self.make_due()
         self.finish_next(queuectl.RunResult(exit_code=0, stdout="second\n",
                                             stderr="", stdout_dropped=7))
         code, out, err = self.cli("logs", "j")
@@ -124,7 +94,7 @@ class LogsTest(VerbTestCase):
                                                           "yet\n"))
 
 
-class WaitTest(VerbTestCase):
+class WaitTest(QueueTestCase):
 
     def test_wait_times_out_with_124(self):
         """wait --timeout ends with 124 and names the jobs still waited for."""
@@ -159,7 +129,7 @@ class WaitTest(VerbTestCase):
         self.assertIn("no such job: ghost; no such job: phantom", err)
 
 
-class PauseTest(VerbTestCase):
+class PauseTest(QueueTestCase):
 
     def test_pause_and_resume_in_status_and_claims(self):
         """pause stops claims and shows in status (text and JSON); resume undoes
@@ -182,7 +152,7 @@ class PauseTest(VerbTestCase):
         self.assertEqual(self.cli("status", "--check")[0], queuectl.EXIT_CHECK_NO_WORKERS)
 
 
-class PurgeTest(VerbTestCase):
+class PurgeTest(QueueTestCase):
 
     def test_purge_deletes_old_finished_jobs_with_their_history(self):
         """purge --state S --older-than D deletes those jobs, their runs and output,
@@ -199,10 +169,8 @@ class PurgeTest(VerbTestCase):
                          "purged 3 completed job(s) older than 2h\n")
         left = {j["id"] for j in self.json_out("list", "--json")}
         self.assertEqual(left, {"new", "dead"})
-        store = self.store()
-        self.assertEqual(store.conn.execute(
-            "SELECT count(*) FROM attempts WHERE job_id LIKE 'old%'").fetchone()[0], 0)
-        store.close()
+        self.assertEqual(self.sql(
+            "SELECT count(*) FROM attempts WHERE job_id LIKE 'old%'")[0][0], 0)
         counts = self.json_out("status", "--json")["counts"]
         self.assertEqual((counts["completed"], counts["dead"]), (1, 1))
         self.assertEqual(self.ok("purge", "--state", "dead"), "purged 1 dead job(s)\n")
@@ -211,7 +179,7 @@ class PurgeTest(VerbTestCase):
         self.assertFailsCleanly(2, "purge")
 
 
-class UniqueTest(VerbTestCase):
+class UniqueTest(QueueTestCase):
 
     def test_a_held_unique_key_adds_nothing_until_its_job_finishes(self):
         """While an unfinished job holds a unique key, enqueueing another job with
@@ -254,7 +222,7 @@ class UniqueTest(VerbTestCase):
         self.assertEqual([job["id"] for job in self.json_out("list", "--json")], ["x"])
 
 
-class DependencyTest(VerbTestCase):
+class DependencyTest(QueueTestCase):
 
     def test_a_job_runs_only_after_its_dependencies_completed(self):
         """A job with `after` is claimable only once every job it names has
@@ -327,7 +295,7 @@ class DependencyTest(VerbTestCase):
         self.ok("delete", "x", "y")
 
 
-class EnqueueFlagsTest(VerbTestCase):
+class EnqueueFlagsTest(QueueTestCase):
 
     def test_enqueue_c_with_every_flag_equals_the_json_form(self):
         """enqueue -c COMMAND with flags stores what the same JSON stores."""
@@ -383,7 +351,7 @@ class EnqueueFlagsTest(VerbTestCase):
         self.assertIn("give either 'run_at' or 'delay', not both", err)
 
 
-class CommandLineTest(VerbTestCase):
+class CommandLineTest(QueueTestCase):
 
     def test_unknown_arguments_name_the_command(self):
         """An unknown option or extra argument names the command whose --help
@@ -437,7 +405,7 @@ class CommandLineTest(VerbTestCase):
         self.assertEqual(self.cli("status", "--max-age", "10m")[0], 0)
 
 
-class VerbProcessTest(RegressionTestCase):
+class VerbProcessTest(QueueTestCase):
     """The verbs against real workers."""
 
     def test_jobs_that_die_with_their_dependency_are_logged(self):
@@ -706,7 +674,7 @@ class VerbProcessTest(RegressionTestCase):
             self.assertNotIn("Traceback", f.read())
 
 
-class WalkthroughTest(VerbTestCase):
+class WalkthroughTest(QueueTestCase):
     """What a new user's walkthrough of the verbs found."""
 
     def test_logs_follow_ends_for_a_job_that_ended_without_running(self):
@@ -776,7 +744,7 @@ class WalkthroughTest(VerbTestCase):
             self.assertIn(message, self.assertFailsCleanly(2, *argv))
 
 
-class SecondWalkthroughTest(VerbTestCase):
+class SecondWalkthroughTest(QueueTestCase):
     """What a second new user's walkthrough of README found."""
 
     def test_a_command_given_as_json_or_split_by_the_shell_gets_a_hint(self):
@@ -840,7 +808,7 @@ class SecondWalkthroughTest(VerbTestCase):
         self.assertEqual((after["completed"], after["completed_last_hour"]), (0, 3))
 
 
-class RetryReviewTest(VerbTestCase):
+class RetryReviewTest(QueueTestCase):
     """What an adversarial review of dlq retry, dependencies and unique keys
     found."""
 
@@ -948,7 +916,7 @@ class RetryReviewTest(VerbTestCase):
                           "dead too\n"))
 
 
-class ThirdWalkthroughTest(VerbTestCase):
+class ThirdWalkthroughTest(QueueTestCase):
     """What a last new-user walkthrough found."""
 
     def test_more_enqueue_mistakes_get_a_hint(self):
@@ -980,7 +948,7 @@ class ThirdWalkthroughTest(VerbTestCase):
                                  "dependency f is dead\n"))
 
 
-class FollowColdStopTest(RegressionTestCase, CliTestCase):
+class FollowColdStopTest(QueueTestCase):
 
     def test_logs_follow_of_a_job_a_cold_stop_put_back_follows_its_next_run(self):
         """It used to exit 6 at once, though the job runs again."""
@@ -1005,7 +973,7 @@ class FollowColdStopTest(RegressionTestCase, CliTestCase):
         self.assertIn("ended cancelled", err)
 
 
-class FollowRetriesTest(RegressionTestCase, CliTestCase):
+class FollowRetriesTest(QueueTestCase):
 
     def follow(self, job_id):
         follower = subprocess.Popen([sys.executable, QUEUECTL, "logs", job_id, "--follow"],

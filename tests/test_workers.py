@@ -1,6 +1,5 @@
 """End-to-end tests of workers: real supervisor and worker processes on a temp DB."""
 
-import contextlib
 import json
 import os
 import re
@@ -12,8 +11,8 @@ import time
 import unittest
 from datetime import datetime, timedelta, timezone
 
-from tests.support import (QUEUECTL, QueueTestCase, cmdline, group_members, pid_alive,
-                          queuectl, wait_until)
+from tests.support import (QUEUECTL, QueueTestCase, group_members, pid_alive, queuectl,
+                           wait_until)
 
 parse_iso = queuectl.parse_iso
 
@@ -22,45 +21,7 @@ def seconds_between(earlier, later):
     return (parse_iso(later) - parse_iso(earlier)).total_seconds()
 
 
-class WorkerTestCase(QueueTestCase):
-    """Helpers shared by the worker tests."""
-
-    def jobs(self, state=None):
-        argv = ["list", "--json"] + (["--state", state] if state else [])
-        return json.loads(self.ok(*argv))
-
-    def count(self, state):
-        return len(self.jobs(state))
-
-    def stop_workers(self, proc, *extra, timeout=30, code=0):
-        """Run `worker stop` as a process; assert it exits CODE and the supervisor
-        exits with 0, or like it with 7 after a cold stop."""
-        result = self.run_cli("worker", "stop", *extra, timeout=timeout)
-        self.assertEqual(result.returncode, code, result.stderr)
-        self.assertEqual(proc.wait(timeout=10), code if code == queuectl.EXIT_INTERRUPTED
-                         else 0, self.log_text(proc))
-        return result
-
-    def kill_stray(self, pid, needle):
-        """Cleanup: SIGKILL PID if it still runs a command containing NEEDLE."""
-        if pid_alive(pid) and needle in cmdline(pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-    def kill_detached(self):
-        """Cleanup: SIGKILL a detached supervisor (its own process group) if it runs."""
-        running = queuectl.PidFile.running(self.db + ".pid")
-        if running:
-            self.kill_group_cleanup(running[0])
-
-    def kill_group_cleanup(self, pgid):
-        """Cleanup: SIGKILL what is left of process group PGID (a detached run)."""
-        if group_members(pgid):
-            with contextlib.suppress(OSError):
-                os.killpg(pgid, signal.SIGKILL)
-
-
-class TestWorkers(WorkerTestCase):
+class TestWorkers(QueueTestCase):
 
     def test_job_completes_and_output_is_captured(self):
         """A job completes and show --json holds its stdout and stderr."""
