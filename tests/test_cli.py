@@ -325,38 +325,6 @@ class RuntimeErrorTest(QueueTestCase):
         self.assertFailsOnPath(1, path, "status")
         self.assertFalse(os.path.exists(os.path.dirname(path)))
 
-    def test_database_path_is_directory(self):
-        """A directory as the database path fails cleanly, for reads and writes."""
-        path = os.path.join(self.dir, "adir")
-        os.mkdir(path)
-        for argv in (("status",), ("list",), ("enqueue", '{"command": "true"}'),
-                     ("config", "set", "max_retries", "1")):
-            with self.subTest(argv=argv):
-                err = self.assertFailsOnPath(1, path, *argv)
-                self.assertIn("directory", err)
-
-    def test_text_file_as_database(self):
-        """A text file as the database is refused and left unchanged."""
-        path = os.path.join(self.dir, "notes.txt")
-        with open(path, "w") as f:
-            f.write("shopping list\n")
-        for argv in (("status",), ("list", "--json"), ("enqueue", '{"command": "true"}'),
-                     ("config", "set", "max_retries", "1"), ("show", "x")):
-            with self.subTest(argv=argv):
-                err = self.assertFailsOnPath(1, path, *argv)
-                self.assertIn("not a queuectl database", err)
-
-    def test_foreign_sqlite_database(self):
-        """Another program's SQLite file is refused and left unchanged."""
-        path = os.path.join(self.dir, "app.sqlite")
-        conn = sqlite3.connect(path)
-        conn.execute("CREATE TABLE jobs (x)")
-        conn.commit()
-        conn.close()
-        for argv in (("status",), ("enqueue", '{"command": "true"}')):
-            with self.subTest(argv=argv):
-                self.assertFailsOnPath(1, path, *argv)
-
 
 class ListShowTest(QueueTestCase):
 

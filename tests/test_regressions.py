@@ -283,22 +283,6 @@ class DatabasePathTest(QueueTestCase):
         self.assertIsNone(proc.poll())
         self.wait_state(self.enqueue(command="true"), "completed")
 
-    def test_non_regular_file_is_refused_and_left_alone(self):
-        """--db /dev/null is refused with exit 1 and no /dev/null-journal appears."""
-        beside = ["/dev/null" + end for end in ("-journal", "-wal", "-shm", ".pid")]
-        for path in beside:
-            if os.path.exists(path):
-                self.skipTest(f"{path} already exists")
-            # If a regression creates it, do not leave it behind.
-            self.addCleanup(lambda p=path: os.path.exists(p) and os.unlink(p))
-        for argv in (("enqueue", '{"command": "true"}'), ("status",),
-                     ("config", "set", "max_retries", "1"), ("worker", "start")):
-            with self.subTest(command=argv[0]):
-                code, out, err = self.run_bounded("--db", "/dev/null", *argv)
-                self.assertEqual([p for p in beside if os.path.exists(p)], [])
-                self.assertOneErrorLine(1, code, out, err)
-                self.assertIn("not a regular file", err)
-
 
 if __name__ == "__main__":
     unittest.main()
