@@ -55,17 +55,6 @@ class CancelTest(QueueTestCase):
             self.assertIn(part, err)
         self.assertEqual(self.state("fine"), "pending")
 
-    def test_cancelling_a_dependency_ends_its_dependants_dead(self):
-        """A job that runs after a cancelled one ends dead, naming it, and so do
-        the jobs after that one."""
-        self.enqueue(id="a", command="true")
-        self.enqueue(id="b", command="true", after=["a"])
-        self.enqueue(id="c", command="true", after=["b"])
-        self.ok("cancel", "a")
-        self.assertEqual((self.state("b"), self.job("b")["last_error"]),
-                         ("dead", "dependency a was cancelled"))
-        self.assertEqual(self.job("c")["last_error"], "dependency b is dead")
-
 
 class LogsTest(QueueTestCase):
 
@@ -179,178 +168,6 @@ class PurgeTest(QueueTestCase):
         self.assertFailsCleanly(2, "purge")
 
 
-class UniqueTest(QueueTestCase):
-
-    def test_a_held_unique_key_adds_nothing_until_its_job_finishes(self):
-        """While an unfinished job holds a unique key, enqueueing another job with
-        that key prints the holder's id, says so on stderr and adds nothing."""
-        job = json.dumps({"command": "backup.sh", "unique_key": "nightly"})
-        first = self.ok("enqueue", job).strip()
-        code, out, err = self.cli("enqueue", job)
-        self.assertEqual((code, out), (0, f"{first}\n"))
-        self.assertEqual(err, f"queuectl: job {first} holds unique key 'nightly' already: "
-                              f"nothing added\n")
-        self.assertEqual(len(self.json_out("list", "--json")), 1)
-        self.assertEqual(self.job(first)["unique_key"], "nightly")
-        self.finish_next()
-        second = self.ok("enqueue", job).strip()
-        self.assertNotEqual(second, first)
-        lines = job + "\n" + job + "\n"
-        code, out, err = self.cli("enqueue", "-", stdin=lines)
-        self.assertEqual((code, out), (0, f"{second}\n{second}\n"))
-        self.assertEqual(err.count("nothing added"), 2)
-        self.assertEqual(len(self.json_out("list", "--json")), 2)
-
-    def test_a_job_after_one_its_unique_key_kept_out_refuses_the_batch(self):
-        """A batch whose line runs after a job of the batch that a held unique key
-        kept out is refused whole, saying so (it said 'no such job')."""
-        def line(**job):
-            return json.dumps(dict(job, command="true")) + "\n"
-        # In a new database: the key is held by an earlier line of the batch.
-        batch = line(unique_key="k") + line(id="a1", unique_key="k") + \
-            line(id="b", after=["a1"])
-        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
-        self.assertEqual(err, "queuectl: error: line 3: job a1 (in 'after') was not "
-                              "added: the job of line 1 holds its unique key 'k'\n")
-        self.assertFalse(os.path.exists(self.db))
-        # In a database where a job holds the key.
-        self.enqueue(id="x", command="true", unique_key="k")
-        batch = line(id="c") + line(id="a1", unique_key="k") + line(id="b", after="a1")
-        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
-        self.assertEqual(err, "queuectl: error: line 3: job a1 (in 'after') was not "
-                              "added: job x holds its unique key 'k'\n")
-        self.assertEqual([job["id"] for job in self.json_out("list", "--json")], ["x"])
-
-
-class DependencyTest(QueueTestCase):
-
-    def test_a_job_runs_only_after_its_dependencies_completed(self):
-        """A job with `after` is claimable only once every job it names has
-        completed; show lists them and what it still waits for."""
-        self.enqueue(id="a", command="true", priority=1)
-        self.enqueue(id="b", command="true", priority=1)
-        self.enqueue(id="c", command="true", priority=9, after=["a", "b"])
-        self.assertEqual(self.claimable(), ["a", "b"])
-        job = self.job("c")
-        self.assertEqual(job["after"], [{"id": "a", "state": "pending"},
-                                        {"id": "b", "state": "pending"}])
-        self.assertEqual(job["waiting_for"], ["a", "b"])
-        self.assertIn("waiting_for:   a, b", self.ok("show", "c"))
-        self.assertEqual(self.finish_next(), "a")
-        self.assertEqual(self.claimable(), ["b"])
-        self.assertEqual(self.finish_next(), "b")
-        self.assertEqual(self.claimable(), ["c"])
-        self.assertEqual(self.job("c")["waiting_for"], [])
-        # After a job that has completed already, a new job runs at once.
-        self.enqueue(id="d", command="true", after="a")
-        self.assertEqual(self.claimable(), ["c", "d"])
-
-    def test_cancel_names_the_jobs_that_die_with_it(self):
-        """cancel says which waiting jobs ended dead because of it."""
-        self.enqueue(id="a", command="true")
-        self.enqueue(id="b", command="true", after=["a"])
-        self.enqueue(id="c", command="true", after=["b"])
-        self.assertEqual(self.ok("cancel", "a"),
-                         "a: cancelled\nb: dead (dependency a was cancelled)\n"
-                         "c: dead (dependency b is dead)\n")
-
-    def test_a_dead_dependency_ends_the_chain_dead(self):
-        """If a dependency ends dead, its dependants end dead naming it, and
-        theirs too; a new job after a dead one is dead at once."""
-        self.enqueue(id="a", command="false", max_retries=0)
-        self.enqueue(id="b", command="true", after=["a"])
-        self.enqueue(id="c", command="true", after=["b"])
-        self.finish_next(failed())
-        self.assertEqual([(self.state(j), self.job(j)["last_error"]) for j in "bc"],
-                         [("dead", "dependency a is dead"),
-                          ("dead", "dependency b is dead")])
-        self.assertEqual(self.cli("enqueue", json.dumps({"id": "d", "command": "true",
-                                                         "after": ["a"]})),
-                         (0, "d\n", "queuectl: job d is dead already: its dependency a "
-                                     "is dead\n"))
-        self.assertEqual(self.job("d")["last_error"], "dependency a is dead")
-        self.assertEqual(self.json_out("status", "--json")["counts"]["dead"], 4)
-        # Retried together with its dependency, a dependant waits for it again.
-        err = self.assertFailsCleanly(1, "dlq", "retry", "b")
-        self.assertIn("its dependency a is dead", err)
-        self.ok("dlq", "retry", "a", "b")
-        self.assertEqual(self.claimable(), ["a"])
-        self.assertEqual(self.job("b")["waiting_for"], ["a"])
-
-    def test_bad_dependencies_are_refused_at_enqueue(self):
-        """after naming an unknown job, or the job itself, is refused; a running
-        dependency cannot be deleted from under its dependants."""
-        self.enqueue(id="a", command="true")
-        err = self.assertFailsCleanly(1, "enqueue", json.dumps(
-            {"command": "true", "after": ["a", "nope"]}))
-        self.assertIn("no such job: nope", err)
-        self.assertFailsCleanly(2, "enqueue", json.dumps(
-            {"id": "me", "command": "true", "after": ["me"]}))
-        # Within a batch, a job may run after one added earlier in it.
-        lines = (json.dumps({"id": "x", "command": "true"}) + "\n" +
-                 json.dumps({"id": "y", "command": "true", "after": ["x"]}) + "\n")
-        self.ok("enqueue", "-", stdin=lines)
-        err = self.assertFailsCleanly(1, "delete", "x")
-        self.assertIn("cannot delete job x: job y runs after it", err)
-        self.ok("delete", "x", "y")
-
-
-class EnqueueFlagsTest(QueueTestCase):
-
-    def test_enqueue_c_with_every_flag_equals_the_json_form(self):
-        """enqueue -c COMMAND with flags stores what the same JSON stores."""
-        self.enqueue(id="base", command="true")
-        self.ok("enqueue", "-c", "echo 'hi there'", "--id", "flags", "--priority", "-3",
-                "--max-retries", "5", "--timeout", "2m", "--delay", "1h",
-                "--after", "base", "--unique-key", "k1")
-        self.enqueue(id="json", command="echo 'hi there'", priority=-3, max_retries=5,
-                     timeout="2m", delay=3600, after=["base"], unique_key="k2")
-        a, b = self.job("flags"), self.job("json")
-        for field in ("command", "priority", "max_retries", "timeout", "after", "state"):
-            self.assertEqual(a[field], b[field], field)
-        self.assertEqual(a["timeout"], 120)
-        self.ok("enqueue", "-c", "true", "--run-at", "2030-01-01T00:00:00+01:00",
-                "--id", "at")
-        self.assertEqual(self.job("at")["run_at"], "2029-12-31T23:00:00.000Z")
-
-    def test_enqueue_c_validates_like_json(self):
-        """Bad flag values are refused naming the flag; -c with JSON, flags without
-        -c, and no job at all are usage errors; nothing changes."""
-        for argv, words in ((["--priority", "high"], "--priority"),
-                            (["--max-retries", "-1"], "--max-retries"),
-                            (["--timeout", "0"], "--timeout"),
-                            (["--delay", "soon"], "--delay"),
-                            (["--run-at", "tomorrow"], "--run-at"),
-                            (["--id", "a b"], "--id"),
-                            (["--after", "ghost"], "no such job: ghost")):
-            with self.subTest(argv=argv):
-                code = 1 if argv[0] == "--after" else 2
-                err = self.assertFailsCleanly(code, "enqueue", "-c", "true", *argv)
-                self.assertIn(words, err)
-        self.assertFailsCleanly(2, "enqueue", "-c", "true", '{"command": "x"}')
-        self.assertFailsCleanly(2, "enqueue", '{"command": "x"}', "--priority", "1")
-        self.assertFailsCleanly(2, "enqueue")
-        self.assertFailsCleanly(2, "enqueue", "-c", "")
-
-    def test_messages_name_the_flags_that_were_typed(self):
-        """A mistake in enqueue -c names -c, --run-at, --delay, not JSON fields."""
-        for argv, message in (
-                (("-c", ""), "queuectl: error: -c must be a non-empty string\n"),
-                (("-c", "x", "--run-at", "2030-01-01T00:00:00Z", "--delay", "5"),
-                 "queuectl: error: give either --run-at or --delay, not both\n"),
-                (("-c", "x", "--id", ""),
-                 "queuectl: error: --id must be a non-empty string\n"),
-                (("-c", "x\x00y"), "queuectl: error: -c contains a NUL character\n"),
-                (("-c", "x", "--unique-key", "a\x00"),
-                 "queuectl: error: --unique-key contains a NUL character\n")):
-            with self.subTest(argv=argv):
-                self.assertEqual(self.assertFailsCleanly(2, "enqueue", *argv), message)
-        err = self.assertFailsCleanly(
-            2, "enqueue", '{"command": "x", "run_at": "2030-01-01T00:00:00Z", '
-                          '"delay": 5}')
-        self.assertIn("give either 'run_at' or 'delay', not both", err)
-
-
 class CommandLineTest(QueueTestCase):
 
     def test_unknown_arguments_name_the_command(self):
@@ -407,20 +224,6 @@ class CommandLineTest(QueueTestCase):
 
 class VerbProcessTest(QueueTestCase):
     """The verbs against real workers."""
-
-    def test_jobs_that_die_with_their_dependency_are_logged(self):
-        """A job ended dead because the job it runs after died gets a line in the
-        worker log, naming why, and so do the jobs after it."""
-        proc = self.start_workers(1)
-        self.ok("enqueue", "-", stdin="".join(json.dumps(job) + "\n" for job in (
-            {"id": "a", "command": "exit 3", "max_retries": 0},
-            {"id": "b", "command": "true", "after": ["a"]},
-            {"id": "c", "command": "true", "after": ["b"]})))
-        self.wait_state("c", "dead", timeout=15)
-        wait_until(lambda: "job c dead" in self.log_text(proc), 10, "the log line of c")
-        log = self.log_text(proc)
-        self.assertIn("supervisor: job b dead: dependency a is dead\n", log)
-        self.assertIn("supervisor: job c dead: dependency b is dead\n", log)
 
     def test_cancel_kills_a_running_job_within_a_second(self):
         """cancel of a running job kills its whole process group within a second,
@@ -599,17 +402,6 @@ class VerbProcessTest(QueueTestCase):
         self.ok("resume")
         self.wait_state(held, "completed", timeout=10)
 
-    def test_dependants_wait_across_workers(self):
-        """With two workers, a job after another starts only once it completed."""
-        self.start_workers(2)
-        record = self.path("order")
-        first = self.enqueue(command=f"sleep 1; echo first >> {q(record)}")
-        second = self.enqueue(command=f"echo second >> {q(record)}", after=[first])
-        self.wait_state(second, "completed", timeout=20)
-        self.assertEqual(self.read("order"), "first\nsecond\n")
-        start = self.job(second)["history"][0]["started_at"]
-        self.assertGreaterEqual(start, self.job(first)["updated_at"])
-
     def test_retention_purges_completed_jobs_on_its_own(self):
         """With retention set, the supervisor purges completed jobs older than it."""
         self.ok("config", "set", "retention", "1s")
@@ -710,15 +502,6 @@ class WalkthroughTest(QueueTestCase):
                           "stdout": "", "stdout_dropped_bytes": 0, "stderr": "",
                           "stderr_dropped_bytes": 0})
 
-    def test_every_unknown_dependency_is_named_with_its_line(self):
-        self.enqueue(id="real", command="true")
-        err = self.assertFailsCleanly(1, "enqueue", "-c", "true", "--after", "nope",
-                                      "--after", "real", "--after", "nope2")
-        self.assertIn("no such job: nope, nope2 (in 'after')", err)
-        batch = '{"command": "true"}\n{"command": "x", "after": ["real", "zz"]}\n'
-        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
-        self.assertIn("line 2: no such job: zz (in 'after')", err)
-
     def test_durations_are_echoed_as_given_and_refused_in_one_wording(self):
         self.store()
         for given, shown in (("7d", "7d"), ("10m", "10m"), ("1d1s", "1d1s"),
@@ -746,31 +529,6 @@ class WalkthroughTest(QueueTestCase):
 
 class SecondWalkthroughTest(QueueTestCase):
     """What a second new user's walkthrough of README found."""
-
-    def test_a_command_given_as_json_or_split_by_the_shell_gets_a_hint(self):
-        """The likeliest first mistakes say how to do it right."""
-        err = self.assertFailsCleanly(2, "enqueue", "echo hi")
-        self.assertIn("invalid JSON", err)
-        self.assertIn("to give a command without JSON: -c 'echo hi'", err)
-        err = self.assertFailsCleanly(2, "enqueue", "{command:echo hi}")   # unquoted
-        self.assertIn("put the whole document in single quotes", err)
-        err = self.assertFailsCleanly(2, "enqueue", "-c", "echo", "hi")
-        self.assertIn("-c takes the whole command as one argument: quote it, as in "
-                      "-c 'echo hi'", err)
-        err = self.assertFailsCleanly(2, "enqueue", "-c", "true", '{"command": "x"}')
-        self.assertIn("give a job as JSON or as -c COMMAND, not both", err)
-
-    def test_out_of_range_numbers_and_a_bare_date_say_what_is_wrong(self):
-        self.store()
-        for argv, message in (
-                (("enqueue", '{"command": "x", "priority": 99999999999}'),
-                 "field 'priority' must be a whole number from -2147483647 to "
-                 "2147483647"),
-                (("enqueue", "-c", "x", "--max-retries", "99999999999"),
-                 "--max-retries must be a whole number from 0 to 2147483647"),
-                (("enqueue", "-c", "x", "--run-at", "2027-01-15"),
-                 "a date needs a time and a zone too, as in 2027-01-15T00:00:00Z")):
-            self.assertIn(message, self.assertFailsCleanly(2, *argv))
 
     def test_logs_says_why_a_run_did_not_complete(self):
         """logs --follow of a run that failed says how it ended and what became
@@ -918,13 +676,6 @@ class RetryReviewTest(QueueTestCase):
 
 class ThirdWalkthroughTest(QueueTestCase):
     """What a last new-user walkthrough found."""
-
-    def test_more_enqueue_mistakes_get_a_hint(self):
-        self.store()
-        self.assertIn("(to give a command without JSON: -c 'echo hi')",
-                      self.assertFailsCleanly(2, "enqueue", "echo", "hi"))
-        self.assertIn("(-c takes the whole command as one argument: -c 'ls -l')",
-                      self.assertFailsCleanly(2, "enqueue", "-c", "ls", "-l"))
 
     def test_purge_takes_several_states(self):
         for job_id, result in (("ok", OK), ("bad", failed())):
