@@ -106,36 +106,6 @@ class ExitCodeTest(QueueTestCase):
         self.assertEqual(result.stderr, "")
         return result.returncode, result.stdout
 
-    def test_status_check_exit_codes_as_real_processes(self):
-        """status --check exits 0, 3, 4 and 5 as a real process, problem on stdout."""
-        proc = self.start_workers(1)
-        self.wait_state(self.enqueue(command="true"), "completed")
-        self.assertEqual(self.check()[0], 0)
-
-        self.wait_state(self.enqueue(command="false", max_retries=0), "dead")
-        result = self.run_cli("worker", "stop", timeout=30)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(proc.wait(timeout=10), 0)
-        code, out = self.check()
-        self.assertEqual(code, 3, out)
-        self.assertIn("1 dead job(s)", out)
-
-        waiting = self.enqueue(command="true")
-        code, out = self.check()
-        self.assertEqual(code, 4, out)
-        self.assertIn("no workers", out)
-
-        busy = self.enqueue(command="sleep 30", priority=10)
-        self.start_workers(1)
-        self.wait_state(busy, "processing", timeout=10)
-
-        def stale():
-            code, out = self.check("--max-age", "0.5")
-            return code == 5 and out
-        out = wait_until(stale, 10, "status --check --max-age 0.5 to exit 5")
-        self.assertIn("oldest runnable job has waited", out)
-        self.assertEqual(self.state(waiting), "pending")
-
     def test_usage_and_runtime_errors_as_real_processes(self):
         """A usage error exits 2, a runtime error 1, each with one stderr line."""
         self.enqueue(id="keep", command="true")

@@ -552,19 +552,6 @@ class SecondWalkthroughTest(QueueTestCase):
                                  "was not kept\n"))
         self.assertIsNotNone(self.job("i")["history"][0]["duration_s"])
 
-    def test_hourly_throughput_survives_a_purge(self):
-        """stats counts the last hour's completions by the minute, as the
-        dashboard does: purging the jobs does not take them back."""
-        for n in range(3):
-            self.enqueue(id=f"j{n}", command="true")
-            self.finish_next()
-        before = self.json_out("stats", "--json")
-        self.assertEqual((before["completed_last_minute"], before["completed_last_hour"]),
-                         (3, 3))
-        self.ok("purge", "--state", "completed")
-        after = self.json_out("stats", "--json")
-        self.assertEqual((after["completed"], after["completed_last_hour"]), (0, 3))
-
 
 class RetryReviewTest(QueueTestCase):
     """What an adversarial review of dlq retry, dependencies and unique keys
