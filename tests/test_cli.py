@@ -127,23 +127,6 @@ class RuntimeErrorTest(QueueTestCase):
                 self.assertIn("nope", err)
         self.assertEqual(self.state("j1"), "pending")
 
-    def test_dlq_retry_pending_job(self):
-        """dlq retry of a job that is not dead fails and names its state."""
-        self.enqueue(id="p1", command="true")
-        self.make_dead("d1")
-        err = self.assertFailsCleanly(1, "dlq", "retry", "d1", "p1")
-        self.assertIn("pending", err)
-        self.assertEqual(self.state("d1"), "dead")
-
-    def test_delete_processing_job(self):
-        """A job that is running cannot be deleted."""
-        self.enqueue(id="busy", command="sleep 100")
-        claim = claim_one(self.store(), 9999)
-        self.assertEqual(claim.id, "busy")
-        err = self.assertFailsCleanly(1, "delete", "busy")
-        self.assertIn("processing", err)
-        self.assertEqual(self.state("busy"), "processing")
-
     def test_missing_database(self):
         """Reading commands on a missing database fail and create no file."""
         for argv in (("status",), ("status", "--check"), ("list",), ("list", "--json"),
@@ -283,55 +266,6 @@ class CreatedDatabaseTest(QueueTestCase):
         self.assertEqual(self.cli("config", "show"), (0, "".join(
             f"{key} = {value}\n" for key, value in queuectl.CONFIG_DEFAULTS.items()), ""))
         self.assertEqual(os.listdir(self.dir), [])
-
-
-class ConfigBeforeFirstJobTest(QueueTestCase):
-
-    def test_pause_and_resume_without_a_database_say_what_creates_one(self):
-        """pause and resume on a missing database fail (exit 1), create nothing,
-        and name the commands that create a database."""
-        for argv in (("pause",), ("resume",)):
-            with self.subTest(argv=argv):
-                err = self.assertFailsCleanly(1, *argv)
-                self.assertEqual(err, f"queuectl: error: no database at {self.db} "
-                                      f"(enqueue, config set or worker start creates "
-                                      f"it)\n")
-                self.assertEqual(os.listdir(self.dir), [])
-
-
-class DlqDeleteTest(QueueTestCase):
-
-    def test_dlq_retry_all(self):
-        """dlq retry --all puts every dead job back to pending with attempts 0."""
-        self.make_dead("d1")
-        self.make_dead("d2")
-        self.enqueue(id="p", command="true")
-        out = self.ok("dlq", "retry", "--all")
-        self.assertEqual(sorted(out.splitlines()),
-                         ["d1: back to pending", "d2: back to pending"])
-        for job_id in ("d1", "d2"):
-            job = self.job(job_id)
-            self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
-        self.assertEqual(self.json_out("dlq", "list", "--json"), [])
-
-    def test_dlq_retry_ids(self):
-        """dlq retry ID retries only that job."""
-        self.make_dead("d1")
-        self.make_dead("d2")
-        self.assertEqual(self.ok("dlq", "retry", "d2"), "d2: back to pending\n")
-        self.assertEqual((self.state("d1"), self.state("d2")), ("dead", "pending"))
-
-    def test_delete(self):
-        """delete removes jobs and their history."""
-        self.enqueue(id="a", command="true")
-        self.enqueue(id="b", command="true")
-        self.make_completed("c")
-        self.make_dead("d")
-        out = self.ok("delete", "a", "c", "d")
-        self.assertEqual(out.splitlines(), ["a: deleted", "c: deleted", "d: deleted"])
-        self.assertEqual([j["id"] for j in self.json_out("list", "--json")], ["b"])
-        self.assertEqual(self.rows()["attempts"], [])
-        self.assertFailsCleanly(1, "show", "a")
 
 
 class TerminalEscapesTest(QueueTestCase):
