@@ -1,37 +1,25 @@
-"""The command line, mostly in-process: output, validation, errors, exit codes."""
+"""The command line as a whole: usage errors and bad input, suggestions, the
+exit-code contract, --db and the new-database note, JSON output, terminal escapes,
+and the script as users run it (#! line, any name, Python 3.9)."""
 
 import json
 import os
-import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import unittest
-from datetime import timedelta
 
-from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl, wait_until
+from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl
 
 PY39 = "/root/.pyenv/versions/3.9.18/bin/python3"
-JOB_FIELDS = {"id", "command", "state", "attempts", "max_retries", "priority", "run_at",
-              "timeout", "created_at", "updated_at", "next_retry_at", "last_error",
-              "worker_pid"}
-ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
 class UsageErrorTest(QueueTestCase):
-    """Bad input: exit 2, one stderr line, database unchanged."""
+    """Bad commands, options and values: exit 2, one stderr line, database unchanged."""
 
     def setUp(self):
         super().setUp()
         self.enqueue(id="existing", command="true")
-
-    def bad_jobs(self, docs):
-        for doc in docs:
-            text = doc if isinstance(doc, str) else json.dumps(doc)
-            with self.subTest(job=text):
-                self.assertFailsCleanly(2, "enqueue", text)
-                self.assertFailsCleanly(2, "enqueue", "-", stdin=text + "\n")
 
     def test_unknown_state(self):
         """list --state with an unknown state is refused."""
@@ -88,7 +76,99 @@ class UsageErrorTest(QueueTestCase):
         self.assertFailsCleanly(2, "dlq", "retry", "d1", "--all")
 
 
-class SuggestionTest(QueueTestCase):
+class BadInputTest(QueueTestCase):
+    """Malformed text, numbers and durations: refused in one line, in one wording."""
+
+    def test_bad_inputs_fail_cleanly_with_exit_2(self):
+        """Inputs that used to crash exit 2 with one line and change nothing."""
+        self.enqueue(id="keep", command="true")
+
+        def job(**fields):
+            return json.dumps(dict({"command": "true"}, **fields))
+
+        cases = {
+            "NUL in command": ("enqueue", '{"command": "echo a\\u0000b"}'),
+            "lone surrogate": ("enqueue", '{"command": "echo \\ud800"}'),
+            "huge --limit": ("list", "--limit", "99999999999999999999999"),
+            "run_at after 9999": ("enqueue", job(run_at="9999-12-31T23:59:59-23:59")),
+            "run_at before 0001": ("enqueue", job(run_at="0001-01-01T00:00:00+01:00")),
+            "offset minutes 99": ("enqueue", job(run_at="2030-01-01T00:00:00+05:99")),
+            "JSON nested 30000 deep": ("enqueue", "[" * 30000),
+            "negative --max-dead": ("status", "--max-dead", "-1"),
+        }
+        for name, argv in cases.items():
+            with self.subTest(name):
+                self.assertFailsCleanly(2, *argv)
+
+        # As processes: a --count let through must not start workers in this test.
+        processes = {
+            "huge --count": (("worker", "start", "--count", "100000"), None),
+            "invalid UTF-8 on stdin": (("enqueue", "-"), b'{"command": "\xff\xfe"}\n'),
+        }
+        for name, (argv, stdin) in processes.items():
+            with self.subTest(name):
+                before = self.rows()
+                self.assertOneErrorLine(2, *self.run_bounded(*argv, stdin=stdin,
+                                                             timeout=5))
+                self.assertEqual(self.rows(), before, "database changed")
+
+    def test_error_message_cannot_be_split_into_two_lines(self):
+        """An id holding a newline cannot forge a second error line."""
+        self.enqueue(id="keep", command="true")
+        err = self.assertFailsCleanly(1, "show", "x\nqueuectl: error: forged")
+        self.assertIn("x\\nqueuectl: error: forged", err)
+
+    def test_digits_of_other_scripts_are_refused_everywhere(self):
+        """Numbers, durations and times on the command line and in job fields take
+        ASCII digits only."""
+        self.enqueue(id="j", command="true")
+        for argv in (("config", "set", "max_retries", "١٢"),
+                     ("config", "set", "job_timeout", "١٠"),
+                     ("enqueue", "-c", "x", "--priority", "١"),
+                     ("enqueue", "-c", "x", "--max-retries", "٣"),
+                     ("enqueue", "-c", "x", "--delay", "١٠"),
+                     ("enqueue", "-c", "x", "--timeout", "１０s"),
+                     ("enqueue", "-c", "x", "--run-at", "２０２６-01-01T00:00:00Z"),
+                     ("enqueue", '{"command": "x", "delay": "١٠"}'),
+                     ("enqueue", '{"command": "x", "timeout": "٥m"}'),
+                     ("enqueue", '{"command": "x", "run_at": "2026-01-01T00:00:00+٠٢:00"}'),
+                     ("list", "--limit", "١"), ("dlq", "list", "--limit", "١"),
+                     ("logs", "j", "--attempt", "١"), ("status", "--max-age", "١٠"),
+                     ("status", "--max-dead", "١"), ("wait", "j", "--timeout", "١"),
+                     ("purge", "--state", "dead", "--older-than", "٧d")):
+            with self.subTest(argv=argv):
+                self.assertFailsCleanly(2, *argv)
+        # A process of its own: in-process, a mistaken yes would start workers here.
+        result = self.run_cli("worker", "start", "--count", "٣", timeout=10)
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
+
+    def test_durations_are_echoed_as_given_and_refused_in_one_wording(self):
+        self.store()
+        for given, shown in (("7d", "7d"), ("10m", "10m"), ("1d1s", "1d1s"),
+                             ("1h30m", "1h30m"), ("90", "1m30s")):
+            self.assertEqual(self.ok("purge", "--state", "completed", "--older-than",
+                                     given),
+                             f"purged 0 completed job(s) older than {shown}\n")
+        for argv, message in (
+                (("worker", "stop", "--timeout", "-5s"), "must not be negative: '-5s'"),
+                (("enqueue", "-c", "true", "--delay", "-5s"),
+                 "--delay: must not be negative: '-5s'"),
+                (("enqueue", "-c", "true", "--delay", "99999999999d"),
+                 "--delay: too long: '99999999999d'"),
+                (("enqueue", "-c", "true", "--timeout", "0"),
+                 "--timeout: must be at least 0.01s: '0'"),
+                (("enqueue", '{"command": "true", "delay": "10 m"}'),
+                 "field 'delay': not a duration such as 90s, 10m, 2h, 7d or 1h30m: "
+                 "'10 m'"),
+                (("config", "set", "retention", "-5s"), "bad value for retention: '-5s'"),
+                (("list", "--limit", "0"), "must be from 1 to 2147483647"),
+                (("enqueue", "-c", "true", "--unique-key", "  "),
+                 "--unique-key must be a string that is not blank")):
+            self.assertIn(message, self.assertFailsCleanly(2, *argv))
+
+
+class UsageMessageTest(QueueTestCase):
+    """A usage error names the near choice, or the command whose --help to read."""
 
     def test_a_mistyped_command_or_choice_gets_the_near_one_suggested(self):
         """A command, action or state close to a real one is suggested on one line
@@ -113,9 +193,23 @@ class SuggestionTest(QueueTestCase):
         self.assertIn("choose from", err)
         self.assertNotIn("did you mean", err)
 
+    def test_unknown_arguments_name_the_command(self):
+        """An unknown option or extra argument names the command whose --help
+        to read."""
+        self.enqueue(id="a", command="true")
+        for argv, prog in ((["enqueue", "--bogus", "{}"], "queuectl enqueue"),
+                           (["status", "--bogus"], "queuectl status"),
+                           (["show", "a", "extra"], "queuectl show"),
+                           (["dlq", "list", "--bogus"], "queuectl dlq list")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(2, *argv)
+                self.assertTrue(err.startswith(f"{prog}: error: unrecognized "
+                                               f"arguments"), err)
+                self.assertIn(f"see '{prog} --help'", err)
 
-class RuntimeErrorTest(QueueTestCase):
-    """Runtime errors: exit 1, one stderr line, database unchanged."""
+
+class ExitCodeTest(QueueTestCase):
+    """0 success, 1 runtime error, 2 usage error, in-process and as processes."""
 
     def test_unknown_job(self):
         """show, delete and dlq retry of an unknown id fail."""
@@ -127,47 +221,36 @@ class RuntimeErrorTest(QueueTestCase):
                 self.assertIn("nope", err)
         self.assertEqual(self.state("j1"), "pending")
 
-    def test_missing_database(self):
-        """Reading commands on a missing database fail and create no file."""
-        for argv in (("status",), ("status", "--check"), ("list",), ("list", "--json"),
-                     ("show", "x"), ("stats",), ("dlq", "list"), ("dlq", "retry", "--all"),
-                     ("delete", "x")):
-            with self.subTest(argv=argv):
-                err = self.assertFailsCleanly(1, *argv)
-                self.assertIn(self.db, err)
-                self.assertEqual(os.listdir(self.dir), [])
+    def test_usage_and_runtime_errors_as_real_processes(self):
+        """A usage error exits 2, a runtime error 1, each with one stderr line."""
+        self.enqueue(id="keep", command="true")
+        result = self.run_cli("list", "--state", "bogus")
+        self.assertOneErrorLine(2, result.returncode, result.stdout, result.stderr)
+        result = self.run_cli("show", "nope")
+        self.assertOneErrorLine(1, result.returncode, result.stdout, result.stderr)
+        self.assertEqual(result.stderr, "queuectl: error: no such job: nope\n")
 
-    def test_missing_database_in_missing_directory(self):
-        """A missing directory is not created by reading commands."""
-        path = os.path.join(self.dir, "sub", "q.db")
-        self.assertFailsOnPath(1, path, "status")
-        self.assertFalse(os.path.exists(os.path.dirname(path)))
-
-
-class ListShowTest(QueueTestCase):
-
-    def test_json_lists_are_one_array(self):
-        """list --json and dlq list --json print one array, [] when empty."""
-        self.ok("config", "set", "max_retries", "3")      # creates an empty database
-        self.assertEqual(self.json_out("list", "--json"), [])
-        self.assertEqual(self.json_out("dlq", "list", "--json"), [])
-        self.enqueue(id="p", command="true")
-        self.make_dead("d")
-        self.assertEqual([j["id"] for j in self.json_out("dlq", "list", "--json")], ["d"])
-        jobs = self.json_out("list", "--json")
-        self.assertIsInstance(jobs, list)
-        self.assertEqual(len(jobs), 2)
-
-    def test_json_objects(self):
-        """show, status, stats and config show --json each print one object."""
-        self.enqueue(id="j", command="true")
-        for argv in (("show", "j", "--json"), ("status", "--json"), ("stats", "--json"),
-                     ("config", "show", "--json")):
-            with self.subTest(argv=argv):
-                self.assertIsInstance(self.json_out(*argv), dict)
+    def test_list_into_a_reader_that_quits_exits_0_quietly(self):
+        """list | head -1 (300 jobs) and list --limit 3 | true: exit 0, no stderr."""
+        lines = "".join(json.dumps({"command": f"echo {n}"}) + "\n" for n in range(300))
+        self.ok("enqueue", "-", stdin=lines)
+        env = dict(self.env, PY=sys.executable, QUEUECTL=QUEUECTL)
+        env.pop("PYTHONUNBUFFERED", None)      # block-buffered stdout, as for users
+        # With `true`, the reader is gone before queuectl writes, and the output fits
+        # its buffer: the one write is the final flush, which must fail inside main.
+        for pipeline in ("list | head -1", "list --limit 3 | true"):
+            with self.subTest(pipeline):
+                script = f'set -o pipefail; "$PY" "$QUEUECTL" {pipeline}'
+                result = subprocess.run(["bash", "-c", script], env=env, cwd=self.dir,
+                                        capture_output=True, text=True, timeout=30)
+                self.assertEqual((result.returncode, result.stderr), (0, ""))
+                if "head" in pipeline:
+                    self.assertTrue(result.stdout.startswith("ID "), result.stdout)
+                    self.assertEqual(len(result.stdout.splitlines()), 1)
 
 
 class DbOptionTest(QueueTestCase):
+    """--db and $QUEUECTL_DB name the database."""
 
     def test_db_before_and_after_subcommand(self):
         """--db works before the subcommand and after it."""
@@ -208,35 +291,25 @@ class DbOptionTest(QueueTestCase):
         self.assertEqual(json.loads(result.stdout)["db"], self.db)
         self.assertFalse(os.path.exists(os.path.join(self.dir, "queuectl.db")))
 
-
-class AsciiDigitsCliTest(QueueTestCase):
-
-    def test_digits_of_other_scripts_are_refused_everywhere(self):
-        """Numbers, durations and times on the command line and in job fields take
-        ASCII digits only."""
-        self.enqueue(id="j", command="true")
-        for argv in (("config", "set", "max_retries", "١٢"),
-                     ("config", "set", "job_timeout", "١٠"),
-                     ("enqueue", "-c", "x", "--priority", "١"),
-                     ("enqueue", "-c", "x", "--max-retries", "٣"),
-                     ("enqueue", "-c", "x", "--delay", "١٠"),
-                     ("enqueue", "-c", "x", "--timeout", "１０s"),
-                     ("enqueue", "-c", "x", "--run-at", "２０２６-01-01T00:00:00Z"),
-                     ("enqueue", '{"command": "x", "delay": "١٠"}'),
-                     ("enqueue", '{"command": "x", "timeout": "٥m"}'),
-                     ("enqueue", '{"command": "x", "run_at": "2026-01-01T00:00:00+٠٢:00"}'),
-                     ("list", "--limit", "١"), ("dlq", "list", "--limit", "١"),
-                     ("logs", "j", "--attempt", "١"), ("status", "--max-age", "١٠"),
-                     ("status", "--max-dead", "١"), ("wait", "j", "--timeout", "١"),
-                     ("purge", "--state", "dead", "--older-than", "٧d")):
+    def test_db_at_every_level(self):
+        """--db works after a command group's name too, and every group lists it."""
+        other = self.path("other.db")
+        code, out, err = self.cli("enqueue", "--db", other, '{"id": "o", "command": "x"}')
+        self.assertEqual((code, err), (0, self.created_note(other)))
+        for argv in (["dlq", "--db", other, "list", "--json"],
+                     ["config", "--db", other, "show", "--json"],
+                     ["worker", "--db", other, "stop"]):
             with self.subTest(argv=argv):
-                self.assertFailsCleanly(2, *argv)
-        # A process of its own: in-process, a mistaken yes would start workers here.
-        result = self.run_cli("worker", "start", "--count", "٣", timeout=10)
-        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
+                self.assertEqual(self.cli(*argv)[0], 0)
+        self.assertEqual(self.json_out("list", "--db", other, "--json")[0]["id"], "o")
+        for group in ("dlq", "worker", "config"):
+            code, out, _ = self.cli(group, "--help")
+            self.assertIn("--db PATH", out)
 
 
-class CreatedDatabaseTest(QueueTestCase):
+class NewDatabaseTest(QueueTestCase):
+    """Which commands create the database (and say so), and which refuse a missing
+    one."""
 
     def test_a_command_that_creates_the_database_says_so_once(self):
         """enqueue, config set and worker start say on stderr when they created the
@@ -266,6 +339,46 @@ class CreatedDatabaseTest(QueueTestCase):
         self.assertEqual(self.cli("config", "show"), (0, "".join(
             f"{key} = {value}\n" for key, value in queuectl.CONFIG_DEFAULTS.items()), ""))
         self.assertEqual(os.listdir(self.dir), [])
+
+    def test_missing_database(self):
+        """Reading commands on a missing database fail and create no file."""
+        for argv in (("status",), ("status", "--check"), ("list",), ("list", "--json"),
+                     ("show", "x"), ("stats",), ("dlq", "list"), ("dlq", "retry", "--all"),
+                     ("delete", "x")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(1, *argv)
+                self.assertIn(self.db, err)
+                self.assertEqual(os.listdir(self.dir), [])
+
+    def test_missing_database_in_missing_directory(self):
+        """A missing directory is not created by reading commands."""
+        path = os.path.join(self.dir, "sub", "q.db")
+        self.assertFailsOnPath(1, path, "status")
+        self.assertFalse(os.path.exists(os.path.dirname(path)))
+
+
+class JsonOutputTest(QueueTestCase):
+    """--json prints one JSON document."""
+
+    def test_json_lists_are_one_array(self):
+        """list --json and dlq list --json print one array, [] when empty."""
+        self.ok("config", "set", "max_retries", "3")      # creates an empty database
+        self.assertEqual(self.json_out("list", "--json"), [])
+        self.assertEqual(self.json_out("dlq", "list", "--json"), [])
+        self.enqueue(id="p", command="true")
+        self.make_dead("d")
+        self.assertEqual([j["id"] for j in self.json_out("dlq", "list", "--json")], ["d"])
+        jobs = self.json_out("list", "--json")
+        self.assertIsInstance(jobs, list)
+        self.assertEqual(len(jobs), 2)
+
+    def test_json_objects(self):
+        """show, status, stats and config show --json each print one object."""
+        self.enqueue(id="j", command="true")
+        for argv in (("show", "j", "--json"), ("status", "--json"), ("stats", "--json"),
+                     ("config", "show", "--json")):
+            with self.subTest(argv=argv):
+                self.assertIsInstance(self.json_out(*argv), dict)
 
 
 class TerminalEscapesTest(QueueTestCase):
@@ -355,7 +468,8 @@ class TerminalEscapesTest(QueueTestCase):
 
 
 class ExecutableTest(QueueTestCase):
-    """The script as users run it: from a fresh clone, directly, and under 3.9."""
+    """The script as users run it: from a fresh clone, by its #! line under any name,
+    and under 3.9."""
 
     def clone(self):
         dest = os.path.join(self.dir, "clone")
@@ -383,6 +497,33 @@ class ExecutableTest(QueueTestCase):
                                 capture_output=True, text=True, timeout=30)
         self.assertEqual((result.returncode, result.stderr), (0, ""))
         self.assertTrue(result.stdout.startswith("usage: queuectl "), result.stdout)
+
+    def test_as_a_command_it_runs_under_any_name_from_any_directory(self):
+        """Run by its #! line (#!/usr/bin/env python3), under any name or through a
+        symlink, queuectl imports nothing from the current directory."""
+        home = self.path("bin")
+        os.mkdir(home)
+        copy = os.path.join(home, "qc")                # not even named .py
+        shutil.copy(QUEUECTL, copy)
+        os.chmod(copy, 0o755)
+        link = self.path("queuectl")
+        os.symlink(copy, link)
+        trap = self.path("cwd")
+        os.mkdir(trap)
+        for name in ("json", "sqlite3", "argparse"):
+            with open(os.path.join(trap, f"{name}.py"), "w") as f:
+                f.write("raise SystemExit('imported from the current directory')\n")
+        env = dict(self.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
+                   self.env["PATH"])
+        for n, argv in enumerate(([copy], [link], [copy])):
+            result = subprocess.run(argv + ["enqueue", '{"command": "true"}'], cwd=trap,
+                                    env=env, capture_output=True, text=True, timeout=30)
+            created = self.created_note() if n == 0 else ""   # the first makes it
+            self.assertEqual((result.returncode, result.stderr), (0, created), argv)
+            self.assertRegex(result.stdout, r"^[0-9a-f]{10}\n$")
+        jobs = json.loads(self.ok("list", "--json"))
+        self.assertEqual(len(jobs), 3)
+        self.assertEqual({j["cwd"] for j in jobs}, {trap})
 
     @unittest.skipUnless(os.path.exists(PY39), "Python 3.9 not installed")
     def test_python39_run_at_z(self):

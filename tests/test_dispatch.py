@@ -197,35 +197,5 @@ class ReviewFindingsTest(DispatchTestCase):
         self.assertLess(cpu() - before, 0.3, "the worker spun during the kill grace")
 
 
-class StartUpTest(QueueTestCase):
-
-    def test_as_a_command_it_runs_under_any_name_from_any_directory(self):
-        """Run by its #! line (#!/usr/bin/env python3), under any name or through a
-        symlink, queuectl imports nothing from the current directory."""
-        home = self.path("bin")
-        os.mkdir(home)
-        copy = os.path.join(home, "qc")                # not even named .py
-        shutil.copy(QUEUECTL, copy)
-        os.chmod(copy, 0o755)
-        link = self.path("queuectl")
-        os.symlink(copy, link)
-        trap = self.path("cwd")
-        os.mkdir(trap)
-        for name in ("json", "sqlite3", "argparse"):
-            with open(os.path.join(trap, f"{name}.py"), "w") as f:
-                f.write("raise SystemExit('imported from the current directory')\n")
-        env = dict(self.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
-                   self.env["PATH"])
-        for n, argv in enumerate(([copy], [link], [copy])):
-            result = subprocess.run(argv + ["enqueue", '{"command": "true"}'], cwd=trap,
-                                    env=env, capture_output=True, text=True, timeout=30)
-            created = self.created_note() if n == 0 else ""   # the first makes it
-            self.assertEqual((result.returncode, result.stderr), (0, created), argv)
-            self.assertRegex(result.stdout, r"^[0-9a-f]{10}\n$")
-        jobs = json.loads(self.ok("list", "--json"))
-        self.assertEqual(len(jobs), 3)
-        self.assertEqual({j["cwd"] for j in jobs}, {trap})
-
-
 if __name__ == "__main__":
     unittest.main()

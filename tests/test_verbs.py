@@ -17,38 +17,6 @@ from tests.support import (OK, QUEUECTL, QueueTestCase, claim_one, failed, group
 q = shlex.quote
 
 
-class CommandLineTest(QueueTestCase):
-
-    def test_unknown_arguments_name_the_command(self):
-        """An unknown option or extra argument names the command whose --help
-        to read."""
-        self.enqueue(id="a", command="true")
-        for argv, prog in ((["enqueue", "--bogus", "{}"], "queuectl enqueue"),
-                           (["status", "--bogus"], "queuectl status"),
-                           (["show", "a", "extra"], "queuectl show"),
-                           (["dlq", "list", "--bogus"], "queuectl dlq list")):
-            with self.subTest(argv=argv):
-                err = self.assertFailsCleanly(2, *argv)
-                self.assertTrue(err.startswith(f"{prog}: error: unrecognized "
-                                               f"arguments"), err)
-                self.assertIn(f"see '{prog} --help'", err)
-
-    def test_db_at_every_level(self):
-        """--db works after a command group's name too, and every group lists it."""
-        other = self.path("other.db")
-        code, out, err = self.cli("enqueue", "--db", other, '{"id": "o", "command": "x"}')
-        self.assertEqual((code, err), (0, self.created_note(other)))
-        for argv in (["dlq", "--db", other, "list", "--json"],
-                     ["config", "--db", other, "show", "--json"],
-                     ["worker", "--db", other, "stop"]):
-            with self.subTest(argv=argv):
-                self.assertEqual(self.cli(*argv)[0], 0)
-        self.assertEqual(self.json_out("list", "--db", other, "--json")[0]["id"], "o")
-        for group in ("dlq", "worker", "config"):
-            code, out, _ = self.cli(group, "--help")
-            self.assertIn("--db PATH", out)
-
-
 class VerbProcessTest(QueueTestCase):
     """The verbs against real workers."""
 
@@ -81,34 +49,6 @@ class VerbProcessTest(QueueTestCase):
         self.assertLess(os.path.getsize(log + ".1"), 3000 + 1000)
         with open(log) as f:
             self.assertNotIn("Traceback", f.read())
-
-
-class WalkthroughTest(QueueTestCase):
-    """What a new user's walkthrough of the verbs found."""
-
-    def test_durations_are_echoed_as_given_and_refused_in_one_wording(self):
-        self.store()
-        for given, shown in (("7d", "7d"), ("10m", "10m"), ("1d1s", "1d1s"),
-                             ("1h30m", "1h30m"), ("90", "1m30s")):
-            self.assertEqual(self.ok("purge", "--state", "completed", "--older-than",
-                                     given),
-                             f"purged 0 completed job(s) older than {shown}\n")
-        for argv, message in (
-                (("worker", "stop", "--timeout", "-5s"), "must not be negative: '-5s'"),
-                (("enqueue", "-c", "true", "--delay", "-5s"),
-                 "--delay: must not be negative: '-5s'"),
-                (("enqueue", "-c", "true", "--delay", "99999999999d"),
-                 "--delay: too long: '99999999999d'"),
-                (("enqueue", "-c", "true", "--timeout", "0"),
-                 "--timeout: must be at least 0.01s: '0'"),
-                (("enqueue", '{"command": "true", "delay": "10 m"}'),
-                 "field 'delay': not a duration such as 90s, 10m, 2h, 7d or 1h30m: "
-                 "'10 m'"),
-                (("config", "set", "retention", "-5s"), "bad value for retention: '-5s'"),
-                (("list", "--limit", "0"), "must be from 1 to 2147483647"),
-                (("enqueue", "-c", "true", "--unique-key", "  "),
-                 "--unique-key must be a string that is not blank")):
-            self.assertIn(message, self.assertFailsCleanly(2, *argv))
 
 
 
