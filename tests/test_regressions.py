@@ -73,31 +73,6 @@ class StopSignalTest(QueueTestCase):
         self.assertNotIn("cold stop", self.log_text(proc))
 
 
-class JobProcessTest(QueueTestCase):
-
-    def test_what_a_command_leaves_running_is_killed_when_it_exits(self):
-        """A background process a job leaves in its group dies when the job exits."""
-        self.start_workers(1)
-        job_id = self.enqueue(command=f"sleep 60 & echo $! > {q(self.path('bg.pid'))}")
-        self.wait_state(job_id, "completed", timeout=10)
-        pid = int(wait_until(lambda: self.read("bg.pid").strip(), 5,
-                             "the background pid file"))
-        self.addCleanup(self.kill_stray, pid, "sleep")
-        wait_until(lambda: not pid_alive(pid), 5, f"background sleep {pid} to be gone")
-
-    def test_jobs_do_not_inherit_an_ignored_sigint(self):
-        """The shell that runs a job does not have SIGINT ignored."""
-        self.start_workers(1)
-        job_id = self.enqueue(command=f"grep SigIgn /proc/$$/status > "
-                                      f"{q(self.path('out'))}")
-        self.wait_state(job_id, "completed", timeout=10)
-        fields = self.read("out").split()
-        self.assertEqual(fields[0], "SigIgn:", fields)
-        ignored = int(fields[1], 16)
-        self.assertFalse(ignored & (1 << (signal.SIGINT - 1)),
-                         f"SIGINT is ignored in the job's shell (SigIgn {fields[1]})")
-
-
 class DatabasePathTest(QueueTestCase):
 
     def test_symlink_to_the_database_cannot_start_a_second_supervisor(self):
