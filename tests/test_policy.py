@@ -298,7 +298,7 @@ class ValidateJobTest(unittest.TestCase):
             self.assertEqual(queuectl.validate_job_id(job_id), job_id)
 
 
-class ConfigValueTest(unittest.TestCase):
+class ConfigParsingTest(unittest.TestCase):
     """Config keys, their defaults, and the text their values are read from and stored
     as."""
 
