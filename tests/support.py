@@ -1,6 +1,20 @@
-"""Shared test helpers: temp databases, in-process and subprocess CLI runs, waits."""
+"""Shared test helpers: temp databases, in-process and subprocess CLI runs, waits.
+
+Tests are grouped by feature: one module per area (test_enqueue, test_workers,
+test_recovery, ...), one class per verb or mechanism. Every test on a database
+derives from QueueTestCase (the command line, real workers, and a sweep of what
+a test leaves running) or StoreTestCase (the Store used directly).
+
+The store is SQLite today; a second one will run the same behavioural tests. So
+tests read the database behind queuectl's back only through the helpers here
+(QueueTestCase.rows and .sql, StoreTestCase.raw and .dump), and the tests about
+SQLite's own file (its pragmas, WAL, file modes, migrations, foreign or broken
+files, tmpfs and ext4 disks) sit in classes whose names start with "SQLite", to
+be left out of a run against another store.
+"""
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -11,12 +25,21 @@ import sys
 import tempfile
 import time
 import unittest
+from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUEUECTL = os.path.join(ROOT, "queuectl.py")
 sys.path.insert(0, ROOT)
 
 import queuectl  # noqa: E402
+
+T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=timezone.utc)   # the Store tests' clock
+OK = queuectl.RunResult(exit_code=0, duration_s=0.1, stdout="out\n", stderr="err\n")
+
+
+def failed(**kw):
+    """A failed run (exit 1) for QueueTestCase.finish_next."""
+    return queuectl.RunResult(exit_code=1, reason="exit 1", **kw)
 
 
 def wait_until(predicate, timeout, what):
@@ -35,6 +58,26 @@ def claim_one(store, pid, start=None, now=None):
     """Claim the best runnable job for PID with Store.claim: a Claim, or None."""
     claims, _ = store.claim([(pid, start)], now=now)
     return claims[0] if claims else None
+
+
+def short_leases(test):
+    """Run TEST with lease_timeout and backoff_base at 1 s, the shortest: a lost
+    claim is recovered, and a failed run retried, within about a second."""
+    @functools.wraps(test)
+    def with_short_leases(self, *args, **kwargs):
+        self.ok("config", "set", "lease_timeout", "1")
+        self.ok("config", "set", "backoff_base", "1")
+        return test(self, *args, **kwargs)
+    return with_short_leases
+
+
+def lines(path):
+    """The lines of a file, or [] if it does not exist yet."""
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
 
 
 def proc_fields(pid):
@@ -87,8 +130,8 @@ def cmdline(pid):
         return ""
 
 
-class QueueTestCase(unittest.TestCase):
-    """A temp directory with a database path, and ways to run queuectl against it."""
+class DatabaseTestCase(unittest.TestCase):
+    """A temp directory with a database path in it, removed at cleanup."""
 
     def setUp(self):
         tmp = tempfile.TemporaryDirectory()
@@ -110,6 +153,18 @@ class QueueTestCase(unittest.TestCase):
         except FileNotFoundError:
             return ""
 
+
+class QueueTestCase(DatabaseTestCase):
+    """A temp database and the ways to run queuectl against it: in-process, as a
+    process, with real workers. Every process a test leaves running on its
+    database (supervisor, worker, job command) is killed at cleanup."""
+
+    def setUp(self):
+        super().setUp()
+        # Registered before any supervisor, so it runs after their cleanups: it
+        # catches job commands, which live in their own sessions.
+        self.addCleanup(self.kill_leftovers)
+
     # -- in-process -------------------------------------------------------------
 
     def cli(self, *argv, stdin=None):
@@ -129,6 +184,16 @@ class QueueTestCase(unittest.TestCase):
             sys.stdin = old_stdin
         return code, out.getvalue(), err.getvalue()
 
+    def main_raw(self, *argv):
+        """Run queuectl.main with exactly ARGV (no --db added); return (code, out, err)."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = queuectl.main(list(argv))
+            except SystemExit as e:
+                code = e.code
+        return code, out.getvalue(), err.getvalue()
+
     def created_note(self, path=None):
         """The line a command that creates the database writes on stderr."""
         return (f"queuectl: created a new database at "
@@ -145,11 +210,103 @@ class QueueTestCase(unittest.TestCase):
         self.assertEqual((code, err), (0, ""), f"queuectl {' '.join(argv)}")
         return out
 
+    def json_out(self, *argv):
+        """Run, assert success, and parse the whole of stdout as one JSON document."""
+        return json.loads(self.ok(*argv))
+
     def enqueue(self, **job):
         return self.ok("enqueue", json.dumps(job)).strip()
 
     def job(self, job_id):
         return json.loads(self.ok("show", job_id, "--json"))
+
+    def state(self, job_id):
+        return self.job(job_id)["state"]
+
+    def wait_state(self, job_id, states, timeout=20):
+        states = (states,) if isinstance(states, str) else states
+        return wait_until(lambda: self.state(job_id) in states and self.job(job_id),
+                          timeout, f"job {job_id} to be {'/'.join(states)}")
+
+    def jobs(self, state=None):
+        argv = ["list", "--json"] + (["--state", state] if state else [])
+        return json.loads(self.ok(*argv))
+
+    def count(self, state):
+        return len(self.jobs(state))
+
+    def processing(self):
+        """{job id: worker pid} of the jobs being processed."""
+        return {j["id"]: j["worker_pid"] for j in json.loads(
+            self.ok("list", "--state", "processing", "--json"))}
+
+    def history(self, job_id):
+        return self.job(job_id)["history"]
+
+    # -- a Store playing the worker, in-process ------------------------------------
+
+    def store(self):
+        """A real Store on the test database, closed at cleanup."""
+        store = queuectl.open_store(self.db)
+        self.addCleanup(store.close)
+        return store
+
+    def run_next(self, ok=True, duration_s=0.5, pid=4321):
+        """Claim the best runnable job and finish it; return (job id, new state)."""
+        store = self.store()
+        claim = claim_one(store, pid)
+        self.assertIsNotNone(claim, "nothing to claim")
+        result = queuectl.RunResult(exit_code=0 if ok else 1,
+                                    reason=None if ok else "exit 1",
+                                    stdout="out\n", duration_s=duration_s)
+        state = store.finish(claim.id, claim.token, result)
+        store.close()
+        return claim.id, state
+
+    def finish_next(self, result=OK, now=None):
+        """Claim the best runnable job and end its run with RESULT; its id."""
+        store = self.store()
+        claim = claim_one(store, 4321, now=now)
+        self.assertIsNotNone(claim, "nothing to claim")
+        store.finish(claim.id, claim.token, result, now=now)
+        store.close()
+        return claim.id
+
+    def make_dead(self, job_id):
+        self.enqueue(id=job_id, command="false", max_retries=0, priority=100)
+        self.assertEqual(self.run_next(ok=False), (job_id, "dead"))
+
+    def make_completed(self, job_id):
+        self.enqueue(id=job_id, command="true", priority=100)
+        self.assertEqual(self.run_next(ok=True), (job_id, "completed"))
+
+    def claimable(self):
+        """The ids of the jobs a worker could claim now (none is left claimed)."""
+        store = self.store()
+        claims, _ = store.claim([(1, None)] * 10)
+        for claim in claims:
+            store.give_back(claim.id, claim.token)
+        store.close()
+        return sorted(claim.id for claim in claims)
+
+    def make_due(self, job_id=None):
+        """Make JOB_ID (or every job) runnable now, as if its backoff had passed."""
+        if job_id is None:
+            self.sql("UPDATE jobs SET run_at = ?", (queuectl.iso(queuectl.now_utc()),))
+        else:
+            self.sql("UPDATE jobs SET run_at = ? WHERE id = ?",
+                     (queuectl.iso(queuectl.now_utc()), job_id))
+
+    # -- the database behind queuectl's back (SQLite) ------------------------------
+
+    def sql(self, query, params=()):
+        """Run one SQL statement on the test database, committed; its rows."""
+        conn = sqlite3.connect(self.db)
+        try:
+            with conn:
+                return conn.execute(query, params).fetchall()
+        finally:
+            conn.close()
 
     def rows(self):
         """Every row of every table, to prove a command changed nothing."""
@@ -164,6 +321,35 @@ class QueueTestCase(unittest.TestCase):
         finally:
             conn.close()
 
+    def stored_config(self, key):
+        """The text stored for config KEY (None if none is)."""
+        found = self.sql("SELECT value FROM config WHERE key = ?", (key,))
+        return found[0][0] if found else None
+
+    def store_config_raw(self, key, value):
+        """Write a config value the way an older version or sqlite3 by hand could."""
+        self.sql("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
+                 (key, value))
+
+    def freeze(self, pid):
+        """SIGSTOP PID at a moment it holds no write lock on the database."""
+        for _ in range(50):
+            os.kill(pid, signal.SIGSTOP)
+            wait_until(lambda: (proc_fields(pid) or ["?"])[0] == "T", 5,
+                       f"pid {pid} to stop")
+            conn = sqlite3.connect(self.db, timeout=2.0, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+                return
+            except sqlite3.OperationalError:
+                os.kill(pid, signal.SIGCONT)     # caught mid-write: try again
+            finally:
+                conn.close()
+        self.fail(f"pid {pid} always held the database write lock")
+
+    # -- failures -------------------------------------------------------------------
+
     def assertFailsCleanly(self, code, *argv, stdin=None):
         """Assert the command exits CODE with one stderr line and no change."""
         before = self.rows()
@@ -176,6 +362,42 @@ class QueueTestCase(unittest.TestCase):
         self.assertEqual(self.rows(), before, "database changed")
         return err
 
+    def path_snapshot(self, path):
+        """The bytes of the file PATH, or the listing of the directory PATH."""
+        if os.path.isdir(path):
+            return ("dir", sorted(os.listdir(path)))
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                return ("file", f.read())
+        return None
+
+    def tree(self):
+        """Every path under the test directory."""
+        return sorted(os.path.join(top, name) for top, dirs, files in os.walk(self.dir)
+                      for name in dirs + files)
+
+    def assertFailsOnPath(self, code, path, *argv):
+        """Like assertFailsCleanly, for a database PATH that is not a usable DB."""
+        before = self.path_snapshot(path)
+        tree = self.tree()
+        got, out, err = self.cli(*argv, "--db", path)
+        self.assertEqual(got, code, f"exit code of {argv}: stderr={err!r}")
+        self.assertEqual(out, "")
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertTrue(err.startswith("queuectl"), err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(self.path_snapshot(path), before, "database path changed")
+        self.assertEqual(self.tree(), tree, "files created or removed")
+        return err
+
+    def assertOneErrorLine(self, code, got, out, err):
+        """A failed process: exit CODE, no stdout, one 'queuectl...' stderr line."""
+        self.assertEqual(got, code, f"stderr={err[:600]!r}")
+        self.assertEqual(out, "")
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(len(err.splitlines()), 1, err[:600])
+        self.assertTrue(err.startswith("queuectl"), err[:600])
+
     # -- subprocesses -------------------------------------------------------------
 
     def run_cli(self, *argv, timeout=30, stdin=None, env=None, cwd=None):
@@ -183,6 +405,25 @@ class QueueTestCase(unittest.TestCase):
         return subprocess.run([sys.executable, QUEUECTL, *argv], input=stdin,
                               env=env or self.env, cwd=cwd or self.dir,
                               capture_output=True, text=True, timeout=timeout)
+
+    def run_bounded(self, *argv, stdin=None, timeout=10):
+        """Run queuectl.py in its own session; kill the whole session if it is still
+        running after TIMEOUT s (a supervisor that should have been refused).
+        Return (exit code, or None if it had to be killed; stdout; stderr)."""
+        proc = subprocess.Popen([sys.executable, QUEUECTL, *argv], env=self.env,
+                                cwd=self.dir, start_new_session=True,
+                                stdin=subprocess.DEVNULL if stdin is None
+                                else subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=10)
+            code = None
+        return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def start_workers(self, count=1, extra_env=None):
         """Start a foreground supervisor as a subprocess; stopped at cleanup."""
@@ -208,6 +449,39 @@ class QueueTestCase(unittest.TestCase):
             return None
         return running[1]
 
+    def stop_workers(self, proc, *extra, timeout=30, code=0):
+        """Run `worker stop` as a process; assert it exits CODE and the supervisor
+        exits with 0, or like it with 7 after a cold stop."""
+        result = self.run_cli("worker", "stop", *extra, timeout=timeout)
+        self.assertEqual(result.returncode, code, result.stderr)
+        self.assertEqual(proc.wait(timeout=10), code if code == queuectl.EXIT_INTERRUPTED
+                         else 0, self.log_text(proc))
+        return result
+
+    def log_text(self, proc):
+        proc.log.flush()
+        proc.log.seek(0)
+        return proc.log.read()
+
+    def assertCleanLog(self, proc):
+        text = self.log_text(proc)
+        for bad in ("Traceback", "database is locked", "database is busy",
+                    "could not renew", "error:"):
+            self.assertNotIn(bad, text)
+
+    # -- cleanups -------------------------------------------------------------------
+
+    def leftovers(self):
+        """Live processes (workers, supervisors, job commands) of this test's database."""
+        marker = f"{queuectl.ENV_DB}={self.db}".encode()
+        return [p for p in processes_with_env(marker) if pid_alive(p)]
+
+    def kill_leftovers(self):
+        """Cleanup: SIGKILL every process (supervisor, worker, job) of this database."""
+        for pid in self.leftovers():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
     def kill_supervisor(self, proc):
         """Cleanup: stop a supervisor hard if a test left it running."""
         if proc.poll() is None:
@@ -215,15 +489,51 @@ class QueueTestCase(unittest.TestCase):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
-    def log_text(self, proc):
-        proc.log.flush()
-        proc.log.seek(0)
-        return proc.log.read()
+    def kill_stray(self, pid, needle):
+        """Cleanup: SIGKILL PID if it still runs a command containing NEEDLE."""
+        if pid_alive(pid) and needle in cmdline(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
-    def state(self, job_id):
-        return self.job(job_id)["state"]
+    def kill_detached(self):
+        """Cleanup: SIGKILL a detached supervisor (its own process group) if it runs."""
+        running = queuectl.PidFile.holder(self.db + ".pid")
+        if running:
+            self.kill_group_cleanup(running[0])
 
-    def wait_state(self, job_id, states, timeout=20):
-        states = (states,) if isinstance(states, str) else states
-        return wait_until(lambda: self.state(job_id) in states and self.job(job_id),
-                          timeout, f"job {job_id} to be {'/'.join(states)}")
+    def kill_group_cleanup(self, pgid):
+        """Cleanup: SIGKILL what is left of process group PGID (a detached run)."""
+        if group_members(pgid):
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+class StoreTestCase(DatabaseTestCase):
+    """A real Store on the temp database, opened in setUp as self.store."""
+
+    def setUp(self):
+        super().setUp()
+        self.store = self.open()
+
+    def open(self, path=None, create=True):
+        store = queuectl.open_store(path or self.db, create=create)
+        self.addCleanup(store.close)
+        return store
+
+    def add(self, now=T0, **doc):
+        """Enqueue one job created at NOW; return its id."""
+        doc.setdefault("command", "true")
+        job = queuectl.validate_job(doc, now)
+        return self.store.enqueue([job], self.dir, now)[0][0]
+
+    def raw(self, sql, params=()):
+        """Run SQL on the store's own connection; its rows."""
+        return self.store.conn.execute(sql, params).fetchall()
+
+    def get(self, job_id):
+        return self.store.get_job(job_id)[0]
+
+    def dump(self):
+        """Every row of jobs, attempts and config, to prove nothing changed."""
+        return {t: [tuple(r) for r in self.raw(f"SELECT * FROM {t} ORDER BY 1")]
+                for t in ("jobs", "attempts", "config")}

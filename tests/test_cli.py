@@ -1,274 +1,25 @@
-"""The command line, mostly in-process: output, validation, errors, exit codes."""
+"""The command line as a whole: usage errors and bad input, suggestions, the
+exit-code contract, --db and the new-database note, JSON output, terminal escapes,
+and the script as users run it (#! line, any name, Python 3.9)."""
 
-import contextlib
-import io
 import json
 import os
-import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import unittest
-from datetime import timedelta
 
-from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl, wait_until
+from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl
 
 PY39 = "/root/.pyenv/versions/3.9.18/bin/python3"
-JOB_FIELDS = {"id", "command", "state", "attempts", "max_retries", "priority", "run_at",
-              "timeout", "created_at", "updated_at", "next_retry_at", "last_error",
-              "worker_pid"}
-ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
-class CliTestCase(QueueTestCase):
-
-    def store(self):
-        """A real Store on the test database, closed at cleanup."""
-        store = queuectl.open_store(self.db)
-        self.addCleanup(store.close)
-        return store
-
-    def run_next(self, ok=True, duration_s=0.5, pid=4321):
-        """Claim the best runnable job and finish it; return (job id, new state)."""
-        store = self.store()
-        claim = claim_one(store, pid)
-        self.assertIsNotNone(claim, "nothing to claim")
-        result = queuectl.RunResult(exit_code=0 if ok else 1,
-                                    reason=None if ok else "exit 1",
-                                    stdout="out\n", duration_s=duration_s)
-        state = store.finish(claim.id, claim.token, result)
-        store.close()
-        return claim.id, state
-
-    def make_dead(self, job_id):
-        self.enqueue(id=job_id, command="false", max_retries=0, priority=100)
-        self.assertEqual(self.run_next(ok=False), (job_id, "dead"))
-
-    def make_completed(self, job_id):
-        self.enqueue(id=job_id, command="true", priority=100)
-        self.assertEqual(self.run_next(ok=True), (job_id, "completed"))
-
-    def json_out(self, *argv):
-        """Run, assert success, and parse the whole of stdout as one JSON document."""
-        return json.loads(self.ok(*argv))
-
-    def main_raw(self, *argv):
-        """Run queuectl.main with exactly ARGV (no --db added); return (code, out, err)."""
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = queuectl.main(list(argv))
-            except SystemExit as e:
-                code = e.code
-        return code, out.getvalue(), err.getvalue()
-
-    def snapshot(self, path):
-        if os.path.isdir(path):
-            return ("dir", sorted(os.listdir(path)))
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                return ("file", f.read())
-        return None
-
-    def tree(self):
-        """Every path under the test directory."""
-        return sorted(os.path.join(top, name) for top, dirs, files in os.walk(self.dir)
-                      for name in dirs + files)
-
-    def assertFailsOnPath(self, code, path, *argv):
-        """Like assertFailsCleanly, for a database PATH that is not a usable DB."""
-        before = self.snapshot(path)
-        tree = self.tree()
-        got, out, err = self.cli(*argv, "--db", path)
-        self.assertEqual(got, code, f"exit code of {argv}: stderr={err!r}")
-        self.assertEqual(out, "")
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
-        self.assertTrue(err.startswith("queuectl"), err)
-        self.assertNotIn("Traceback", err)
-        self.assertEqual(self.snapshot(path), before, "database path changed")
-        self.assertEqual(self.tree(), tree, "files created or removed")
-        return err
-
-
-class EnqueueTest(CliTestCase):
-
-    def test_prints_only_the_id(self):
-        """enqueue prints the job id and nothing else."""
-        out = self.ok("enqueue", '{"id": "job1", "command": "echo hi"}')
-        self.assertEqual(out, "job1\n")
-        job = self.job("job1")
-        self.assertEqual((job["command"], job["state"], job["attempts"]),
-                         ("echo hi", "pending", 0))
-
-    def test_generated_ids_short_and_unique(self):
-        """Jobs without an id get short, distinct, usable ids."""
-        ids = [self.enqueue(command="true") for _ in range(5)]
-        ids += self.ok("enqueue", "-", stdin='{"command": "true"}\n' * 40).split()
-        self.assertEqual(len(set(ids)), 45)
-        for job_id in ids:
-            self.assertRegex(job_id, r"^[0-9A-Za-z_-]{4,16}$")
-        self.assertEqual(self.job(ids[-1])["id"], ids[-1])
-
-    def test_stdin_batch(self):
-        """enqueue - adds every line at once, prints one id per line, skips blanks."""
-        stdin = ('{"id": "a", "command": "echo a"}\n\n   \n'
-                 '{"command": "echo b"}\n{"id": "c", "command": "echo c"}')
-        lines = self.ok("enqueue", "-", stdin=stdin).splitlines()
-        self.assertEqual(len(lines), 3)
-        self.assertEqual((lines[0], lines[2]), ("a", "c"))
-        jobs = self.json_out("list", "--json")
-        self.assertEqual(sorted(j["id"] for j in jobs), sorted(lines))
-        self.assertEqual(len({j["created_at"] for j in jobs}), 1, "one batch, one time")
-        self.assertEqual(self.job(lines[1])["command"], "echo b")
-
-    def test_stdin_bad_line_refuses_batch(self):
-        """One bad line refuses the whole batch, naming the line; nothing is added."""
-        self.enqueue(id="existing", command="true")
-        stdin = ('{"id": "n1", "command": "true"}\n\n'
-                 '{"id": "n2", "command": ""}\n{"id": "n3", "command": "true"}\n')
-        err = self.assertFailsCleanly(2, "enqueue", "-", stdin=stdin)
-        self.assertIn("line 3", err)
-        err = self.assertFailsCleanly(2, "enqueue", "-",
-                                      stdin='{"command": "true"}\n{"command": "x"}\n{oops\n')
-        self.assertIn("line 3", err)
-        self.assertEqual([j["id"] for j in self.json_out("list", "--json")], ["existing"])
-
-    def test_stdin_bad_line_creates_no_database(self):
-        """A refused batch does not create the database."""
-        self.assertFailsCleanly(2, "enqueue", "-", stdin='{"command": "true"}\n[1]\n')
-        self.assertFalse(os.path.exists(self.db))
-
-    def test_stdin_empty(self):
-        """enqueue - with no jobs on stdin is a usage error."""
-        err = self.assertFailsCleanly(2, "enqueue", "-", stdin="\n  \n")
-        self.assertIn("no jobs", err)
-
-    def test_stdin_duplicate_within_batch(self):
-        """Two lines with the same id refuse the batch with exit 1."""
-        self.enqueue(id="existing", command="true")
-        stdin = '{"id": "d", "command": "true"}\n{"id": "d", "command": "true"}\n'
-        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=stdin)
-        self.assertIn("duplicate", err)
-
-    def test_stdin_duplicate_of_existing(self):
-        """A batch clashing with a stored id adds none of its jobs."""
-        self.enqueue(id="existing", command="true")
-        stdin = ('{"id": "new1", "command": "true"}\n{"command": "true"}\n'
-                 '{"id": "existing", "command": "true"}\n')
-        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=stdin)
-        self.assertIn("duplicate job id: existing", err)
-
-    def test_duplicate_id(self):
-        """Enqueuing an id that exists fails with exit 1 and changes nothing."""
-        self.enqueue(id="job1", command="true")
-        err = self.assertFailsCleanly(1, "enqueue", '{"id": "job1", "command": "ls"}')
-        self.assertIn("job1", err)
-        self.assertEqual(self.job("job1")["command"], "true")
-
-    def test_all_fields(self):
-        """Every job field is stored and shown; run_at offsets become UTC."""
-        self.enqueue(id="full", command="echo x", max_retries=5, priority=-3, timeout=2.5,
-                     run_at="2030-01-01T02:00:00+02:00")
-        job = self.job("full")
-        self.assertEqual((job["max_retries"], job["priority"], job["timeout"],
-                          job["run_at"]), (5, -3, 2.5, "2030-01-01T00:00:00.000Z"))
-        self.assertEqual(job["cwd"], os.getcwd())
-
-
-class CommandLengthTest(CliTestCase):
-
-    def test_a_command_longer_than_the_kernel_takes_is_refused_at_enqueue(self):
-        """A command of more than 131071 bytes (the kernel's limit on one argument)
-        is refused naming the limit, instead of failing every run."""
-        limit = 131071
-        long_command = ": " + "é" * ((limit - 1) // 2)        # limit + 1 bytes
-        self.assertEqual(len(long_command.encode()), limit + 1)
-        for argv, stdin in ((("enqueue", "-c", long_command), None),
-                            (("enqueue", json.dumps({"command": long_command})), None),
-                            (("enqueue", "-"), json.dumps({"command": "true"}) + "\n" +
-                             json.dumps({"command": long_command}) + "\n")):
-            with self.subTest(how=argv[1][:2]):
-                err = self.assertFailsCleanly(2, *argv, stdin=stdin)
-                self.assertIn(f"is {limit + 1} bytes long", err)
-                self.assertIn(f"at most {limit} bytes", err)
-                self.assertIn("script file", err)
-                self.assertFalse(os.path.exists(self.db))
-        self.assertIn("-c is 131072 bytes long", self.cli("enqueue", "-c",
-                                                          long_command)[2])
-
-    def test_a_command_of_exactly_the_limit_runs(self):
-        """The longest command accepted does run (the limit is not one byte off)."""
-        command = ": " + "x" * (131071 - 8) + "; true"
-        self.assertEqual(len(command.encode()), 131071)
-        job_id = self.ok("enqueue", "-", stdin=json.dumps({"command": command})).strip()
-        self.start_workers(1)
-        self.assertEqual(self.wait_state(job_id, ("completed", "dead"))["state"],
-                         "completed")
-
-
-class UsageErrorTest(CliTestCase):
-    """Bad input: exit 2, one stderr line, database unchanged."""
+class UsageErrorTest(QueueTestCase):
+    """Bad commands, options and values: exit 2, one stderr line, database unchanged."""
 
     def setUp(self):
         super().setUp()
         self.enqueue(id="existing", command="true")
-
-    def bad_jobs(self, docs):
-        for doc in docs:
-            text = doc if isinstance(doc, str) else json.dumps(doc)
-            with self.subTest(job=text):
-                self.assertFailsCleanly(2, "enqueue", text)
-                self.assertFailsCleanly(2, "enqueue", "-", stdin=text + "\n")
-
-    def test_invalid_json(self):
-        """Text that is not JSON is refused."""
-        self.bad_jobs(["{", "not json", "", "{'command': 'ls'}", '{"command": "ls",}'])
-
-    def test_not_an_object(self):
-        """JSON that is not an object is refused."""
-        self.bad_jobs(["[1]", '"x"', "5", "null", "true", '["ls"]'])
-
-    def test_command_missing_or_empty(self):
-        """A job needs a non-empty string command."""
-        self.bad_jobs([{}, {"id": "x"}, {"command": ""}, {"command": "  "},
-                       {"command": None}, {"command": 5}, {"command": ["ls"]}])
-
-    def test_bad_field_types(self):
-        """Each field with a wrong type or range is refused."""
-        self.bad_jobs([
-            {"command": "true", "id": 5}, {"command": "true", "id": ""},
-            {"command": "true", "id": "a b"}, {"command": "true", "id": "-x"},
-            {"command": "true", "id": "x" * 129}, {"command": "true", "id": None},
-            {"command": "true", "max_retries": -1}, {"command": "true", "max_retries": 1.5},
-            {"command": "true", "max_retries": True}, {"command": "true", "max_retries": "3"},
-            {"command": "true", "priority": 1.5}, {"command": "true", "priority": "high"},
-            {"command": "true", "priority": False}, {"command": "true", "priority": 2 ** 40},
-            {"command": "true", "run_at": 5}, {"command": "true", "run_at": "soon"},
-            {"command": "true", "delay": -1}, {"command": "true", "delay": "5 m"},
-            {"command": "true", "delay": True},
-            {"command": "true", "timeout": 0}, {"command": "true", "timeout": -2},
-            {"command": "true", "timeout": "soon"}, {"command": "true", "timeout": False},
-            {"command": "true", "after": "no such job"}, {"command": "true", "after": 5},
-            {"command": "true", "unique_key": ""}, {"command": "true", "unique_key": 7},
-            '{"command": "true", "delay": NaN}', '{"command": "true", "timeout": Infinity}',
-        ])
-
-    def test_unknown_field(self):
-        """An unknown field is refused and named."""
-        err = self.assertFailsCleanly(2, "enqueue", '{"command": "true", "retries": 3}')
-        self.assertIn("retries", err)
-
-    def test_naive_run_at(self):
-        """A run_at with no zone is refused."""
-        err = self.assertFailsCleanly(
-            2, "enqueue", '{"command": "true", "run_at": "2030-01-01T00:00:00"}')
-        self.assertIn("run_at", err)
-
-    def test_run_at_and_delay(self):
-        """run_at and delay together are refused."""
-        self.assertFailsCleanly(2, "enqueue", json.dumps(
-            {"command": "true", "run_at": "2030-01-01T00:00:00Z", "delay": 5}))
 
     def test_unknown_state(self):
         """list --state with an unknown state is refused."""
@@ -325,7 +76,99 @@ class UsageErrorTest(CliTestCase):
         self.assertFailsCleanly(2, "dlq", "retry", "d1", "--all")
 
 
-class SuggestionTest(CliTestCase):
+class BadInputTest(QueueTestCase):
+    """Malformed text, numbers and durations: refused in one line, in one wording."""
+
+    def test_bad_inputs_fail_cleanly_with_exit_2(self):
+        """Inputs that used to crash exit 2 with one line and change nothing."""
+        self.enqueue(id="keep", command="true")
+
+        def job(**fields):
+            return json.dumps(dict({"command": "true"}, **fields))
+
+        cases = {
+            "NUL in command": ("enqueue", '{"command": "echo a\\u0000b"}'),
+            "lone surrogate": ("enqueue", '{"command": "echo \\ud800"}'),
+            "huge --limit": ("list", "--limit", "99999999999999999999999"),
+            "run_at after 9999": ("enqueue", job(run_at="9999-12-31T23:59:59-23:59")),
+            "run_at before 0001": ("enqueue", job(run_at="0001-01-01T00:00:00+01:00")),
+            "offset minutes 99": ("enqueue", job(run_at="2030-01-01T00:00:00+05:99")),
+            "JSON nested 30000 deep": ("enqueue", "[" * 30000),
+            "negative --max-dead": ("status", "--max-dead", "-1"),
+        }
+        for name, argv in cases.items():
+            with self.subTest(name):
+                self.assertFailsCleanly(2, *argv)
+
+        # As processes: a --count let through must not start workers in this test.
+        processes = {
+            "huge --count": (("worker", "start", "--count", "100000"), None),
+            "invalid UTF-8 on stdin": (("enqueue", "-"), b'{"command": "\xff\xfe"}\n'),
+        }
+        for name, (argv, stdin) in processes.items():
+            with self.subTest(name):
+                before = self.rows()
+                self.assertOneErrorLine(2, *self.run_bounded(*argv, stdin=stdin,
+                                                             timeout=5))
+                self.assertEqual(self.rows(), before, "database changed")
+
+    def test_error_message_cannot_be_split_into_two_lines(self):
+        """An id holding a newline cannot forge a second error line."""
+        self.enqueue(id="keep", command="true")
+        err = self.assertFailsCleanly(1, "show", "x\nqueuectl: error: forged")
+        self.assertIn("x\\nqueuectl: error: forged", err)
+
+    def test_digits_of_other_scripts_are_refused_everywhere(self):
+        """Numbers, durations and times on the command line and in job fields take
+        ASCII digits only."""
+        self.enqueue(id="j", command="true")
+        for argv in (("config", "set", "max_retries", "١٢"),
+                     ("config", "set", "job_timeout", "١٠"),
+                     ("enqueue", "-c", "x", "--priority", "١"),
+                     ("enqueue", "-c", "x", "--max-retries", "٣"),
+                     ("enqueue", "-c", "x", "--delay", "١٠"),
+                     ("enqueue", "-c", "x", "--timeout", "１０s"),
+                     ("enqueue", "-c", "x", "--run-at", "２０２６-01-01T00:00:00Z"),
+                     ("enqueue", '{"command": "x", "delay": "١٠"}'),
+                     ("enqueue", '{"command": "x", "timeout": "٥m"}'),
+                     ("enqueue", '{"command": "x", "run_at": "2026-01-01T00:00:00+٠٢:00"}'),
+                     ("list", "--limit", "١"), ("dlq", "list", "--limit", "١"),
+                     ("logs", "j", "--attempt", "١"), ("status", "--max-age", "١٠"),
+                     ("status", "--max-dead", "١"), ("wait", "j", "--timeout", "١"),
+                     ("purge", "--state", "dead", "--older-than", "٧d")):
+            with self.subTest(argv=argv):
+                self.assertFailsCleanly(2, *argv)
+        # A process of its own: in-process, a mistaken yes would start workers here.
+        result = self.run_cli("worker", "start", "--count", "٣", timeout=10)
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
+
+    def test_durations_are_echoed_as_given_and_refused_in_one_wording(self):
+        self.store()
+        for given, shown in (("7d", "7d"), ("10m", "10m"), ("1d1s", "1d1s"),
+                             ("1h30m", "1h30m"), ("90", "1m30s")):
+            self.assertEqual(self.ok("purge", "--state", "completed", "--older-than",
+                                     given),
+                             f"purged 0 completed job(s) older than {shown}\n")
+        for argv, message in (
+                (("worker", "stop", "--timeout", "-5s"), "must not be negative: '-5s'"),
+                (("enqueue", "-c", "true", "--delay", "-5s"),
+                 "--delay: must not be negative: '-5s'"),
+                (("enqueue", "-c", "true", "--delay", "99999999999d"),
+                 "--delay: too long: '99999999999d'"),
+                (("enqueue", "-c", "true", "--timeout", "0"),
+                 "--timeout: must be at least 0.01s: '0'"),
+                (("enqueue", '{"command": "true", "delay": "10 m"}'),
+                 "field 'delay': not a duration such as 90s, 10m, 2h, 7d or 1h30m: "
+                 "'10 m'"),
+                (("config", "set", "retention", "-5s"), "bad value for retention: '-5s'"),
+                (("list", "--limit", "0"), "must be from 1 to 2147483647"),
+                (("enqueue", "-c", "true", "--unique-key", "  "),
+                 "--unique-key must be a string that is not blank")):
+            self.assertIn(message, self.assertFailsCleanly(2, *argv))
+
+
+class UsageMessageTest(QueueTestCase):
+    """A usage error names the near choice, or the command whose --help to read."""
 
     def test_a_mistyped_command_or_choice_gets_the_near_one_suggested(self):
         """A command, action or state close to a real one is suggested on one line
@@ -350,9 +193,23 @@ class SuggestionTest(CliTestCase):
         self.assertIn("choose from", err)
         self.assertNotIn("did you mean", err)
 
+    def test_unknown_arguments_name_the_command(self):
+        """An unknown option or extra argument names the command whose --help
+        to read."""
+        self.enqueue(id="a", command="true")
+        for argv, prog in ((["enqueue", "--bogus", "{}"], "queuectl enqueue"),
+                           (["status", "--bogus"], "queuectl status"),
+                           (["show", "a", "extra"], "queuectl show"),
+                           (["dlq", "list", "--bogus"], "queuectl dlq list")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(2, *argv)
+                self.assertTrue(err.startswith(f"{prog}: error: unrecognized "
+                                               f"arguments"), err)
+                self.assertIn(f"see '{prog} --help'", err)
 
-class RuntimeErrorTest(CliTestCase):
-    """Runtime errors: exit 1, one stderr line, database unchanged."""
+
+class ExitCodeTest(QueueTestCase):
+    """0 success, 1 runtime error, 2 usage error, in-process and as processes."""
 
     def test_unknown_job(self):
         """show, delete and dlq retry of an unknown id fail."""
@@ -364,159 +221,36 @@ class RuntimeErrorTest(CliTestCase):
                 self.assertIn("nope", err)
         self.assertEqual(self.state("j1"), "pending")
 
-    def test_dlq_retry_pending_job(self):
-        """dlq retry of a job that is not dead fails and names its state."""
-        self.enqueue(id="p1", command="true")
-        self.make_dead("d1")
-        err = self.assertFailsCleanly(1, "dlq", "retry", "d1", "p1")
-        self.assertIn("pending", err)
-        self.assertEqual(self.state("d1"), "dead")
+    def test_usage_and_runtime_errors_as_real_processes(self):
+        """A usage error exits 2, a runtime error 1, each with one stderr line."""
+        self.enqueue(id="keep", command="true")
+        result = self.run_cli("list", "--state", "bogus")
+        self.assertOneErrorLine(2, result.returncode, result.stdout, result.stderr)
+        result = self.run_cli("show", "nope")
+        self.assertOneErrorLine(1, result.returncode, result.stdout, result.stderr)
+        self.assertEqual(result.stderr, "queuectl: error: no such job: nope\n")
 
-    def test_delete_processing_job(self):
-        """A job that is running cannot be deleted."""
-        self.enqueue(id="busy", command="sleep 100")
-        claim = claim_one(self.store(), 9999)
-        self.assertEqual(claim.id, "busy")
-        err = self.assertFailsCleanly(1, "delete", "busy")
-        self.assertIn("processing", err)
-        self.assertEqual(self.state("busy"), "processing")
-
-    def test_missing_database(self):
-        """Reading commands on a missing database fail and create no file."""
-        for argv in (("status",), ("status", "--check"), ("list",), ("list", "--json"),
-                     ("show", "x"), ("stats",), ("dlq", "list"), ("dlq", "retry", "--all"),
-                     ("delete", "x")):
-            with self.subTest(argv=argv):
-                err = self.assertFailsCleanly(1, *argv)
-                self.assertIn(self.db, err)
-                self.assertEqual(os.listdir(self.dir), [])
-
-    def test_missing_database_in_missing_directory(self):
-        """A missing directory is not created by reading commands."""
-        path = os.path.join(self.dir, "sub", "q.db")
-        self.assertFailsOnPath(1, path, "status")
-        self.assertFalse(os.path.exists(os.path.dirname(path)))
-
-    def test_database_path_is_directory(self):
-        """A directory as the database path fails cleanly, for reads and writes."""
-        path = os.path.join(self.dir, "adir")
-        os.mkdir(path)
-        for argv in (("status",), ("list",), ("enqueue", '{"command": "true"}'),
-                     ("config", "set", "max_retries", "1")):
-            with self.subTest(argv=argv):
-                err = self.assertFailsOnPath(1, path, *argv)
-                self.assertIn("directory", err)
-
-    def test_text_file_as_database(self):
-        """A text file as the database is refused and left unchanged."""
-        path = os.path.join(self.dir, "notes.txt")
-        with open(path, "w") as f:
-            f.write("shopping list\n")
-        for argv in (("status",), ("list", "--json"), ("enqueue", '{"command": "true"}'),
-                     ("config", "set", "max_retries", "1"), ("show", "x")):
-            with self.subTest(argv=argv):
-                err = self.assertFailsOnPath(1, path, *argv)
-                self.assertIn("not a queuectl database", err)
-
-    def test_foreign_sqlite_database(self):
-        """Another program's SQLite file is refused and left unchanged."""
-        path = os.path.join(self.dir, "app.sqlite")
-        conn = sqlite3.connect(path)
-        conn.execute("CREATE TABLE jobs (x)")
-        conn.commit()
-        conn.close()
-        for argv in (("status",), ("enqueue", '{"command": "true"}')):
-            with self.subTest(argv=argv):
-                self.assertFailsOnPath(1, path, *argv)
+    def test_list_into_a_reader_that_quits_exits_0_quietly(self):
+        """list | head -1 (300 jobs) and list --limit 3 | true: exit 0, no stderr."""
+        lines = "".join(json.dumps({"command": f"echo {n}"}) + "\n" for n in range(300))
+        self.ok("enqueue", "-", stdin=lines)
+        env = dict(self.env, PY=sys.executable, QUEUECTL=QUEUECTL)
+        env.pop("PYTHONUNBUFFERED", None)      # block-buffered stdout, as for users
+        # With `true`, the reader is gone before queuectl writes, and the output fits
+        # its buffer: the one write is the final flush, which must fail inside main.
+        for pipeline in ("list | head -1", "list --limit 3 | true"):
+            with self.subTest(pipeline):
+                script = f'set -o pipefail; "$PY" "$QUEUECTL" {pipeline}'
+                result = subprocess.run(["bash", "-c", script], env=env, cwd=self.dir,
+                                        capture_output=True, text=True, timeout=30)
+                self.assertEqual((result.returncode, result.stderr), (0, ""))
+                if "head" in pipeline:
+                    self.assertTrue(result.stdout.startswith("ID "), result.stdout)
+                    self.assertEqual(len(result.stdout.splitlines()), 1)
 
 
-class ListShowTest(CliTestCase):
-
-    def test_list_newest_first(self):
-        """list shows the newest job first, in text and JSON."""
-        for job_id in ("a", "b", "c"):
-            self.enqueue(id=job_id, command=f"echo {job_id}")
-        self.assertEqual([j["id"] for j in self.json_out("list", "--json")],
-                         ["c", "b", "a"])
-        lines = self.ok("list").splitlines()
-        self.assertTrue(lines[0].startswith("ID"), lines)
-        self.assertEqual([line.split()[0] for line in lines[1:]], ["c", "b", "a"])
-
-    def test_list_state_and_limit(self):
-        """--state filters and --limit caps the list."""
-        for job_id in ("a", "b", "c", "d"):
-            self.enqueue(id=job_id, command="true")
-        self.make_completed("done")
-        self.assertEqual([j["id"] for j in self.json_out("list", "--state", "completed",
-                                                         "--json")], ["done"])
-        self.assertEqual([j["id"] for j in self.json_out("list", "--state", "pending",
-                                                         "--limit", "2", "--json")],
-                         ["d", "c"])
-        self.assertEqual([j["id"] for j in self.json_out("list", "--limit", "1",
-                                                         "--json")], ["done"])
-        self.assertEqual(self.json_out("list", "--state", "dead", "--json"), [])
-
-    def test_json_lists_are_one_array(self):
-        """list --json and dlq list --json print one array, [] when empty."""
-        self.ok("config", "set", "max_retries", "3")      # creates an empty database
-        self.assertEqual(self.json_out("list", "--json"), [])
-        self.assertEqual(self.json_out("dlq", "list", "--json"), [])
-        self.enqueue(id="p", command="true")
-        self.make_dead("d")
-        self.assertEqual([j["id"] for j in self.json_out("dlq", "list", "--json")], ["d"])
-        jobs = self.json_out("list", "--json")
-        self.assertIsInstance(jobs, list)
-        self.assertEqual(len(jobs), 2)
-
-    def test_job_fields(self):
-        """Job objects carry every documented field; times end in Z."""
-        self.enqueue(id="p", command="true")
-        self.enqueue(id="f", command="false", max_retries=2, priority=50)
-        self.assertEqual(self.run_next(ok=False), ("f", "failed"))
-        for job in (self.job("p"), self.job("f"), *self.json_out("list", "--json")):
-            with self.subTest(job=job["id"]):
-                self.assertLessEqual(JOB_FIELDS, set(job))
-                for key in ("run_at", "created_at", "updated_at"):
-                    self.assertRegex(job[key], ISO_Z)
-        failed = self.job("f")
-        self.assertEqual((failed["state"], failed["attempts"], failed["last_error"],
-                          failed["next_retry_at"], failed["worker_pid"]),
-                         ("failed", 1, "exit 1", failed["run_at"], None))
-        self.assertRegex(failed["next_retry_at"], ISO_Z)
-        pending = self.job("p")
-        self.assertEqual((pending["max_retries"], pending["timeout"],
-                          pending["next_retry_at"], pending["last_error"]),
-                         (3, 300, None, None))
-
-    def test_show_processing_job(self):
-        """show of a running job names its worker pid."""
-        self.enqueue(id="busy", command="sleep 100")
-        claim_one(self.store(), 31337)
-        job = self.job("busy")
-        self.assertEqual((job["state"], job["worker_pid"], job["attempts"]),
-                         ("processing", 31337, 1))
-
-    def test_show_history_and_output(self):
-        """show --json includes the attempts and the last output; text shows them too."""
-        self.enqueue(id="j", command="echo out")
-        self.run_next(ok=True)
-        job = self.job("j")
-        self.assertEqual([h["outcome"] for h in job["history"]], ["completed"])
-        self.assertEqual(job["output"]["stdout"], "out\n")
-        text = self.ok("show", "j")
-        self.assertIn("run 1:", text)
-        self.assertIn("out", text)
-
-    def test_json_objects(self):
-        """show, status, stats and config show --json each print one object."""
-        self.enqueue(id="j", command="true")
-        for argv in (("show", "j", "--json"), ("status", "--json"), ("stats", "--json"),
-                     ("config", "show", "--json")):
-            with self.subTest(argv=argv):
-                self.assertIsInstance(self.json_out(*argv), dict)
-
-
-class DbOptionTest(CliTestCase):
+class DbOptionTest(QueueTestCase):
+    """--db and $QUEUECTL_DB name the database."""
 
     def test_db_before_and_after_subcommand(self):
         """--db works before the subcommand and after it."""
@@ -557,161 +291,25 @@ class DbOptionTest(CliTestCase):
         self.assertEqual(json.loads(result.stdout)["db"], self.db)
         self.assertFalse(os.path.exists(os.path.join(self.dir, "queuectl.db")))
 
-
-class ConfigTest(CliTestCase):
-
-    def setUp(self):
-        super().setUp()
-        self.store().close()
-
-    def test_show_defaults(self):
-        """config show lists every key with its default."""
-        want = {"max_retries": 3, "backoff_base": 2, "backoff_max": 3600,
-                "job_timeout": 300, "output_limit": 65536, "lease_timeout": 15,
-                "retention": 0}
-        self.assertEqual(self.json_out("config", "show", "--json"), want)
-        text = self.ok("config", "show")
-        for key, value in want.items():
-            self.assertIn(f"{key} = {value}", text)
-        self.assertEqual(len(text.splitlines()), len(want))
-
-    def test_get_prints_only_the_value(self):
-        """config get prints just the value, for either spelling."""
-        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
-        self.assertEqual(self.ok("config", "get", "max-retries"), "3\n")
-        self.assertEqual(self.ok("config", "get", "lease-timeout"), "15\n")
-
-    def test_set_both_spellings(self):
-        """config set accepts dashes or underscores and the value sticks."""
-        self.ok("config", "set", "max-retries", "5")
-        self.assertEqual(self.ok("config", "get", "max_retries"), "5\n")
-        self.ok("config", "set", "max_retries", "0")
-        self.assertEqual(self.ok("config", "get", "max-retries"), "0\n")
-        self.ok("config", "set", "backoff-base", "1.5")
-        self.assertEqual(self.ok("config", "get", "backoff_base"), "1.5\n")
-        self.ok("config", "set", "job_timeout", "2.0")
-        self.assertEqual(self.ok("config", "get", "job_timeout"), "2\n")
-        shown = self.json_out("config", "show", "--json")
-        self.assertEqual((shown["max_retries"], shown["backoff_base"],
-                          shown["job_timeout"]), (0, 1.5, 2))
-
-    def test_config_applies_to_jobs_without_own_value(self):
-        """Jobs without max_retries or timeout follow the config."""
-        self.enqueue(id="j", command="true")
-        self.enqueue(id="own", command="true", max_retries=1, timeout=9)
-        self.ok("config", "set", "max_retries", "7")
-        self.ok("config", "set", "job_timeout", "42")
-        self.assertEqual((self.job("j")["max_retries"], self.job("j")["timeout"]), (7, 42))
-        self.assertEqual((self.job("own")["max_retries"], self.job("own")["timeout"]),
-                         (1, 9))
-
-
-class ConfigValueTest(CliTestCase):
-    """What config set stores, and what the queue does with a bad stored value."""
-
-    def stored(self, key):
-        conn = sqlite3.connect(self.db)
-        try:
-            row = conn.execute("SELECT value FROM config WHERE key = ?", (key,)).fetchone()
-            return row and row[0]
-        finally:
-            conn.close()
-
-    def store_raw(self, key, value):
-        """Write a config value the way an older version or sqlite3 by hand could."""
-        conn = sqlite3.connect(self.db)
-        try:
-            with conn:
-                conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
-                             (key, value))
-        finally:
-            conn.close()
-
-    def test_a_tiny_duration_is_refused_and_values_are_stored_plainly(self):
-        """config set refuses a job_timeout under 0.01 s (it used to store 1e-05,
-        which the queue then could not read) and stores plain decimals."""
-        self.enqueue(id="j", command="true")
-        err = self.assertFailsCleanly(2, "config", "set", "job_timeout", "0.00001")
-        self.assertIn("expected a duration >= 0.01s", err)
-        self.assertEqual(self.ok("config", "set", "job_timeout", "0.0104"),
-                         "job_timeout = 0.01\n")
-        self.assertEqual(self.stored("job_timeout"), "0.01")
-        self.assertEqual(self.ok("config", "set", "backoff_max", "1.5m"),
-                         "backoff_max = 90\n")
-        self.assertEqual(self.stored("backoff_max"), "90")
-        self.assertEqual(self.json_out("config", "show", "--json")["job_timeout"], 0.01)
-        self.assertEqual(self.job("j")["timeout"], 0.01)
-
-    def test_a_bad_stored_value_falls_back_to_its_default_and_says_so(self):
-        """A stored value the reader refuses never stops the queue: every command
-        works with that key's default, and config show and get say why."""
-        self.enqueue(id="j", command="true")
-        self.store_raw("job_timeout", "1e-05")
-        self.store_raw("max_retries", "١٢")
-        for argv in (("status",), ("status", "--json"), ("list",), ("show", "j"),
-                     ("stats",)):
+    def test_db_at_every_level(self):
+        """--db works after a command group's name too, and every group lists it."""
+        other = self.path("other.db")
+        code, out, err = self.cli("enqueue", "--db", other, '{"id": "o", "command": "x"}')
+        self.assertEqual((code, err), (0, self.created_note(other)))
+        for argv in (["dlq", "--db", other, "list", "--json"],
+                     ["config", "--db", other, "show", "--json"],
+                     ["worker", "--db", other, "stop"]):
             with self.subTest(argv=argv):
-                self.ok(*argv)
-        self.assertEqual((self.job("j")["timeout"], self.job("j")["max_retries"]),
-                         (300, 3))
-        text = self.ok("config", "show")
-        line = next(l for l in text.splitlines() if l.startswith("job_timeout"))
-        self.assertIn("job_timeout = 300  (config job_timeout: stored value '1e-05' "
-                      "is not a duration >= 0.01s", line)
-        self.assertIn("using the default, 300", line)
-        self.assertEqual(len(text.splitlines()), len(queuectl.CONFIG))
-        code, out, err = self.cli("config", "show", "--json")
-        self.assertEqual((code, json.loads(out)["job_timeout"]), (0, 300))
-        self.assertEqual(len(err.splitlines()), 2, err)
-        self.assertTrue(all(l.startswith("queuectl: config ") for l in err.splitlines()))
-        code, out, err = self.cli("config", "get", "job_timeout")
-        self.assertEqual((code, out), (0, "300\n"))
-        self.assertIn("stored value '1e-05'", err)
-        self.assertEqual(set(self.store().config_problems()),
-                         {"job_timeout", "max_retries"})
-        self.ok("config", "set", "job_timeout", "60")
-        self.assertEqual(set(self.store().config_problems()), {"max_retries"})
-
-    def test_a_running_supervisor_goes_on_with_a_bad_stored_value(self):
-        """Workers keep claiming with the default, and the supervisor logs why."""
-        self.enqueue(id="first", command="true")
-        self.store_raw("job_timeout", "1e-05")
-        proc = self.start_workers(1)
-        self.wait_state("first", "completed")
-        self.enqueue(id="second", command="true")
-        self.wait_state("second", "completed")
-        wait_until(lambda: "supervisor: config job_timeout: stored value '1e-05'"
-                   in self.log_text(proc), 10, "the supervisor to log the bad value")
+                self.assertEqual(self.cli(*argv)[0], 0)
+        self.assertEqual(self.json_out("list", "--db", other, "--json")[0]["id"], "o")
+        for group in ("dlq", "worker", "config"):
+            code, out, _ = self.cli(group, "--help")
+            self.assertIn("--db PATH", out)
 
 
-class AsciiDigitsCliTest(CliTestCase):
-
-    def test_digits_of_other_scripts_are_refused_everywhere(self):
-        """Numbers, durations and times on the command line and in job fields take
-        ASCII digits only."""
-        self.enqueue(id="j", command="true")
-        for argv in (("config", "set", "max_retries", "١٢"),
-                     ("config", "set", "job_timeout", "١٠"),
-                     ("enqueue", "-c", "x", "--priority", "١"),
-                     ("enqueue", "-c", "x", "--max-retries", "٣"),
-                     ("enqueue", "-c", "x", "--delay", "١٠"),
-                     ("enqueue", "-c", "x", "--timeout", "１０s"),
-                     ("enqueue", "-c", "x", "--run-at", "２０２６-01-01T00:00:00Z"),
-                     ("enqueue", '{"command": "x", "delay": "١٠"}'),
-                     ("enqueue", '{"command": "x", "timeout": "٥m"}'),
-                     ("enqueue", '{"command": "x", "run_at": "2026-01-01T00:00:00+٠٢:00"}'),
-                     ("list", "--limit", "١"), ("dlq", "list", "--limit", "١"),
-                     ("logs", "j", "--attempt", "١"), ("status", "--max-age", "١٠"),
-                     ("status", "--max-dead", "١"), ("wait", "j", "--timeout", "١"),
-                     ("purge", "--state", "dead", "--older-than", "٧d")):
-            with self.subTest(argv=argv):
-                self.assertFailsCleanly(2, *argv)
-        # A process of its own: in-process, a mistaken yes would start workers here.
-        result = self.run_cli("worker", "start", "--count", "٣", timeout=10)
-        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
-
-
-class CreatedDatabaseTest(CliTestCase):
+class NewDatabaseTest(QueueTestCase):
+    """Which commands create the database (and say so), and which refuse a missing
+    one."""
 
     def test_a_command_that_creates_the_database_says_so_once(self):
         """enqueue, config set and worker start say on stderr when they created the
@@ -742,184 +340,48 @@ class CreatedDatabaseTest(CliTestCase):
             f"{key} = {value}\n" for key, value in queuectl.CONFIG_DEFAULTS.items()), ""))
         self.assertEqual(os.listdir(self.dir), [])
 
-
-class ConfigBeforeFirstJobTest(CliTestCase):
-
-    def test_config_show_and_get_print_the_defaults_and_create_nothing(self):
-        """Before the first job, config show and get print the defaults (they
-        used to fail) and create no file."""
-        want = dict(queuectl.CONFIG_DEFAULTS)
-        self.assertEqual(self.json_out("config", "show", "--json"), want)
-        self.assertEqual(self.ok("config", "show"),
-                         "".join(f"{key} = {value}\n" for key, value in want.items()))
-        self.assertEqual(self.ok("config", "get", "job-timeout"), "300\n")
-        self.assertEqual(self.cli("config", "get", "bogus")[0], 2)
-        open(self.db, "w").close()                  # an empty file (mktemp) too
-        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
-        os.remove(self.db)
-        self.assertEqual(os.listdir(self.dir), [])
-
-    def test_pause_and_resume_without_a_database_say_what_creates_one(self):
-        """pause and resume on a missing database fail (exit 1), create nothing,
-        and name the commands that create a database."""
-        for argv in (("pause",), ("resume",)):
+    def test_missing_database(self):
+        """Reading commands on a missing database fail and create no file."""
+        for argv in (("status",), ("status", "--check"), ("list",), ("list", "--json"),
+                     ("show", "x"), ("stats",), ("dlq", "list"), ("dlq", "retry", "--all"),
+                     ("delete", "x")):
             with self.subTest(argv=argv):
                 err = self.assertFailsCleanly(1, *argv)
-                self.assertEqual(err, f"queuectl: error: no database at {self.db} "
-                                      f"(enqueue, config set or worker start creates "
-                                      f"it)\n")
+                self.assertIn(self.db, err)
                 self.assertEqual(os.listdir(self.dir), [])
 
+    def test_missing_database_in_missing_directory(self):
+        """A missing directory is not created by reading commands."""
+        path = os.path.join(self.dir, "sub", "q.db")
+        self.assertFailsOnPath(1, path, "status")
+        self.assertFalse(os.path.exists(os.path.dirname(path)))
 
-class DlqDeleteTest(CliTestCase):
 
-    def test_dlq_retry_all(self):
-        """dlq retry --all puts every dead job back to pending with attempts 0."""
-        self.make_dead("d1")
-        self.make_dead("d2")
-        self.enqueue(id="p", command="true")
-        out = self.ok("dlq", "retry", "--all")
-        self.assertEqual(sorted(out.splitlines()),
-                         ["d1: back to pending", "d2: back to pending"])
-        for job_id in ("d1", "d2"):
-            job = self.job(job_id)
-            self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+class JsonOutputTest(QueueTestCase):
+    """--json prints one JSON document."""
+
+    def test_json_lists_are_one_array(self):
+        """list --json and dlq list --json print one array, [] when empty."""
+        self.ok("config", "set", "max_retries", "3")      # creates an empty database
+        self.assertEqual(self.json_out("list", "--json"), [])
         self.assertEqual(self.json_out("dlq", "list", "--json"), [])
-
-    def test_dlq_retry_ids(self):
-        """dlq retry ID retries only that job."""
-        self.make_dead("d1")
-        self.make_dead("d2")
-        self.assertEqual(self.ok("dlq", "retry", "d2"), "d2: back to pending\n")
-        self.assertEqual((self.state("d1"), self.state("d2")), ("dead", "pending"))
-
-    def test_delete(self):
-        """delete removes jobs and their history."""
-        self.enqueue(id="a", command="true")
-        self.enqueue(id="b", command="true")
-        self.make_completed("c")
-        self.make_dead("d")
-        out = self.ok("delete", "a", "c", "d")
-        self.assertEqual(out.splitlines(), ["a: deleted", "c: deleted", "d: deleted"])
-        self.assertEqual([j["id"] for j in self.json_out("list", "--json")], ["b"])
-        self.assertEqual(self.rows()["attempts"], [])
-        self.assertFailsCleanly(1, "show", "a")
-
-
-class StatusTest(CliTestCase):
-
-    def test_status_text(self):
-        """status shows every state's count (zeros too), the DLQ, the db and the wait."""
-        past = queuectl.iso(queuectl.now_utc() - timedelta(seconds=90))
-        self.enqueue(id="old", command="true", run_at=past)
-        self.make_dead("d")
-        text = self.ok("status")
-        self.assertIn(self.db, text)
-        self.assertIn("pending 1, processing 0, completed 0, failed 0, dead 1", text)
-        self.assertRegex(text, r"dlq:\s+1")
-        self.assertRegex(text, r"waiting: +1m[3-5]\ds \(the oldest runnable job\)")
-        self.assertIn("none running", text)
-
-    def test_status_json(self):
-        """status --json has the counts, dlq size, db path and oldest age."""
-        past = queuectl.iso(queuectl.now_utc() - timedelta(seconds=90))
-        self.enqueue(id="old", command="true", run_at=past)
-        self.enqueue(id="later", command="true", delay=3600)
-        status = self.json_out("status", "--json")
-        self.assertEqual(status["counts"], {"pending": 2, "processing": 0, "completed": 0,
-                                            "failed": 0, "dead": 0, "cancelled": 0})
-        self.assertEqual((status["dlq"], status["db"], status["workers"]),
-                         (0, self.db, []))
-        self.assertGreaterEqual(status["oldest_runnable_age_s"], 90)
-        self.assertLess(status["oldest_runnable_age_s"], 150)
-
-    def test_status_empty(self):
-        """status of an empty queue shows zeros and no wait."""
-        self.store().close()
-        status = self.json_out("status", "--json")
-        self.assertEqual(set(status["counts"].values()), {0})
-        self.assertIsNone(status["oldest_runnable_age_s"])
-        self.assertEqual(self.cli("status", "--check")[0], 0)
-
-    def test_check_no_workers(self):
-        """status --check exits 4 when jobs wait and no worker runs."""
         self.enqueue(id="p", command="true")
-        code, out, err = self.cli("status", "--check")
-        self.assertEqual((code, err), (queuectl.EXIT_CHECK_NO_WORKERS, ""))
-        self.assertEqual(code, 4)
-        self.assertIn("no workers", out)
         self.make_dead("d")
-        self.assertEqual(self.cli("status", "--check")[0], 4, "no workers comes first")
-        self.assertEqual(self.cli("status")[0], 0, "without --check, always 0")
+        self.assertEqual([j["id"] for j in self.json_out("dlq", "list", "--json")], ["d"])
+        jobs = self.json_out("list", "--json")
+        self.assertIsInstance(jobs, list)
+        self.assertEqual(len(jobs), 2)
 
-    def test_check_dead(self):
-        """status --check exits 3 when dead jobs exist and nothing is runnable."""
-        self.make_dead("d")
-        self.make_completed("c")
-        self.enqueue(id="later", command="true", delay=3600)
-        code, out, err = self.cli("status", "--check")
-        self.assertEqual((code, err), (queuectl.EXIT_CHECK_DEAD, ""))
-        self.assertEqual(code, 3)
-        self.assertIn("dead", out)
-        self.assertEqual(self.cli("status", "--check", "--max-dead", "1")[0], 0)
-
-    def test_check_healthy(self):
-        """status --check exits 0 when every job completed."""
-        self.make_completed("c1")
-        self.make_completed("c2")
-        code, out, err = self.cli("status", "--check")
-        self.assertEqual((code, err), (0, ""))
-        self.assertTrue(self.json_out("status", "--json", "--check")["healthy"])
-
-    def test_check_codes_distinct(self):
-        """The --check codes differ from success, runtime and usage errors."""
-        codes = {queuectl.EXIT_CHECK_DEAD, queuectl.EXIT_CHECK_NO_WORKERS,
-                 queuectl.EXIT_CHECK_STALE}
-        self.assertEqual(len(codes), 3)
-        self.assertFalse(codes & {0, 1, 2})
+    def test_json_objects(self):
+        """show, status, stats and config show --json each print one object."""
+        self.enqueue(id="j", command="true")
+        for argv in (("show", "j", "--json"), ("status", "--json"), ("stats", "--json"),
+                     ("config", "show", "--json")):
+            with self.subTest(argv=argv):
+                self.assertIsInstance(self.json_out(*argv), dict)
 
 
-class WaitingForDependenciesTest(CliTestCase):
-
-    def test_list_and_status_show_jobs_that_wait_for_others(self):
-        """list shows what a job waits for in RUN AT (and waiting_for in --json);
-        status counts such pending jobs apart (waiting_for_dependencies)."""
-        self.enqueue(id="a1", command="true", priority=9)
-        self.enqueue(id="a2", command="true", priority=8)
-        self.enqueue(id="b", command="true", after=["a1", "a2"])
-        self.enqueue(id="c", command="true", priority=7, after=["a2"])
-        table = self.ok("list").splitlines()
-        b_row = next(line for line in table if line.startswith("b "))
-        self.assertIn("after a1,a2", b_row)
-        a_row = next(line for line in table if line.startswith("a1 "))
-        self.assertRegex(a_row, r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ  ")
-        jobs = {job["id"]: job for job in self.json_out("list", "--json")}
-        self.assertEqual((jobs["b"]["waiting_for"], jobs["a1"]["waiting_for"]),
-                         (["a1", "a2"], []))
-        self.assertEqual(self.job("b")["waiting_for"], ["a1", "a2"])
-        status = self.json_out("status", "--json")
-        self.assertEqual((status["counts"]["pending"], status["waiting_for_dependencies"]),
-                         (4, 2))
-        self.assertIn("jobs:      pending 4 (2 waiting for other jobs), processing 0",
-                      self.ok("status"))
-        self.assertEqual(self.run_next(), ("a1", "completed"))
-        self.assertEqual(self.json_out("list", "--json")[1]["waiting_for"], ["a2"])
-        self.assertEqual(self.run_next(), ("a2", "completed"))
-        self.assertEqual(self.json_out("status", "--json")["waiting_for_dependencies"], 0)
-        self.assertIn("jobs:      pending 2, processing 0", self.ok("status"))
-        self.assertNotIn("after", self.ok("list"))
-
-    def test_a_long_list_of_dependencies_is_clipped_to_the_column(self):
-        """RUN AT stays as wide as a time: a long list of ids is clipped."""
-        for n in range(5):
-            self.enqueue(id=f"dependency-{n}", command="true")
-        self.enqueue(id="last", command="true", after=[f"dependency-{n}" for n in range(5)])
-        row = next(line for line in self.ok("list").splitlines()
-                   if line.startswith("last "))
-        self.assertIn("after dependency-...", row)
-
-
-class TerminalEscapesTest(CliTestCase):
+class TerminalEscapesTest(QueueTestCase):
     """A job's command, directory, error or output cannot drive the terminal."""
 
     ESC = "\x1b[2J\x1b]0;pwned\x07"          # clear the screen, retitle the window
@@ -1005,47 +467,9 @@ class TerminalEscapesTest(CliTestCase):
                 self.assertTrue(result.stderr.startswith("\x9b31m"), result.stderr)
 
 
-class StatsTest(CliTestCase):
-
-    def test_stats_json(self):
-        """stats --json reports counts, success rate, run times and throughput."""
-        for job_id in ("a", "b", "c"):
-            self.enqueue(id=job_id, command="true")
-        for duration in (1.0, 3.0, 2.0):
-            self.run_next(ok=True, duration_s=duration)
-        self.enqueue(id="f", command="false", max_retries=1)
-        self.run_next(ok=False, duration_s=5.0)
-        store = self.store()
-        store.conn.execute("UPDATE jobs SET run_at = ? WHERE id = 'f'",
-                           (queuectl.iso(queuectl.now_utc()),))
-        self.run_next(ok=False, duration_s=5.0)
-        stats = self.json_out("stats", "--json")
-        for key in ("completed", "failed_attempts", "dead", "success_rate",
-                    "run_time_avg_s", "run_time_p50_s", "run_time_p95_s",
-                    "completed_last_minute", "completed_last_hour"):
-            self.assertIn(key, stats)
-        self.assertEqual((stats["completed"], stats["failed_attempts"], stats["dead"]),
-                         (3, 2, 1))
-        self.assertAlmostEqual(stats["success_rate"], 0.75)
-        self.assertAlmostEqual(stats["run_time_avg_s"], 2.0)
-        self.assertEqual((stats["run_time_p50_s"], stats["run_time_p95_s"]), (2.0, 3.0))
-        self.assertEqual((stats["completed_last_minute"], stats["completed_last_hour"]),
-                         (3, 3))
-        text = self.ok("stats")
-        self.assertIn("75.0%", text)
-
-    def test_stats_empty(self):
-        """stats of an empty queue has zeros and no rates."""
-        self.store().close()
-        stats = self.json_out("stats", "--json")
-        self.assertEqual((stats["completed"], stats["failed_attempts"], stats["dead"]),
-                         (0, 0, 0))
-        self.assertIsNone(stats["success_rate"])
-        self.assertIsNone(stats["run_time_p50_s"])
-
-
-class ExecutableTest(CliTestCase):
-    """The script as users run it: from a fresh clone, directly, and under 3.9."""
+class ExecutableTest(QueueTestCase):
+    """The script as users run it: from a fresh clone, by its #! line under any name,
+    and under 3.9."""
 
     def clone(self):
         dest = os.path.join(self.dir, "clone")
@@ -1073,6 +497,33 @@ class ExecutableTest(CliTestCase):
                                 capture_output=True, text=True, timeout=30)
         self.assertEqual((result.returncode, result.stderr), (0, ""))
         self.assertTrue(result.stdout.startswith("usage: queuectl "), result.stdout)
+
+    def test_as_a_command_it_runs_under_any_name_from_any_directory(self):
+        """Run by its #! line (#!/usr/bin/env python3), under any name or through a
+        symlink, queuectl imports nothing from the current directory."""
+        home = self.path("bin")
+        os.mkdir(home)
+        copy = os.path.join(home, "qc")                # not even named .py
+        shutil.copy(QUEUECTL, copy)
+        os.chmod(copy, 0o755)
+        link = self.path("queuectl")
+        os.symlink(copy, link)
+        trap = self.path("cwd")
+        os.mkdir(trap)
+        for name in ("json", "sqlite3", "argparse"):
+            with open(os.path.join(trap, f"{name}.py"), "w") as f:
+                f.write("raise SystemExit('imported from the current directory')\n")
+        env = dict(self.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
+                   self.env["PATH"])
+        for n, argv in enumerate(([copy], [link], [copy])):
+            result = subprocess.run(argv + ["enqueue", '{"command": "true"}'], cwd=trap,
+                                    env=env, capture_output=True, text=True, timeout=30)
+            created = self.created_note() if n == 0 else ""   # the first makes it
+            self.assertEqual((result.returncode, result.stderr), (0, created), argv)
+            self.assertRegex(result.stdout, r"^[0-9a-f]{10}\n$")
+        jobs = json.loads(self.ok("list", "--json"))
+        self.assertEqual(len(jobs), 3)
+        self.assertEqual({j["cwd"] for j in jobs}, {trap})
 
     @unittest.skipUnless(os.path.exists(PY39), "Python 3.9 not installed")
     def test_python39_run_at_z(self):

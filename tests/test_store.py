@@ -1,15 +1,15 @@
-"""The Store on a real temporary database: claims, fencing, retries, schema, limits."""
+"""The Store on a real temporary database: claims, fencing, retries, status, and
+SQLite's own file (pragmas, modes, foreign files, migrations)."""
 
 import os
 import sqlite3
 import stat
 import unittest
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from unittest import mock
 
-from tests.support import QueueTestCase, claim_one, queuectl
+from tests.support import T0, StoreTestCase, claim_one, queuectl
 
-T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=timezone.utc)
 OK = queuectl.RunResult(exit_code=0, duration_s=0.5)
 
 
@@ -21,35 +21,8 @@ def at(seconds):
     return T0 + timedelta(seconds=seconds)
 
 
-class StoreTestCase(QueueTestCase):
-
-    def setUp(self):
-        super().setUp()
-        self.store = self.open()
-
-    def open(self, path=None, create=True):
-        store = queuectl.open_store(path or self.db, create=create)
-        self.addCleanup(store.close)
-        return store
-
-    def add(self, now=T0, **doc):
-        """Enqueue one job created at NOW; return its id."""
-        doc.setdefault("command", "true")
-        job = queuectl.validate_job(doc, now)
-        return self.store.enqueue([job], self.dir, now)[0][0]
-
-    def raw(self, sql, params=()):
-        return self.store.conn.execute(sql, params).fetchall()
-
-    def get(self, job_id):
-        return self.store.get_job(job_id)[0]
-
-    def dump(self):
-        return {t: [tuple(r) for r in self.raw(f"SELECT * FROM {t} ORDER BY 1")]
-                for t in ("jobs", "attempts", "config")}
-
-
 class ClaimTest(StoreTestCase):
+    """Which job a claim takes, and what it records."""
 
     def test_claim_order(self):
         """Claims go by priority (high first), then run_at, then age."""
@@ -113,6 +86,7 @@ class ClaimTest(StoreTestCase):
 
 
 class FencingTest(StoreTestCase):
+    """A claim's token: a lost claim writes nothing; leases, take-overs, requeues."""
 
     def test_stale_token_finish_writes_nothing(self):
         """A lost claim's finish returns None and leaves the new claimant's job alone."""
@@ -240,35 +214,8 @@ class FencingTest(StoreTestCase):
         self.assertEqual(self.store.expired_claims(now=at(30)), [("b", cb.token, 2, None)])
 
 
-class OldestRunnableTest(StoreTestCase):
-
-    def oldest(self, now):
-        return self.store.status(now=now)[1]
-
-    def test_oldest_runnable_across_priorities(self):
-        """status finds the longest-waiting runnable job, whatever its priority,
-        and ignores jobs not due yet."""
-        self.add(id="high-new", priority=9, run_at="2026-11-24T09:59:00Z")
-        self.add(id="low-old", priority=-3, run_at="2026-11-24T09:10:00Z")
-        self.add(id="mid", priority=2, run_at="2026-11-24T09:30:00Z")
-        self.add(id="future", priority=5, run_at="2026-11-24T11:00:00Z")
-        self.assertEqual(self.oldest(T0), "2026-11-24T09:10:00.000Z")
-        self.assertEqual(claim_one(self.store, 1, now=T0).id, "high-new")
-        self.assertEqual(self.oldest(at(3600)), "2026-11-24T09:10:00.000Z")
-        self.store.delete(["low-old", "mid"])
-        self.assertIsNone(self.oldest(T0))
-        self.assertEqual(self.oldest(at(3600)), "2026-11-24T11:00:00.000Z")
-
-    def test_oldest_runnable_with_many_priorities(self):
-        """With more priorities than it looks up one by one, status still finds it."""
-        for n in range(100):
-            self.add(id=f"p{n}", priority=n,
-                     run_at=queuectl.iso(at(-1000 + (n * 37) % 100)))
-        claim_one(self.store, 1, now=T0)              # marks them all ready
-        self.assertEqual(self.oldest(T0), queuectl.iso(at(-1000)))
-
-
 class RetryTest(StoreTestCase):
+    """What a run's end makes of its job: retry after a backoff, dead, completed."""
 
     def test_lowered_max_retries_ends_a_waiting_job(self):
         """A failed job whose retries a lowered max_retries used up goes dead unrun."""
@@ -378,7 +325,8 @@ class RetryTest(StoreTestCase):
         self.assertEqual(self.store.retry_dead(), ([], {}))
 
 
-class EnqueueTest(StoreTestCase):
+class StoreEnqueueTest(StoreTestCase):
+    """Store.enqueue: batches and ids."""
 
     def test_batch_is_atomic(self):
         """A duplicate id anywhere in a batch rolls back the whole batch."""
@@ -399,7 +347,82 @@ class EnqueueTest(StoreTestCase):
         self.assertEqual(len(self.store.list_jobs()), 100)
 
 
-class SchemaTest(StoreTestCase):
+class StoreStatusTest(StoreTestCase):
+    """Store.status and Store.stats: counts, the oldest runnable job, run times."""
+
+    def oldest(self, now):
+        return self.store.status(now=now)[1]
+
+    def test_oldest_runnable_across_priorities(self):
+        """status finds the longest-waiting runnable job, whatever its priority,
+        and ignores jobs not due yet."""
+        self.add(id="high-new", priority=9, run_at="2026-11-24T09:59:00Z")
+        self.add(id="low-old", priority=-3, run_at="2026-11-24T09:10:00Z")
+        self.add(id="mid", priority=2, run_at="2026-11-24T09:30:00Z")
+        self.add(id="future", priority=5, run_at="2026-11-24T11:00:00Z")
+        self.assertEqual(self.oldest(T0), "2026-11-24T09:10:00.000Z")
+        self.assertEqual(claim_one(self.store, 1, now=T0).id, "high-new")
+        self.assertEqual(self.oldest(at(3600)), "2026-11-24T09:10:00.000Z")
+        self.store.delete(["low-old", "mid"])
+        self.assertIsNone(self.oldest(T0))
+        self.assertEqual(self.oldest(at(3600)), "2026-11-24T11:00:00.000Z")
+
+    def test_oldest_runnable_with_many_priorities(self):
+        """With more priorities than it looks up one by one, status still finds it."""
+        for n in range(100):
+            self.add(id=f"p{n}", priority=n,
+                     run_at=queuectl.iso(at(-1000 + (n * 37) % 100)))
+        claim_one(self.store, 1, now=T0)              # marks them all ready
+        self.assertEqual(self.oldest(T0), queuectl.iso(at(-1000)))
+
+    def test_stats_and_status(self):
+        """stats counts runs and percentiles; status counts states and the oldest job."""
+        now = queuectl.now_utc()
+        for i, duration in enumerate((1.0, 3.0, 2.0)):
+            self.add(id=f"ok{i}", now=now - timedelta(hours=2))
+        self.add(id="bad", max_retries=0, now=now - timedelta(hours=2))
+        for i, duration in enumerate((1.0, 3.0, 2.0)):
+            claim = claim_one(self.store, 1, now=now - timedelta(hours=1))
+            when = now - timedelta(minutes=30) if i == 2 else now
+            self.store.finish(claim.id, claim.token,
+                              queuectl.RunResult(exit_code=0, duration_s=duration),
+                              now=when)
+        claim = claim_one(self.store, 1, now=now)
+        self.store.finish(claim.id, claim.token, failed(duration_s=9.0), now=now)
+        stats = self.store.stats(now=now + timedelta(seconds=1))
+        self.assertEqual(stats["completed"], 3)
+        self.assertEqual(stats["failed_attempts"], 1)
+        self.assertEqual(stats["dead"], 1)
+        self.assertAlmostEqual(stats["success_rate"], 0.75)
+        self.assertAlmostEqual(stats["run_time_avg_s"], 2.0)
+        self.assertEqual(stats["run_time_p50_s"], 2.0)
+        self.assertEqual(stats["run_time_p95_s"], 3.0)
+        self.assertEqual(stats["completed_last_minute"], 2)
+        self.assertEqual(stats["completed_last_hour"], 3)
+        pending = self.add(id="later", now=now - timedelta(seconds=90))
+        self.raw("UPDATE jobs SET run_at = ? WHERE id = ?",
+                 (queuectl.iso(now - timedelta(seconds=90)), pending))
+        counts, oldest, running = self.store.status(now=now)
+        self.assertEqual(counts, {"pending": 1, "processing": 0, "completed": 3,
+                                  "failed": 0, "dead": 1, "cancelled": 0})
+        self.assertEqual(oldest, queuectl.iso(now - timedelta(seconds=90)))
+        self.assertEqual(running, {})
+
+
+class StoreOpenTest(StoreTestCase):
+    """A database opened again."""
+
+    def test_reopen_keeps_data(self):
+        """Opening an existing database again keeps its jobs and config."""
+        job_id = self.add()
+        self.store.set_config("max_retries", 9)
+        self.store.close()
+        again = self.open(create=False)
+        self.assertEqual(again.get_job(job_id)[0]["max_retries"], 9)
+
+
+class SQLiteStoreTestCase(StoreTestCase):
+    """A Store test that reads SQLite's file itself."""
 
     def pragma(self, name, path=None):
         conn = sqlite3.connect(path or self.db)
@@ -411,6 +434,11 @@ class SchemaTest(StoreTestCase):
     def read(self, path):
         with open(path, "rb") as f:
             return f.read()
+
+
+class SQLiteFileTest(SQLiteStoreTestCase):
+    """SQLite's file: its marks, WAL and syncs, its mode, files that are not ours, a
+    full file."""
 
     def test_new_database_is_marked(self):
         """A new database carries the schema version and queuectl's application id."""
@@ -444,6 +472,109 @@ class SchemaTest(StoreTestCase):
         claim_one(self.store, 1, now=at(3))
         self.add(id="next")
         self.assertEqual(sync(), 2)
+
+    def test_file_mode_0600(self):
+        """A new database file is readable and writable by its owner only."""
+        self.assertEqual(stat.S_IMODE(os.stat(self.db).st_mode), 0o600)
+        old = os.umask(0)
+        try:
+            path = os.path.join(self.dir, "sub", "open.db")
+            self.open(path)
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
+    def test_newer_version_refused_unchanged(self):
+        """A database from a newer queuectl is refused and not touched."""
+        self.store.close()
+        conn = sqlite3.connect(self.db)
+        conn.execute(f"PRAGMA user_version = {queuectl.SCHEMA_VERSION + 1}")
+        conn.close()
+        before = self.read(self.db)
+        with self.assertRaises(queuectl.QueueError) as cm:
+            queuectl.open_store(self.db)
+        self.assertIn("newer", str(cm.exception))
+        self.assertEqual(self.read(self.db), before)
+        self.assertEqual(self.pragma("user_version"), queuectl.SCHEMA_VERSION + 1)
+
+    def test_foreign_sqlite_refused_unchanged(self):
+        """Another program's SQLite database is refused and not touched."""
+        path = os.path.join(self.dir, "other.sqlite")
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+        conn.commit()
+        conn.close()
+        before = self.read(path)
+        for create in (True, False):
+            with self.assertRaises(queuectl.QueueError) as cm:
+                queuectl.open_store(path, create=create)
+            self.assertIn("not a queuectl database", str(cm.exception))
+        self.assertEqual(self.read(path), before)
+        self.assertEqual(self.pragma("journal_mode", path), "delete")
+
+    def test_text_file_refused_unchanged(self):
+        """A file that is not SQLite at all is refused and not touched."""
+        path = os.path.join(self.dir, "notes.txt")
+        with open(path, "w") as f:
+            f.write("my precious notes\n")
+        with self.assertRaises(queuectl.QueueError) as cm:
+            queuectl.open_store(path)
+        self.assertIn("not a queuectl database", str(cm.exception))
+        self.assertEqual(self.read(path), b"my precious notes\n")
+        self.assertEqual([n for n in os.listdir(self.dir) if n.startswith("notes")],
+                         ["notes.txt"])
+
+    def test_missing_database_not_created(self):
+        """create=False refuses a missing database and creates nothing."""
+        path = os.path.join(self.dir, "nope", "missing.db")
+        with self.assertRaises(queuectl.QueueError) as cm:
+            queuectl.open_store(path, create=False)
+        self.assertIn("no database", str(cm.exception))
+        self.assertFalse(os.path.exists(os.path.dirname(path)))
+
+    def test_directory_refused(self):
+        """A directory is not a database."""
+        with self.assertRaises(queuectl.QueueError) as cm:
+            queuectl.open_store(self.dir)
+        self.assertIn("directory", str(cm.exception))
+
+    def test_full_database(self):
+        """When the database is full, enqueue fails with 'full' and keeps old jobs."""
+        ids = [self.add(id=f"job{i}") for i in range(5)]
+        before = self.dump()
+        pages = self.store.conn.execute("PRAGMA page_count").fetchone()[0]
+        self.store.conn.execute(f"PRAGMA max_page_count = {pages}")
+        jobs = [queuectl.validate_job({"command": "x" * 20000}, T0) for _ in range(5)]
+        with self.assertRaises(queuectl.QueueError) as cm:
+            self.store.enqueue(jobs, self.dir, T0)
+        self.assertIn("full", str(cm.exception))
+        self.assertFalse(self.store.conn.in_transaction)
+        self.assertEqual(self.dump(), before)
+        self.assertEqual(sorted(j["id"] for j in self.store.list_jobs()), ids)
+        other = self.open()
+        self.assertEqual(sorted(j["id"] for j in other.list_jobs()), ids)
+
+
+class SQLiteMigrationTest(SQLiteStoreTestCase):
+    """Schema migrations of SQLite's file, in place: all of one or none of it."""
+
+    def version_zero_files(self):
+        """Yield (name, path) of an empty file and of an empty-schema SQLite file."""
+        empty = os.path.join(self.dir, "empty.db")
+        open(empty, "wb").close()
+        yield "empty file", empty
+        blank = os.path.join(self.dir, "blank.db")
+        conn = sqlite3.connect(blank)
+        conn.execute("CREATE TABLE t (a)")
+        conn.execute("DROP TABLE t")
+        conn.commit()
+        conn.close()
+        yield "empty-schema SQLite file", blank
+
+    def failing_migration(self):
+        bad = (("CREATE TABLE jobs (id TEXT)", "THIS IS NOT SQL"),)
+        return mock.patch.object(queuectl, "MIGRATIONS", bad)
 
     def test_version_1_database_is_migrated_with_its_jobs(self):
         """A database of schema version 1 (queuectl 1.0) is migrated in place: its
@@ -494,72 +625,6 @@ class SchemaTest(StoreTestCase):
         self.assertEqual((counts["pending"], counts["processing"], counts["failed"]),
                          (1, 3, 0))
 
-    def test_reopen_keeps_data(self):
-        """Opening an existing database again keeps its jobs and config."""
-        job_id = self.add()
-        self.store.set_config("max_retries", 9)
-        self.store.close()
-        again = self.open(create=False)
-        self.assertEqual(again.get_job(job_id)[0]["max_retries"], 9)
-
-    def test_newer_version_refused_unchanged(self):
-        """A database from a newer queuectl is refused and not touched."""
-        self.store.close()
-        conn = sqlite3.connect(self.db)
-        conn.execute(f"PRAGMA user_version = {queuectl.SCHEMA_VERSION + 1}")
-        conn.close()
-        before = self.read(self.db)
-        with self.assertRaises(queuectl.QueueError) as cm:
-            queuectl.open_store(self.db)
-        self.assertIn("newer", str(cm.exception))
-        self.assertEqual(self.read(self.db), before)
-        self.assertEqual(self.pragma("user_version"), queuectl.SCHEMA_VERSION + 1)
-
-    def test_foreign_sqlite_refused_unchanged(self):
-        """Another program's SQLite database is refused and not touched."""
-        path = os.path.join(self.dir, "other.sqlite")
-        conn = sqlite3.connect(path)
-        conn.execute("CREATE TABLE notes (body TEXT)")
-        conn.execute("INSERT INTO notes VALUES ('keep me')")
-        conn.commit()
-        conn.close()
-        before = self.read(path)
-        for create in (True, False):
-            with self.assertRaises(queuectl.QueueError) as cm:
-                queuectl.open_store(path, create=create)
-            self.assertIn("not a queuectl database", str(cm.exception))
-        self.assertEqual(self.read(path), before)
-        self.assertEqual(self.pragma("journal_mode", path), "delete")
-
-    def test_text_file_refused_unchanged(self):
-        """A file that is not SQLite at all is refused and not touched."""
-        path = os.path.join(self.dir, "notes.txt")
-        with open(path, "w") as f:
-            f.write("my precious notes\n")
-        with self.assertRaises(queuectl.QueueError) as cm:
-            queuectl.open_store(path)
-        self.assertIn("not a queuectl database", str(cm.exception))
-        self.assertEqual(self.read(path), b"my precious notes\n")
-        self.assertEqual([n for n in os.listdir(self.dir) if n.startswith("notes")],
-                         ["notes.txt"])
-
-    def version_zero_files(self):
-        """Yield (name, path) of an empty file and of an empty-schema SQLite file."""
-        empty = os.path.join(self.dir, "empty.db")
-        open(empty, "wb").close()
-        yield "empty file", empty
-        blank = os.path.join(self.dir, "blank.db")
-        conn = sqlite3.connect(blank)
-        conn.execute("CREATE TABLE t (a)")
-        conn.execute("DROP TABLE t")
-        conn.commit()
-        conn.close()
-        yield "empty-schema SQLite file", blank
-
-    def failing_migration(self):
-        bad = (("CREATE TABLE jobs (id TEXT)", "THIS IS NOT SQL"),)
-        return mock.patch.object(queuectl, "MIGRATIONS", bad)
-
     def test_failed_migration_leaves_no_schema(self):
         """A migration that fails half-way is rolled back: still version 0, no tables."""
         for name, path in self.version_zero_files():
@@ -587,83 +652,6 @@ class SchemaTest(StoreTestCase):
                                 f"file changed: {len(before)} -> {len(after)} bytes, "
                                 f"header bytes 18-19 {before[18:20]!r} -> "
                                 f"{after[18:20]!r} (2, 2: WAL mode)")
-
-    def test_file_mode_0600(self):
-        """A new database file is readable and writable by its owner only."""
-        self.assertEqual(stat.S_IMODE(os.stat(self.db).st_mode), 0o600)
-        old = os.umask(0)
-        try:
-            path = os.path.join(self.dir, "sub", "open.db")
-            self.open(path)
-        finally:
-            os.umask(old)
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
-
-    def test_missing_database_not_created(self):
-        """create=False refuses a missing database and creates nothing."""
-        path = os.path.join(self.dir, "nope", "missing.db")
-        with self.assertRaises(queuectl.QueueError) as cm:
-            queuectl.open_store(path, create=False)
-        self.assertIn("no database", str(cm.exception))
-        self.assertFalse(os.path.exists(os.path.dirname(path)))
-
-    def test_directory_refused(self):
-        """A directory is not a database."""
-        with self.assertRaises(queuectl.QueueError) as cm:
-            queuectl.open_store(self.dir)
-        self.assertIn("directory", str(cm.exception))
-
-    def test_full_database(self):
-        """When the database is full, enqueue fails with 'full' and keeps old jobs."""
-        ids = [self.add(id=f"job{i}") for i in range(5)]
-        before = self.dump()
-        pages = self.store.conn.execute("PRAGMA page_count").fetchone()[0]
-        self.store.conn.execute(f"PRAGMA max_page_count = {pages}")
-        jobs = [queuectl.validate_job({"command": "x" * 20000}, T0) for _ in range(5)]
-        with self.assertRaises(queuectl.QueueError) as cm:
-            self.store.enqueue(jobs, self.dir, T0)
-        self.assertIn("full", str(cm.exception))
-        self.assertFalse(self.store.conn.in_transaction)
-        self.assertEqual(self.dump(), before)
-        self.assertEqual(sorted(j["id"] for j in self.store.list_jobs()), ids)
-        other = self.open()
-        self.assertEqual(sorted(j["id"] for j in other.list_jobs()), ids)
-
-
-class StatsTest(StoreTestCase):
-
-    def test_stats_and_status(self):
-        """stats counts runs and percentiles; status counts states and the oldest job."""
-        now = queuectl.now_utc()
-        for i, duration in enumerate((1.0, 3.0, 2.0)):
-            self.add(id=f"ok{i}", now=now - timedelta(hours=2))
-        self.add(id="bad", max_retries=0, now=now - timedelta(hours=2))
-        for i, duration in enumerate((1.0, 3.0, 2.0)):
-            claim = claim_one(self.store, 1, now=now - timedelta(hours=1))
-            when = now - timedelta(minutes=30) if i == 2 else now
-            self.store.finish(claim.id, claim.token,
-                              queuectl.RunResult(exit_code=0, duration_s=duration),
-                              now=when)
-        claim = claim_one(self.store, 1, now=now)
-        self.store.finish(claim.id, claim.token, failed(duration_s=9.0), now=now)
-        stats = self.store.stats(now=now + timedelta(seconds=1))
-        self.assertEqual(stats["completed"], 3)
-        self.assertEqual(stats["failed_attempts"], 1)
-        self.assertEqual(stats["dead"], 1)
-        self.assertAlmostEqual(stats["success_rate"], 0.75)
-        self.assertAlmostEqual(stats["run_time_avg_s"], 2.0)
-        self.assertEqual(stats["run_time_p50_s"], 2.0)
-        self.assertEqual(stats["run_time_p95_s"], 3.0)
-        self.assertEqual(stats["completed_last_minute"], 2)
-        self.assertEqual(stats["completed_last_hour"], 3)
-        pending = self.add(id="later", now=now - timedelta(seconds=90))
-        self.store.conn.execute("UPDATE jobs SET run_at = ? WHERE id = ?",
-                                (queuectl.iso(now - timedelta(seconds=90)), pending))
-        counts, oldest, running = self.store.status(now=now)
-        self.assertEqual(counts, {"pending": 1, "processing": 0, "completed": 3,
-                                  "failed": 0, "dead": 1, "cancelled": 0})
-        self.assertEqual(oldest, queuectl.iso(now - timedelta(seconds=90)))
-        self.assertEqual(running, {})
 
 
 if __name__ == "__main__":

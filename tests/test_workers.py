@@ -1,6 +1,6 @@
-"""End-to-end tests of workers: real supervisor and worker processes on a temp DB."""
+"""Workers and their supervisor: one per database (PID file and record), worker
+stop (warm and cold, exit 7 and 8), stop signals, and --detach with its log."""
 
-import contextlib
 import json
 import os
 import re
@@ -10,220 +10,133 @@ import subprocess
 import sys
 import time
 import unittest
-from datetime import datetime, timedelta, timezone
 
-from tests.support import (QUEUECTL, QueueTestCase, cmdline, group_members, pid_alive,
-                          queuectl, wait_until)
+from tests.support import (ROOT, QUEUECTL, QueueTestCase, group_members, lines,
+                           pid_alive, queuectl, short_leases, wait_until)
 
-parse_iso = queuectl.parse_iso
-
-
-def seconds_between(earlier, later):
-    return (parse_iso(later) - parse_iso(earlier)).total_seconds()
+q = shlex.quote
 
 
-class WorkerTestCase(QueueTestCase):
-    """Helpers shared by the worker tests."""
+class PidFileTest(QueueTestCase):
+    """One supervisor per database, found by its PID file or its record in the
+    database."""
 
-    def jobs(self, state=None):
-        argv = ["list", "--json"] + (["--state", state] if state else [])
-        return json.loads(self.ok(*argv))
-
-    def count(self, state):
-        return len(self.jobs(state))
-
-    def stop_workers(self, proc, *extra, timeout=30, code=0):
-        """Run `worker stop` as a process; assert it exits CODE and the supervisor
-        exits with 0, or like it with 7 after a cold stop."""
-        result = self.run_cli("worker", "stop", *extra, timeout=timeout)
-        self.assertEqual(result.returncode, code, result.stderr)
-        self.assertEqual(proc.wait(timeout=10), code if code == queuectl.EXIT_INTERRUPTED
-                         else 0, self.log_text(proc))
-        return result
-
-    def kill_stray(self, pid, needle):
-        """Cleanup: SIGKILL PID if it still runs a command containing NEEDLE."""
-        if pid_alive(pid) and needle in cmdline(pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-    def kill_detached(self):
-        """Cleanup: SIGKILL a detached supervisor (its own process group) if it runs."""
-        running = queuectl.PidFile.holder(self.db + ".pid")
-        if running:
-            self.kill_group_cleanup(running[0])
-
-    def kill_group_cleanup(self, pgid):
-        """Cleanup: SIGKILL what is left of process group PGID (a detached run)."""
-        if group_members(pgid):
-            with contextlib.suppress(OSError):
-                os.killpg(pgid, signal.SIGKILL)
-
-
-class TestWorkers(WorkerTestCase):
-
-    def test_job_completes_and_output_is_captured(self):
-        """A job completes and show --json holds its stdout and stderr."""
-        self.start_workers(1)
-        job_id = self.enqueue(command="echo to-out; echo to-err >&2")
-        job = self.wait_state(job_id, "completed")
-        self.assertEqual(job["attempts"], 1)
-        self.assertIsNone(job["last_error"])
-        self.assertEqual(job["output"]["stdout"], "to-out\n")
-        self.assertEqual(job["output"]["stderr"], "to-err\n")
-        self.assertEqual(job["output"]["stdout_dropped_bytes"], 0)
-        self.assertEqual(len(job["history"]), 1)
-        self.assertEqual(job["history"][0]["outcome"], "completed")
-        self.assertEqual(job["history"][0]["exit_code"], 0)
-
-    def test_failing_job_backs_off_goes_dead_and_dlq_retry_reruns_it(self):
-        """A failing job retries after min(base**k, max), dies, and dlq retry reruns it."""
-        base, maximum, retries = 1.5, 2, 2
-        self.ok("config", "set", "backoff_base", str(base))
-        self.ok("config", "set", "backoff_max", str(maximum))
-        flag = self.path("flag")
+    def test_second_supervisor_is_refused(self):
+        """A second worker start on a busy database exits 1; the first keeps working."""
         proc = self.start_workers(1)
-        job_id = self.enqueue(command=f"test -e {shlex.quote(flag)} || exit 1",
-                              max_retries=retries)
-        job = self.wait_state(job_id, "dead", timeout=20)
-        self.assertEqual(job["attempts"], retries + 1)
-        self.assertEqual(job["last_error"], "exit 1")
-        self.assertIsNone(job["next_retry_at"])
-        history = job["history"]
-        self.assertEqual([h["outcome"] for h in history], ["failed"] * (retries + 1))
-        self.assertEqual([h["number"] for h in history], list(range(1, retries + 2)))
-        for k in range(1, retries + 1):
-            delay = min(base ** k, maximum)
-            gap = seconds_between(history[k - 1]["finished_at"], history[k]["started_at"])
-            self.assertGreaterEqual(gap, delay - 0.001, f"gap after attempt {k}")
-            self.assertLess(gap, delay + 1.5, f"gap after attempt {k}")
+        workers = self.worker_pids(proc.pid, 1)
+        result = self.run_cli("worker", "start", timeout=20)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("already running", result.stderr)
+        self.assertIn(str(proc.pid), result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIsNone(proc.poll())
+        self.assertEqual(self.worker_pids(proc.pid, 1), workers)
+        job_id = self.enqueue(command="true")
+        self.wait_state(job_id, "completed")
 
-        # Stop the workers so the job can be seen pending before it runs again.
-        self.stop_workers(proc)
-        code, out, err = self.cli("dlq", "retry", job_id)
-        self.assertEqual((code, out, err), (0, f"{job_id}: back to pending\n", ""))
-        job = self.job(job_id)
-        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
-        self.assertIsNone(job["next_retry_at"])
-
-        open(flag, "w").close()
-        self.start_workers(1)
-        job = self.wait_state(job_id, "completed")
-        self.assertEqual(job["attempts"], 1)
-        self.assertIsNone(job["last_error"])
-        self.assertEqual([h["outcome"] for h in job["history"]],
-                         ["failed"] * (retries + 1) + ["completed"])
-        # Run numbers keep counting across dlq retry; attempts (above) start over.
-        self.assertEqual([h["number"] for h in job["history"]],
-                         list(range(1, retries + 3)))
-
-    def test_four_workers_run_200_jobs_each_exactly_once(self):
-        """Four workers run 200 jobs; every job runs exactly once."""
-        out_file = shlex.quote(self.path("out"))
-        ids = [f"job-{n:03d}" for n in range(200)]
-        lines = "".join(json.dumps({"id": i, "command": f"echo {i} >> {out_file}"}) + "\n"
-                        for i in ids)
-        self.assertEqual(self.ok("enqueue", "-", stdin=lines).split(), ids)
-        self.start_workers(4)
-        wait_until(lambda: self.count("completed") == 200, 40, "200 completed jobs")
-        written = self.read("out").splitlines()
-        self.assertEqual(len(written), 200)
-        self.assertEqual(sorted(written), ids)
-        self.assertEqual({j["attempts"] for j in self.jobs()}, {1})
-
-    def test_missing_command_fails_cleanly(self):
-        """A command that does not exist fails with exit 127, no traceback."""
+    def test_symlink_to_the_database_cannot_start_a_second_supervisor(self):
+        """worker start through a symlink to a busy database is refused: exit 1."""
         proc = self.start_workers(1)
-        job_id = self.enqueue(command="queuectl-no-such-command-xyz", max_retries=0)
-        job = self.wait_state(job_id, "dead")
-        self.assertIn("127", job["last_error"])
-        self.assertEqual(job["attempts"], 1)
-        self.assertEqual(job["history"][0]["exit_code"], 127)
-        self.assertIn("not found", job["output"]["stderr"])
-        wait_until(lambda: job_id in self.log_text(proc), 5, "the job in the worker log")
-        self.assertNotIn("Traceback", self.log_text(proc))
-
-    def test_jobs_survive_a_restart_of_the_workers(self):
-        """Pending jobs stay queued across worker stop and start, and all complete."""
-        out_file = shlex.quote(self.path("out"))
-        ids = [f"r{n}" for n in range(10)]
-        commands = {i: f"sleep 0.3; echo {i} >> {out_file}" for i in ids}
-        lines = "".join(json.dumps({"id": i, "command": c}) + "\n"
-                        for i, c in commands.items())
-        self.ok("enqueue", "-", stdin=lines)
-        proc = self.start_workers(2)
-        wait_until(lambda: self.count("completed") >= 2, 20, "two completed jobs")
-        result = self.stop_workers(proc)
-        self.assertIn("stopped", result.stdout)
-
-        jobs = self.jobs()
-        states = [j["state"] for j in jobs]
-        self.assertEqual(set(states) - {"completed", "pending"}, set(), states)
-        self.assertGreater(states.count("pending"), 0, "every job ran before the stop")
-        self.assertEqual({j["attempts"] for j in jobs if j["state"] == "pending"}, {0})
-        self.assertEqual(len(jobs), 10)
-
-        self.start_workers(2)
-        wait_until(lambda: self.count("completed") == 10, 20, "all 10 jobs completed")
-        self.assertEqual(sorted(self.read("out").split()), sorted(ids))
-        self.assertEqual({j["attempts"] for j in self.jobs()}, {1})
-
-    def test_timeout_kills_the_jobs_grandchild(self):
-        """A timed-out job's background grandchild is killed with it."""
-        pidfile = self.path("grandchild.pid")
-        inner = f"sleep 60 & echo $! > {shlex.quote(pidfile)}; wait"
-        self.start_workers(1)
-        job_id = self.enqueue(command=f"sh -c {shlex.quote(inner)}", timeout=1,
-                              max_retries=0)
-        pid = int(wait_until(lambda: self.read("grandchild.pid").strip(), 10,
-                             "the grandchild's pid file"))
-        self.addCleanup(self.kill_stray, pid, "sleep")
-        job = self.wait_state(job_id, "dead", timeout=10)
-        self.assertEqual(job["last_error"], "timeout after 1s")
-        self.assertLess(job["history"][0]["duration_s"], 1 + queuectl.KILL_GRACE_S + 1)
-        wait_until(lambda: not pid_alive(pid), 5, f"grandchild {pid} to be gone")
-
-    def test_priority_then_run_at_then_age_order(self):
-        """One worker runs queued jobs by priority, then run_at, then age."""
-        out_file = shlex.quote(self.path("out"))
-        past = (datetime.now(timezone.utc) - timedelta(hours=1)).strftime(
-            "%Y-%m-%dT%H:%M:%SZ")
-        specs = [("old0", {}), ("low", {"priority": -5}), ("new0", {}),
-                 ("past0", {"run_at": past}), ("high", {"priority": 10}),
-                 ("mid", {"priority": 5})]
-        for name, extra in specs:
-            self.enqueue(id=name, command=f"echo {name} >> {out_file}", **extra)
-        self.start_workers(1)
-        wait_until(lambda: self.count("completed") == len(specs), 20, "all jobs completed")
-        self.assertEqual(self.read("out").split(),
-                         ["high", "mid", "past0", "old0", "new0", "low"])
-
-    def test_delayed_jobs_do_not_start_before_run_at(self):
-        """Jobs with delay or a future run_at (Z or offset) start at their time."""
-        self.start_workers(1)
-        soon = datetime.now(timezone.utc) + timedelta(seconds=1.5)
-        given = {
-            "zulu": soon.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "plus0": soon.isoformat(),
-            "plus2": soon.astimezone(timezone(timedelta(hours=2))).isoformat(),
-        }
-        self.assertTrue(given["plus0"].endswith("+00:00"))
-        for name, run_at in given.items():
-            self.enqueue(id=name, command="true", run_at=run_at, priority=1)
-        self.enqueue(id="delayed", command="true", delay=2, priority=1)
-        # A due job of lower priority: a claim happens while the others must wait.
+        link = self.path("link.db")
+        os.symlink(self.db, link)
+        code, out, err = self.run_bounded("--db", link, "worker", "start", timeout=10)
+        self.assertOneErrorLine(1, code, out, err)
+        self.assertIn("already running", err)
+        self.assertIn(str(proc.pid), err)
+        self.assertFalse(os.path.exists(link + ".pid"))
+        self.assertIsNone(proc.poll())
         self.wait_state(self.enqueue(command="true"), "completed")
-        for name in [*given, "delayed"]:
-            job = self.wait_state(name, "completed", timeout=10)
-            started = job["history"][0]["started_at"]
-            self.assertGreaterEqual(started, job["run_at"], f"{name} started early")
-            self.assertLess(seconds_between(job["run_at"], started), 1.5, name)
-            if name == "delayed":
-                wanted = parse_iso(job["created_at"]) + timedelta(seconds=2)
-            else:
-                wanted = soon
-            self.assertLess(abs((parse_iso(job["run_at"]) - wanted).total_seconds()),
-                            0.002, f"run_at of {name}")
+
+    def test_a_deleted_pid_file_hides_no_supervisor(self):
+        """With its PID file gone (a cleaner of old files), the live supervisor is
+        still found by its record in the database: status shows it, a second
+        worker start is refused, worker stop stops it."""
+        proc = self.start_workers(1)
+        pid_file = self.db + ".pid"
+        os.unlink(pid_file)
+        os.mkdir(pid_file)                # and it cannot be written again there
+        self.addCleanup(lambda: os.path.isdir(pid_file) and os.rmdir(pid_file))
+        status = json.loads(self.ok("status", "--json"))
+        self.assertEqual(status["supervisor_pid"], proc.pid)
+        second = self.run_cli("worker", "start", timeout=20)
+        self.assertEqual(second.returncode, 1, second.stderr)
+        self.assertEqual(second.stderr, f"queuectl: error: workers are already running "
+                                        f"on this database (supervisor pid {proc.pid})\n")
+        self.assertTrue(os.path.isdir(pid_file))
+        job_id = self.enqueue(command="true")
+        self.wait_state(job_id, "completed")
+        self.stop_workers(proc)
+        self.assertEqual(self.run_cli("worker", "stop").stdout, "no workers running\n")
+        log = self.log_text(proc)
+        self.assertEqual(log.count("could not write its PID file again"), 1, log)
+
+    def test_a_supervisor_writes_its_deleted_pid_file_again(self):
+        """A supervisor whose PID file was deleted writes it again within about
+        a second, so worker stop and enqueue's wake-up find it at once."""
+        proc = self.start_workers(1)
+        os.unlink(self.db + ".pid")
+        wait_until(lambda: self.worker_pids(proc.pid, 1), 5, "the PID file again")
+        self.assertIn("PID file", self.log_text(proc))
+        self.stop_workers(proc)
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+
+    def test_stale_pid_file_of_a_live_process_is_replaced(self):
+        """An unlocked PID file naming a live unrelated process does not block start."""
+        with open(self.db + ".pid", "w") as f:
+            f.write(f"{os.getpid()}\n\n")
+        proc = self.start_workers(1)
+        with open(self.db + ".pid") as f:
+            self.assertEqual(f.readline().strip(), str(proc.pid))
+        job_id = self.enqueue(command="true")
+        self.wait_state(job_id, "completed")
+
+    def test_stale_pid_file_of_a_dead_process_is_replaced(self):
+        """A PID file left by a dead process does not block worker start."""
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait(timeout=10)
+        with open(self.db + ".pid", "w") as f:
+            f.write(f"{dead.pid}\n{dead.pid}\n")
+        proc = self.start_workers(2)
+        with open(self.db + ".pid") as f:
+            self.assertEqual(f.readline().strip(), str(proc.pid))
+        job_id = self.enqueue(command="true")
+        self.wait_state(job_id, "completed")
+
+    @short_leases
+    def test_stale_pid_file_naming_live_process_is_not_trusted(self):
+        """A stale PID file naming a live stranger: stop spares it; start replaces it."""
+        self.enqueue(command="true")
+        bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: bystander.poll() is None and (bystander.kill(),
+                                                               bystander.wait()))
+        pidfile = self.db + ".pid"
+        with open(pidfile, "w") as f:
+            f.write(f"{bystander.pid}\n{bystander.pid}\n")
+
+        result = self.run_cli("worker", "stop")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, "no workers running\n", ""))
+        status = json.loads(self.ok("status", "--json"))
+        self.assertEqual((status["supervisor_pid"], status["workers"]), (None, []))
+        self.assertIsNone(bystander.poll(), "worker stop signalled an unrelated process")
+
+        sup = self.start_workers(1)
+        with open(pidfile) as f:
+            self.assertEqual(int(f.readline()), sup.pid)
+        result = self.run_cli("worker", "stop")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith("stopped"), result.stdout)
+        self.assertEqual(sup.wait(timeout=20), 0)
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertIsNone(bystander.poll(), "an unrelated process was signalled")
+
+
+class WorkerStopTest(QueueTestCase):
+    """worker stop: warm (jobs finish), cold after --timeout (exit 7), or no answer
+    (exit 8)."""
 
     def test_graceful_stop_waits_for_the_running_job(self):
         """worker stop returns only after the running job completed."""
@@ -265,54 +178,18 @@ class TestWorkers(WorkerTestCase):
         self.assertIsNotNone(job["history"][-1]["finished_at"])
         wait_until(lambda: not group_members(pgid), 5, f"process group {pgid} to be gone")
 
-    def test_second_supervisor_is_refused(self):
-        """A second worker start on a busy database exits 1; the first keeps working."""
+    def test_worker_stop_reports_on_separate_lines_and_cold_stop_exits_7(self):
+        """worker stop's progress note ends its line before the report; a stop
+        that had to kill running jobs exits 7."""
         proc = self.start_workers(1)
-        workers = self.worker_pids(proc.pid, 1)
-        result = self.run_cli("worker", "start", timeout=20)
-        self.assertEqual(result.returncode, 1, result.stderr)
-        self.assertEqual(result.stdout, "")
-        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
-        self.assertIn("already running", result.stderr)
-        self.assertIn(str(proc.pid), result.stderr)
-        self.assertNotIn("Traceback", result.stderr)
-        self.assertIsNone(proc.poll())
-        self.assertEqual(self.worker_pids(proc.pid, 1), workers)
-        job_id = self.enqueue(command="true")
-        self.wait_state(job_id, "completed")
-
-    def test_a_deleted_pid_file_hides_no_supervisor(self):
-        """With its PID file gone (a cleaner of old files), the live supervisor is
-        still found by its record in the database: status shows it, a second
-        worker start is refused, worker stop stops it."""
-        proc = self.start_workers(1)
-        pid_file = self.db + ".pid"
-        os.unlink(pid_file)
-        os.mkdir(pid_file)                # and it cannot be written again there
-        self.addCleanup(lambda: os.path.isdir(pid_file) and os.rmdir(pid_file))
-        status = json.loads(self.ok("status", "--json"))
-        self.assertEqual(status["supervisor_pid"], proc.pid)
-        second = self.run_cli("worker", "start", timeout=20)
-        self.assertEqual(second.returncode, 1, second.stderr)
-        self.assertEqual(second.stderr, f"queuectl: error: workers are already running "
-                                        f"on this database (supervisor pid {proc.pid})\n")
-        self.assertTrue(os.path.isdir(pid_file))
-        job_id = self.enqueue(command="true")
-        self.wait_state(job_id, "completed")
-        self.stop_workers(proc)
-        self.assertEqual(self.run_cli("worker", "stop").stdout, "no workers running\n")
-        log = self.log_text(proc)
-        self.assertEqual(log.count("could not write its PID file again"), 1, log)
-
-    def test_a_supervisor_writes_its_deleted_pid_file_again(self):
-        """A supervisor whose PID file was deleted writes it again within about
-        a second, so worker stop and enqueue's wake-up find it at once."""
-        proc = self.start_workers(1)
-        os.unlink(self.db + ".pid")
-        wait_until(lambda: self.worker_pids(proc.pid, 1), 5, "the PID file again")
-        self.assertIn("PID file", self.log_text(proc))
-        self.stop_workers(proc)
-        self.assertFalse(os.path.exists(self.db + ".pid"))
+        job_id = self.enqueue(command="sleep 30")
+        self.wait_state(job_id, "processing", timeout=10)
+        result = self.run_cli("worker", "stop", "--timeout", "0.5s", timeout=30)
+        self.assertEqual(result.returncode, queuectl.EXIT_INTERRUPTED, result.stderr)
+        self.assertTrue(result.stderr.endswith("\n"))
+        self.assertEqual(len(result.stderr.splitlines()), 1)
+        self.assertTrue(result.stdout.startswith("stopped workers"), result.stdout)
+        self.assertEqual(proc.wait(timeout=10), queuectl.EXIT_INTERRUPTED)
 
     def test_worker_stop_gives_up_on_a_frozen_supervisor(self):
         """worker stop --timeout 2 on a supervisor frozen by SIGSTOP returns soon
@@ -335,27 +212,184 @@ class TestWorkers(WorkerTestCase):
         self.assertEqual(proc.wait(timeout=30), queuectl.EXIT_INTERRUPTED)
         self.assertEqual(self.state(job_id), "pending")
 
-    def test_stale_pid_file_of_a_live_process_is_replaced(self):
-        """An unlocked PID file naming a live unrelated process does not block start."""
-        with open(self.db + ".pid", "w") as f:
+    def test_stop_with_no_workers_running(self):
+        """worker stop with nothing running says so and exits 0."""
+        result = self.run_cli("worker", "stop")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, "no workers running\n", ""))
+        with open(self.db + ".pid", "w") as f:      # stale: nobody holds its lock
             f.write(f"{os.getpid()}\n\n")
-        proc = self.start_workers(1)
-        with open(self.db + ".pid") as f:
-            self.assertEqual(f.readline().strip(), str(proc.pid))
-        job_id = self.enqueue(command="true")
-        self.wait_state(job_id, "completed")
+        result = self.run_cli("worker", "stop")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (0, "no workers running\n", ""))
 
-    def test_stale_pid_file_of_a_dead_process_is_replaced(self):
-        """A PID file left by a dead process does not block worker start."""
-        dead = subprocess.Popen([sys.executable, "-c", "pass"])
-        dead.wait(timeout=10)
-        with open(self.db + ".pid", "w") as f:
-            f.write(f"{dead.pid}\n{dead.pid}\n")
+    def test_jobs_survive_a_restart_of_the_workers(self):
+        """Pending jobs stay queued across worker stop and start, and all complete."""
+        out_file = shlex.quote(self.path("out"))
+        ids = [f"r{n}" for n in range(10)]
+        commands = {i: f"sleep 0.3; echo {i} >> {out_file}" for i in ids}
+        lines = "".join(json.dumps({"id": i, "command": c}) + "\n"
+                        for i, c in commands.items())
+        self.ok("enqueue", "-", stdin=lines)
         proc = self.start_workers(2)
-        with open(self.db + ".pid") as f:
-            self.assertEqual(f.readline().strip(), str(proc.pid))
-        job_id = self.enqueue(command="true")
-        self.wait_state(job_id, "completed")
+        wait_until(lambda: self.count("completed") >= 2, 20, "two completed jobs")
+        result = self.stop_workers(proc)
+        self.assertIn("stopped", result.stdout)
+
+        jobs = self.jobs()
+        states = [j["state"] for j in jobs]
+        self.assertEqual(set(states) - {"completed", "pending"}, set(), states)
+        self.assertGreater(states.count("pending"), 0, "every job ran before the stop")
+        self.assertEqual({j["attempts"] for j in jobs if j["state"] == "pending"}, {0})
+        self.assertEqual(len(jobs), 10)
+
+        self.start_workers(2)
+        wait_until(lambda: self.count("completed") == 10, 20, "all 10 jobs completed")
+        self.assertEqual(sorted(self.read("out").split()), sorted(ids))
+        self.assertEqual({j["attempts"] for j in self.jobs()}, {1})
+
+    def test_worker_stop_with_timeout_on_a_stopping_supervisor_stays_warm(self):
+        """worker stop --timeout 30 after a SIGTERM does not turn the stop cold."""
+        done = self.path("f")
+        proc = self.start_workers(1)
+        job_id = self.enqueue(command=f"sleep 2; echo done >> {q(done)}")
+        self.wait_state(job_id, "processing", timeout=10)
+
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_until(lambda: "running jobs finish first" in self.log_text(proc), 5,
+                   "the supervisor to begin a warm stop")
+        self.assertEqual(self.state(job_id), "processing", "the job ended too soon")
+        result = self.run_cli("worker", "stop", "--timeout", "30", timeout=40)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, f"stopped workers (supervisor pid {proc.pid}): "
+                                        f"1 running job(s) finished\n")
+        self.assertEqual(proc.wait(timeout=10), 0, self.log_text(proc))
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        self.assertEqual([h["outcome"] for h in job["history"]], ["completed"])
+        self.assertEqual(self.read("f"), "done\n")
+        self.assertNotIn("cold stop", self.log_text(proc))
+
+
+class StopSignalTest(QueueTestCase):
+    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP to the supervisor: the first a warm stop, the
+    second cold."""
+
+    def test_sigterm_to_the_supervisors_process_group_is_a_warm_stop(self):
+        """SIGTERM to the supervisor's whole group lets the running job finish."""
+        done = self.path("f")
+        proc = self.start_workers(1)
+        workers = self.worker_pids(proc.pid, 1)
+        # Worker and supervisor share the group, so the signal reaches both.
+        self.assertEqual(os.getpgid(proc.pid), proc.pid)
+        self.assertEqual(os.getpgid(workers[0]), proc.pid)
+        job_id = self.enqueue(command=f"sleep 2; echo done >> {q(done)}")
+        self.wait_state(job_id, "processing", timeout=10)
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=20), 0, self.log_text(proc))
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        self.assertEqual([h["outcome"] for h in job["history"]], ["completed"])
+        self.assertEqual(self.read("f"), "done\n")
+        self.assertNotIn("cold stop", self.log_text(proc))
+        self.assertNotIn("Traceback", self.log_text(proc))
+
+    def test_sighup_to_the_group_is_a_warm_stop_with_cleanup(self):
+        """A closed terminal (SIGHUP to the group): the job finishes, no PID file left."""
+        done = self.path("f")
+        proc = self.start_workers(1)
+        job_id = self.enqueue(command=f"sleep 2; echo done >> {q(done)}")
+        self.wait_state(job_id, "processing", timeout=10)
+        os.killpg(proc.pid, signal.SIGHUP)
+        self.assertEqual(proc.wait(timeout=20), 0, self.log_text(proc))
+        self.assertEqual((self.state(job_id), self.read("f")), ("completed", "done\n"))
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertIn("supervisor: stopped", self.log_text(proc))
+
+    @short_leases
+    def test_sigterm_lets_running_job_finish_then_exits_clean(self):
+        """First SIGTERM: the job finishes, no new one starts, exit 0, nothing left."""
+        starts, done = self.path("starts"), self.path("done")
+        running = self.enqueue(command=f"echo $$ >> {q(starts)}; sleep 1; "
+                                       f"echo ok >> {q(done)}", priority=1)
+        waiting = self.enqueue(command=f"echo late >> {q(done)}")
+        sup = self.start_workers(1)
+        workers = self.worker_pids(sup.pid, 1)
+        wait_until(lambda: lines(starts), 20, "the job to start")
+
+        os.kill(sup.pid, signal.SIGTERM)
+        self.assertEqual(sup.wait(timeout=20), 0)
+        self.assertEqual(lines(done), ["ok"])
+        self.assertEqual(self.state(running), "completed")
+        job = self.job(waiting)
+        self.assertEqual((job["state"], job["attempts"], job["history"]),
+                         ("pending", 0, []))
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+        wait_until(lambda: not any(pid_alive(p) for p in workers), 5, "workers to exit")
+        self.assertFalse(group_members(int(lines(starts)[0])))
+        wait_until(lambda: not self.leftovers(), 5, "no process left on the database")
+        self.assertCleanLog(sup)
+
+    @short_leases
+    def test_second_sigterm_kills_job_and_gives_it_back(self):
+        """Second SIGTERM: the job's group dies, job pending with 0 attempts, exit 7
+        (as worker stop reports a cold stop)."""
+        starts = self.path("starts")
+        job_id = self.enqueue(command=f"echo $$ >> {q(starts)}; sleep 30")
+        sup = self.start_workers(1)
+        workers = self.worker_pids(sup.pid, 1)
+        wait_until(lambda: lines(starts), 20, "the job to start")
+        group = int(lines(starts)[0])
+        self.assertTrue(group_members(group))
+
+        os.kill(sup.pid, signal.SIGTERM)
+        wait_until(lambda: "running jobs finish first" in self.log_text(sup), 10,
+                   "the supervisor to begin a warm stop")
+        self.assertIsNone(sup.poll())
+        self.assertEqual(self.state(job_id), "processing")
+        started = time.monotonic()
+        os.kill(sup.pid, signal.SIGTERM)
+        self.assertEqual(sup.wait(timeout=20), queuectl.EXIT_INTERRUPTED)
+        self.assertIn(f"1 running job(s) interrupted and put back as pending ({job_id})",
+                      self.log_text(sup))
+        self.assertLess(time.monotonic() - started, queuectl.COLD_STOP_GRACE_S,
+                        "the cold stop needed the SIGKILL fallback")
+
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertEqual([h["outcome"] for h in job["history"]], ["interrupted"])
+        self.assertFalse(group_members(group), "the job's processes survived")
+        self.assertFalse(any(pid_alive(p) for p in workers), "a worker survived")
+        self.assertFalse(os.path.exists(self.db + ".pid"))
+        # multiprocessing's resource tracker exits a moment after the supervisor.
+        wait_until(lambda: not self.leftovers(), 5, "no process left on the database")
+        self.assertNotIn("did not stop in time", self.log_text(sup))
+        self.assertCleanLog(sup)
+
+    @short_leases
+    def test_two_ctrl_c_that_kill_a_job_exit_7(self):
+        """Two Ctrl-C (SIGINT to the foreground group) that kill a running job end
+        worker start with exit 7; two with nothing running end it with 0."""
+        starts = self.path("starts")
+        self.enqueue(command=f"echo $$ >> {q(starts)}; sleep 30")
+        sup = self.start_workers(1)
+        wait_until(lambda: lines(starts), 20, "the job to start")
+        os.killpg(sup.pid, signal.SIGINT)
+        wait_until(lambda: "running jobs finish first" in self.log_text(sup), 10,
+                   "the supervisor to begin a warm stop")
+        os.killpg(sup.pid, signal.SIGINT)
+        self.assertEqual(sup.wait(timeout=20), queuectl.EXIT_INTERRUPTED)
+        self.ok("cancel", *[job["id"] for job in json.loads(
+            self.ok("list", "--state", "pending", "--json"))])
+        idle = self.start_workers(1)
+        os.killpg(idle.pid, signal.SIGINT)
+        os.killpg(idle.pid, signal.SIGINT)
+        self.assertEqual(idle.wait(timeout=20), 0)
+
+
+class DetachTest(QueueTestCase):
+    """worker start --detach: a supervisor in the background, and its log file."""
 
     def test_detach_returns_promptly_and_stop_removes_the_pid_file(self):
         """worker start --detach returns at once, even inside $(...); stop ends it."""
@@ -389,42 +423,43 @@ class TestWorkers(WorkerTestCase):
         with open(self.db + ".log") as f:
             self.assertNotIn("Traceback", f.read())
 
-    def test_idle_worker_starts_a_new_job_promptly(self):
-        """An idle worker starts a newly enqueued job well before its idle recheck."""
-        self.start_workers(1)
-        first = self.enqueue(command="true")
-        self.wait_state(first, "completed")
-        # The scenario, not a wait: the worker has just gone idle; let it sit a while.
-        # Its periodic recheck (IDLE_RECHECK_S = 1s) is then ~0.75s away, so only a
-        # wake-up on the enqueue itself starts the job within 0.5s.
-        time.sleep(0.25)
-        job_id = self.enqueue(command="true")
-        job = self.wait_state(job_id, "completed")
-        self.assertLess(seconds_between(job["created_at"], job["history"][0]["started_at"]),
-                        0.5)
+    def test_detached_log_is_rotated(self):
+        """A detached supervisor's log is rotated to one .1 file at its size limit."""
+        env = dict(self.env, QUEUECTL_LOG_MAX_BYTES="3000")
+        self.addCleanup(lambda: self.run_cli("worker", "stop", timeout=30))
+        result = self.run_cli("worker", "start", "--detach", env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = "".join(json.dumps({"command": "true"}) + "\n" for _ in range(60))
+        ids = self.ok("enqueue", "-", stdin=lines).split()
+        for job_id in ids:
+            self.wait_state(job_id, "completed")
+        log = self.db + ".log"
+        wait_until(lambda: os.path.exists(log + ".1"), 10, "the log to be rotated")
+        self.assertLess(os.path.getsize(log), 3000 + 1000)
+        self.assertLess(os.path.getsize(log + ".1"), 3000 + 1000)
+        with open(log) as f:
+            self.assertNotIn("Traceback", f.read())
 
-    def test_stop_with_no_workers_running(self):
-        """worker stop with nothing running says so and exits 0."""
-        result = self.run_cli("worker", "stop")
-        self.assertEqual((result.returncode, result.stdout, result.stderr),
-                         (0, "no workers running\n", ""))
-        with open(self.db + ".pid", "w") as f:      # stale: nobody holds its lock
-            f.write(f"{os.getpid()}\n\n")
-        result = self.run_cli("worker", "stop")
-        self.assertEqual((result.returncode, result.stdout, result.stderr),
-                         (0, "no workers running\n", ""))
+    def test_a_log_line_is_written_whole_or_not_at_all(self):
+        """A log that can take only part of a line (a disk filling up, a file size
+        limit) keeps no torn line: the line is written whole or not at all."""
+        path = self.path("q.db.log")
+        with open(path, "w") as f:
+            f.write(("x" * 99 + "\n") * 40)          # 4000 bytes
+        limit = 4000 + 50                            # room for 50 more bytes
 
-    def test_running_workers_see_config_changes(self):
-        """A job_timeout set while workers run applies to the next job."""
-        self.start_workers(1)
-        first = self.enqueue(command="true")
-        self.wait_state(first, "completed")
-        self.assertEqual(self.ok("config", "set", "job_timeout", "1"), "job_timeout = 1\n")
-        job_id = self.enqueue(command="sleep 5", max_retries=0)
-        job = self.wait_state(job_id, "dead", timeout=10)
-        self.assertEqual(job["last_error"], "timeout after 1s")
-        self.assertEqual(job["timeout"], 1)
-        self.assertLess(job["history"][0]["duration_s"], 1 + queuectl.KILL_GRACE_S + 1)
+        def small_files():
+            import resource
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        with open(path, "a") as log:
+            result = subprocess.run(
+                [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                 "import queuectl; queuectl.log('y' * 300); queuectl.log('z')", ROOT],
+                stderr=log, preexec_fn=small_files, timeout=20)
+        self.assertEqual(result.returncode, 0)
+        with open(path) as f:
+            text = f.read()
+        self.assertRegex(text, r"^(x{99}\n){40}\S+Z z\n$")
 
 
 if __name__ == "__main__":

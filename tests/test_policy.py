@@ -1,4 +1,5 @@
-"""Pure helper functions, tested directly: time, backoff, config values, job validation."""
+"""Pure functions, tested directly: times, durations, backoff, job validation,
+config values, text shown, stop signals, exit descriptions, output tails."""
 
 import os
 import signal
@@ -12,40 +13,8 @@ UTC = timezone.utc
 NOW = datetime(2026, 11, 24, 10, 0, 0, 123000, tzinfo=UTC)
 
 
-class BackoffDelayTest(unittest.TestCase):
-
-    def test_powers_of_base(self):
-        """With base 2 the delays after failures 1, 2, 3 are 2, 4, 8 seconds."""
-        self.assertEqual([queuectl.backoff_delay(k, 2, 3600) for k in (1, 2, 3)],
-                         [2.0, 4.0, 8.0])
-
-    def test_capped_by_maximum(self):
-        """The delay never exceeds the maximum."""
-        self.assertEqual(queuectl.backoff_delay(11, 2, 3600), 2048.0)
-        self.assertEqual(queuectl.backoff_delay(12, 2, 3600), 3600.0)
-        self.assertEqual(queuectl.backoff_delay(3, 10, 50), 50.0)
-
-    def test_huge_exponent_does_not_overflow(self):
-        """A huge failure count returns the maximum instead of overflowing."""
-        for k in (1100, 10 ** 6, 10 ** 12):
-            self.assertEqual(queuectl.backoff_delay(k, 2, 3600), 3600.0)
-            self.assertEqual(queuectl.backoff_delay(k, 2.5, 2 ** 31 - 1), 2 ** 31 - 1)
-        self.assertEqual(queuectl.backoff_delay(10 ** 6, 1.5, 1e300), 1e300)
-
-    def test_base_one(self):
-        """Base 1 waits one second after every failure."""
-        for k in (1, 2, 50, 10 ** 9):
-            self.assertEqual(queuectl.backoff_delay(k, 1, 3600), 1.0)
-
-    def test_float_base_and_edges(self):
-        """A fractional base works; no failures or a zero maximum means no wait."""
-        self.assertAlmostEqual(queuectl.backoff_delay(2, 1.5, 100), 2.25)
-        self.assertEqual(queuectl.backoff_delay(0, 2, 3600), 0.0)
-        self.assertEqual(queuectl.backoff_delay(3, 2, 0), 0.0)
-        self.assertIsInstance(queuectl.backoff_delay(3, 2, 3600), float)
-
-
 class TimeTest(unittest.TestCase):
+    """User times in, fixed-width UTC times out."""
 
     def test_parse_user_time_z_suffix(self):
         """A trailing 'Z' or 'z' means UTC (also on Python 3.9)."""
@@ -110,6 +79,22 @@ class TimeTest(unittest.TestCase):
         self.assertEqual(sorted(queuectl.iso(t) for t in times),
                          [queuectl.iso(t) for t in times])
 
+
+class DurationTest(unittest.TestCase):
+    """Durations read from people (90s, 1h30m) and written for them."""
+
+    def test_parse_duration(self):
+        """Durations: plain seconds, or numbers with s, m, h, d, w, combined."""
+        for text, seconds in (("90", 90), ("1.5", 1.5), ("90s", 90), ("10m", 600),
+                              ("2h", 7200), ("7d", 604800), ("1w", 604800),
+                              ("1h30m", 5400), (" 2H ", 7200), (12, 12)):
+            with self.subTest(text=text):
+                self.assertEqual(queuectl.parse_duration(text), seconds)
+        for bad in ("", "x", "10 m", "-5", "m", "1.h", "inf", "nan", True, None, "5ms"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(ValueError):
+                    queuectl.parse_duration(bad)
+
     def test_format_duration(self):
         """Durations render for people; None renders as '-'."""
         self.assertEqual(queuectl.format_duration(None), "-")
@@ -119,95 +104,8 @@ class TimeTest(unittest.TestCase):
         self.assertEqual(queuectl.format_duration(7800), "2h10m")
 
 
-class ConfigTest(unittest.TestCase):
-
-    def test_config_key_spellings(self):
-        """Dashes and underscores name the same key."""
-        for key in queuectl.CONFIG_DEFAULTS:
-            self.assertEqual(queuectl.config_key(key), key)
-            self.assertEqual(queuectl.config_key(key.replace("_", "-")), key)
-        self.assertEqual(queuectl.config_key("max-retries"), "max_retries")
-        self.assertEqual(queuectl.config_key("max_retries"), "max_retries")
-
-    def test_config_key_unknown(self):
-        """An unknown key is a UsageError (exit 2) that lists the known keys."""
-        for bad in ("bogus", "", "max retries", "maxretries"):
-            with self.subTest(bad=bad), self.assertRaises(queuectl.UsageError) as cm:
-                queuectl.config_key(bad)
-            self.assertEqual(cm.exception.code, 2)
-            self.assertIn("max_retries", str(cm.exception))
-
-    def test_defaults(self):
-        """The documented defaults."""
-        self.assertEqual(queuectl.CONFIG_DEFAULTS, {
-            "max_retries": 3, "backoff_base": 2, "backoff_max": 3600,
-            "job_timeout": 300, "output_limit": 65536, "lease_timeout": 15,
-            "retention": 0})
-
-    def test_parse_config_value_good(self):
-        """Good values parse to numbers; whole floats become ints."""
-        good = [("max_retries", "0", 0), ("max_retries", " 5 ", 5),
-                ("backoff_base", "1", 1), ("backoff_base", "1.5", 1.5),
-                ("backoff_base", "2.0", 2), ("backoff_max", "0", 0),
-                ("backoff_max", "90.5", 90.5), ("job_timeout", "0.5", 0.5),
-                ("job_timeout", "300", 300), ("output_limit", "0", 0),
-                ("output_limit", "1024", 1024), ("lease_timeout", "1", 1),
-                ("lease_timeout", "2.5", 2.5)]
-        for key, text, want in good:
-            with self.subTest(key=key, text=text):
-                got = queuectl.parse_config_value(key, text)
-                self.assertEqual(got, want)
-                self.assertIs(type(got), type(want))
-
-    def test_parse_config_value_bad(self):
-        """Bad values are UsageErrors naming the key."""
-        bad = [("max_retries", "-1"), ("max_retries", "1.5"), ("max_retries", "abc"),
-               ("max_retries", ""), ("max_retries", str(2 ** 31)),
-               ("backoff_base", "0.5"), ("backoff_base", "0"), ("backoff_base", "nan"),
-               ("backoff_base", "inf"), ("backoff_base", "1e400"),
-               ("backoff_max", "-1"), ("backoff_max", "x"),
-               ("job_timeout", "0"), ("job_timeout", "-5"), ("job_timeout", "abc"),
-               ("job_timeout", "1e-400"), ("job_timeout", "nan"),
-               ("output_limit", "-1"), ("output_limit", "1.5"),
-               ("lease_timeout", "0.5"), ("lease_timeout", "0"), ("lease_timeout", "y")]
-        for key, text in bad:
-            with self.subTest(key=key, text=text):
-                with self.assertRaises(queuectl.UsageError) as cm:
-                    queuectl.parse_config_value(key, text)
-                self.assertIn(key, str(cm.exception))
-
-
-class ConfigTextTest(unittest.TestCase):
-
-    def test_stored_form_is_plain_decimal_that_the_reader_reads_back(self):
-        """A config value is stored without an exponent, durations to the
-        millisecond, and only if parse_config_value reads it back."""
-        for key, value, text in (("job_timeout", 0.0104, "0.01"),
-                                 ("job_timeout", 300, "300"),
-                                 ("backoff_max", 90.5, "90.5"),
-                                 ("backoff_base", 1.0000001, "1.0000001"),
-                                 ("retention", 0, "0")):
-            with self.subTest(key=key, value=value):
-                self.assertEqual(queuectl.config_text(key, value), text)
-                self.assertNotIn("e", text)
-                queuectl.parse_config_value(key, text)
-        with self.assertRaises(queuectl.UsageError):
-            queuectl.config_text("backoff_max", 2 ** 31 - 0.0001)   # rounds to 2**31
-
-    def test_a_timeout_below_the_floor_is_refused_naming_it(self):
-        """job_timeout, and a job's own timeout, are at least 0.01 s."""
-        for text in ("0.00001", "0.009", "1e-05"):
-            with self.subTest(text=text), self.assertRaises(queuectl.UsageError) as cm:
-                queuectl.parse_config_value("job_timeout", text)
-            self.assertIn(">= 0.01s", str(cm.exception))
-        self.assertEqual(queuectl.parse_config_value("job_timeout", "0.01"), 0.01)
-        for bad in (5e-324, 0.001, "0.009s"):
-            with self.subTest(timeout=bad), self.assertRaises(queuectl.UsageError) as cm:
-                queuectl.validate_job({"command": "true", "timeout": bad}, NOW)
-            self.assertIn("at least 0.01s", str(cm.exception))
-
-
 class AsciiDigitsTest(unittest.TestCase):
+    """Numbers are ASCII digits only, wherever they are read."""
 
     def test_numbers_durations_and_times_take_ascii_digits_only(self):
         """Digits of other scripts are refused wherever a number is read."""
@@ -230,20 +128,42 @@ class AsciiDigitsTest(unittest.TestCase):
                     queuectl.int_between(0, 100)(bad)
 
 
-class ShownTest(unittest.TestCase):
+class BackoffDelayTest(unittest.TestCase):
+    """The wait before a retry: min(base ** failures, maximum)."""
 
-    def test_control_characters_are_written_out(self):
-        """shown() writes C0 (but tab), DEL, C1 and bidi controls as escapes; with
-        lines=True it keeps newlines."""
-        text = "a\x1b[2J\x1b]0;t\x07\tb\nc\rd\x7f\x85\x9b\u202e\u2066\u2069é"
-        self.assertEqual(queuectl.shown(text),
-                         "a\\x1b[2J\\x1b]0;t\\x07\tb\\nc\\rd\\x7f\\x85\\x9b"
-                         "\\u202e\\u2066\\u2069é")
-        self.assertEqual(queuectl.shown("x\x1by\nz\t", lines=True), "x\\x1by\nz\t")
-        self.assertEqual(queuectl.clip("echo \x1b[31m\nred", 40), "echo \\x1b[31m red")
+    def test_powers_of_base(self):
+        """With base 2 the delays after failures 1, 2, 3 are 2, 4, 8 seconds."""
+        self.assertEqual([queuectl.backoff_delay(k, 2, 3600) for k in (1, 2, 3)],
+                         [2.0, 4.0, 8.0])
+
+    def test_capped_by_maximum(self):
+        """The delay never exceeds the maximum."""
+        self.assertEqual(queuectl.backoff_delay(11, 2, 3600), 2048.0)
+        self.assertEqual(queuectl.backoff_delay(12, 2, 3600), 3600.0)
+        self.assertEqual(queuectl.backoff_delay(3, 10, 50), 50.0)
+
+    def test_huge_exponent_does_not_overflow(self):
+        """A huge failure count returns the maximum instead of overflowing."""
+        for k in (1100, 10 ** 6, 10 ** 12):
+            self.assertEqual(queuectl.backoff_delay(k, 2, 3600), 3600.0)
+            self.assertEqual(queuectl.backoff_delay(k, 2.5, 2 ** 31 - 1), 2 ** 31 - 1)
+        self.assertEqual(queuectl.backoff_delay(10 ** 6, 1.5, 1e300), 1e300)
+
+    def test_base_one(self):
+        """Base 1 waits one second after every failure."""
+        for k in (1, 2, 50, 10 ** 9):
+            self.assertEqual(queuectl.backoff_delay(k, 1, 3600), 1.0)
+
+    def test_float_base_and_edges(self):
+        """A fractional base works; no failures or a zero maximum means no wait."""
+        self.assertAlmostEqual(queuectl.backoff_delay(2, 1.5, 100), 2.25)
+        self.assertEqual(queuectl.backoff_delay(0, 2, 3600), 0.0)
+        self.assertEqual(queuectl.backoff_delay(3, 2, 0), 0.0)
+        self.assertIsInstance(queuectl.backoff_delay(3, 2, 3600), float)
 
 
 class ValidateJobTest(unittest.TestCase):
+    """A job document checked and completed before it is stored."""
 
     def valid(self, **doc):
         doc.setdefault("command", "echo hi")
@@ -284,18 +204,6 @@ class ValidateJobTest(unittest.TestCase):
         for bad in ("", 5, None, ["k"], "a\x00b"):
             with self.subTest(unique_key=bad):
                 self.invalid({"command": "true", "unique_key": bad}, "unique_key")
-
-    def test_parse_duration(self):
-        """Durations: plain seconds, or numbers with s, m, h, d, w, combined."""
-        for text, seconds in (("90", 90), ("1.5", 1.5), ("90s", 90), ("10m", 600),
-                              ("2h", 7200), ("7d", 604800), ("1w", 604800),
-                              ("1h30m", 5400), (" 2H ", 7200), (12, 12)):
-            with self.subTest(text=text):
-                self.assertEqual(queuectl.parse_duration(text), seconds)
-        for bad in ("", "x", "10 m", "-5", "m", "1.h", "inf", "nan", True, None, "5ms"):
-            with self.subTest(bad=bad):
-                with self.assertRaises(ValueError):
-                    queuectl.parse_duration(bad)
 
     def test_not_an_object(self):
         """A document that is not a JSON object is refused."""
@@ -390,7 +298,95 @@ class ValidateJobTest(unittest.TestCase):
             self.assertEqual(queuectl.validate_job_id(job_id), job_id)
 
 
+class ConfigParsingTest(unittest.TestCase):
+    """Config keys, their defaults, and the text their values are read from and stored
+    as."""
+
+    def test_config_key_spellings(self):
+        """Dashes and underscores name the same key."""
+        for key in queuectl.CONFIG_DEFAULTS:
+            self.assertEqual(queuectl.config_key(key), key)
+            self.assertEqual(queuectl.config_key(key.replace("_", "-")), key)
+        self.assertEqual(queuectl.config_key("max-retries"), "max_retries")
+        self.assertEqual(queuectl.config_key("max_retries"), "max_retries")
+
+    def test_config_key_unknown(self):
+        """An unknown key is a UsageError (exit 2) that lists the known keys."""
+        for bad in ("bogus", "", "max retries", "maxretries"):
+            with self.subTest(bad=bad), self.assertRaises(queuectl.UsageError) as cm:
+                queuectl.config_key(bad)
+            self.assertEqual(cm.exception.code, 2)
+            self.assertIn("max_retries", str(cm.exception))
+
+    def test_defaults(self):
+        """The documented defaults."""
+        self.assertEqual(queuectl.CONFIG_DEFAULTS, {
+            "max_retries": 3, "backoff_base": 2, "backoff_max": 3600,
+            "job_timeout": 300, "output_limit": 65536, "lease_timeout": 15,
+            "retention": 0})
+
+    def test_parse_config_value_good(self):
+        """Good values parse to numbers; whole floats become ints."""
+        good = [("max_retries", "0", 0), ("max_retries", " 5 ", 5),
+                ("backoff_base", "1", 1), ("backoff_base", "1.5", 1.5),
+                ("backoff_base", "2.0", 2), ("backoff_max", "0", 0),
+                ("backoff_max", "90.5", 90.5), ("job_timeout", "0.5", 0.5),
+                ("job_timeout", "300", 300), ("output_limit", "0", 0),
+                ("output_limit", "1024", 1024), ("lease_timeout", "1", 1),
+                ("lease_timeout", "2.5", 2.5)]
+        for key, text, want in good:
+            with self.subTest(key=key, text=text):
+                got = queuectl.parse_config_value(key, text)
+                self.assertEqual(got, want)
+                self.assertIs(type(got), type(want))
+
+    def test_parse_config_value_bad(self):
+        """Bad values are UsageErrors naming the key."""
+        bad = [("max_retries", "-1"), ("max_retries", "1.5"), ("max_retries", "abc"),
+               ("max_retries", ""), ("max_retries", str(2 ** 31)),
+               ("backoff_base", "0.5"), ("backoff_base", "0"), ("backoff_base", "nan"),
+               ("backoff_base", "inf"), ("backoff_base", "1e400"),
+               ("backoff_max", "-1"), ("backoff_max", "x"),
+               ("job_timeout", "0"), ("job_timeout", "-5"), ("job_timeout", "abc"),
+               ("job_timeout", "1e-400"), ("job_timeout", "nan"),
+               ("output_limit", "-1"), ("output_limit", "1.5"),
+               ("lease_timeout", "0.5"), ("lease_timeout", "0"), ("lease_timeout", "y")]
+        for key, text in bad:
+            with self.subTest(key=key, text=text):
+                with self.assertRaises(queuectl.UsageError) as cm:
+                    queuectl.parse_config_value(key, text)
+                self.assertIn(key, str(cm.exception))
+
+    def test_stored_form_is_plain_decimal_that_the_reader_reads_back(self):
+        """A config value is stored without an exponent, durations to the
+        millisecond, and only if parse_config_value reads it back."""
+        for key, value, text in (("job_timeout", 0.0104, "0.01"),
+                                 ("job_timeout", 300, "300"),
+                                 ("backoff_max", 90.5, "90.5"),
+                                 ("backoff_base", 1.0000001, "1.0000001"),
+                                 ("retention", 0, "0")):
+            with self.subTest(key=key, value=value):
+                self.assertEqual(queuectl.config_text(key, value), text)
+                self.assertNotIn("e", text)
+                queuectl.parse_config_value(key, text)
+        with self.assertRaises(queuectl.UsageError):
+            queuectl.config_text("backoff_max", 2 ** 31 - 0.0001)   # rounds to 2**31
+
+    def test_a_timeout_below_the_floor_is_refused_naming_it(self):
+        """job_timeout, and a job's own timeout, are at least 0.01 s."""
+        for text in ("0.00001", "0.009", "1e-05"):
+            with self.subTest(text=text), self.assertRaises(queuectl.UsageError) as cm:
+                queuectl.parse_config_value("job_timeout", text)
+            self.assertIn(">= 0.01s", str(cm.exception))
+        self.assertEqual(queuectl.parse_config_value("job_timeout", "0.01"), 0.01)
+        for bad in (5e-324, 0.001, "0.009s"):
+            with self.subTest(timeout=bad), self.assertRaises(queuectl.UsageError) as cm:
+                queuectl.validate_job({"command": "true", "timeout": bad}, NOW)
+            self.assertIn("at least 0.01s", str(cm.exception))
+
+
 class DefaultDbPathTest(unittest.TestCase):
+    """Where the database is when --db is not given."""
 
     def test_env_var_wins(self):
         """$QUEUECTL_DB is used as given."""
@@ -428,7 +424,22 @@ class DefaultDbPathTest(unittest.TestCase):
             self.assertEqual(queuectl.default_db_path(), "/from/env.db")
 
 
+class ShownTest(unittest.TestCase):
+    """Text shown to people: control characters written out, never obeyed."""
+
+    def test_control_characters_are_written_out(self):
+        """shown() writes C0 (but tab), DEL, C1 and bidi controls as escapes; with
+        lines=True it keeps newlines."""
+        text = "a\x1b[2J\x1b]0;t\x07\tb\nc\rd\x7f\x85\x9b\u202e\u2066\u2069é"
+        self.assertEqual(queuectl.shown(text),
+                         "a\\x1b[2J\\x1b]0;t\\x07\tb\\nc\\rd\\x7f\\x85\\x9b"
+                         "\\u202e\\u2066\\u2069é")
+        self.assertEqual(queuectl.shown("x\x1by\nz\t", lines=True), "x\\x1by\nz\t")
+        self.assertEqual(queuectl.clip("echo \x1b[31m\nred", 40), "echo \\x1b[31m red")
+
+
 class DescribeExitTest(unittest.TestCase):
+    """How a run's exit status is put in words."""
 
     def test_exit_codes(self):
         """Plain exit statuses, with notes for 126 and 127."""
@@ -445,6 +456,7 @@ class DescribeExitTest(unittest.TestCase):
 
 
 class StopFlagTest(unittest.TestCase):
+    """Which stop (warm or cold) a stop signal asks for."""
 
     def levels(self, *signals):
         flag = queuectl.StopFlag(counted=(signal.SIGINT, signal.SIGTERM))
@@ -477,7 +489,8 @@ class StopFlagTest(unittest.TestCase):
         self.assertEqual(flag.level, queuectl.COLD)
 
 
-class ProcTest(unittest.TestCase):
+class StartTicksTest(unittest.TestCase):
+    """A process told apart from a later one with its pid, by its start time."""
 
     def test_process_names_that_are_not_utf8(self):
         """start_ticks reads /proc/PID/stat of a process whose name is not UTF-8."""
@@ -495,6 +508,7 @@ class ProcTest(unittest.TestCase):
 
 
 class OutputTailTest(unittest.TestCase):
+    """The last bytes of a run's output that are kept."""
 
     def test_keeps_the_last_bytes_cut_at_a_character(self):
         """The tail keeps the last LIMIT bytes, less the pieces of a character
