@@ -3716,8 +3716,11 @@ class PidFile:
         """Write the file's content (raise OSError if the disk refuses)."""
         self.content = (worker_pids, state)
         data = f"{os.getpid()}\n{' '.join(map(str, worker_pids))}\n{state}\n".encode()
-        os.ftruncate(self.fd, 0)
+        # Written over, then cut to length: a reader never sees the file empty,
+        # and what an old, longer content leaves for a moment follows the last
+        # line it reads.
         os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
 
     def restore(self):
         """If the file was deleted or replaced, write and lock it again; return
