@@ -475,15 +475,15 @@ class Bench:
         proc = subprocess.Popen([PY, self.queuectl, "--db", db, "dashboard", "--port",
                                  "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
-            printed = re.search(r"(http://\S+/)\?token=(\S+)",
+            printed = re.search(r"(http://\S+/)(?:\?token=(\S+))?",
                                 proc.stdout.readline().decode())    # its own token
-            url, token = printed.group(1), urllib.parse.unquote(printed.group(2))
+            url, token = printed.group(1), urllib.parse.unquote(printed.group(2) or "")
             times = {}
             for path in paths:
                 def get():
                     started = time.perf_counter()
                     request = urllib.request.Request(url + path.lstrip("/"), headers={
-                        "Authorization": "Bearer " + token})
+                        "Authorization": "Bearer " + token} if token else {})
                     with urllib.request.urlopen(request) as response:
                         response.read()
                     return time.perf_counter() - started
