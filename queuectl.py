@@ -437,10 +437,12 @@ def clip(text, width):
 
 def log(*messages, at=None):
     """Write timestamped lines to stderr, one line each, in a single write; AT
-    is when what they say happened (default: now). A line is shown() safe: it
-    cannot be split, nor send escape sequences to the terminal that shows it."""
+    is when what they say happened (default: now), and a message that is a pair
+    (when, text) says its own. A line is shown() safe: it cannot be split, nor
+    send escape sequences to the terminal that shows it."""
     stamp = iso(at or now_utc())
-    lines = "".join(f"{stamp} {shown(message)}\n" for message in messages)
+    lines = "".join(f"{stamp} {shown(message)}\n" if isinstance(message, str) else
+                    f"{iso(message[0])} {shown(message[1])}\n" for message in messages)
     _write_whole(sys.stderr, lines.encode("utf-8", "replace"))
     if LogRotation.path is not None:
         LogRotation.check()
@@ -769,36 +771,45 @@ JOB_COLUMNS = tuple(dict.fromkeys(field.column for field in JOB_FIELDS
 EXCLUSIVE_FIELDS = (("run_at", "delay"),)
 
 
+_JOB_FIELD_ORDER = {field.name: n for n, field in enumerate(JOB_FIELDS)}
+# What messages call each field, given as JSON.
+_FIELD_WHAT = {field.name: f"field {field.name!r}" for field in JOB_FIELDS}
+# A job's values before any field is given: the columns' defaults, but those that
+# default to the enqueue time, which is set per job.
+_JOB_DEFAULTS = {f.column: f.default for f in reversed(JOB_FIELDS)
+                 if f.default is not ENQUEUE_TIME}
+_TIME_DEFAULTS = tuple(dict.fromkeys(f.column for f in JOB_FIELDS
+                                     if f.default is ENQUEUE_TIME))
+
+
 def validate_job(doc, now=None, stamp=None, names=None):
     """Check one job document and return the values to store, by column, or raise
     UsageError. STAMP is iso(now), for callers that validate many jobs at one
     time. NAMES maps a field to what the user typed for it (enqueue -c:
     {"delay": "--delay"}), for the messages; by default they say "field 'delay'"."""
-    names = names or {}
-
-    def field(name):                       # "field 'delay'", or "--delay"
-        return names.get(name) or f"field {name!r}"
-
     if not isinstance(doc, dict):
         raise UsageError("a job must be a JSON object like "
                          "{\"command\": \"echo hi\"}")
-    unknown = [name for name in doc if name not in _JOB_FIELD_BY_NAME]
-    if unknown:
-        raise UsageError(f"unknown field {sorted(unknown)[0]!r} "
+    if not doc.keys() <= _JOB_FIELD_ORDER.keys():
+        unknown = sorted(set(doc) - _JOB_FIELD_ORDER.keys())
+        raise UsageError(f"unknown field {unknown[0]!r} "
                          f"(known: {', '.join(JOB_FIELD_NAMES)})")
-    if "command" not in doc or doc["command"] is None:
+    if doc.get("command") is None:
         raise UsageError("missing field 'command'")
     for one, other in EXCLUSIVE_FIELDS:
         if one in doc and other in doc:
-            raise UsageError(f"give either {names.get(one) or repr(one)} or "
-                             f"{names.get(other) or repr(other)}, not both")
+            raise UsageError(f"give either {(names or {}).get(one) or repr(one)} or "
+                             f"{(names or {}).get(other) or repr(other)}, not both")
     now = now or now_utc()
-    stamp = stamp or iso(now)
-    job = {f.column: stamp if f.default is ENQUEUE_TIME else f.default
-           for f in reversed(JOB_FIELDS)}
-    for spec in JOB_FIELDS:
-        if spec.name in doc:
-            job[spec.column] = spec.check(doc[spec.name], field(spec.name), now)
+    job = _JOB_DEFAULTS.copy()
+    for column in _TIME_DEFAULTS:
+        job[column] = stamp or iso(now)
+    what = names or _FIELD_WHAT
+    # The fields in the table's order, so that of two bad ones the same is named.
+    for name in (doc if len(doc) == 1 else sorted(doc, key=_JOB_FIELD_ORDER.get)):
+        spec = _JOB_FIELD_BY_NAME[name]
+        job[spec.column] = spec.check(doc[name], what.get(name) or _FIELD_WHAT[name],
+                                      now)
     if job["id"] is not None and job["id"] in job["after"]:
         raise UsageError(f"job {job['id']} cannot run after itself")
     return job
@@ -1817,9 +1828,10 @@ class Store:
             return CANCELLED if kept else None
         state, run_at = after_run(result.ok, row["attempts"], row["max_retries"],
                                   config, ended)
+        stamp = iso(ended)
         conn.execute(self._END_JOB_RUN, (
             state, iso(run_at) if run_at else row["run_at"], result.reason,
-            iso(ended), job_id, token))
+            stamp, job_id, token))
         started_at = iso(started) if started else None
         duration = result.duration_s
         if duration is None:          # a lost run: it ran from its start until now
@@ -1827,7 +1839,7 @@ class Store:
                 self._RUN_START, (row["run_token"],)).fetchone()[0]
             duration = max(0.0, (ended - parse_iso(since)).total_seconds())
         conn.execute(self._RUN_ENDED, (
-            COMPLETED if result.ok else FAILED, started_at, iso(ended),
+            COMPLETED if result.ok else FAILED, started_at, stamp,
             result.exit_code, result.reason, round(duration, 3), result.stdout,
             result.stderr, result.stdout_dropped, result.stderr_dropped,
             row["run_token"]))
@@ -3968,6 +3980,7 @@ class Supervisor:
         self.spooled = set()         # tokens of runs that spool their output
         self.spent = collections.deque()   # (when, token): spools to remove then
         self.announced = set()       # tokens of runs whose start was logged
+        self.starts = []             # (time.monotonic() at a start, its log line)
         self.interrupted = []        # ids of jobs a cold stop killed and put back
         self.record_at = None        # when to write them: RECORD_EVERY_S after the first
         self.id = new_token()        # this run's row in the supervisors table
@@ -4232,13 +4245,24 @@ class Supervisor:
             self.renewed.append((claim.id, claim.token, claim.lease_s))
         self.reported()
 
-    @staticmethod
-    def announce(slot, claim, started_mono):
+    def announce(self, slot, claim, started_mono):
         """Log that a job's command started, stamped when it did: once, and only
-        for a run that really started (not a claim given back unused)."""
-        log(f"{slot.name}: job {claim.id} started (attempt {claim.attempt} of "
-            f"{claim.max_retries + 1}): {clip(claim.command, 200)}",
-            at=wall_time(started_mono))
+        for a run that really started (not a claim given back unused). The line
+        goes out with the loop's next batch of lines, in the same write."""
+        self.starts.append((started_mono, f"{slot.name}: job {claim.id} started "
+                                          f"(attempt {claim.attempt} of "
+                                          f"{claim.max_retries + 1}): "
+                                          f"{clip(claim.command, 200)}"))
+
+    def start_lines(self):
+        """The start lines announced since the last batch, each with its time."""
+        if not self.starts:
+            return []
+        now, mono = now_utc(), time.monotonic()
+        lines = [(now - timedelta(seconds=max(0.0, mono - started)), text)
+                 for started, text in self.starts]
+        self.starts = []
+        return lines
 
     # -- writing: claims, then results ---------------------------------------------
 
@@ -4258,6 +4282,7 @@ class Supervisor:
                                            or self.stop.level):
             lines = self.write_reports() + lines
             lines += self.dispatch()            # for jobs whose dependencies completed
+        lines = self.start_lines() + lines
         if lines:
             log(*lines)
 
@@ -4519,7 +4544,7 @@ class Supervisor:
         while self.store is not None and (self.recoveries or self.record_at):
             self.step_recoveries()
             if self.record_at is not None:
-                log(*self.write_reports())
+                log(*(self.start_lines() + self.write_reports()))
             if all(recovery.killed for recovery in self.recoveries):
                 give_up = give_up or time.monotonic() + STOP_RECORD_TRIES_S
                 if time.monotonic() > give_up:
