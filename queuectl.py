@@ -520,6 +520,34 @@ def default_db_path(environ=None):
     return os.path.join(data_home, "queuectl", DB_FILENAME)
 
 
+def host_identity():
+    """(host name, boot id) of this machine: a pid means something only on the
+    host, and in the boot, that it was recorded on."""
+    global _HOST_IDENTITY
+    if _HOST_IDENTITY is None:
+        boot = ""
+        with contextlib.suppress(OSError):
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+        _HOST_IDENTITY = (os.uname().nodename, boot)
+    return _HOST_IDENTITY
+
+
+_HOST_IDENTITY = None
+
+
+def host_id():
+    """This host in one word, as claims record it: its name and boot."""
+    name, boot = host_identity()
+    return f"{name}/{boot}" if boot else name
+
+
+def on_this_host(host):
+    """Whether a claim recorded on HOST (a host_id(), or None from before hosts
+    were recorded) is this host's, in this boot."""
+    return host is None or host == host_id()
+
+
 def new_job_id():
     return os.urandom(5).hex()
 
@@ -1057,8 +1085,8 @@ class Store:
     _ENDED = "state IN ('completed', 'dead', 'cancelled')"
     # A claim, ended: what a job no longer holds once its run is over.
     _NO_CLAIM = ("claim_token = NULL, run_token = NULL, worker_pid = NULL, "
-                 "worker_start = NULL, run_pgid = NULL, run_pg_start = NULL, "
-                 "lease_until = NULL")
+                 "worker_start = NULL, claim_host = NULL, run_pgid = NULL, "
+                 "run_pg_start = NULL, lease_until = NULL")
     _HELD = "id = ? AND claim_token = ? AND state = 'processing'"
 
     # -- settings ------------------------------------------------------------------
@@ -1579,7 +1607,8 @@ class Store:
                 if row["state"] == PROCESSING:
                     self._end_run(conn, row["run_token"], CANCELLED, ABORT_CANCELLED,
                                   at)
-                    run = (row["run_token"], row["run_pgid"], row["run_pg_start"])
+                    run = (row["run_token"], row["run_pgid"], row["run_pg_start"],
+                           row["claim_host"])
                 self._after_ended(conn, job_id, CANCELLED, stamp, ended)
                 done.append((job_id, row["state"], run))
             return done
@@ -1653,8 +1682,8 @@ class Store:
                       "WHERE id = ? AND state = 'failed'")
     _TAKE = ("UPDATE jobs SET state = 'processing', ready = 0, attempts = ?, "
              "claim_token = ?, run_token = ?, worker_pid = ?, worker_start = ?, "
-             "run_pgid = NULL, run_pg_start = NULL, lease_until = ?, updated_at = ? "
-             "WHERE id = ? AND state = ?")
+             "claim_host = ?, run_pgid = NULL, run_pg_start = NULL, lease_until = ?, "
+             "updated_at = ? WHERE id = ? AND state = ?")
     # attempts.number counts every run of the job (1, 2, ...), while jobs.attempts
     # counts those that use up retries.
     _ADD_RUN = ("INSERT INTO attempts (job_id, number, run_token, worker_pid, "
@@ -1720,8 +1749,9 @@ class Store:
         pid, start = holder
         token = new_token()
         attempt = row["attempts"] + 1
-        if conn.execute(self._TAKE, (attempt, token, token, pid, start, lease, stamp,
-                                     row["id"], row["state"])).rowcount != 1:
+        if conn.execute(self._TAKE, (attempt, token, token, pid, start, host_id(),
+                                     lease, stamp, row["id"],
+                                     row["state"])).rowcount != 1:
             return None
         conn.execute(self._ADD_RUN, (row["id"], token, pid, stamp, row["id"]))
         return Claim(row["id"], row["command"], row["cwd"], token, attempt,
@@ -1855,10 +1885,12 @@ class Store:
                 f"{_NO_CLAIM}, updated_at = ? WHERE id = ?")
     _TAKE_OVER = (f"UPDATE jobs SET claim_token = ?, worker_pid = ?, "
                   f"worker_start = ?, lease_until = ? WHERE {_HELD}")
+    _OLD_HOST = "SELECT claim_host FROM jobs WHERE id = ?"
     _TAKE_OVER_EXPIRED = _TAKE_OVER + " AND lease_until < ?"
-    _RUN_OF_CLAIM = "SELECT run_token, run_pgid, run_pg_start FROM jobs WHERE id = ?"
-    _EXPIRED = ("SELECT id, claim_token, worker_pid, worker_start FROM jobs "
-                "INDEXED BY jobs_leases WHERE state = 'processing' "
+    _RUN_OF_CLAIM = ("SELECT run_token, run_pgid, run_pg_start, claim_host FROM jobs "
+                     "WHERE id = ?")
+    _EXPIRED = ("SELECT id, claim_token, worker_pid, worker_start, claim_host "
+                "FROM jobs INDEXED BY jobs_leases WHERE state = 'processing' "
                 "AND lease_until < ?")
 
     def give_back(self, job_id, token, now=None):
@@ -1891,7 +1923,9 @@ class Store:
                   only_expired=False, now=None):
         """Move a claim to NEW_TOKEN (held by WORKER_PID) if TOKEN still holds it
         (and, with ONLY_EXPIRED, its lease has run out). Return the run to end, as
-        (run_token, run_pgid, run_pg_start), or None if it did not."""
+        (run_token, run_pgid, run_pg_start, the host that ran it), or None if it
+        did not. The run's host stays named: only that host may touch its
+        processes."""
         def body(conn):
             at = self._now(conn, now)
             lease = iso(at + timedelta(seconds=self._config(conn)["lease_timeout"]))
@@ -1906,8 +1940,8 @@ class Store:
         return self._write(body)
 
     def expired_claims(self, now=None):
-        """Return (job id, token, holder pid, holder start) of claims whose lease
-        has run out."""
+        """Return (job id, token, holder pid, holder start, holder's host) of
+        claims whose lease has run out."""
         return self._read(lambda conn: [tuple(row) for row in conn.execute(
             self._EXPIRED, (iso(self._now(conn, now)),))])
 
@@ -2379,6 +2413,11 @@ MIGRATIONS = (
         # The jobs that wait for their dependencies, which status counts apart.
         """CREATE INDEX jobs_blocked ON jobs (ready)
            WHERE state = 'pending' AND ready = -1""",
+    ),
+    (
+        # Version 4 (queuectl 1.2): the host that holds a claim (host_id()): only
+        # that host may signal or inspect the processes of its run.
+        "ALTER TABLE jobs ADD COLUMN claim_host TEXT",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -3098,6 +3137,8 @@ class RunKill:
         self.deadline = 0.0
 
     def targets(self):
+        if self.run_token is None:           # another host's run: nothing here
+            return set(), []
         groups = set()
         if self.pgid and self.pg_start is not None and \
                 start_ticks(self.pgid) == self.pg_start and _group_alive(self.pgid):
@@ -3197,9 +3238,13 @@ class Recovery:
                               start_ticks(os.getpid()), only_expired)
         if run is None:
             return None
-        run_token, pgid, pg_start = run
+        run_token, pgid, pg_start, host = run
         if pgid is None and group is not None:
             pgid, pg_start = group
+        if not on_this_host(host):
+            # Another host's run: its pids mean nothing here. That host ends its
+            # run itself once it finds its claim gone; here it is only ended.
+            return cls(job_id, taker, run_token, RunKill(None), who, cold, started)
         return cls(job_id, taker, run_token, RunKill(run_token, pgid, pg_start), who,
                    cold, started)
 
@@ -3239,10 +3284,12 @@ def reclaim_expired(store, who, recover=recover_claim, known=None):
     id, token) says what the caller knows of a claim's run ({"started": ...,
     "group": ...}); RECOVER does the recovering."""
     recovered = []
-    for job_id, token, holder, holder_start in store.expired_claims():
+    for job_id, token, holder, holder_start, host in store.expired_claims():
         # Whoever reclaims runs no job at this moment: a claim it holds itself is
-        # one it took over and failed to end, so it is lost too.
-        if holder != os.getpid() and holder_running(holder, holder_start):
+        # one it took over and failed to end, so it is lost too. Another host's
+        # holder cannot be looked at: its lease is all there is to go by.
+        if on_this_host(host) and holder != os.getpid() and \
+                holder_running(holder, holder_start):
             continue       # late with its renewal (a pause, a clock step), not lost
         how = known(job_id, token) if known else {}
         if recover(store, job_id, token, who, only_expired=True, **how):
@@ -3802,14 +3849,6 @@ class PidFile:
         return None
 
 
-def host_identity():
-    """(host name, boot id) of this machine: a pid means something only on the
-    host, and in the boot, that it was recorded on."""
-    boot = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    return os.uname().nodename, boot
 
 
 def supervisor_alive(row):
@@ -4653,7 +4692,8 @@ def cancel_jobs(store, job_ids):
     ended = []
     cancelled = store.cancel(job_ids, ended=ended)
     wake_supervisor(store.path)            # so that its workers drop these at once
-    runs = [run for _, _, run in cancelled if run]
+    # A run on another host is killed there, by its own supervisor.
+    runs = [run[:3] for _, _, run in cancelled if run and on_this_host(run[3])]
     for run in runs:
         kill_run(*run)                     # SIGTERM now, SIGKILL after the grace
     if runs:

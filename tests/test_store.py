@@ -156,7 +156,7 @@ class FencingTest(StoreTestCase):
         self.assertEqual(self.store.record(started=[(job_id, claim.token, 4242, 999, None)],
                                            now=at(1)), ([], [], 0))
         first = self.store.take_over(job_id, claim.token, "a" * 32, 2, now=at(20))
-        self.assertEqual(first, (claim.token, 4242, 999))
+        self.assertEqual(first, (claim.token, 4242, 999, queuectl.host_id()))
         # The first recoverer died mid-kill; the next one takes over from it.
         second = self.store.take_over(job_id, "a" * 32, "b" * 32, 3, now=at(40))
         self.assertEqual(second, first)
@@ -207,11 +207,15 @@ class FencingTest(StoreTestCase):
         ca = claim_one(self.store, 1, now=T0)
         cb = claim_one(self.store, 2, now=at(10))
         self.assertEqual(self.store.expired_claims(now=at(14)), [])
-        self.assertEqual(self.store.expired_claims(now=at(16)), [(a, ca.token, 1, None)])
+        here = queuectl.host_id()
+        self.assertEqual(self.store.expired_claims(now=at(16)),
+                         [(a, ca.token, 1, None, here)])
         self.assertEqual(sorted(self.store.expired_claims(now=at(30))),
-                         sorted([(a, ca.token, 1, None), ("b", cb.token, 2, None)]))
+                         sorted([(a, ca.token, 1, None, here),
+                                 ("b", cb.token, 2, None, here)]))
         self.assertTrue(self.store.renew(a, ca.token, 15, now=at(20)))
-        self.assertEqual(self.store.expired_claims(now=at(30)), [("b", cb.token, 2, None)])
+        self.assertEqual(self.store.expired_claims(now=at(30)),
+                         [("b", cb.token, 2, None, here)])
 
 
 class RetryTest(StoreTestCase):
