@@ -1040,6 +1040,7 @@ class Store:
     """The logic every store shares; see the list above."""
 
     path = None              # where its database is (what messages name)
+    local = None             # where this host's files of it start (local_base)
     created = False          # whether opening it created a new database
 
     def __init__(self):
@@ -1072,6 +1073,11 @@ class Store:
     def _now(self, conn, now=None):
         """NOW if given (tests), else the store's clock."""
         raise NotImplementedError
+
+    def _notify(self, conn):
+        """Tell every supervisor, in this transaction, that there is work or a
+        change of claims (once a transaction). A SQLite supervisor is woken by
+        a signal instead (wake_supervisor), so by default this does nothing."""
 
     # -- SQL used in many places: one name each ------------------------------------
 
@@ -1142,6 +1148,7 @@ class Store:
                 return row[0]
             since = iso(self._now(conn, now))
             conn.execute(self._ADD_CONFIG, (PAUSED_KEY, since))
+            self._notify(conn)
             return since
         self._config_version = None
         return self._write(body)
@@ -1151,6 +1158,7 @@ class Store:
         def body(conn):
             row = conn.execute(self._CONFIG_VALUE, (PAUSED_KEY,)).fetchone()
             conn.execute(self._DROP_CONFIG, (PAUSED_KEY,))
+            self._notify(conn)
             return row[0] if row else None
         self._config_version = None
         return self._write(body)
@@ -1194,6 +1202,7 @@ class Store:
             for state in (PENDING, DEAD):
                 conn.execute(self._COUNT_ADDED,
                              (sum(1 for row in added if row["state"] == state), state))
+            self._notify(conn)
             return [row["id"] for row in rows], notes
         return self._write(body)
 
@@ -1542,6 +1551,8 @@ class Store:
                 waits = any(state != COMPLETED for _, state in
                             self._dependency_states(conn, job_id))
                 conn.execute(self._RETRY, (-1 if waits else 1, stamp, stamp, job_id))
+            if retried:
+                self._notify(conn)
             return retried, left
         return self._write(body)
 
@@ -1611,6 +1622,7 @@ class Store:
                            row["claim_host"])
                 self._after_ended(conn, job_id, CANCELLED, stamp, ended)
                 done.append((job_id, row["state"], run))
+            self._notify(conn)
             return done
         return self._write(body)
 
@@ -2433,7 +2445,7 @@ class SQLiteStore(Store):
 
     def __init__(self, path, create=True):
         super().__init__()
-        self.path = os.path.abspath(os.path.expanduser(path))
+        self.path = self.local = os.path.abspath(os.path.expanduser(path))
         self.conn = None
         if self._check_file(create):
             self._identify()
@@ -2624,10 +2636,547 @@ class SQLiteStore(Store):
         return now_utc()
 
 
+# -- the PostgreSQL store ------------------------------------------------------------
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+PG_DEFAULT_SCHEMA = "queuectl"
+PG_INSTALL = 'pip install "queuectl[postgres]" (or pip install "psycopg[binary]")'
+PG_CONNECT_TIMEOUT_S = 10
+PG_RETRY_S = 10.0          # a command rides out a lost connection this long
+PG_COUNT_SLOTS = 16        # a counter is this many rows, so hosts do not queue on one
+PG_SCHEMA_NAME = Pattern(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def is_postgres(target):
+    """Whether TARGET (a --db value) names a PostgreSQL database."""
+    return isinstance(target, str) and target.startswith(PG_SCHEMES)
+
+
+def pg_url(url):
+    """(what libpq connects with, the schema of the queue's tables, the URL as it
+    may be shown: its password masked) of a postgresql:// URL. The schema is a
+    query parameter of ours, ?schema=NAME (default queuectl), not libpq's."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((value for key, value in query if key == "schema"),
+                  PG_DEFAULT_SCHEMA)
+    if not PG_SCHEMA_NAME.fullmatch(schema):
+        raise UsageError(f"schema must be a lower-case name of letters, digits and "
+                         f"_: {schema!r}")
+    rest = [(key, value) for key, value in query if key != "schema"]
+    conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(":" + parts.password + "@", ":***@", 1)
+    shown_query = urlencode([(key, "***" if key == "password" else value)
+                             for key, value in query], safe="/")
+    return conninfo, schema, urlunsplit(parts._replace(netloc=netloc,
+                                                       query=shown_query))
+
+
+def pg_local_base(url):
+    """Where this host keeps its files of the PostgreSQL queue at URL: in this
+    user's state directory, named by the database and schema (not the role or
+    password, which may differ between users of one queue)."""
+    import hashlib
+    from urllib.parse import parse_qsl, urlsplit
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    place = "|".join([parts.hostname or query.get("host", ""),
+                      str(parts.port or query.get("port", "")),
+                      parts.path.lstrip("/") or query.get("dbname", ""),
+                      query.get("schema", PG_DEFAULT_SCHEMA)])
+    state = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):
+        state = os.path.join(os.path.expanduser("~"), ".local", "state")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", parts.path.lstrip("/") or "db")[:40]
+    digest = hashlib.sha256(place.encode()).hexdigest()[:12]
+    return os.path.join(state, "queuectl", f"pg-{name}-{digest}")
+
+
+def _psycopg():
+    """psycopg 3, imported only for a postgresql:// database."""
+    try:
+        import psycopg
+    except ImportError:
+        raise UsageError(f"a postgresql:// database needs psycopg 3: "
+                         f"{PG_INSTALL}") from None
+    return psycopg
+
+
+class Native(str):
+    """A statement already in PostgreSQL's words, which _pg_sql leaves alone."""
+
+
+_PG_SQL = {}
+
+
+def _pg_sql(sql):
+    """SQL written for SQLite (Store's statements), said as PostgreSQL says it:
+    %s and %(name)s parameters for ? and :name, no INDEXED BY hints, INSERT OR
+    IGNORE as ON CONFLICT DO NOTHING. Translated once per statement."""
+    if isinstance(sql, Native):
+        return sql
+    text = _PG_SQL.get(sql)
+    if text is None:
+        text = sql.replace("%", "%%")
+        text = re.sub(r"\s+INDEXED BY \w+", "", text)
+        text = re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", text)
+        text = text.replace("?", "%s")
+        if text.startswith("INSERT OR IGNORE INTO "):
+            text = "INSERT INTO " + text[len("INSERT OR IGNORE INTO "):] + \
+                   " ON CONFLICT DO NOTHING"
+        _PG_SQL[sql] = text
+    return text
+
+
+class _PgRow:
+    """A row as sqlite3.Row is read: by position or by column name, keys()."""
+
+    __slots__ = ("values", "index")
+
+    def __init__(self, values, index):
+        self.values, self.index = values, index
+
+    def __getitem__(self, key):
+        return self.values[key if isinstance(key, int) else self.index[key]]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self):
+        return len(self.values)
+
+    def keys(self):
+        return list(self.index)
+
+
+def _pg_rows(cursor):
+    """psycopg's row factory for _PgRow (of a column named twice, the first)."""
+    index = {}
+    for position, column in enumerate(cursor.description or ()):
+        index.setdefault(column.name, position)
+    return lambda values: _PgRow(values, index)
+
+
+class _PgConnection:
+    """A psycopg connection that takes the statements Store says in SQLite's
+    words (see _pg_sql), and whose execute() returns a cursor, as sqlite3's
+    does."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, params=None):
+        # Always with parameters, if none: then psycopg reads %% as %, which
+        # _pg_sql doubles every literal % into.
+        cursor = self.conn.cursor()
+        cursor.execute(_pg_sql(sql), () if params is None else params)
+        return cursor
+
+    def executemany(self, sql, rows):
+        cursor = self.conn.cursor()
+        rows = list(rows)
+        if rows:
+            cursor.executemany(_pg_sql(sql), rows)
+        return cursor
+
+
+# The PostgreSQL schema, version by version (as MIGRATIONS is SQLite's); each runs
+# in one transaction under an advisory lock, with its version recorded. Times are
+# ISO-8601 text, as in SQLite: the same statements compare them, and a time's text
+# is what every document shows. Counters are spread over PG_COUNT_SLOTS rows, each
+# transaction adding to the row of its backend, so that hosts do not queue on one.
+PG_MIGRATIONS = (
+    (
+        "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
+        """CREATE TABLE jobs (
+            rowid        bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+            id           text PRIMARY KEY,
+            command      text NOT NULL CHECK (command <> ''),
+            cwd          text NOT NULL,
+            state        text NOT NULL CHECK (state IN ('pending', 'processing',
+                                  'completed', 'failed', 'dead', 'cancelled')),
+            ready        integer NOT NULL DEFAULT 0,
+            priority     bigint NOT NULL DEFAULT 0,
+            attempts     integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            max_retries  bigint CHECK (max_retries >= 0),
+            timeout_s    double precision CHECK (timeout_s > 0),
+            run_at       text NOT NULL,
+            created_at   text NOT NULL,
+            updated_at   text NOT NULL,
+            last_error   text,
+            unique_key   text,
+            claim_token  text,
+            run_token    text,
+            worker_pid   bigint,
+            worker_start bigint,
+            claim_host   text,
+            run_pgid     bigint,
+            run_pg_start bigint,
+            lease_until  text
+        ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
+                autovacuum_vacuum_cost_delay = 1)""",
+        """CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, created_at, rowid)
+           WHERE state IN ('pending', 'failed') AND ready = 1""",
+        """CREATE INDEX jobs_scheduled ON jobs (run_at)
+           WHERE state IN ('pending', 'failed') AND ready = 0""",
+        "CREATE INDEX jobs_leases ON jobs (lease_until) WHERE state = 'processing'",
+        "CREATE INDEX jobs_state ON jobs (state, rowid)",
+        """CREATE INDEX jobs_finished ON jobs (state, updated_at)
+           WHERE state IN ('completed', 'dead', 'cancelled')""",
+        """CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key)
+           WHERE unique_key IS NOT NULL AND state IN ('pending', 'processing',
+                                                      'failed')""",
+        """CREATE INDEX jobs_blocked ON jobs (ready)
+           WHERE state = 'pending' AND ready = -1""",
+        """CREATE TABLE attempts (
+            id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            job_id         text NOT NULL,
+            number         integer NOT NULL,
+            run_token      text NOT NULL UNIQUE,
+            worker_pid     bigint NOT NULL,
+            started_at     text NOT NULL,
+            finished_at    text,
+            outcome        text NOT NULL CHECK (outcome IN ('running', 'completed',
+                                   'failed', 'interrupted', 'cancelled')),
+            exit_code      integer,
+            reason         text,
+            duration_s     double precision,
+            stdout         text,
+            stderr         text,
+            stdout_dropped bigint NOT NULL DEFAULT 0,
+            stderr_dropped bigint NOT NULL DEFAULT 0
+        ) WITH (autovacuum_vacuum_scale_factor = 0.05)""",
+        "CREATE INDEX attempts_job ON attempts (job_id, id)",
+        "CREATE INDEX attempts_finished ON attempts (outcome, finished_at)",
+        """CREATE TABLE deps (
+            job_id    text NOT NULL,
+            after_id  text NOT NULL,
+            PRIMARY KEY (job_id, after_id)
+        )""",
+        "CREATE INDEX deps_after ON deps (after_id)",
+        "CREATE TABLE config (key text PRIMARY KEY, value text NOT NULL)",
+        """CREATE TABLE counts (
+            state  text NOT NULL,
+            slot   integer NOT NULL,
+            jobs   bigint NOT NULL,
+            PRIMARY KEY (state, slot)
+        )""",
+        """CREATE TABLE run_totals (
+            outcome  text NOT NULL,
+            bucket   integer NOT NULL,
+            slot     integer NOT NULL,
+            runs     bigint NOT NULL,
+            seconds  double precision NOT NULL,
+            PRIMARY KEY (outcome, bucket, slot)
+        )""",
+        """CREATE TABLE run_minutes (
+            minute   text NOT NULL,
+            outcome  text NOT NULL,
+            slot     integer NOT NULL,
+            runs     bigint NOT NULL,
+            PRIMARY KEY (minute, outcome, slot)
+        )""",
+        """CREATE TABLE supervisors (
+            id          text PRIMARY KEY,
+            host        text NOT NULL,
+            boot_id     text NOT NULL,
+            pid         bigint NOT NULL,
+            pid_start   bigint,
+            workers     text NOT NULL DEFAULT '',
+            state       text NOT NULL,
+            started_at  text NOT NULL,
+            seen_at     text NOT NULL,
+            stop        integer NOT NULL DEFAULT 0
+        )""",
+        f"""CREATE FUNCTION count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE my_slot integer := pg_backend_pid() % {PG_COUNT_SLOTS};
+            BEGIN
+                IF TG_OP IN ('UPDATE', 'DELETE') THEN
+                    INSERT INTO counts VALUES (OLD.state, my_slot, -1)
+                    ON CONFLICT (state, slot) DO UPDATE SET jobs = counts.jobs - 1;
+                END IF;
+                IF TG_OP = 'UPDATE' THEN
+                    INSERT INTO counts VALUES (NEW.state, my_slot, 1)
+                    ON CONFLICT (state, slot) DO UPDATE SET jobs = counts.jobs + 1;
+                END IF;
+                RETURN NULL;
+            END $$""",
+        """CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+           FOR EACH ROW WHEN (NEW.state <> OLD.state) EXECUTE FUNCTION count_jobs()""",
+        """CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs
+           FOR EACH ROW EXECUTE FUNCTION count_jobs()""",
+        f"""CREATE FUNCTION count_run() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE
+                my_slot integer := pg_backend_pid() % {PG_COUNT_SLOTS};
+                my_bucket integer := {_run_bucket_sql("NEW.duration_s")};
+            BEGIN
+                INSERT INTO run_totals VALUES (NEW.outcome, my_bucket, my_slot, 1,
+                                               coalesce(NEW.duration_s, 0))
+                ON CONFLICT (outcome, bucket, slot) DO UPDATE
+                SET runs = run_totals.runs + 1,
+                    seconds = run_totals.seconds + EXCLUDED.seconds;
+                INSERT INTO run_minutes VALUES (substr(NEW.finished_at, 1, 16),
+                                                NEW.outcome, my_slot, 1)
+                ON CONFLICT (minute, outcome, slot) DO UPDATE
+                SET runs = run_minutes.runs + 1;
+                RETURN NULL;
+            END $$""",
+        """CREATE TRIGGER attempts_ended AFTER UPDATE OF outcome ON attempts
+           FOR EACH ROW WHEN (OLD.outcome = 'running' AND NEW.outcome <> 'running')
+           EXECUTE FUNCTION count_run()""",
+    ),
+)
+PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
+
+
+class PostgresStore(Store):
+    """A PostgreSQL database, shared by the supervisors of many hosts. Claims lock
+    the jobs they take with FOR UPDATE SKIP LOCKED, so no two supervisors take
+    one job; every time is read from the database's clock, never a host's; a
+    lost connection is made again, and a transaction that never reached COMMIT
+    is run again. Its tables live in a schema of their own (?schema=, default
+    queuectl), so the queue can share a database. psycopg 3 is imported only
+    here."""
+
+    def __init__(self, url, create=True, retry_s=PG_RETRY_S, check_only=False):
+        super().__init__()
+        self.psycopg = _psycopg()
+        self.IntegrityError = self.psycopg.IntegrityError
+        self.url = url
+        self.conninfo, self.schema, self.path = pg_url(url)
+        self.local = pg_local_base(url)
+        self.channel = f"{self.schema}_wake"
+        self.retry_s = retry_s
+        self.conn = None
+        self._begin = f"BEGIN; SET LOCAL search_path TO {self.schema}"
+        self.version = self._read(self._version)
+        if not check_only:
+            self._prepare(create)
+
+    def close(self):
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+    @classmethod
+    def exists(cls, url):
+        """Whether the queue at URL has its tables (False if it cannot be asked)."""
+        with contextlib.suppress(QueueError):
+            with cls(url, create=True, retry_s=0, check_only=True) as store:
+                return store.version > 0
+        return False
+
+    # -- connecting --------------------------------------------------------------
+
+    def _connect(self):
+        """A connection (made again if it was lost), or QueueError."""
+        if self.conn is not None and not self.conn.closed:
+            return self.conn
+        self.conn = None
+        try:
+            conn = self.psycopg.connect(self.conninfo, autocommit=True,
+                                        connect_timeout=PG_CONNECT_TIMEOUT_S,
+                                        application_name=PROG)
+        except self.psycopg.Error as e:
+            raise QueueError(f"cannot connect to {self.path}: "
+                             f"{_pg_reason(e)}") from None
+        conn.row_factory = _pg_rows
+        self.conn = conn
+        return conn
+
+    def _prepare(self, create):
+        """Know the schema before anything is written: refuse a newer version and
+        another program's tables; create it, or migrate an older one, in one
+        transaction under an advisory lock."""
+        version = self.version
+        if version == PG_SCHEMA_VERSION:
+            return
+        if version == 0 and not create:
+            raise QueueError(f"no queue at {self.path} (schema {self.schema}: enqueue, "
+                             f"config set or worker start creates it)")
+        self._write(self._migrate, begin=f"BEGIN")
+        self.created = version == 0
+
+    def _version(self, conn):
+        meta = conn.execute(Native("SELECT to_regclass(%s)"),
+                            (f"{self.schema}.meta",)).fetchone()[0]
+        if meta is None:
+            tables = conn.execute(Native(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = %s"),
+                (self.schema,)).fetchone()[0]
+            if tables:
+                raise QueueError(f"schema {self.schema} holds tables that are not "
+                                 f"queuectl's: {self.path}")
+            return 0
+        version = int(conn.execute(Native(
+            f"SELECT value FROM {self.schema}.meta WHERE key = 'schema_version'"))
+            .fetchone()[0])
+        if version > PG_SCHEMA_VERSION:
+            raise QueueError(f"database schema version {version} is newer than this "
+                             f"queuectl understands ({PG_SCHEMA_VERSION}); upgrade "
+                             f"queuectl: {self.path}")
+        return version
+
+    def _migrate(self, conn):
+        conn.execute(Native("SELECT pg_advisory_xact_lock(hashtext(%s))"),
+                     (f"queuectl:{self.schema}",))
+        version = self._version(conn)           # again, now under the lock
+        conn.execute(Native(f"CREATE SCHEMA IF NOT EXISTS {self.schema}"))
+        conn.execute(Native(f"SET LOCAL search_path TO {self.schema}"))
+        for steps in PG_MIGRATIONS[version:]:
+            for statement in steps:
+                conn.execute(Native(statement.replace("%", "%%")))
+        conn.execute(Native(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"),
+            (str(PG_SCHEMA_VERSION),))
+
+    # -- transactions ------------------------------------------------------------
+
+    def _run(self, body, durable=True, begin=None):
+        """Run body(conn) in one transaction. A lost connection is made again and
+        the transaction run again, for up to retry_s, unless it was lost while
+        committing: then whether the change was made is unknown, and it says so.
+        A commit that acknowledges nothing is not waited for on disk
+        (synchronous_commit off), as SQLite's claims are not synced."""
+        psycopg = self.psycopg
+        deadline = time.monotonic() + self.retry_s
+        pause = 0.05
+        while True:
+            committing = False
+            try:
+                conn = self._connect()
+                conn.execute((begin or self._begin) +
+                             ("" if durable else "; SET LOCAL synchronous_commit = off"))
+                result = body(_PgConnection(conn))
+                committing = True
+                conn.execute("COMMIT")
+                return result
+            except (psycopg.errors.SerializationFailure,
+                    psycopg.errors.DeadlockDetected):
+                self._rollback()
+                time.sleep(pause)
+            except psycopg.OperationalError as e:
+                lost = self.conn is None or self.conn.closed or self.conn.broken
+                if not lost:
+                    self._rollback()
+                    raise QueueError(_pg_message(e, self.path)) from None
+                self.close()
+                if committing:
+                    raise QueueError(f"the connection to {self.path} was lost while "
+                                     f"committing: the change may or may not have "
+                                     f"been made") from None
+                if time.monotonic() >= deadline:
+                    raise QueueError(f"lost the connection to {self.path}: "
+                                     f"{_pg_reason(e)}") from None
+                time.sleep(pause)
+            except QueueError as e:
+                if "cannot connect" in str(e) and time.monotonic() < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    continue
+                self._rollback()
+                raise
+            except psycopg.Error as e:
+                self._rollback()
+                raise QueueError(_pg_message(e, self.path)) from None
+            except BaseException:
+                self._rollback()
+                raise
+            pause = min(pause * 2, 1.0)
+
+    def _rollback(self):
+        if self.conn is not None and not self.conn.closed:
+            with contextlib.suppress(Exception):
+                self.conn.execute("ROLLBACK")
+
+    def _write(self, body, mode="IMMEDIATE", durable=True, begin=None):
+        return self._run(body, durable, begin)
+
+    def _read(self, body):
+        return self._run(body)
+
+    @staticmethod
+    def _changes(conn):
+        return object()                  # no cheap change counter: read again
+
+    @staticmethod
+    def _now(conn, now=None):
+        return now or conn.execute(Native("SELECT clock_timestamp()")).fetchone()[0]
+
+    def clock(self):
+        """The database's time now: the one clock every host goes by."""
+        return self._read(self._now)
+
+    def data_version(self):
+        """A number that changes whenever another connection may have committed:
+        here, always (callers that poll read again each time)."""
+        return time.monotonic()
+
+    def _notify(self, conn):
+        conn.execute(Native("SELECT pg_notify(%s, '')"), (self.channel,))
+
+    # -- the statements PostgreSQL says otherwise ------------------------------------
+
+    _NO_LIMIT = None
+    _SET_CONFIG = Native("INSERT INTO config (key, value) VALUES (%s, %s) "
+                         "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value")
+    _COUNT_ADDED = Native(f"INSERT INTO counts (jobs, state, slot) VALUES (%s, %s, "
+                          f"pg_backend_pid() %% {PG_COUNT_SLOTS}) ON CONFLICT "
+                          f"(state, slot) DO UPDATE SET jobs = counts.jobs + "
+                          f"EXCLUDED.jobs")
+    _COUNTS = "SELECT state, sum(jobs) FROM counts GROUP BY state"
+    _TOTALS = ("SELECT outcome, bucket, sum(runs), sum(seconds) FROM run_totals "
+               "GROUP BY outcome, bucket ORDER BY outcome, bucket")
+    _RUNS_BY_OUTCOME = "SELECT outcome, sum(runs) FROM run_totals GROUP BY outcome"
+    _MINUTES = ("SELECT minute, outcome, sum(runs) FROM run_minutes WHERE minute >= ? "
+                "GROUP BY minute, outcome")
+    # Lock after filtering, and skip what another supervisor holds (Oban, River).
+    _PROMOTE_DUE = (f"UPDATE jobs SET ready = 1 WHERE id IN (SELECT id FROM jobs "
+                    f"WHERE {Store._SCHEDULED} AND run_at <= ? FOR UPDATE SKIP "
+                    f"LOCKED)")
+    _NEXT_RUNNABLE = (f"SELECT * FROM jobs WHERE {Store._RUNNABLE} "
+                      f"ORDER BY priority DESC, run_at, created_at, rowid LIMIT ? "
+                      f"FOR UPDATE SKIP LOCKED")
+
+
+def _pg_reason(error):
+    """The first line of what PostgreSQL or libpq said."""
+    diag = getattr(error, "diag", None)
+    text = (diag and diag.message_primary) or str(error) or type(error).__name__
+    return " ".join(text.strip().splitlines()[:1]) if text.strip() else text
+
+
+def _pg_message(error, where):
+    return f"database error ({_pg_reason(error)}): {where}"
+
+
 def open_store(target, create=True):
-    """The store TARGET names: a SQLite file's path. CREATE: make a new database
-    if there is none (else refuse, saying what creates one)."""
+    """The store TARGET names: a postgresql:// (or postgres://) URL, else a
+    SQLite file's path. CREATE: make a new database if there is none (else
+    refuse, saying what creates one)."""
+    if is_postgres(target):
+        return PostgresStore(target, create)
     return SQLiteStore(target, create)
+
+
+def make_local_folder(local):
+    """Make the folder this host's files of a queue go in (owner-only), if need be."""
+    try:
+        os.makedirs(os.path.dirname(local), mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise QueueError(f"cannot make {os.path.dirname(local)}: {e.strerror}") from None
+
+
+def local_base(target):
+    """The path this host's files of the queue at TARGET start with (PID file,
+    log, live output, the dashboard's token): the SQLite file's own, or for a
+    PostgreSQL queue one in this user's state directory."""
+    return pg_local_base(target) if is_postgres(target) else target
 
 
 ####
@@ -3251,7 +3800,7 @@ class Recovery:
     def end(self, store):
         """Once its run is gone: end the attempt (and say so in the log). Return
         True if a run was interrupted and its job put back (a cold stop)."""
-        remove_spools(store.path, self.run_token)
+        remove_spools(store.local, self.run_token)
         if not self.started:
             store.give_back(self.job_id, self.taker)
         elif self.cold:
@@ -3452,11 +4001,12 @@ class Worker:
     current one has run STARTED_AFTER_S, or a stop comes, it gives it back.
     """
 
-    def __init__(self, conn, index, db_path, stop, wake_fd, command_group):
+    def __init__(self, conn, index, db_path, local, stop, wake_fd, command_group):
         self.conn = conn
         self.command_group = command_group    # shared with the supervisor: see Slot
         self.index = index
         self.db_path = db_path
+        self.local = local                 # where its runs' output is spooled
         self.stop = stop
         self.wake_fd = wake_fd
         self.pid = os.getpid()
@@ -3626,7 +4176,7 @@ class Worker:
                 # a spool of its output.
                 self.send(Started(claim.id, claim.token, run.pid,
                                   start_ticks(run.pid), run.started))
-                run.follow(self.db_path)
+                run.follow(self.local)
                 tell_start = None
             if not tell_start or self.stop.level:
                 self.give_back()           # the next job must not wait behind this
@@ -3655,7 +4205,7 @@ class Worker:
         """Orphaned: write the end of a run as the supervisor would have. AGAIN: it
         was reported, and its supervisor may have written it already."""
         store = self.open_store()
-        remove_spools(self.db_path, claim.token)
+        remove_spools(self.local, claim.token)
         if result.aborted == ABORT_COLD:
             if store.requeue(claim.id, claim.token, ABORT_COLD):
                 log(f"{self.name}: job {claim.id} interrupted; back to pending")
@@ -3680,7 +4230,7 @@ def _pack_group(pgid, ticks):
     return pgid.to_bytes(8, "little") + (ticks or 0).to_bytes(8, "little")
 
 
-def run_worker(conn, index, db_path, private_fds, command_group):
+def run_worker(conn, index, db_path, local, private_fds, command_group):
     """Entry point of a worker process, forked by its supervisor."""
     # First drop what the fork copied from the supervisor: its signal wake-up
     # pipe, its PID file (whose lock must die with the supervisor, not with its
@@ -3703,7 +4253,7 @@ def run_worker(conn, index, db_path, private_fds, command_group):
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     _name_process(f"queuectl-w{index}")
-    worker = Worker(conn, index, db_path, stop, wake_r, command_group)
+    worker = Worker(conn, index, db_path, local, stop, wake_r, command_group)
     try:
         worker.loop()
     except QueueError as e:        # an orphan could not reach the database
@@ -3871,22 +4421,24 @@ def _pid_exists(pid):
     return True
 
 
-def find_supervisor(db_path, store=None):
-    """The live supervisor of DB_PATH as a Supervised, or None.
+def find_supervisor(target, store=None):
+    """The live supervisor, on this host, of the queue at TARGET (its --db, or
+    for a SQLite file its local_base, which is the same), as a Supervised, or
+    None.
 
     Its PID file's lock answers first. Something may have deleted that file (a
     cleaner of old files), so the database's record of the supervisor, proven
     alive, is asked next: deleting a file cannot hide a supervisor, nor let a
     second one start."""
     with contextlib.suppress(QueueError):      # not a file of ours: ask the database
-        found = PidFile.holder(pid_path(db_path))
+        found = PidFile.holder(pid_path(local_base(target)))
         if found:
             return found
     try:
         if store is not None:
             rows = store.supervisors()
         else:
-            with open_store(db_path, create=False) as opened:
+            with open_store(target, create=False) as opened:
                 rows = opened.supervisors()
     except QueueError:
         return None                           # no database: no supervisor either
@@ -3897,18 +4449,20 @@ def find_supervisor(db_path, store=None):
     return None
 
 
-def pid_path(db_path):
-    return db_path + PID_SUFFIX
+def pid_path(local):
+    return local + PID_SUFFIX
 
 
-def wake_supervisor(db_path):
-    """Nudge the supervisor of DB_PATH, if one runs, to look for jobs now.
+def wake_supervisor(local):
+    """Nudge this host's supervisor of the queue whose files start with LOCAL
+    (Store.local), if one runs, to look for jobs now. (Other hosts' supervisors
+    of a PostgreSQL queue hear it from the store, Store._notify.)
 
     The signal's default action is to do nothing, and the PID file's lock proves
     the pid is the supervisor's, so a nudge can never hurt another process.
     """
     with contextlib.suppress(QueueError):
-        supervised = PidFile.holder(pid_path(db_path), tries=1)
+        supervised = PidFile.holder(pid_path(local), tries=1)
         if supervised:
             with contextlib.suppress(OSError):
                 os.kill(supervised.pid, WAKE_SIGNAL)
@@ -4001,7 +4555,8 @@ class Supervisor:
         self.slots = {}              # index -> Slot
         self.restarts = {}           # index -> when to start that worker again
         self.recoveries = []         # Recovery of lost claims, their runs being killed
-        self.pidfile = PidFile(pid_path(db_path))
+        self.local = local_base(db_path)   # its PID file, log and spools
+        self.pidfile = PidFile(pid_path(self.local))
         self.store = None
         self.selector = None
         self.wake_fds = ()
@@ -4032,18 +4587,19 @@ class Supervisor:
                     COLD_SIGNAL):
             signal.signal(sig, self.stop.handle)
         signal.signal(WAKE_SIGNAL, self.wake)
+        make_local_folder(self.local)
         self.pidfile.acquire()
         try:
             _name_process("queuectl-super")
             os.chdir("/")    # hold no directory busy; every path used is absolute
-            LogRotation.enable(self.db_path + LOG_SUFFIX)
+            LogRotation.enable(self.local + LOG_SUFFIX)
             with open_store(self.db_path) as store:
                 self.register(store)
                 recovered = reclaim_expired(store, "supervisor")
                 going = store.running_tokens()
             if recovered:
                 log(f"supervisor: recovered {len(recovered)} job(s) of lost workers")
-            sweep_spools(self.db_path, going)
+            sweep_spools(self.local, going)
             log(f"supervisor (pid {os.getpid()}): starting {self.count} worker(s) "
                 f"on {self.db_path}")
             # Signals wake the loop through this pipe; their handlers set flags.
@@ -4167,7 +4723,7 @@ class Supervisor:
             self.step_recoveries()
         now = time.monotonic()
         while self.spent and self.spent[0][0] <= now:
-            remove_spools(self.db_path, self.spent.popleft()[1])
+            remove_spools(self.local, self.spent.popleft()[1])
         if self.stop.level > self.relayed:
             self.relay_stop()
             if self.stop.level >= COLD and self.cold_deadline is None:
@@ -4440,8 +4996,8 @@ class Supervisor:
             self.store = None
         try:
             process = context.Process(target=run_worker, name=f"queuectl-worker-{index}",
-                                      args=(theirs, index, self.db_path, private,
-                                            command_group))
+                                      args=(theirs, index, self.db_path, self.local,
+                                            private, command_group))
             process.start()
         finally:
             theirs.close()
@@ -4590,7 +5146,7 @@ class Supervisor:
                     break
             time.sleep(KILL_POLL_S)
         while self.spent:
-            remove_spools(self.db_path, self.spent.popleft()[1])
+            remove_spools(self.local, self.spent.popleft()[1])
 
     # -- the PID file --------------------------------------------------------------------
 
@@ -4619,7 +5175,10 @@ def start_detached(db_path, count, log_path):
         offset = os.lseek(fd, 0, os.SEEK_END)
         # A new session and no inherited stdout: the caller's shell never waits on us.
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", script, "--db", db_path, "worker", "start",
+            # -I -S: start faster, and import nothing from where it was started;
+            # but psycopg lives in site-packages.
+            [sys.executable, *([] if is_postgres(db_path) else ["-I", "-S"]), script,
+             "--db", db_path, "worker", "start",
              "--count", str(count)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
             start_new_session=True, close_fds=True)
@@ -4631,7 +5190,7 @@ def start_detached(db_path, count, log_path):
         if proc.poll() is not None:
             raise QueueError(_last_error_line(log_path, offset)
                              or f"supervisor exited with code {proc.returncode}")
-        supervisor = PidFile.holder(pid_path(db_path))
+        supervisor = PidFile.holder(pid_path(local_base(db_path)))
         if supervisor and supervisor.pid == proc.pid and \
                 supervisor.state == SUPERVISOR_UP:
             return supervisor
@@ -4682,7 +5241,7 @@ def enqueue_jobs(store, jobs, cwd, now=None):
     """Add validated jobs; lines: their ids; notes: the jobs that a unique key
     kept out or a dead dependency added dead."""
     ids, notes = store.enqueue(jobs, cwd, now)
-    wake_supervisor(store.path)
+    wake_supervisor(store.local)
     return Outcome(ids, [notes[index] for index in sorted(notes)])
 
 
@@ -4691,7 +5250,7 @@ def cancel_jobs(store, job_ids):
     and say which waiting jobs ended dead with them."""
     ended = []
     cancelled = store.cancel(job_ids, ended=ended)
-    wake_supervisor(store.path)            # so that its workers drop these at once
+    wake_supervisor(store.local)            # so that its workers drop these at once
     # A run on another host is killed there, by its own supervisor.
     runs = [run[:3] for _, _, run in cancelled if run and on_this_host(run[3])]
     for run in runs:
@@ -4714,7 +5273,7 @@ def retry_jobs(store, job_ids=None):
     every dead job that can go back, naming the others."""
     ids, left = store.retry_dead(job_ids)
     if ids:
-        wake_supervisor(store.path)
+        wake_supervisor(store.local)
     notes = [f"job {job_id} stays dead: {why}" for job_id, why in left.items()]
     if not ids and not left:
         notes = ["the DLQ is empty"]
@@ -4728,14 +5287,14 @@ def delete_jobs(store, job_ids):
 
 def pause_queue(store):
     since = store.pause()
-    wake_supervisor(store.path)            # so that it takes back unstarted jobs
+    wake_supervisor(store.local)            # so that it takes back unstarted jobs
     return Outcome([f"paused since {since}: workers start no new job; running "
                     f"jobs go on (resume lets them start jobs again)"])
 
 
 def resume_queue(store):
     since = store.resume()
-    wake_supervisor(store.path)
+    wake_supervisor(store.local)
     return Outcome([f"resumed (paused since {since})" if since
                     else "the queue was not paused"])
 
@@ -4756,7 +5315,7 @@ def status_report(store, max_age=None, max_dead=0):
     paused = store.paused()
     now = store.clock()
     oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
-    supervisor = find_supervisor(store.path, store)
+    supervisor = find_supervisor(store.local, store)
     worker_pids = supervisor.workers if supervisor else []
     workers = [{"pid": pid,
                 "job_id": running[pid]["id"] if pid in running else None,
@@ -4870,11 +5429,17 @@ def run_ending(job, run):
 def config_document(db_path):
     """(values, problems) of a database's settings (Store.config_problems); the
     defaults, creating nothing, before there is a database."""
-    if not os.path.exists(db_path) or (os.path.isfile(db_path) and
-                                       not os.path.getsize(db_path)):
+    if not is_postgres(db_path) and (
+            not os.path.exists(db_path) or
+            (os.path.isfile(db_path) and not os.path.getsize(db_path))):
         return dict(CONFIG_DEFAULTS), {}
-    with open_store(db_path, create=False) as store:
-        return store.config(), store.config_problems()
+    try:
+        with open_store(db_path, create=False) as store:
+            return store.config(), store.config_problems()
+    except QueueError:
+        if is_postgres(db_path) and not PostgresStore.exists(db_path):
+            return dict(CONFIG_DEFAULTS), {}
+        raise
 
 
 def overview_document(store):
@@ -5060,7 +5625,8 @@ def cmd_enqueue(args):
         jobs = [validate_job(_parse_argument(args.job), now)]
     cwd = current_dir()
     check_text(cwd, "the current directory's name")
-    if not os.path.exists(args.db):        # refuse unknown dependencies uncreated
+    if not is_postgres(args.db) and not os.path.exists(args.db):
+        # Refuse unknown dependencies before a new database is created.
         earlier, keys, skipped = set(), {}, {}
         for index, job in enumerate(jobs):
             key = job["unique_key"]
@@ -5170,7 +5736,8 @@ def cmd_worker_start(args):
         raise QueueError(f"workers are already running on this database "
                          f"(supervisor pid {supervisor.pid})")
     if args.detach:
-        log_path = db_path + LOG_SUFFIX
+        make_local_folder(local_base(db_path))
+        log_path = local_base(db_path) + LOG_SUFFIX
         supervisor = start_detached(db_path, args.count, log_path)
         print(f"started {len(supervisor.workers)} worker(s) in the background "
               f"(supervisor pid {supervisor.pid}); log: {log_path}")
@@ -5453,13 +6020,13 @@ def cmd_logs(args):
             return follow_logs(store, job, run, args.attempt)
     if run is None:
         if args.json:
-            print_json(logs_document(store.path, job, run))
+            print_json(logs_document(store.local, job, run))
         elif job["state"] in FINISHED:
             print(f"queuectl: {shown(ended_unrun(job))}", file=sys.stderr)
         else:
             print(f"queuectl: job {job['id']} has not run yet", file=sys.stderr)
         return EXIT_OK
-    output = logs_document(store.path, job, run)
+    output = logs_document(store.local, job, run)
     if args.json:
         print_json(output)
         return EXIT_OK
@@ -5535,7 +6102,7 @@ def follow_logs(store, job, run, number):
             for stream, short, dest in streams:
                 # The rest: from its spool, which stays a while after the run, so
                 # every byte is printed once; else from the stored copy.
-                spooled = Spool.read(spool_path(store.path, run["run_token"], short),
+                spooled = Spool.read(spool_path(store.local, run["run_token"], short),
                                      printed[stream])
                 if spooled:
                     emit(stream, dest, spooled[0], spooled[1])
@@ -5557,7 +6124,7 @@ def follow_logs(store, job, run, number):
         elif run is not None:
             following = run["number"]
             for stream, short, dest in streams:
-                spooled = Spool.read(spool_path(store.path, run["run_token"], short),
+                spooled = Spool.read(spool_path(store.local, run["run_token"], short),
                                      printed[stream])
                 if spooled:
                     emit(stream, dest, spooled[0], spooled[1])
@@ -6267,7 +6834,7 @@ class DashboardHandler:
             number = whole_number(query["attempt"], "attempt", 1, INT_LIMIT - 1)
         with dashboard.store() as store:
             job, run = store.run_of(job_id, number)
-            self.send_json(logs_document(store.path, job, run))
+            self.send_json(logs_document(store.local, job, run))
 
     @route("GET", r"/api/dlq")
     def api_dlq(self, dashboard, query):
@@ -6422,7 +6989,8 @@ def cmd_dashboard(args):
     if not given:
         # Every account on this machine can reach a loopback port, and commands
         # carry secrets: the token is kept beside the database, as private.
-        token = dashboard_token(args.db)
+        make_local_folder(local_base(args.db))
+        token = dashboard_token(local_base(args.db))
     server_module = http_server()
     import threading
     handler = type("Handler", (DashboardHandler, server_module.BaseHTTPRequestHandler),
@@ -6656,6 +7224,22 @@ def build_parser():
     return parser
 
 
+def database_target(given):
+    """What --db (or $QUEUECTL_DB) names: a postgresql:// URL as it is, or the
+    real, absolute path of a SQLite file."""
+    if is_postgres(given):
+        pg_url(given)                         # a bad ?schema= is a usage error
+        return given
+    path = os.path.expanduser(given)
+    if not os.path.isabs(path):
+        path = os.path.join(current_dir(), path)
+    # One database, one PID file: a symlinked path must not get a second one.
+    path = os.path.realpath(path)
+    if os.path.isdir(path):
+        raise QueueError(f"database path is a directory: {path}")
+    return path
+
+
 def _enqueue_hint(args, extra):
     """For enqueue given words it did not expect, how to give a command."""
     if getattr(args, "func", None) is not cmd_enqueue:
@@ -6680,13 +7264,7 @@ def main(argv=None):
     if args.db == "":
         parser.error("argument --db: expected a file path, got ''")
     try:
-        path = os.path.expanduser(args.db or default_db_path())
-        if not os.path.isabs(path):
-            path = os.path.join(current_dir(), path)
-        # One database, one PID file: a symlinked path must not get a second one.
-        args.db = os.path.realpath(path)
-        if os.path.isdir(args.db):
-            raise QueueError(f"database path is a directory: {args.db}")
+        args.db = database_target(args.db or default_db_path())
         code = args.func(args) or EXIT_OK
         sys.stdout.flush()      # here, so a closed pipe is caught below
         return code
