@@ -72,6 +72,7 @@ import io
 import json
 import marshal
 import math
+import operator
 import os
 import re
 import select
@@ -800,6 +801,7 @@ EXCLUSIVE_FIELDS = (("run_at", "delay"),)
 
 
 _JOB_FIELD_ORDER = {field.name: n for n, field in enumerate(JOB_FIELDS)}
+_JOB_CHECKS = tuple((field.name, field.column, field.check) for field in JOB_FIELDS)
 # What messages call each field, given as JSON.
 _FIELD_WHAT = {field.name: f"field {field.name!r}" for field in JOB_FIELDS}
 # A job's values before any field is given: the columns' defaults, but those that
@@ -832,12 +834,11 @@ def validate_job(doc, now=None, stamp=None, names=None):
     job = _JOB_DEFAULTS.copy()
     for column in _TIME_DEFAULTS:
         job[column] = stamp or iso(now)
-    what = names or _FIELD_WHAT
     # The fields in the table's order, so that of two bad ones the same is named.
-    for name in (doc if len(doc) == 1 else sorted(doc, key=_JOB_FIELD_ORDER.get)):
-        spec = _JOB_FIELD_BY_NAME[name]
-        job[spec.column] = spec.check(doc[name], what.get(name) or _FIELD_WHAT[name],
-                                      now)
+    for name, column, check in _JOB_CHECKS:
+        if name in doc:
+            job[column] = check(doc[name], names and names.get(name) or
+                                _FIELD_WHAT[name], now)
     if job["id"] is not None and job["id"] in job["after"]:
         raise UsageError(f"job {job['id']} cannot run after itself")
     return job
@@ -1169,10 +1170,15 @@ class Store:
 
     # -- jobs: adding --------------------------------------------------------------
 
-    _INSERT_JOB = (f"INSERT INTO jobs (cwd, state, ready, created_at, updated_at, "
-                   f"last_error, {', '.join(JOB_COLUMNS)}) VALUES (:cwd, :state, "
-                   f":ready, :created_at, :updated_at, :last_error, "
-                   f"{', '.join(':' + column for column in JOB_COLUMNS)})")
+    _FIELD_COLUMNS = tuple(column for column in JOB_COLUMNS if column != "id")
+    _INSERT_COLUMNS = ("id", "cwd", "state", "ready", "created_at", "updated_at",
+                       "last_error") + _FIELD_COLUMNS
+    _INSERT_JOB = (f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) VALUES "
+                   f"({', '.join('?' * len(_INSERT_COLUMNS))})")
+    # Values in _INSERT_COLUMNS' order, picked in C, from a row (a dict) or from a
+    # job's fields: `enqueue -` of 100,000 jobs builds no dict a job.
+    _insert_values = staticmethod(operator.itemgetter(*_INSERT_COLUMNS))
+    _field_values = staticmethod(operator.itemgetter(*_FIELD_COLUMNS))
     _COUNT_ADDED = "UPDATE counts SET jobs = jobs + ? WHERE state = ?"
     _ADD_DEPENDENCY = "INSERT OR IGNORE INTO deps (job_id, after_id) VALUES (?, ?)"
     _KEY_HOLDER = (f"SELECT id FROM jobs INDEXED BY jobs_unique "
@@ -1185,45 +1191,56 @@ class Store:
         added because an unfinished job held their unique key (their id is that
         job's), and of those added dead because a dependency had already failed."""
         fresh = iter(new_job_ids(len(jobs)))
-        rows = [dict(job, id=job["id"] or next(fresh), cwd=cwd, state=PENDING,
-                     last_error=None) for job in jobs]
+        ids = [job["id"] or next(fresh) for job in jobs]
 
         def body(conn):
             stamp = iso(self._now(conn, now))
-            for row in rows:
-                row.update(created_at=stamp, updated_at=stamp,
-                           ready=1 if row["run_at"] <= stamp else 0)
-            notes = {}
+
+            def rows():
+                return [dict(job, id=job_id, cwd=cwd, state=PENDING, last_error=None,
+                             created_at=stamp, updated_at=stamp,
+                             ready=1 if job["run_at"] <= stamp else 0)
+                        for job, job_id in zip(jobs, ids)]
+            notes, added = {}, {PENDING: len(jobs), DEAD: 0}
             if any(job["after"] or job["unique_key"] for job in jobs):
-                added = self._enqueue_linked(conn, jobs, rows, notes)
+                made = rows()
+                kept = self._enqueue_linked(conn, jobs, made, notes)
+                added = {state: sum(1 for row in kept if row["state"] == state)
+                         for state in added}
+                made = [row["id"] for row in made]
             else:
-                added = rows
-                self._insert_jobs(conn, rows, jobs)
-            for state in (PENDING, DEAD):
-                conn.execute(self._COUNT_ADDED,
-                             (sum(1 for row in added if row["state"] == state), state))
+                made = self._insert_jobs(conn, jobs, ids, cwd, stamp, rows)
+            for state, count in added.items():
+                conn.execute(self._COUNT_ADDED, (count, state))
             self._notify(conn)
-            return [row["id"] for row in rows], notes
+            return made, notes
         return self._write(body)
 
-    def _insert_jobs(self, conn, rows, jobs):
-        """Insert ROWS at once; if an id clashes, one by one, so that a clash of a
-        generated id draws again and one of a given id is named."""
+    def _insert_jobs(self, conn, jobs, ids, cwd, stamp, rows):
+        """Insert JOBS with IDS at once and return the ids; if an id clashes, one
+        by one (ROWS() makes their rows), so that a clash of a generated id draws
+        again and one of a given id is named."""
         conn.execute("SAVEPOINT batch")
         try:
-            conn.executemany(self._INSERT_JOB, rows)
+            conn.executemany(self._INSERT_JOB, [
+                (job_id, cwd, PENDING, 1 if job["run_at"] <= stamp else 0, stamp,
+                 stamp, None) + self._field_values(job)
+                for job, job_id in zip(jobs, ids)])
         except self.IntegrityError:
             conn.execute("ROLLBACK TO batch")
-            for row, job in zip(rows, jobs):
+            made = rows()
+            for row, job in zip(made, jobs):
                 self._insert_job(conn, row, job)
+            ids = [row["id"] for row in made]
         conn.execute("RELEASE batch")
+        return ids
 
     def _insert_job(self, conn, row, job):
         """Insert one row; draw a new id if a generated one clashes."""
         for _ in range(100):
             conn.execute("SAVEPOINT job")
             try:
-                conn.execute(self._INSERT_JOB, row)
+                conn.execute(self._INSERT_JOB, self._insert_values(row))
                 conn.execute("RELEASE job")
                 return
             except self.IntegrityError:
