@@ -1051,6 +1051,10 @@ class Store:
     def close(self):
         raise NotImplementedError
 
+    def make(self):
+        """Create the database now if opening it did not (PostgreSQL's schema is
+        made by the first transaction)."""
+
     def __enter__(self):
         return self
 
@@ -1257,12 +1261,14 @@ class Store:
         for index, (row, job) in enumerate(zip(rows, jobs)):
             key = job["unique_key"]
             if key is not None:
-                holder = keys.get(key) or self._key_holder(conn, key)
+                holder, named = keys.get(key) or (self._key_holder(conn, key), None)
                 if holder:
                     notes[index] = (f"job {holder} holds unique key {key!r} already: "
                                     f"nothing added")
                     if job["id"] is not None:
-                        skipped[job["id"]] = (f"job {holder}", key)
+                        # A job of this batch is named as the user knows it: an
+                        # id drawn for it is gone if the batch is refused.
+                        skipped[job["id"]] = (named or f"job {holder}", key)
                     row["id"] = holder
                     continue
             found = {dep: states.get(dep) or self._state_of(conn, dep)
@@ -1281,7 +1287,8 @@ class Store:
                              [(row["id"], dep) for dep in job["after"]])
             states[row["id"]] = row["state"]
             if key is not None and row["state"] == PENDING:
-                keys[key] = row["id"]
+                keys[key] = (row["id"], f"job {job['id']}" if job["id"] is not None
+                             else f"the job of line {index + 1}")
             added.append(row)
         return added
 
@@ -2659,6 +2666,7 @@ PG_SCHEMES = ("postgresql://", "postgres://")
 PG_DEFAULT_SCHEMA = "queuectl"
 PG_INSTALL = 'pip install "queuectl[postgres]" (or pip install "psycopg[binary]")'
 PG_CONNECT_TIMEOUT_S = 10
+PG_TCP_TIMEOUT_MS = 10000  # unacknowledged data this long: the connection is lost
 PG_RETRY_S = 10.0          # a command rides out a lost connection this long
 PG_COUNT_SLOTS = 16        # a counter is this many rows, so hosts do not queue on one
 PG_SCHEMA_NAME = Pattern(r"[a-z_][a-z0-9_]{0,62}")
@@ -2958,8 +2966,10 @@ class PostgresStore(Store):
     queuectl), so the queue can share a database. psycopg 3 is imported only
     here."""
 
-    def __init__(self, url, create=True, retry_s=PG_RETRY_S, check_only=False):
+    def __init__(self, url, create=True, retry_s=PG_RETRY_S, check_only=False,
+                 connect_timeout_s=PG_CONNECT_TIMEOUT_S):
         super().__init__()
+        self.connect_timeout_s = connect_timeout_s
         self.psycopg = _psycopg()
         self.IntegrityError = self.psycopg.IntegrityError
         self.url = url
@@ -2969,9 +2979,14 @@ class PostgresStore(Store):
         self.retry_s = retry_s
         self.conn = None
         self._begin = f"BEGIN; SET LOCAL search_path TO {self.schema}"
-        self.version = self._read(self._version)
-        if not check_only:
-            self._prepare(create)
+        self.version = PG_SCHEMA_VERSION       # so that this read migrates nothing
+        try:
+            self.version = self._read(self._version)
+            if not check_only:
+                self._prepare(create)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self):
         if self.conn is not None:
@@ -2996,8 +3011,7 @@ class PostgresStore(Store):
         self.conn = None
         try:
             conn = self.psycopg.connect(self.conninfo, autocommit=True,
-                                        connect_timeout=PG_CONNECT_TIMEOUT_S,
-                                        application_name=PROG)
+                                        **self._connect_options())
         except self.psycopg.Error as e:
             raise QueueError(f"cannot connect to {self.path}: "
                              f"{_pg_reason(e)}") from None
@@ -3005,18 +3019,33 @@ class PostgresStore(Store):
         self.conn = conn
         return conn
 
+    def _connect_options(self):
+        """What a connection is made with, unless the URL says otherwise: a
+        connect timeout, and TCP keepalives and a user timeout, so that a
+        network cut ends a statement in seconds, not after TCP's minutes. Its
+        name says which process on which host holds it (pg_stat_activity)."""
+        given = self.psycopg.conninfo.conninfo_to_dict(self.conninfo)
+        options = {"connect_timeout": self.connect_timeout_s, "keepalives": 1,
+                   "keepalives_idle": 5, "keepalives_interval": 2,
+                   "keepalives_count": 3, "tcp_user_timeout": PG_TCP_TIMEOUT_MS}
+        options = {key: value for key, value in options.items() if key not in given}
+        options["application_name"] = f"{PROG} pid {os.getpid()} {host_id()}"[:63]
+        return options
+
     def _prepare(self, create):
         """Know the schema before anything is written: refuse a newer version and
-        another program's tables; create it, or migrate an older one, in one
-        transaction under an advisory lock."""
-        version = self.version
-        if version == PG_SCHEMA_VERSION:
-            return
-        if version == 0 and not create:
+        another program's tables. Creating it, or migrating an older one, is done
+        by the first transaction, before its own work and under an advisory
+        lock: so a command that fails (a job that names an unknown dependency)
+        leaves no new schema behind."""
+        if self.version == 0 and not create:
             raise QueueError(f"no queue at {self.path} (schema {self.schema}: enqueue, "
                              f"config set or worker start creates it)")
-        self._write(self._migrate, begin=f"BEGIN")
-        self.created = version == 0
+
+    def make(self):
+        """Create or migrate the schema now, if that is still to do."""
+        if self.version != PG_SCHEMA_VERSION:
+            self._write(lambda conn: None)
 
     def _version(self, conn):
         meta = conn.execute(Native("SELECT to_regclass(%s)"),
@@ -3039,11 +3068,17 @@ class PostgresStore(Store):
         return version
 
     def _migrate(self, conn):
+        """Bring the schema to PG_SCHEMA_VERSION, in the transaction of CONN."""
         conn.execute(Native("SELECT pg_advisory_xact_lock(hashtext(%s))"),
                      (f"queuectl:{self.schema}",))
         version = self._version(conn)           # again, now under the lock
-        conn.execute(Native(f"CREATE SCHEMA IF NOT EXISTS {self.schema}"))
+        if version == 0 and conn.execute(Native(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s"),
+                (self.schema,)).fetchone() is None:
+            conn.execute(Native(f"CREATE SCHEMA {self.schema}"))
         conn.execute(Native(f"SET LOCAL search_path TO {self.schema}"))
+        if version == PG_SCHEMA_VERSION:
+            return version
         for steps in PG_MIGRATIONS[version:]:
             for statement in steps:
                 conn.execute(Native(statement.replace("%", "%%")))
@@ -3051,6 +3086,7 @@ class PostgresStore(Store):
             "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
             "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"),
             (str(PG_SCHEMA_VERSION),))
+        return version
 
     # -- transactions ------------------------------------------------------------
 
@@ -3065,13 +3101,19 @@ class PostgresStore(Store):
         pause = 0.05
         while True:
             committing = False
+            migrate = self.version != PG_SCHEMA_VERSION
             try:
                 conn = self._connect()
-                conn.execute((begin or self._begin) +
+                conn.execute(("BEGIN" if migrate else (begin or self._begin)) +
                              ("" if durable else "; SET LOCAL synchronous_commit = off"))
-                result = body(_PgConnection(conn))
+                wrapped = _PgConnection(conn)
+                if migrate:
+                    was = self._migrate(wrapped)
+                result = body(wrapped)
                 committing = True
                 conn.execute("COMMIT")
+                if migrate:
+                    self.version, self.created = PG_SCHEMA_VERSION, was == 0
                 return result
             except (psycopg.errors.SerializationFailure,
                     psycopg.errors.DeadlockDetected):
@@ -3146,12 +3188,14 @@ class PostgresStore(Store):
                           f"pg_backend_pid() %% {PG_COUNT_SLOTS}) ON CONFLICT "
                           f"(state, slot) DO UPDATE SET jobs = counts.jobs + "
                           f"EXCLUDED.jobs")
-    _COUNTS = "SELECT state, sum(jobs) FROM counts GROUP BY state"
-    _TOTALS = ("SELECT outcome, bucket, sum(runs), sum(seconds) FROM run_totals "
-               "GROUP BY outcome, bucket ORDER BY outcome, bucket")
-    _RUNS_BY_OUTCOME = "SELECT outcome, sum(runs) FROM run_totals GROUP BY outcome"
-    _MINUTES = ("SELECT minute, outcome, sum(runs) FROM run_minutes WHERE minute >= ? "
-                "GROUP BY minute, outcome")
+    # The sum of a bigint is a numeric (a Decimal): made an int again.
+    _COUNTS = "SELECT state, sum(jobs)::bigint FROM counts GROUP BY state"
+    _TOTALS = ("SELECT outcome, bucket, sum(runs)::bigint, sum(seconds) FROM "
+               "run_totals GROUP BY outcome, bucket ORDER BY outcome, bucket")
+    _RUNS_BY_OUTCOME = ("SELECT outcome, sum(runs)::bigint FROM run_totals "
+                        "GROUP BY outcome")
+    _MINUTES = ("SELECT minute, outcome, sum(runs)::bigint FROM run_minutes "
+                "WHERE minute >= ? GROUP BY minute, outcome")
     # Lock after filtering, and skip what another supervisor holds (Oban, River).
     _PROMOTE_DUE = (f"UPDATE jobs SET ready = 1 WHERE id IN (SELECT id FROM jobs "
                     f"WHERE {Store._SCHEDULED} AND run_at <= ? FOR UPDATE SKIP "
@@ -5747,6 +5791,7 @@ _JSON = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
 def cmd_worker_start(args):
     db_path = args.db
     with open_store(db_path) as store:  # create or check the database before forking
+        store.make()
         note_created(store)
         supervisor = find_supervisor(db_path, store)
     if supervisor:

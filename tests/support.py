@@ -5,20 +5,28 @@ test_recovery, ...), one class per verb or mechanism. Every test on a database
 derives from QueueTestCase (the command line, real workers, and a sweep of what
 a test leaves running) or StoreTestCase (the Store used directly).
 
-The store is SQLite today; a second one will run the same behavioural tests. So
+Every behavioural test runs on both stores. A test module ends with
+`add_postgres_variants(globals())`, which adds, for each database test class, a
+copy named "Postgres..." that runs the same tests on a PostgreSQL database (a
+schema of its own on a real server; see pg_server). The classes about SQLite's
+own file (its pragmas, WAL, file modes, migrations, foreign or broken files,
+tmpfs and ext4 disks) have names that start with "SQLite" and get no copy. So
 tests read the database behind queuectl's back only through the helpers here
-(QueueTestCase.rows and .sql, StoreTestCase.raw and .dump), and the tests about
-SQLite's own file (its pragmas, WAL, file modes, migrations, foreign or broken
-files, tmpfs and ext4 disks) sit in classes whose names start with "SQLite", to
-be left out of a run against another store.
+(QueueTestCase.rows and .sql, StoreTestCase.raw and .dump), which speak to
+either, and name this host's files of the queue (PID file, log, spools) by
+self.local, not self.db.
 """
 
+import atexit
 import contextlib
 import functools
 import io
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -40,6 +48,13 @@ OK = queuectl.RunResult(exit_code=0, duration_s=0.1, stdout="out\n", stderr="err
 def failed(**kw):
     """A failed run (exit 1) for QueueTestCase.finish_next."""
     return queuectl.RunResult(exit_code=1, reason="exit 1", **kw)
+
+
+def _restore_env(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def wait_until(predicate, timeout, what):
@@ -130,16 +145,153 @@ def cmdline(pid):
         return ""
 
 
+# -- a PostgreSQL server for the Postgres... test classes ------------------------------
+
+PG_ENV = "QUEUECTL_TEST_PG"   # a postgresql:// URL the tests may make schemas in
+_PG_SERVER = {}               # "url" or "skip": what pg_server() found, once
+
+
+def pg_server():
+    """The URL of a PostgreSQL server for the tests, or unittest.SkipTest saying
+    why there is none. $QUEUECTL_TEST_PG names one (.ci/run starts one and sets
+    it); else the tests start a private one of Debian's postgresql package, in a
+    temp directory with its own socket directory and port, stopped at exit."""
+    if not _PG_SERVER:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            _PG_SERVER["skip"] = ('psycopg 3 is not installed (pip install '
+                                  '"psycopg[binary]")')
+            return pg_server()
+        url = os.environ.get(PG_ENV)
+        if url:
+            _PG_SERVER["url"] = url
+        else:
+            try:
+                _PG_SERVER["url"] = _start_pg_server()
+            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+                _PG_SERVER["skip"] = f"no PostgreSQL server: {e}"
+    if "skip" in _PG_SERVER:
+        raise unittest.SkipTest(_PG_SERVER["skip"])
+    return _PG_SERVER["url"]
+
+
+def _start_pg_server():
+    """Start a throw-away PostgreSQL cluster; its URL. As root it runs as the
+    postgres user, which PostgreSQL requires."""
+    bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    if not os.path.exists(os.path.join(bindir, "initdb")):
+        raise RuntimeError(f"no initdb in {bindir} (apt-get install postgresql)")
+    top = tempfile.mkdtemp(prefix="queuectl-pg-")
+    atexit.register(shutil.rmtree, top, True)
+    as_user = []
+    if os.getuid() == 0:
+        import pwd
+        account = pwd.getpwnam("postgres")
+        os.chown(top, account.pw_uid, account.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, sock = os.path.join(top, "data"), os.path.join(top, "sock")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(as_user + ["mkdir", "-m", "700", sock], check=True)
+    subprocess.run(as_user + [os.path.join(bindir, "initdb"), "-D", data, "-A", "trust",
+                              "-U", "postgres", "--no-sync", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    options = (f"-p {port} -k {sock} -c listen_addresses='' -c fsync=off "
+               f"-c max_connections=300 -c shared_buffers=64MB")
+    subprocess.run(as_user + [os.path.join(bindir, "pg_ctl"), "-D", data, "-w", "-o",
+                              options, "-l", os.path.join(top, "log"), "start"],
+                   check=True, capture_output=True)
+    atexit.register(subprocess.run, as_user + [os.path.join(bindir, "pg_ctl"), "-D",
+                                               data, "-m", "immediate", "stop"],
+                    capture_output=True)
+    return f"postgresql://postgres@/postgres?host={sock}&port={port}"
+
+
+def pg_schema_url(base, schema):
+    """BASE (a postgresql:// URL) with its tables in SCHEMA."""
+    return base + ("&" if "?" in base else "?") + f"schema={schema}"
+
+
+def pg_connect(url):
+    """A psycopg connection (autocommit) to URL's database, its search path the
+    URL's schema: the test's own look behind queuectl's back."""
+    import psycopg
+    conninfo, schema, _ = queuectl.pg_url(url)
+    conn = psycopg.connect(conninfo, autocommit=True)
+    conn.execute(f"SET search_path TO {schema}")
+    return conn
+
+
+def pg_sql(url, query, params=()):
+    """Run one statement, written as for sqlite3 (? parameters), on URL; its rows."""
+    with contextlib.closing(pg_connect(url)) as conn:
+        cursor = conn.execute(query.replace("%", "%%").replace("?", "%s"), params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def drop_pg_schema(url):
+    """Cleanup: drop a test's schema, after ending what is still connected to it."""
+    with contextlib.closing(pg_connect(url)) as conn:
+        schema = queuectl.pg_url(url)[1]
+        conn.execute("DROP SCHEMA IF EXISTS " + schema + " CASCADE")
+
+
+def add_postgres_variants(namespace):
+    """Add to a test module's NAMESPACE, for each database test class whose name
+    does not start with "SQLite", a copy named "Postgres..." that runs its tests
+    on PostgreSQL. Run one store's tests alone with -k Postgres, or -k SQLite...
+    """
+    for name, cls in list(namespace.items()):
+        if isinstance(cls, type) and issubclass(cls, DatabaseTestCase) and \
+                cls.__module__ == namespace["__name__"] and \
+                not name.startswith(("SQLite", "Postgres")) and cls.on_postgres and \
+                any(attr.startswith("test") for attr in dir(cls)):
+            copy = type("Postgres" + name, (cls,), {
+                "store_kind": "postgres", "__module__": cls.__module__,
+                "__qualname__": "Postgres" + name,
+                "__doc__": (cls.__doc__ or "").strip() + " (PostgreSQL)"})
+            namespace[copy.__name__] = copy
+
+
 class DatabaseTestCase(unittest.TestCase):
-    """A temp directory with a database path in it, removed at cleanup."""
+    """A temp directory and a database in it, removed at cleanup: a SQLite file's
+    path, or (store_kind "postgres") a postgresql:// URL with a schema of its own.
+    self.local is where this host's files of the queue start (Store.local)."""
+
+    store_kind = "sqlite"
+    on_postgres = True       # False: a test of the SQLite store only (no copy)
+
+    @property
+    def postgres(self):
+        return self.store_kind == "postgres"
 
     def setUp(self):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         self.dir = tmp.name
-        self.db = os.path.join(self.dir, "queue.db")
+        if self.postgres:
+            self.db = pg_schema_url(pg_server(), "t" + os.urandom(6).hex())
+            self.addCleanup(drop_pg_schema, self.db)
+            # This host's files of the queue (PID file, log, spools, token) go in
+            # the user's state directory: here, in the test's own.
+            state = os.path.join(self.dir, "state")
+            old = os.environ.get("XDG_STATE_HOME")
+            os.environ["XDG_STATE_HOME"] = state
+            self.addCleanup(_restore_env, "XDG_STATE_HOME", old)
+        else:
+            self.db = os.path.join(self.dir, "queue.db")
+        self.local = queuectl.local_base(self.db)
         self.env = dict(os.environ, QUEUECTL_DB=self.db)
         self.env.pop("XDG_DATA_HOME", None)
+
+    def db_exists(self):
+        """Whether the test's database has been created."""
+        if self.postgres:
+            return queuectl.PostgresStore.exists(self.db)
+        return os.path.exists(self.db)
 
     def path(self, name):
         """A path in this test's temp directory."""
@@ -196,15 +348,18 @@ class QueueTestCase(DatabaseTestCase):
 
     def created_note(self, path=None):
         """The line a command that creates the database writes on stderr."""
-        return (f"queuectl: created a new database at "
-                f"{os.path.realpath(path or self.db)}\n")
+        if self.postgres and path is None:
+            where = queuectl.pg_url(self.db)[2]
+        else:
+            where = os.path.realpath(path or self.db)
+        return f"queuectl: created a new database at {where}\n"
 
     def ok(self, *argv, stdin=None):
         """Run in-process, assert success with a clean stderr, return stdout. A
         command that created the database must have said so, and only that."""
-        existed = os.path.exists(self.db)
+        existed = self.db_exists()
         code, out, err = self.cli(*argv, stdin=stdin)
-        if not existed and os.path.exists(self.db):
+        if not existed and err.startswith(self.created_note()) and self.db_exists():
             self.assertTrue(err.startswith(self.created_note()), err)
             err = err[len(self.created_note()):]
         self.assertEqual((code, err), (0, ""), f"queuectl {' '.join(argv)}")
@@ -249,6 +404,7 @@ class QueueTestCase(DatabaseTestCase):
         """A real Store on the test database, closed at cleanup."""
         store = queuectl.open_store(self.db)
         self.addCleanup(store.close)
+        store.make()
         return store
 
     def run_next(self, ok=True, duration_s=0.5, pid=4321):
@@ -297,10 +453,13 @@ class QueueTestCase(DatabaseTestCase):
             self.sql("UPDATE jobs SET run_at = ? WHERE id = ?",
                      (queuectl.iso(queuectl.now_utc()), job_id))
 
-    # -- the database behind queuectl's back (SQLite) ------------------------------
+    # -- the database behind queuectl's back ----------------------------------------
 
     def sql(self, query, params=()):
-        """Run one SQL statement on the test database, committed; its rows."""
+        """Run one SQL statement (? parameters) on the test database, committed;
+        its rows (tuples)."""
+        if self.postgres:
+            return [tuple(row) for row in pg_sql(self.db, query, params)]
         conn = sqlite3.connect(self.db)
         try:
             with conn:
@@ -310,8 +469,15 @@ class QueueTestCase(DatabaseTestCase):
 
     def rows(self):
         """Every row of every table, to prove a command changed nothing."""
-        if not os.path.exists(self.db):
+        if not self.db_exists():
             return None
+        if self.postgres:
+            schema = queuectl.pg_url(self.db)[1]
+            tables = [row[0] for row in self.sql(
+                "SELECT tablename FROM pg_tables WHERE schemaname = ? "
+                "ORDER BY tablename", (schema,))]
+            return {t: sorted(self.sql(f"SELECT * FROM {t}"), key=repr)
+                    for t in tables}
         conn = sqlite3.connect(self.db)
         try:
             tables = [row[0] for row in conn.execute(
@@ -328,15 +494,23 @@ class QueueTestCase(DatabaseTestCase):
 
     def store_config_raw(self, key, value):
         """Write a config value the way an older version or sqlite3 by hand could."""
-        self.sql("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
-                 (key, value))
+        self.sql("DELETE FROM config WHERE key = ?", (key,))
+        self.sql("INSERT INTO config (key, value) VALUES (?, ?)", (key, value))
 
     def freeze(self, pid):
-        """SIGSTOP PID at a moment it holds no write lock on the database."""
+        """SIGSTOP PID at a moment it holds no write lock on the database (on
+        PostgreSQL: no transaction open)."""
         for _ in range(50):
             os.kill(pid, signal.SIGSTOP)
             wait_until(lambda: (proc_fields(pid) or ["?"])[0] == "T", 5,
                        f"pid {pid} to stop")
+            if self.postgres:
+                if not self.sql("SELECT 1 FROM pg_stat_activity WHERE "
+                                "application_name LIKE ? AND state <> 'idle'",
+                                (f"queuectl pid {pid} %",)):
+                    return
+                os.kill(pid, signal.SIGCONT)
+                continue
             conn = sqlite3.connect(self.db, timeout=2.0, isolation_level=None)
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -442,7 +616,7 @@ class QueueTestCase(DatabaseTestCase):
 
     def worker_pids(self, supervisor_pid=None, count=None):
         """Worker pids listed in the PID file (if it names SUPERVISOR_PID)."""
-        running = queuectl.PidFile.holder(self.db + ".pid")
+        running = queuectl.PidFile.holder(self.local + ".pid")
         if not running or (supervisor_pid and running[0] != supervisor_pid):
             return None
         if count is not None and len(running[1]) != count:
@@ -497,7 +671,7 @@ class QueueTestCase(DatabaseTestCase):
 
     def kill_detached(self):
         """Cleanup: SIGKILL a detached supervisor (its own process group) if it runs."""
-        running = queuectl.PidFile.holder(self.db + ".pid")
+        running = queuectl.PidFile.holder(self.local + ".pid")
         if running:
             self.kill_group_cleanup(running[0])
 
@@ -527,7 +701,12 @@ class StoreTestCase(DatabaseTestCase):
         return self.store.enqueue([job], self.dir, now)[0][0]
 
     def raw(self, sql, params=()):
-        """Run SQL on the store's own connection; its rows."""
+        """Run SQL (? parameters) on the store's own connection; its rows."""
+        if self.postgres:
+            def body(conn):
+                cursor = conn.execute(sql, params)
+                return cursor.fetchall() if cursor.description else []
+            return self.store._write(body)
         return self.store.conn.execute(sql, params).fetchall()
 
     def get(self, job_id):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import unittest
 
-from tests.support import ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl
+from tests.support import add_postgres_variants, ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl
 
 PY39 = "/root/.pyenv/versions/3.9.18/bin/python3"
 
@@ -542,6 +542,9 @@ class ExecutableTest(QueueTestCase):
         """--version prints the program name and version."""
         code, out, err = self.cli("--version")
         self.assertEqual((code, out.strip()), (0, f"queuectl {queuectl.__version__}"))
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 import os
 import unittest
 
-from tests.support import QueueTestCase, queuectl, wait_until
+from tests.support import add_postgres_variants, QueueTestCase, queuectl, wait_until
 
 
 class ConfigTest(QueueTestCase):
@@ -142,6 +142,9 @@ class ConfigValueTest(QueueTestCase):
         self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
         os.remove(self.db)
         self.assertEqual(os.listdir(self.dir), [])
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

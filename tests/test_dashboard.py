@@ -20,7 +20,7 @@ import time
 import unittest
 from urllib.parse import quote, unquote
 
-from tests.support import QUEUECTL, QueueTestCase, cmdline, queuectl, wait_until
+from tests.support import add_postgres_variants, QUEUECTL, QueueTestCase, cmdline, queuectl, wait_until
 
 q = shlex.quote
 TOKEN = "s3cret-s3cret-s3cret"              # a token given by hand: 16 characters or more
@@ -1109,6 +1109,9 @@ class DashboardBrowserTest(DashboardTestCase):
         self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
         self.assertEqual(struct.unpack(">II", png[16:24]), (1200, 800))
         self.assertGreater(len(png), 20000)            # not a blank page
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import time
 import unittest
 from datetime import datetime, timedelta, timezone
 
-from tests.support import QueueTestCase, pid_alive, proc_fields, queuectl, wait_until
+from tests.support import add_postgres_variants, QueueTestCase, pid_alive, proc_fields, queuectl, wait_until
 
 q = shlex.quote
 parse_iso = queuectl.parse_iso
@@ -398,6 +398,9 @@ class JobProcessTest(QueueTestCase):
         ignored = int(fields[1], 16)
         self.assertFalse(ignored & (1 << (signal.SIGINT - 1)),
                          f"SIGINT is ignored in the job's shell (SigIgn {fields[1]})")
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import shlex
 import unittest
 
-from tests.support import QueueTestCase, failed, wait_until
+from tests.support import add_postgres_variants, QueueTestCase, failed, wait_until
 
 q = shlex.quote
 
@@ -491,6 +491,9 @@ class DependencyTest(QueueTestCase):
         self.assertEqual(self.read("order"), "first\nsecond\n")
         start = self.job(second)["history"][0]["started_at"]
         self.assertGreaterEqual(start, self.job(first)["updated_at"])
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

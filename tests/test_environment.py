@@ -15,7 +15,7 @@ import sys
 import time
 import unittest
 
-from tests.support import ROOT, QueueTestCase, lines, queuectl, short_leases, wait_until
+from tests.support import add_postgres_variants, ROOT, QueueTestCase, lines, queuectl, short_leases, wait_until
 
 q = shlex.quote
 
@@ -377,6 +377,9 @@ class SQLiteFileModeTest(QueueTestCase):
         result = self.run_cli("worker", "stop")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue(result.stdout.startswith("stopped"), result.stdout)
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

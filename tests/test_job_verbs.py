@@ -10,7 +10,7 @@ import time
 import unittest
 from datetime import timedelta
 
-from tests.support import (OK, QUEUECTL, QueueTestCase, claim_one, failed, group_members,
+from tests.support import (add_postgres_variants, OK, QUEUECTL, QueueTestCase, claim_one, failed, group_members,
                            proc_fields, queuectl, wait_until)
 
 q = shlex.quote
@@ -477,6 +477,9 @@ class DlqRetryTest(QueueTestCase):
         self.assertEqual(self.cli("logs", "f2"),
                          (0, "", "queuectl: job f2 ended dead without running: "
                                  "dependency f is dead\n"))
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import re
 import unittest
 
-from tests.support import QueueTestCase, claim_one
+from tests.support import add_postgres_variants, QueueTestCase, claim_one
 
 
 JOB_FIELDS = {"id", "command", "state", "attempts", "max_retries", "priority", "run_at",
@@ -83,6 +83,9 @@ class ShowTest(QueueTestCase):
         text = self.ok("show", "j")
         self.assertIn("run 1:", text)
         self.assertIn("out", text)
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import time
 import unittest
 
-from tests.support import (QUEUECTL, QueueTestCase, claim_one, failed, queuectl,
+from tests.support import (add_postgres_variants, QUEUECTL, QueueTestCase, claim_one, failed, queuectl,
                            wait_until)
 
 q = shlex.quote
@@ -270,6 +270,9 @@ class OutputSpoolTest(QueueTestCase):
         result = self.run_cli("logs", job_id)
         self.assertTrue(result.stdout.endswith("line 2000\n"), result.stdout[-40:])
         self.assertIn("were not kept", result.stderr)
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 import time
 import unittest
 
-from tests.support import (ROOT, QueueTestCase, claim_one, cmdline, group_members,
+from tests.support import (add_postgres_variants, ROOT, QueueTestCase, claim_one, cmdline, group_members,
                            lines, pid_alive, queuectl, short_leases, wait_until)
 
 q = shlex.quote
@@ -427,6 +427,9 @@ class ConcurrencyTest(QueueTestCase):
     def test_soak_8_enqueuers_8_workers_20000_jobs_each_run_once(self):
         """Soak: 8 enqueuers race 8 workers over 20,000 jobs: each runs exactly once."""
         self.race(20000, timeout=900)
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import unittest
 from datetime import timedelta
 
-from tests.support import QueueTestCase, queuectl, wait_until
+from tests.support import add_postgres_variants, QueueTestCase, queuectl, wait_until
 
 
 class StatusTest(QueueTestCase):
@@ -169,6 +169,9 @@ class StatsTest(QueueTestCase):
         self.ok("purge", "--state", "completed")
         after = self.json_out("stats", "--json")
         self.assertEqual((after["completed"], after["completed_last_hour"]), (0, 3))
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import unittest
 from datetime import timedelta
 from unittest import mock
 
-from tests.support import T0, StoreTestCase, claim_one, queuectl
+from tests.support import add_postgres_variants, T0, StoreTestCase, claim_one, queuectl
 
 OK = queuectl.RunResult(exit_code=0, duration_s=0.5)
 
@@ -656,6 +656,9 @@ class SQLiteMigrationTest(SQLiteStoreTestCase):
                                 f"file changed: {len(before)} -> {len(after)} bytes, "
                                 f"header bytes 18-19 {before[18:20]!r} -> "
                                 f"{after[18:20]!r} (2, 2: WAL mode)")
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 import time
 import unittest
 
-from tests.support import (ROOT, QUEUECTL, QueueTestCase, group_members, lines,
+from tests.support import (add_postgres_variants, ROOT, QUEUECTL, QueueTestCase, group_members, lines,
                            pid_alive, queuectl, short_leases, wait_until)
 
 q = shlex.quote
@@ -460,6 +460,9 @@ class DetachTest(QueueTestCase):
         with open(path) as f:
             text = f.read()
         self.assertRegex(text, r"^(x{99}\n){40}\S+Z z\n$")
+
+
+add_postgres_variants(globals())
 
 
 if __name__ == "__main__":
