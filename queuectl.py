@@ -2765,7 +2765,7 @@ class _PgRow:
         self.values, self.index = values, index
 
     def __getitem__(self, key):
-        return self.values[key if isinstance(key, int) else self.index[key]]
+        return self.values[key if isinstance(key, (int, slice)) else self.index[key]]
 
     def __iter__(self):
         return iter(self.values)
