@@ -126,6 +126,7 @@ WORKER_LOST = "worker lost"
 ABORT_COLD = "cold stop"
 ABORT_LOST = "claim lost"
 ABORT_CANCELLED = "cancelled"
+ABORT_FENCED = "lease not renewed"   # the database was away: see Supervisor.fence
 AFTER_FAILURE = {FAILED: "will retry after its backoff", DEAD: "moved to the DLQ"}
 
 # What a supervisor is doing, as its PID file and its record tell.
@@ -181,6 +182,9 @@ CANCEL_RECHECK_S = 0.3     # cancel looks again for a run that started as it can
 PURGE_BATCH = 2000         # jobs deleted a transaction by purge and retention
 RUN_MINUTES_KEPT_S = 86400 # per-minute run counts are kept for a day
 IDLE_RECHECK_S = 1.0       # the supervisor checks leases and looks for jobs this often
+FENCE_MARGIN_S = 0.5       # at least this (see fence_margin)
+HOST_LOST_AFTER_S = 5.0    # a shared store's supervisor unseen this long (or its
+                           # lease_timeout, if longer) is lost
 STARTED_AFTER_S = 0.01     # a run that lasts this long has its process group recorded
 NO_PIDFD_POLL_S = 0.01     # without pidfds (Linux < 5.3), how often a run is checked
 READ_CHUNK = 65536         # bytes read from a job's output pipe at a time
@@ -853,7 +857,7 @@ def job_flag_names():
 # fields as JOB_FIELDS show them.
 JOB_LIFE_BEFORE = ("state", "attempts")
 JOB_LIFE_AFTER = ("created_at", "updated_at", "next_retry_at", "last_error",
-                  "worker_pid", "lease_until", "cwd")
+                  "worker_pid", "worker_host", "lease_until", "cwd")
 JOB_DOCUMENT_FIELDS = (("id", "command") + JOB_LIFE_BEFORE +
                        tuple(f.name for f in JOB_FIELDS
                              if f.shown and f.name not in ("id", "command")) +
@@ -874,12 +878,22 @@ def job_dict(row, config):
                next_retry_at=row["run_at"] if state == FAILED else None,
                last_error=row["last_error"],
                worker_pid=row["worker_pid"] if state == PROCESSING else None,
+               # The host name (not its boot) of the worker: the pid means
+               # something only there.
+               worker_host=(row["claim_host"] or "").split("/")[0] or None
+               if state == PROCESSING else None,
                lease_until=row["lease_until"] if state == PROCESSING else None,
                cwd=row["cwd"])
     return job
 
 
 # -- the rules of a job's life ------------------------------------------------------
+
+def fence_margin(lease_s):
+    """How long before its lease may run out a host stops a run whose lease it
+    could not renew: a fifth of the lease, at least FENCE_MARGIN_S."""
+    return max(FENCE_MARGIN_S, lease_s / 5)
+
 
 def backoff_delay(failures, base, maximum):
     """Seconds to wait after failed attempt number `failures`: min(base ** k, max)."""
@@ -974,6 +988,12 @@ Supervised = collections.namedtuple("Supervised", "pid workers state start",
 # A job claimed for a worker, with the settings in force when it was claimed.
 Claim = collections.namedtuple(
     "Claim", "id command cwd token attempt max_retries timeout_s output_limit lease_s")
+# What a supervisor of a shared store learns once a tick (Store.tick): the stop
+# asked of it (0, WARM, COLD), the (job id, token) of claims its workers hold
+# that are no longer theirs (cancelled), the expired claims of every host (as
+# Store.expired_claims), since when the queue is paused (or None), whether a job
+# may be claimed now, and whether its row had been forgotten (it was lost).
+Tick = collections.namedtuple("Tick", "stop gone expired paused work forgotten")
 
 
 class RunResult:
@@ -1043,6 +1063,7 @@ class Store:
     path = None              # where its database is (what messages name)
     local = None             # where this host's files of it start (local_base)
     created = False          # whether opening it created a new database
+    shared = False           # whether supervisors on many hosts share it
 
     def __init__(self):
         self._config_cache = self._config_version = self._paused = None
@@ -1083,6 +1104,11 @@ class Store:
         """Tell every supervisor, in this transaction, that there is work or a
         change of claims (once a transaction). A SQLite supervisor is woken by
         a signal instead (wake_supervisor), so by default this does nothing."""
+
+    def listener(self):
+        """Something whose fileno() turns readable when _notify was called, with
+        a drain() method; None where wake-ups come as signals."""
+        return None
 
     # -- SQL used in many places: one name each ------------------------------------
 
@@ -1391,7 +1417,7 @@ class Store:
                 like = "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
                 sql = (f"SELECT * FROM ({newest} LIMIT ?) AS newest WHERE id LIKE ? "
                        f"ESCAPE '\\' OR command LIKE ? ESCAPE '\\' "
-                       f"ORDER BY rowid DESC LIMIT ?")
+                       f"ORDER BY 1 DESC LIMIT ?")    # 1: rowid (PostgreSQL: twice)
                 params_all = params + [scan, like, like, limit]
                 # The window's last row, and whether one lies beyond it: a search
                 # that stopped short goes on from the last row it looked at.
@@ -1856,6 +1882,19 @@ class Store:
             return states, lost, runnable
         return self._write(body, durable=bool(finished or unstarted))
 
+    _SHARE_OUTPUT = ("UPDATE attempts SET stdout = ?, stdout_dropped = ?, stderr = ?, "
+                     "stderr_dropped = ? WHERE run_token = ? AND outcome = 'running'")
+
+    def share_output(self, tails):
+        """Store what running jobs have printed so far, for followers on other
+        hosts (a shared store): TAILS holds (run token, stdout, bytes of it not
+        kept, stderr, bytes of it not kept). Not synced: the next one replaces it."""
+        if tails:
+            self._write(lambda conn: conn.executemany(
+                self._SHARE_OUTPUT, [(out, out_dropped, err, err_dropped, token)
+                                     for token, out, out_dropped, err, err_dropped
+                                     in tails]), durable=False)
+
     def finish(self, job_id, token, result, now=None):
         """End an attempt with a RunResult; return the job's new state, or None if
         the claim was taken away meanwhile (then nothing is written)."""
@@ -1872,7 +1911,7 @@ class Store:
     _HELD_RUN = f"SELECT attempts, max_retries, run_at, run_token FROM jobs WHERE {_HELD}"
     _KEEP_OUTPUT = ("UPDATE attempts SET exit_code = ?, stdout = ?, stderr = ?, "
                     "stdout_dropped = ?, stderr_dropped = ? WHERE run_token = ? AND "
-                    "outcome = 'cancelled' AND stdout IS NULL")
+                    "outcome = 'cancelled'")
     _END_JOB_RUN = (f"UPDATE jobs SET state = ?, ready = 0, run_at = ?, "
                     f"last_error = ?, {_NO_CLAIM}, updated_at = ? "
                     f"WHERE id = ? AND claim_token = ?")
@@ -1984,7 +2023,7 @@ class Store:
     # -- reports ---------------------------------------------------------------------
 
     _COUNTS = "SELECT state, jobs FROM counts"
-    _HOLDERS = ("SELECT id, worker_pid, command, lease_until FROM jobs "
+    _HOLDERS = ("SELECT id, worker_pid, claim_host, command, lease_until FROM jobs "
                 "INDEXED BY jobs_leases WHERE state = 'processing' ORDER BY updated_at")
     _BLOCKED = ("SELECT count(*) FROM jobs INDEXED BY jobs_blocked "
                 "WHERE state = 'pending' AND ready = -1")
@@ -2018,14 +2057,14 @@ class Store:
         return counts
 
     def status(self, now=None):
-        """(jobs per state, the earliest run_at of a runnable job, {holder pid: the
-        job it holds}) for status."""
+        """(jobs per state, the earliest run_at of a runnable job, {(holder's
+        host, holder pid): the job it holds}) for status."""
         def body(conn):
             counts = self._counts(conn)
             holders = {}
             for row in conn.execute(self._HOLDERS):
                 # A worker may hold a second claim, for the job it starts next.
-                holders.setdefault(row["worker_pid"], dict(row))
+                holders.setdefault((row["claim_host"], row["worker_pid"]), dict(row))
             stamp = iso(self._now(conn, now))
             return counts, self._oldest_runnable(conn, stamp), holders
         return self._read(body)
@@ -2120,19 +2159,75 @@ class Store:
     _UPDATE_SUPERVISOR = ("UPDATE supervisors SET workers = ?, state = ?, "
                           "seen_at = ? WHERE id = ?")
 
-    def register_supervisor(self, record, alive):
-        """Record a supervisor (a dict of the supervisors table's columns) unless
-        another one recorded is ALIVE(row): then refuse, naming its pid. Rows of
-        dead ones are forgotten. One transaction, so two supervisors starting at
-        once cannot both be recorded."""
+    _STOP_ASKED = "SELECT stop FROM supervisors WHERE id = ?"
+    _ASK_STOP = "UPDATE supervisors SET stop = ? WHERE id = ? AND stop < ?"
+    _ANY_RUNNABLE = f"SELECT 1 FROM jobs INDEXED BY jobs_ready WHERE {_RUNNABLE} LIMIT 1"
+    _ANY_DUE = (f"SELECT 1 FROM jobs INDEXED BY jobs_scheduled WHERE {_SCHEDULED} "
+                f"AND run_at <= ? LIMIT 1")
+
+    def register_supervisor(self, record, judge):
+        """Record a supervisor (a dict of the supervisors table's columns). For
+        each one recorded already, JUDGE(row, with "lost") says: "refuse" (it is
+        alive on this host: refuse, naming its pid), "forget" (it is gone: drop
+        its row) or "keep" (another host's, still answering). One transaction, so
+        two supervisors starting at once cannot both be recorded."""
         def body(conn):
-            for row in conn.execute(self._SUPERVISORS).fetchall():
-                if alive(dict(row)):
+            for row in self._supervisor_rows(conn):
+                verdict = judge(row)
+                if verdict == "refuse":
                     raise QueueError(f"workers are already running on this database "
                                      f"(supervisor pid {row['pid']})")
-                conn.execute(self._FORGET_SUPERVISOR, (row["id"],))
+                if verdict == "forget":
+                    conn.execute(self._FORGET_SUPERVISOR, (row["id"],))
             conn.execute(self._ADD_SUPERVISOR, record)
         self._write(body)
+
+    def _supervisor_rows(self, conn):
+        """The supervisors rows (dicts), each with lost: on a shared store, True
+        if it has not been seen for HOST_LOST_AFTER_S or its lease_timeout,
+        whichever is longer (a local one is judged by its pid instead)."""
+        rows = [dict(row) for row in conn.execute(self._SUPERVISORS)]
+        if rows and self.shared:
+            silence = max(HOST_LOST_AFTER_S, self._config(conn)["lease_timeout"])
+            since = iso(self._now(conn) - timedelta(seconds=silence))
+            for row in rows:
+                row["lost"] = row["seen_at"] < since
+        for row in rows:
+            row.setdefault("lost", False)
+        return rows
+
+    def tick(self, record, held, now=None):
+        """A supervisor of a shared store, once a tick (IDLE_RECHECK_S), in one
+        short transaction: say it is alive (RECORD: its row; written again if
+        another host forgot it as lost), and learn what it must act on. HELD:
+        the (job id, token) of the claims its workers hold. Return a Tick."""
+        def body(conn):
+            stamp = iso(self._now(conn, now))
+            seen = conn.execute(self._UPDATE_SUPERVISOR, (
+                record["workers"], record["state"], stamp, record["id"])).rowcount
+            if not seen:
+                conn.execute(self._ADD_SUPERVISOR, dict(record, seen_at=stamp))
+            stop = conn.execute(self._STOP_ASKED, (record["id"],)).fetchone()[0]
+            gone = [(job_id, token) for job_id, token in held
+                    if conn.execute(self._HOLDS, (job_id, token)).fetchone() is None]
+            self._config(conn)
+            expired = [tuple(row) for row in conn.execute(self._EXPIRED, (stamp,))]
+            work = self._paused is None and bool(
+                conn.execute(self._ANY_RUNNABLE).fetchone() or
+                conn.execute(self._ANY_DUE, (stamp,)).fetchone())
+            return Tick(stop, gone, expired, self._paused, work, not seen)
+        return self._write(body, durable=False)
+
+    def ask_stop(self, host, level):
+        """Ask the supervisors on HOST (a host name; None: every host) to stop
+        (LEVEL WARM or COLD) at their next tick. Return their rows."""
+        def body(conn):
+            rows = [row for row in self._supervisor_rows(conn)
+                    if host is None or row["host"] == host]
+            for row in rows:
+                conn.execute(self._ASK_STOP, (level, row["id"], level))
+            return rows
+        return self._write(body)
 
     def update_supervisor(self, supervisor_id, workers, state, now=None):
         self._write(lambda conn: conn.execute(self._UPDATE_SUPERVISOR, (
@@ -2144,9 +2239,9 @@ class Store:
                                               (supervisor_id,)))
 
     def supervisors(self):
-        """The recorded supervisors (dicts), live or not."""
-        return self._read(lambda conn: [dict(row) for row in
-                                        conn.execute(self._SUPERVISORS)])
+        """The recorded supervisors (dicts, each with lost: see _supervisor_rows),
+        live or not."""
+        return self._read(self._supervisor_rows)
 
 
 # -- the SQLite store --------------------------------------------------------------
@@ -2666,6 +2761,7 @@ PG_SCHEMES = ("postgresql://", "postgres://")
 PG_DEFAULT_SCHEMA = "queuectl"
 PG_INSTALL = 'pip install "queuectl[postgres]" (or pip install "psycopg[binary]")'
 PG_CONNECT_TIMEOUT_S = 10
+PG_IMPATIENT_CONNECT_S = 2  # a supervisor's loop waits at most this for a connection
 PG_TCP_TIMEOUT_MS = 10000  # unacknowledged data this long: the connection is lost
 PG_RETRY_S = 10.0          # a command rides out a lost connection this long
 PG_COUNT_SLOTS = 16        # a counter is this many rows, so hosts do not queue on one
@@ -2695,7 +2791,7 @@ def pg_url(url):
     if parts.password is not None:
         netloc = netloc.replace(":" + parts.password + "@", ":***@", 1)
     shown_query = urlencode([(key, "***" if key == "password" else value)
-                             for key, value in query], safe="/")
+                             for key, value in query], safe="/*")
     return conninfo, schema, urlunsplit(parts._replace(netloc=netloc,
                                                        query=shown_query))
 
@@ -2740,7 +2836,8 @@ _PG_SQL = {}
 def _pg_sql(sql):
     """SQL written for SQLite (Store's statements), said as PostgreSQL says it:
     %s and %(name)s parameters for ? and :name, no INDEXED BY hints, INSERT OR
-    IGNORE as ON CONFLICT DO NOTHING. Translated once per statement."""
+    IGNORE as ON CONFLICT DO NOTHING, LIKE blind to case as SQLite's is (ILIKE).
+    Translated once per statement."""
     if isinstance(sql, Native):
         return sql
     text = _PG_SQL.get(sql)
@@ -2748,7 +2845,7 @@ def _pg_sql(sql):
         text = sql.replace("%", "%%")
         text = re.sub(r"\s+INDEXED BY \w+", "", text)
         text = re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", text)
-        text = text.replace("?", "%s")
+        text = text.replace("?", "%s").replace(" LIKE ", " ILIKE ")
         if text.startswith("INSERT OR IGNORE INTO "):
             text = "INSERT INTO " + text[len("INSERT OR IGNORE INTO "):] + \
                    " ON CONFLICT DO NOTHING"
@@ -2966,6 +3063,8 @@ class PostgresStore(Store):
     queuectl), so the queue can share a database. psycopg 3 is imported only
     here."""
 
+    shared = True
+
     def __init__(self, url, create=True, retry_s=PG_RETRY_S, check_only=False,
                  connect_timeout_s=PG_CONNECT_TIMEOUT_S):
         super().__init__()
@@ -3039,8 +3138,9 @@ class PostgresStore(Store):
         lock: so a command that fails (a job that names an unknown dependency)
         leaves no new schema behind."""
         if self.version == 0 and not create:
-            raise QueueError(f"no queue at {self.path} (schema {self.schema}: enqueue, "
-                             f"config set or worker start creates it)")
+            # The same words as SQLite's; the URL names the schema, if not the default.
+            raise QueueError(f"no database at {self.path} (enqueue, config set or "
+                             f"worker start creates it)")
 
     def make(self):
         """Create or migrate the schema now, if that is still to do."""
@@ -3179,6 +3279,19 @@ class PostgresStore(Store):
     def _notify(self, conn):
         conn.execute(Native("SELECT pg_notify(%s, '')"), (self.channel,))
 
+    def listener(self):
+        """A connection that hears _notify's wake-ups (LISTEN): its fileno() turns
+        readable when one came, and drain() reads them. Behind a pooler that
+        drops LISTEN (PgBouncer in transaction mode) none come, and the
+        supervisor's tick, once a second, finds the work instead."""
+        try:
+            conn = self.psycopg.connect(self.conninfo, autocommit=True,
+                                        **self._connect_options())
+            conn.execute(f"LISTEN {self.channel}")
+        except self.psycopg.Error as e:
+            raise QueueError(f"cannot listen on {self.path}: {_pg_reason(e)}") from None
+        return _PgListener(conn)
+
     # -- the statements PostgreSQL says otherwise ------------------------------------
 
     _NO_LIMIT = None
@@ -3205,6 +3318,32 @@ class PostgresStore(Store):
                       f"FOR UPDATE SKIP LOCKED")
 
 
+class _PgListener:
+    """A LISTEN connection (PostgresStore.listener)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def fileno(self):
+        return self.conn.pgconn.socket
+
+    def drain(self):
+        """Read the wake-ups that came; raise QueueError if the connection is lost."""
+        pgconn = self.conn.pgconn
+        try:
+            pgconn.consume_input()
+            while pgconn.notifies() is not None:
+                pass
+        except Exception as e:            # psycopg's pq errors: the connection is gone
+            raise QueueError(f"lost the connection that listens: {e}") from None
+        if pgconn.status != 0:            # not CONNECTION_OK
+            raise QueueError("lost the connection that listens")
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
 def _pg_reason(error):
     """The first line of what PostgreSQL or libpq said."""
     diag = getattr(error, "diag", None)
@@ -3216,12 +3355,17 @@ def _pg_message(error, where):
     return f"database error ({_pg_reason(error)}): {where}"
 
 
-def open_store(target, create=True):
+def open_store(target, create=True, patient=True):
     """The store TARGET names: a postgresql:// (or postgres://) URL, else a
     SQLite file's path. CREATE: make a new database if there is none (else
-    refuse, saying what creates one)."""
+    refuse, saying what creates one). Not PATIENT (a supervisor's loop): a
+    PostgreSQL server that is away fails a transaction at once, not after
+    PG_RETRY_S, so that the loop goes on with its other work and tries again."""
     if is_postgres(target):
-        return PostgresStore(target, create)
+        if patient:
+            return PostgresStore(target, create)
+        return PostgresStore(target, create, retry_s=0,
+                             connect_timeout_s=PG_IMPATIENT_CONNECT_S)
     return SQLiteStore(target, create)
 
 
@@ -3888,20 +4032,28 @@ def recover_claim(store, job_id, token, who, **how):
     return True
 
 
-def reclaim_expired(store, who, recover=recover_claim, known=None):
+def reclaim_expired(store, who, recover=recover_claim, known=None, claims=None,
+                    mine=()):
     """Recover every job whose lease ran out and whose holder is not still
     running it; return the (job id, token) of the claims recovered. KNOWN(job
     id, token) says what the caller knows of a claim's run ({"started": ...,
-    "group": ...}); RECOVER does the recovering."""
+    "group": ...}); RECOVER does the recovering. CLAIMS: the expired claims, if
+    read already (Store.expired_claims). MINE: the pids of the caller's workers,
+    whose claims it knows all of."""
     recovered = []
-    for job_id, token, holder, holder_start, host in store.expired_claims():
+    for job_id, token, holder, holder_start, host in (
+            store.expired_claims() if claims is None else claims):
+        how = known(job_id, token) if known else {}
         # Whoever reclaims runs no job at this moment: a claim it holds itself is
-        # one it took over and failed to end, so it is lost too. Another host's
-        # holder cannot be looked at: its lease is all there is to go by.
-        if on_this_host(host) and holder != os.getpid() and \
+        # one it took over and failed to end, so it is lost too; so is one its
+        # own workers hold unknown to it (a claim whose commit it never heard
+        # of). Another host's holder cannot be looked at: its lease is all there
+        # is to go by.
+        if on_this_host(host) and holder in mine and not how:
+            how = {"started": False}     # handed to no worker: it never ran
+        elif on_this_host(host) and holder != os.getpid() and \
                 holder_running(holder, holder_start):
             continue       # late with its renewal (a pause, a clock step), not lost
-        how = known(job_id, token) if known else {}
         if recover(store, job_id, token, who, only_expired=True, **how):
             recovered.append((job_id, token))
     return recovered
@@ -4640,6 +4792,14 @@ class Supervisor:
         self.record_at = None        # when to write them: RECORD_EVERY_S after the first
         self.id = new_token()        # this run's row in the supervisors table
         self.complaints = {}         # what it could not do -> the last error it logged
+        # A shared store (PostgreSQL, many hosts): see tick_shared and fence.
+        self.shared = False
+        self.started_at = None
+        self.listener = None         # hears other hosts' wake-ups (LISTEN)
+        self.leases = {}             # claim token -> when its lease may run out
+                                     # (monotonic), as far as this host knows
+        self.fenced = set()          # tokens of runs killed for a lease not renewed
+        self.shared_output = {}      # run token -> the size of its output last stored
 
     def run(self):
         import selectors
@@ -4655,6 +4815,7 @@ class Supervisor:
             os.chdir("/")    # hold no directory busy; every path used is absolute
             LogRotation.enable(self.local + LOG_SUFFIX)
             with open_store(self.db_path) as store:
+                self.shared = store.shared
                 self.register(store)
                 recovered = reclaim_expired(store, "supervisor")
                 going = store.running_tokens()
@@ -4675,13 +4836,15 @@ class Supervisor:
                 if self.stop.level:
                     break
                 self.start_worker(index)
-            self.store = open_store(self.db_path)
+            self.store = open_store(self.db_path, patient=False)
+            self.listen()
             self.loop()
         finally:
             try:
                 self.kill_all()
             finally:
                 signal.set_wakeup_fd(-1)
+                self.unlisten()
                 if self.store is not None:
                     self.attempt("remove its record from the database",
                                  self.store.remove_supervisor, self.id)
@@ -4706,14 +4869,24 @@ class Supervisor:
 
     def register(self, store):
         """Record this supervisor in the database, or refuse to run beside another
-        one that is alive (its PID file may have been deleted)."""
+        one on this host that is alive (its PID file may have been deleted). The
+        rows of those that are gone are forgotten: on this host, those whose
+        process is gone; of other hosts (a shared store), the lost ones."""
+        def judge(row):
+            if (row["host"], row["boot_id"]) == host_identity():
+                alive = row["pid"] != os.getpid() and supervisor_alive(row)
+                return "refuse" if alive else "forget"
+            return "keep" if store.shared and not row["lost"] else "forget"
+        self.started_at = iso(store.clock())
+        store.register_supervisor(self.record(), judge)
+
+    def record(self, workers=(), state=SUPERVISOR_STARTING):
+        """This supervisor's row of the supervisors table."""
         host, boot = host_identity()
-        stamp = iso(now_utc())
-        store.register_supervisor(
-            {"id": self.id, "host": host, "boot_id": boot, "pid": os.getpid(),
-             "pid_start": start_ticks(os.getpid()), "workers": "", "state": SUPERVISOR_STARTING,
-             "started_at": stamp, "seen_at": stamp},
-            lambda row: row["pid"] != os.getpid() and supervisor_alive(row))
+        return {"id": self.id, "host": host, "boot_id": boot, "pid": os.getpid(),
+                "pid_start": start_ticks(os.getpid()),
+                "workers": " ".join(map(str, workers)), "state": state,
+                "started_at": self.started_at, "seen_at": self.started_at}
 
     def attempt(self, what, action, *args):
         """Do ACTION(*ARGS); if the disk or database refuses, log it (once for as
@@ -4760,9 +4933,14 @@ class Supervisor:
             return
         self.abort(gone, ABORT_CANCELLED)
         if paused:
-            for slot in self.slots.values():
-                for claim in slot.claims[1:]:
-                    slot.send(Unqueue(claim.id, claim.token))
+            self.unqueue_all()
+
+    def unqueue_all(self):
+        """The queue is paused: take back the jobs workers hold but have not
+        started."""
+        for slot in self.slots.values():
+            for claim in slot.claims[1:]:
+                slot.send(Unqueue(claim.id, claim.token))
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -4796,10 +4974,15 @@ class Supervisor:
                     self.start_worker(index)
         if self.next_due is not None and now >= self.next_due:
             self.look, self.next_due = True, None
+        if self.shared:
+            self.fence(now)
         if now >= self.next_tick:
             self.next_tick = now + IDLE_RECHECK_S
-            self.look = True                    # the safety net for a missed wake-up
             self.restore_pidfile()
+            if self.shared:
+                self.tick_shared(now)
+                return
+            self.look = True                    # the safety net for a missed wake-up
             if not self.stop.level:
                 try:
                     lost = reclaim_expired(self.store, "supervisor",
@@ -4813,6 +4996,120 @@ class Supervisor:
                     # A worker of ours, frozen: when it wakes it must not start
                     # the job, or go on running it.
                     self.abort(lost, ABORT_LOST)
+
+    # -- a shared store: many hosts ------------------------------------------------------
+
+    def tick_shared(self, now):
+        """Once a tick, on a store that supervisors of many hosts share: one short
+        transaction says this supervisor is alive and brings what other hosts
+        did (a stop asked by worker stop --host, cancelled claims, a pause,
+        expired claims, work to claim), which wake-ups (LISTEN) also bring
+        sooner. Then recover the expired claims, and upkeep."""
+        held = [(claim.id, claim.token) for slot in self.slots.values()
+                for claim in slot.claims]
+        state = SUPERVISOR_STOPPING if self.stop.level else self.up_state()
+        record = self.record([slot.pid for slot in self.slots.values()], state)
+        try:
+            tick = self.store.tick(record, held)
+        except QueueError as e:
+            self.complain("reach the database; jobs go on running, and what they "
+                          "report is kept until it is back", e)
+            self.unlisten()
+            return
+        if self.complaints.pop("reach the database; jobs go on running, and what "
+                               "they report is kept until it is back", None):
+            log("supervisor: the database answers again")
+        if self.listener is None:
+            self.listen()
+        if tick.forgotten:
+            log("supervisor: other hosts had taken this one for lost; recorded it "
+                "again")
+        if tick.stop > self.stop.level:
+            log(f"supervisor: asked to stop by worker stop on another host"
+                + (" (cold)" if tick.stop >= COLD else ""))
+            self.stop.level = tick.stop
+        self.abort(tick.gone, ABORT_CANCELLED)
+        if tick.paused:
+            self.unqueue_all()
+        self.look = self.look or tick.work
+        self.share_output()
+        if self.stop.level:
+            return
+        try:
+            lost = reclaim_expired(self.store, "supervisor", recover=self.start_recovery,
+                                   known=self.run_facts, claims=tick.expired,
+                                   mine=self.worker_pids())
+            if now >= self.next_upkeep:
+                self.next_upkeep = now + self.upkeep()
+        except QueueError as e:
+            self.complain("recover expired claims or purge", e)
+        else:
+            self.abort(lost, ABORT_LOST)
+
+    def worker_pids(self):
+        return {slot.pid for slot in self.slots.values()}
+
+    def share_output(self):
+        """Store the output of this host's running jobs that changed since the
+        last tick, so that logs --follow and the dashboard on any host show it
+        (about a second behind). It comes from their spools: bounded as they are."""
+        tails = []
+        for token in self.spooled:
+            tail, ends = [token], []
+            for short in ("out", "err"):
+                data, _, end = Spool.read(spool_path(self.local, token, short),
+                                          0) or (b"", 0, 0)
+                tail += [data.decode("utf-8", "replace"), end - len(data)]
+                ends.append(end)
+            if self.shared_output.get(token) != ends:
+                self.shared_output[token] = ends
+                tails.append(tuple(tail))
+        for token in set(self.shared_output) - self.spooled:
+            del self.shared_output[token]
+        self.attempt("store the output of running jobs", self.store.share_output,
+                     tails)
+
+    def fence(self, now):
+        """Kill the runs whose lease this host could not renew in time (the
+        database is away): before it runs out, when another host may take the
+        job and run it again. Their jobs go back to pending once the database
+        answers (unless another host has taken them: then nothing is written)."""
+        for slot in self.slots.values():
+            for claim in slot.claims:
+                until = self.leases.get(claim.token)
+                if until is None or claim.token in self.fenced:
+                    continue
+                if now >= until - fence_margin(claim.lease_s):
+                    self.fenced.add(claim.token)
+                    log(f"supervisor: job {claim.id}: its lease could not be renewed "
+                        f"in time (the database does not answer); stopping its run, "
+                        f"so that it never runs twice at once")
+                    slot.send(Abort(claim.id, claim.token, ABORT_FENCED))
+
+    def listen(self):
+        """Hear other hosts' wake-ups (a shared store), if it can."""
+        try:
+            self.listener = self.store.listener()
+        except QueueError as e:
+            self.complain("listen for wake-ups; looking once a second instead", e)
+            return
+        if self.listener is not None:
+            import selectors
+            self.selector.register(self.listener, selectors.EVENT_READ, self.on_notify)
+
+    def unlisten(self):
+        if self.listener is not None:
+            self.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+
+    def on_notify(self, listener):
+        """Another host enqueued, cancelled, paused or resumed."""
+        try:
+            listener.drain()
+        except QueueError:
+            self.unlisten()                     # the next tick listens again
+        self.look = self.check = True
 
     def restore_pidfile(self):
         """Write the PID file again if something deleted it, so that the next
@@ -4958,14 +5255,20 @@ class Supervisor:
         if not slots:
             return []
         ended = []
+        asked = time.monotonic()        # no later than the database stamps the lease
         try:
             claims, next_due = self.store.claim([(s.pid, s.start) for s in slots],
                                                 ended=ended)
         except QueueError as e:
             self.look = False                   # the next tick tries again
+            if self.shared:
+                self.complain("claim jobs", e)
+                return []
             return [f"supervisor: could not claim jobs: {e}"]
+        self.complaints.pop("claim jobs", None)
         lines = [f"supervisor: job {job_id} dead: {why}" for job_id, why in ended]
         for slot, claim in zip(slots, claims):
+            self.leases[claim.token] = asked + claim.lease_s
             slot.claims.append(claim)
             slot.send(Assign(claim))            # if it died, on_exit recovers the job
         if len(claims) < len(slots):
@@ -4983,25 +5286,38 @@ class Supervisor:
         # A run stopped by a cold stop goes back as pending; any other result is
         # written with a compare-and-set, which keeps only the output of a run
         # that was cancelled or taken over meanwhile.
+        # A run this host stopped because it could not renew its lease goes back
+        # as pending too, if no other host has taken its job meanwhile.
         ended = [(slot, claim, result) for slot, claim, result in finished
-                 if result.aborted != ABORT_COLD]
+                 if result.aborted not in (ABORT_COLD, ABORT_FENCED)]
         lines, dead = [], []
+        asked = time.monotonic()        # no later than the database stamps leases
         try:
             states, lost, runnable = self.store.record(
                 [(claim.id, claim.token, result) for _, claim, result in ended],
                 started, renewed,
                 [(claim.id, claim.token) for _, claim in self.unstarted], ended=dead)
             for slot, claim, result in finished:
-                if result.aborted == ABORT_COLD:
-                    if self.store.requeue(claim.id, claim.token, ABORT_COLD):
-                        self.interrupted.append(claim.id)
-                        lines.append(f"{slot.name}: job {claim.id} interrupted; back "
-                                     f"to pending")
+                if result.aborted in (ABORT_COLD, ABORT_FENCED):
+                    if self.store.requeue(claim.id, claim.token, result.aborted):
+                        if result.aborted == ABORT_COLD:
+                            self.interrupted.append(claim.id)
+                        lines.append(f"{slot.name}: job {claim.id} interrupted"
+                                     + ("" if result.aborted == ABORT_COLD else
+                                        f" ({result.aborted})") + "; back to pending")
         except QueueError as e:
             self.record_at = time.monotonic() + IDLE_RECHECK_S / 4
             self.complain("write what workers reported; will retry", e)
             return []
         self.complaints.pop("write what workers reported; will retry", None)
+        for job_id, token, lease_s in renewed:
+            if token in self.leases:
+                self.leases[token] = asked + lease_s
+        for _, claim, _ in finished:
+            self.leases.pop(claim.token, None)
+            self.fenced.discard(claim.token)
+        for _, claim in self.unstarted:
+            self.leases.pop(claim.token, None)
         # Followers of those runs read the rest from their spools, for a while.
         linger = time.monotonic() + SPOOL_LINGER_S
         for _, claim, _ in finished:
@@ -5046,6 +5362,8 @@ class Supervisor:
         private = [self.pidfile.fd, *self.wake_fds, *ours.fds()]
         with contextlib.suppress(AttributeError):
             private.append(self.selector.fileno())
+        if self.listener is not None:
+            private.append(self.listener.fileno())
         for slot in self.slots.values():
             private += [slot.process.sentinel, *slot.conn.fds()]
         # fork, not spawn: a worker is up in a millisecond, not after a new
@@ -5063,7 +5381,7 @@ class Supervisor:
         finally:
             theirs.close()
             if reopen:
-                self.store = open_store(self.db_path)
+                self.store = open_store(self.db_path, patient=False)
         slot = Slot(index, process, ours.nonblocking(), command_group)
         self.slots[index] = slot
         self.selector.register(ours, selectors.EVENT_READ,
@@ -5125,6 +5443,7 @@ class Supervisor:
         for claim in list(slot.claims):
             self.spooled.discard(claim.token)       # the recovery removes its spools
             self.announced.discard(claim.token)
+            self.leases.pop(claim.token, None)
             how = slot.run_facts(claim)
             try:
                 self.start_recovery(self.store, claim.id, claim.token, "supervisor",
@@ -5322,7 +5641,10 @@ def cancel_jobs(store, job_ids):
         time.sleep(CANCEL_RECHECK_S)
         for run in runs:
             kill_run(*run)
-    lines = [f"{job_id}: cancelled" + (" (its run was killed)" if run else "")
+    lines = [f"{job_id}: cancelled" + ("" if not run else
+                                       " (its run was killed)" if on_this_host(run[3])
+                                       else f" (its run on host {run[3].split('/')[0]} "
+                                            f"is killed there within about a second)")
              for job_id, _, run in cancelled]
     lines += [f"{job_id}: dead ({why})" for job_id, why in ended
               if job_id not in job_ids]
@@ -5376,29 +5698,39 @@ def status_report(store, max_age=None, max_dead=0):
     paused = store.paused()
     now = store.clock()
     oldest_age = max(0.0, (now - parse_iso(oldest)).total_seconds()) if oldest else None
-    supervisor = find_supervisor(store.local, store)
-    worker_pids = supervisor.workers if supervisor else []
-    workers = [{"pid": pid,
-                "job_id": running[pid]["id"] if pid in running else None,
-                "command": running[pid]["command"] if pid in running else None}
-               for pid in worker_pids]
-    # Jobs held by processes that are not our workers: the workers of a killed
-    # supervisor finishing up, or claims waiting for their lease to run out.
-    others = [{"pid": pid, "job_id": job["id"], "command": job["command"],
-               "alive": _pid_exists(pid), "lease_until": job["lease_until"]}
-              for pid, job in sorted(running.items()) if pid not in worker_pids]
-    state = supervisor.state if supervisor else None
+    running = {(host or host_id(), pid): job for (host, pid), job in running.items()}
+    supervisors = supervisor_documents(store, running)
+    here = next((s for s in supervisors if s["this_host"]), None)
+    workers = here["workers"] if here else []
+    listed = {(s["host_id"], w["pid"]) for s in supervisors for w in s["workers"]}
+    answering = {s["host_id"] for s in supervisors if not s["lost"]}
+    # Jobs held by processes that are not the workers of a supervisor: the workers
+    # of a killed supervisor finishing up, or claims waiting for their lease to
+    # run out (of a lost host, too).
+    others = [{"pid": pid, "host": host.split("/")[0],
+               "job_id": job["id"], "command": job["command"],
+               "alive": _pid_exists(pid) if on_this_host(host) else host in answering,
+               "lease_until": job["lease_until"]}
+              for (host, pid), job in sorted(running.items(), key=repr)
+              if (host, pid) not in listed]
+    state = here["state"] if here else None
+    working = [s for s in supervisors if not s["lost"] and s["workers"]]
     problems = []
     # A paused queue's jobs wait on purpose: that is no sign of missing workers.
-    if oldest is not None and not paused and (not workers or state == SUPERVISOR_STOPPING):
+    if oldest is not None and not paused and \
+            all(s["state"] == SUPERVISOR_STOPPING for s in working):
         problems.append((EXIT_CHECK_NO_WORKERS,
                          "jobs are waiting but no workers are running"
-                         + (" (they are stopping)" if workers else "")))
+                         + (" (they are stopping)" if working else "")))
     stuck = [w["job_id"] for w in others if not w["alive"]]
-    if stuck and not workers:
+    if stuck and not working:
         problems.append((EXIT_CHECK_NO_WORKERS,
                          f"{len(stuck)} job(s) held by a worker that is gone; start "
                          f"workers to recover them"))
+    lost = [s["host"] for s in supervisors if s["lost"]]
+    if lost:
+        problems.append((EXIT_CHECK_NO_WORKERS,
+                         f"{len(lost)} host(s) stopped answering: {', '.join(lost)}"))
     if oldest_age is not None and max_age is not None and oldest_age > max_age:
         problems.append((EXIT_CHECK_STALE, f"oldest runnable job has waited "
                                            f"{format_duration(oldest_age)} "
@@ -5413,14 +5745,53 @@ def status_report(store, max_age=None, max_dead=0):
         "oldest_runnable_age_s": oldest_age,
         "paused": paused is not None,
         "paused_since": paused,
-        "supervisor_pid": supervisor.pid if supervisor else None,
+        "supervisor_pid": here["pid"] if here else None,
         "supervisor_state": state,
         "workers": workers,
+        "supervisors": [{key: value for key, value in s.items()
+                         if key not in ("host_id", "this_host")} for s in supervisors],
         "other_claims": others,
         "healthy": not problems,
         "problems": [text for _, text in problems],
     }
     return report, [code for code, _ in problems]
+
+
+def supervisor_documents(store, running):
+    """Every supervisor of the queue, as status shows it: this host's (proven
+    alive, see find_supervisor) first, then, on a shared store, those of other
+    hosts, each marked lost once it stops answering. Each lists its workers and
+    the job each holds (RUNNING: Store.status's)."""
+    here = host_id()
+    found = []
+    supervisor = find_supervisor(store.local, store)
+    rows = store.supervisors() if store.shared else []
+    if supervisor:
+        row = next((row for row in rows if row["pid"] == supervisor.pid and
+                    (row["host"], row["boot_id"]) == host_identity()), {})
+        found.append({"host": host_identity()[0], "host_id": here, "this_host": True,
+                      "pid": supervisor.pid, "state": supervisor.state,
+                      "workers": supervisor.workers,
+                      "started_at": row.get("started_at"), "seen_at": row.get("seen_at"),
+                      "lost": False})
+    for row in rows:
+        if (row["host"], row["boot_id"]) == host_identity():
+            continue                        # this host's: its PID file says more
+        found.append({"host": row["host"], "this_host": False,
+                      "host_id": f"{row['host']}/{row['boot_id']}" if row["boot_id"]
+                      else row["host"], "pid": row["pid"], "state": row["state"],
+                      "workers": [int(pid) for pid in row["workers"].split()],
+                      "started_at": row["started_at"], "seen_at": row["seen_at"],
+                      "lost": row["lost"]})
+    for supervisor in found:
+        supervisor["workers"] = [
+            {"pid": pid,
+             "job_id": running[(supervisor["host_id"], pid)]["id"]
+             if (supervisor["host_id"], pid) in running else None,
+             "command": running[(supervisor["host_id"], pid)]["command"]
+             if (supervisor["host_id"], pid) in running else None}
+            for pid in supervisor["workers"]]
+    return found
 
 
 def job_document(store, job_id):
@@ -5464,14 +5835,17 @@ def logs_document(db_path, job, run):
 
 
 def _run_output(db_path, run):
-    """A run's stdout and stderr: the stored copy, or while it runs, its spool."""
+    """A run's stdout and stderr: the stored copy, or while it runs, its spool
+    (on this host; that of a run on another host, stored by its supervisor
+    once a second, is the stored copy too)."""
     output = {}
     for stream, short in (("stdout", "out"), ("stderr", "err")):
         text, dropped = run[stream] or "", run[f"{stream}_dropped"]
         if run["outcome"] == RUN_GOING:
             spooled = Spool.read(spool_path(db_path, run["run_token"], short), 0)
-            data, dropped, _ = spooled or (b"", 0, 0)
-            text = data.decode("utf-8", "replace")
+            if spooled:
+                data, dropped, _ = spooled
+                text = data.decode("utf-8", "replace")
         output[stream], output[f"{stream}_dropped_bytes"] = text, dropped
     return output
 
@@ -5494,13 +5868,15 @@ def config_document(db_path):
             not os.path.exists(db_path) or
             (os.path.isfile(db_path) and not os.path.getsize(db_path))):
         return dict(CONFIG_DEFAULTS), {}
-    try:
-        with open_store(db_path, create=False) as store:
+    if is_postgres(db_path):
+        # No schema yet: the defaults. A server that cannot be reached, or a
+        # schema of another program's tables, is an error, as for a SQLite file.
+        with PostgresStore(db_path, check_only=True) as store:
+            if not store.version:
+                return dict(CONFIG_DEFAULTS), {}
             return store.config(), store.config_problems()
-    except QueueError:
-        if is_postgres(db_path) and not PostgresStore.exists(db_path):
-            return dict(CONFIG_DEFAULTS), {}
-        raise
+    with open_store(db_path, create=False) as store:
+        return store.config(), store.config_problems()
 
 
 def overview_document(store):
@@ -5811,8 +6187,15 @@ def cmd_worker_start(args):
          arg("--timeout", type=duration, default=None, metavar="DURATION",
              help="after this long, kill running jobs and put them back (default: "
                   "wait for them); exit 7 if it did, 8 if the supervisor does not "
-                  "answer (frozen)"))
+                  "answer (frozen)"),
+         arg("--host", metavar="NAME", default=None,
+             help="stop the workers of host NAME instead (a postgresql:// queue), "
+                  "asking through the database"),
+         arg("--all-hosts", action="store_true",
+             help="stop the workers of every host (a postgresql:// queue)"))
 def cmd_worker_stop(args):
+    if args.host is not None or args.all_hosts:
+        return stop_hosts(args)
     supervisor = find_supervisor(args.db)
     if not supervisor:
         print("no workers running")
@@ -5833,15 +6216,20 @@ def cmd_worker_stop(args):
         print("stopped waiting; the workers go on stopping (run worker stop again "
               "to wait)", file=sys.stderr)
         return 130
-    # Report what became of the jobs that were running, whoever decided it. A job
-    # a worker held but had not started went back as it was: it was not running.
+    return report_ends(args.db, held, f"stopped workers (supervisor pid {pid})")
+
+
+def report_ends(db_path, held, stopped):
+    """After a stop (STOPPED says of whom): say what became of the jobs HELD
+    (ids) that were running, whoever decided it; return the exit code. A job a
+    worker held but had not started went back as it was: it was not running."""
     ends = {}
     if held:
         try:
-            with open_store(args.db, create=False) as store:
+            with open_store(db_path, create=False) as store:
                 ends = store.job_ends(held)
         except QueueError as e:
-            print(f"stopped workers (supervisor pid {pid})")
+            print(stopped)
             raise QueueError(f"could not read what became of its running jobs: "
                              f"{e}") from None
     interrupted = sorted(job_id for job_id, (state, _, last_run) in ends.items()
@@ -5857,13 +6245,90 @@ def cmd_worker_stop(args):
     if unrecorded:
         parts.append(f"{len(unrecorded)}{'' if parts else ' running job(s)'} not "
                      f"recorded ({', '.join(unrecorded)})")
-    print(f"stopped workers (supervisor pid {pid})" +
-          (": " + ", ".join(parts) if parts else ""))
+    print(stopped + (": " + ", ".join(parts) if parts else ""))
     if unrecorded:
         raise QueueError(f"the supervisor could not record what became of "
                          f"{', '.join(unrecorded)} (see its log); they stay processing "
                          f"until workers start again and recover them")
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+def stop_hosts(args):
+    """worker stop --host NAME / --all-hosts: ask those hosts' supervisors to stop
+    through the database (each reads it at its next tick), and wait as worker
+    stop does. A host that stopped answering (lost) cannot be asked: its record
+    is forgotten, and other hosts recover its jobs once their leases run out."""
+    if args.host is not None and args.all_hosts:
+        raise UsageError("give --host NAME or --all-hosts, not both")
+    if not is_postgres(args.db):
+        raise UsageError("--host and --all-hosts are for a queue that many hosts "
+                         "share (a postgresql:// database); on SQLite every worker "
+                         "runs on this host: worker stop")
+    with open_store(args.db, create=False) as store:
+        asked = store.ask_stop(args.host, WARM)
+        if not asked:
+            if args.host is None:
+                print("no workers running")
+                return EXIT_OK
+            hosts = sorted({row["host"] for row in store.supervisors()})
+            raise NotFound(f"no workers recorded on host {args.host}" +
+                           (f" (hosts: {', '.join(hosts)})" if hosts else
+                            " (none on any host)"))
+        lost = [row for row in asked if row["lost"]]
+        for row in lost:
+            store.remove_supervisor(row["id"])
+        live = [row for row in asked if not row["lost"]]
+        hosts = {row["host"] for row in live}
+        held = sorted(job["id"] for job in store.list_jobs(PROCESSING)
+                      if job["worker_host"] in hosts)
+        names = ", ".join(f"{row['host']} (pid {row['pid']})" for row in live)
+        if live:
+            how_long = ("until their running jobs finish" if args.timeout is None else
+                        f"up to {args.timeout:g}s for their running jobs to finish")
+            print(f"asked the supervisors of {names} to stop; waiting {how_long}",
+                  file=sys.stderr)
+            try:
+                if not _wait_hosts(store, live, args.timeout):
+                    store.ask_stop(args.host, COLD)
+                    if not _wait_hosts(store, live, COLD_STOP_GRACE_S + KILL_GRACE_S
+                                       + 10):
+                        raise QueueError(f"the supervisors of {names} did not stop")
+            except KeyboardInterrupt:
+                print("stopped waiting; the workers go on stopping (run worker stop "
+                      "again to wait)", file=sys.stderr)
+                return 130
+    code = report_ends(args.db, held, f"stopped the workers of {names}") \
+        if live else EXIT_OK
+    if lost:
+        raise NoAnswer("; ".join(
+            f"host {row['host']} does not answer (not seen since {row['seen_at']}); "
+            f"forgot its record: other hosts recover its jobs once their leases run "
+            f"out" for row in lost))
+    return code
+
+
+def _wait_hosts(store, asked, timeout_s):
+    """Wait until the supervisors ASKED (rows) have exited: False if TIMEOUT_S
+    ran out first. Raise NoAnswer if one stops answering, or has not taken the
+    stop within ANSWER_GRACE_S after its next tick."""
+    started = time.monotonic()
+    ids = {row["id"] for row in asked}
+    while True:
+        rows = [row for row in store.supervisors() if row["id"] in ids]
+        if not rows:
+            return True
+        now = time.monotonic()
+        deaf = [row for row in rows if row["lost"] or
+                (row["state"] != SUPERVISOR_STOPPING and
+                 now - started > IDLE_RECHECK_S + ANSWER_GRACE_S)]
+        if deaf:
+            raise NoAnswer("; ".join(f"the supervisor of {row['host']} (pid "
+                                     f"{row['pid']}) does not answer" +
+                                     (": lost" if row["lost"] else "")
+                                     for row in deaf))
+        if timeout_s is not None and now - started >= timeout_s:
+            return False
+        time.sleep(0.2)
 
 
 def _wait_stopped(supervisor, timeout_s, sig):
@@ -5957,6 +6422,12 @@ def cmd_status(args):
     return EXIT_OK
 
 
+def print_workers(workers, indent):
+    for w in workers:
+        doing = f"job {w['job_id']}: {clip(w['command'], 60)}" if w["job_id"] else "idle"
+        print(f"{indent}pid {w['pid']}: {doing}")
+
+
 def print_status(report, check):
     counts = report["counts"]
     print(f"database:  {shown(report['db'])}")
@@ -5971,18 +6442,27 @@ def print_status(report, check):
     if report["paused"]:
         print(f"paused:    since {shown(report['paused_since'])} (workers start no "
               f"new job; queuectl resume)")
+    elsewhere = report["supervisors"][1 if report["supervisor_pid"] else 0:]
     if report["supervisor_pid"]:
         print(f"workers:   {len(report['workers'])}, {report['supervisor_state']} "
               f"(supervisor pid {report['supervisor_pid']})")
     else:
-        print("workers:   none running")
-    for w in report["workers"]:
-        doing = f"job {w['job_id']}: {clip(w['command'], 60)}" if w["job_id"] else "idle"
-        print(f"  pid {w['pid']}: {doing}")
+        print("workers:   none " + ("on this host" if elsewhere else "running"))
+    print_workers(report["workers"], "  ")
+    for other in elsewhere:
+        if other["lost"]:
+            print(f"host {shown(other['host'])}: lost: not seen since "
+                  f"{other['seen_at']} (supervisor pid {other['pid']}); its jobs are "
+                  f"recovered once their leases run out")
+        else:
+            print(f"host {shown(other['host'])}: {len(other['workers'])} worker(s), "
+                  f"{other['state']} (supervisor pid {other['pid']})")
+        print_workers(other["workers"], "  ")
     for w in report["other_claims"]:
         whose = ("not one of ours" if w["alive"] else
                  f"gone; recovered once its lease ends at {w['lease_until']}")
-        print(f"  pid {w['pid']} ({whose}): job {w['job_id']}: "
+        where = f" on {shown(w['host'])}" if elsewhere else ""
+        print(f"  pid {w['pid']}{where} ({whose}): job {w['job_id']}: "
               f"{clip(w['command'], 40)}")
     if check:
         for text in report["problems"]:
@@ -6137,6 +6617,14 @@ def follow_logs(store, job, run, number):
             dest.flush()
         printed[stream] += skipped + len(data)
 
+    def emit_stored(stream, dest, run):
+        """Print what is new in the stored copy of a run's STREAM."""
+        data = (run[stream] or "").encode("utf-8", "replace")
+        start = run[f"{stream}_dropped"]
+        at = max(printed[stream], start)
+        if at - start < len(data) or at > printed[stream]:
+            emit(stream, dest, data[at - start:], at - printed[stream])
+
     def end_run():
         """After a run's last byte: be ready to print the next run from its first."""
         for stream, _, dest in streams:
@@ -6169,10 +6657,7 @@ def follow_logs(store, job, run, number):
                 if spooled:
                     emit(stream, dest, spooled[0], spooled[1])
                     continue
-                data = (run[stream] or "").encode("utf-8", "replace")
-                start = run[f"{stream}_dropped"]
-                at = max(printed[stream], start)
-                emit(stream, dest, data[at - start:], at - printed[stream])
+                emit_stored(stream, dest, run)
             end_run()
             following = None
             if run["outcome"] == COMPLETED:
@@ -6190,6 +6675,9 @@ def follow_logs(store, job, run, number):
                                      printed[stream])
                 if spooled:
                     emit(stream, dest, spooled[0], spooled[1])
+                elif run[stream]:
+                    # A run on another host: what its supervisor stored last.
+                    emit_stored(stream, dest, run)
         time.sleep(FOLLOW_POLL_S)
         current = store.data_version()
         if current != version:                     # something was committed
@@ -6498,6 +6986,8 @@ class Dashboard:
         import hashlib
         import hmac
         self.db_path = db_path
+        # The database as pages show it: a URL's password masked.
+        self.shown_db = pg_url(db_path)[2] if is_postgres(db_path) else db_path
         self.token = token
         self.loopback_only = loopback_only
         self.csrf = os.urandom(16).hex()
@@ -6741,7 +7231,7 @@ class DashboardHandler:
         self.send(status, DASHBOARD_PAGE.format(
             csrf=csrf, title=html.escape(title), page=page, head=head, nav=nav,
             job=html.escape(job, quote=True),
-            db="" if page == "login" else html.escape(dashboard.db_path),
+            db="" if page == "login" else html.escape(dashboard.shown_db),
             main=main), "text/html; charset=utf-8", headers)
 
     def log_request(self, code="-", size="-"):
@@ -7110,7 +7600,8 @@ def cmd_dashboard(args):
     # read; a token given by hand its owner knows, and it stays out of the log.
     from urllib.parse import quote
     sign_in = "" if given else "?token=" + quote(token, safe="")
-    print(f"queuectl dashboard of {args.db}: http://{host}:{port}/{sign_in} "
+    print(f"queuectl dashboard of {server.dashboard.shown_db}: "
+          f"http://{host}:{port}/{sign_in} "
           f"({where}Ctrl-C to stop)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

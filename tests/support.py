@@ -154,7 +154,7 @@ _PG_SERVER = {}               # "url" or "skip": what pg_server() found, once
 def pg_server():
     """The URL of a PostgreSQL server for the tests, or unittest.SkipTest saying
     why there is none. $QUEUECTL_TEST_PG names one (.ci/run starts one and sets
-    it); else the tests start a private one of Debian's postgresql package, in a
+    it), or is "off" to run the SQLite tests alone; else the tests start a private one of Debian's postgresql package, in a
     temp directory with its own socket directory and port, stopped at exit."""
     if not _PG_SERVER:
         try:
@@ -164,7 +164,9 @@ def pg_server():
                                   '"psycopg[binary]")')
             return pg_server()
         url = os.environ.get(PG_ENV)
-        if url:
+        if url == "off":
+            _PG_SERVER["skip"] = f"{PG_ENV}=off"
+        elif url:
             _PG_SERVER["url"] = url
         else:
             try:
