@@ -812,6 +812,10 @@ _FIELD_WHAT = {field.name: f"field {field.name!r}" for field in JOB_FIELDS}
 # default to the enqueue time, which is set per job.
 _JOB_DEFAULTS = {f.column: f.default for f in reversed(JOB_FIELDS)
                  if f.default is not ENQUEUE_TIME}
+# A job's run_at was reckoned from the time it was validated at (delay); so was
+# every time of _TIME_DEFAULTS. A store whose clock is not this host's moves
+# them to its own (Store.enqueue).
+RELATIVE = "relative"
 _TIME_DEFAULTS = tuple(dict.fromkeys(f.column for f in JOB_FIELDS
                                      if f.default is ENQUEUE_TIME))
 
@@ -843,6 +847,8 @@ def validate_job(doc, now=None, stamp=None, names=None):
         if name in doc:
             job[column] = check(doc[name], names and names.get(name) or
                                 _FIELD_WHAT[name], now)
+    if "delay" in doc:
+        job[RELATIVE] = True       # its run_at counts from NOW: see Store.enqueue
     if job["id"] is not None and job["id"] in job["after"]:
         raise UsageError(f"job {job['id']} cannot run after itself")
     return job
@@ -1100,6 +1106,11 @@ class Store:
         """NOW if given (tests), else the store's clock."""
         raise NotImplementedError
 
+    def clock_estimate(self):
+        """The store's time now, without asking it if it need not be asked (a
+        supervisor waiting for a delayed job's run_at)."""
+        return now_utc()
+
     def _notify(self, conn):
         """Tell every supervisor, in this transaction, that there is work or a
         change of claims (once a transaction). A SQLite supervisor is woken by
@@ -1215,36 +1226,56 @@ class Store:
                    f"WHERE unique_key = ? AND {_UNFINISHED}")
     _STATE_OF = "SELECT state FROM jobs WHERE id = ?"
 
-    def enqueue(self, jobs, cwd, now=None):
+    def enqueue(self, jobs, cwd, now=None, validated_at=None):
         """Insert validated jobs (validate_job's) in one transaction. Return (ids,
         notes): each job's id, and {index: a note for the user} of the jobs not
         added because an unfinished job held their unique key (their id is that
-        job's), and of those added dead because a dependency had already failed."""
+        job's), and of those added dead because a dependency had already failed.
+        VALIDATED_AT: the time (this host's) the jobs were validated at, when
+        that is not the store's clock: their times reckoned from it (a delay, or
+        now) are moved to the store's clock."""
         fresh = iter(new_job_ids(len(jobs)))
         ids = [job["id"] or next(fresh) for job in jobs]
 
         def body(conn):
-            stamp = iso(self._now(conn, now))
+            at = self._now(conn, now)
+            stamp = iso(at)
+            batch = jobs if validated_at is None else \
+                self._reckoned(jobs, validated_at, at)
 
             def rows():
                 return [dict(job, id=job_id, cwd=cwd, state=PENDING, last_error=None,
                              created_at=stamp, updated_at=stamp,
                              ready=1 if job["run_at"] <= stamp else 0)
-                        for job, job_id in zip(jobs, ids)]
-            notes, added = {}, {PENDING: len(jobs), DEAD: 0}
-            if any(job["after"] or job["unique_key"] for job in jobs):
+                        for job, job_id in zip(batch, ids)]
+            notes, added = {}, {PENDING: len(batch), DEAD: 0}
+            if any(job["after"] or job["unique_key"] for job in batch):
                 made = rows()
-                kept = self._enqueue_linked(conn, jobs, made, notes)
+                kept = self._enqueue_linked(conn, batch, made, notes)
                 added = {state: sum(1 for row in kept if row["state"] == state)
                          for state in added}
                 made = [row["id"] for row in made]
             else:
-                made = self._insert_jobs(conn, jobs, ids, cwd, stamp, rows)
+                made = self._insert_jobs(conn, batch, ids, cwd, stamp, rows)
             for state, count in added.items():
                 conn.execute(self._COUNT_ADDED, (count, state))
             self._notify(conn)
             return made, notes
         return self._write(body)
+
+    @staticmethod
+    def _reckoned(jobs, then, now):
+        """JOBS validated at THEN (a host's clock), their relative times moved to
+        NOW (the store's): a job due at once is due now, not at a skewed clock's
+        now; one delayed is delayed from now."""
+        since, shift = iso(then), now - then
+        moved = []
+        for job in jobs:
+            if job["run_at"] == since or job.get(RELATIVE):
+                job = dict(job, run_at=iso(parse_iso(job["run_at"]) + shift),
+                           **{RELATIVE: False})
+            moved.append(job)
+        return moved
 
     def _insert_jobs(self, conn, jobs, ids, cwd, stamp, rows):
         """Insert JOBS with IDS at once and return the ids; if an id clashes, one
@@ -1849,7 +1880,11 @@ class Store:
         one only delays the recovery of a run that is lost anyway.
         """
         def body(conn):
-            at, mono = self._now(conn, now), time.monotonic()
+            # The clock is read between these two moments: the middle of them is
+            # the best guess of when, by this host's monotonic clock.
+            before = time.monotonic()
+            at = self._now(conn, now)
+            mono = (before + time.monotonic()) / 2
             if ended is not None:
                 del ended[:]                  # a retried transaction starts afresh
             config = self._config(conn) if finished else None
@@ -3069,6 +3104,7 @@ class PostgresStore(Store):
                  connect_timeout_s=PG_CONNECT_TIMEOUT_S):
         super().__init__()
         self.connect_timeout_s = connect_timeout_s
+        self.clock_read = None           # (the database's time, monotonic) last read
         self.psycopg = _psycopg()
         self.IntegrityError = self.psycopg.IntegrityError
         self.url = url
@@ -3263,9 +3299,19 @@ class PostgresStore(Store):
     def _changes(conn):
         return object()                  # no cheap change counter: read again
 
-    @staticmethod
-    def _now(conn, now=None):
-        return now or conn.execute(Native("SELECT clock_timestamp()")).fetchone()[0]
+    def _now(self, conn, now=None):
+        if now:
+            return now
+        at = conn.execute(Native("SELECT clock_timestamp()")).fetchone()[0]
+        self.clock_read = (at, time.monotonic())
+        return at
+
+    def clock_estimate(self):
+        """The database's time now, reckoned from when it was last read."""
+        if self.clock_read is None:
+            return self.clock()
+        at, mono = self.clock_read
+        return at + timedelta(seconds=time.monotonic() - mono)
 
     def clock(self):
         """The database's time now: the one clock every host goes by."""
@@ -5275,7 +5321,8 @@ class Supervisor:
             self.look = False
             self.next_due = None
             if next_due is not None:
-                wait = (parse_iso(next_due) - now_utc()).total_seconds()
+                wait = (parse_iso(next_due) -
+                        self.store.clock_estimate()).total_seconds()
                 self.next_due = time.monotonic() + max(0.0, wait)
         return lines
 
@@ -5618,9 +5665,13 @@ class Outcome(collections.namedtuple("Outcome", "lines notes code")):
 
 
 def enqueue_jobs(store, jobs, cwd, now=None):
-    """Add validated jobs; lines: their ids; notes: the jobs that a unique key
-    kept out or a dead dependency added dead."""
-    ids, notes = store.enqueue(jobs, cwd, now)
+    """Add validated jobs (validated at NOW, by this host's clock); lines: their
+    ids; notes: the jobs that a unique key kept out or a dead dependency added
+    dead. A shared store stamps them by its own clock."""
+    if store.shared:
+        ids, notes = store.enqueue(jobs, cwd, validated_at=now)
+    else:
+        ids, notes = store.enqueue(jobs, cwd, now)
     wake_supervisor(store.local)
     return Outcome(ids, [notes[index] for index in sorted(notes)])
 
@@ -6906,8 +6957,16 @@ def dashboard_token(db_path):
         text = os.read(fd, 4096)
         if not text.strip():
             token = secrets.token_urlsafe(24)
-            os.write(fd, (token + "\n").encode())
-            os.fsync(fd)
+            data = (token + "\n").encode()
+            try:
+                if os.pwrite(fd, data, 0) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(fd)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)        # no half token for the next start
+                reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+                raise QueueError(f"cannot write {path}: {reason}") from None
             return token
         try:
             token = text.decode("utf-8").strip()

@@ -289,6 +289,13 @@ class DatabaseTestCase(unittest.TestCase):
         self.env = dict(os.environ, QUEUECTL_DB=self.db)
         self.env.pop("XDG_DATA_HOME", None)
 
+    @property
+    def pid_file(self):
+        """This host's PID file of the queue (its folder made, for a test that
+        writes one before any supervisor has)."""
+        os.makedirs(os.path.dirname(self.local), mode=0o700, exist_ok=True)
+        return self.local + ".pid"
+
     def db_exists(self):
         """Whether the test's database has been created."""
         if self.postgres:

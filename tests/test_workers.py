@@ -11,8 +11,9 @@ import sys
 import time
 import unittest
 
-from tests.support import (add_postgres_variants, ROOT, QUEUECTL, QueueTestCase, group_members, lines,
-                           pid_alive, queuectl, short_leases, wait_until)
+from tests.support import (QUEUECTL, ROOT, add_postgres_variants, group_members, lines,
+                           pid_alive, queuectl, QueueTestCase, short_leases,
+                           wait_until)
 
 q = shlex.quote
 
@@ -37,25 +38,12 @@ class PidFileTest(QueueTestCase):
         job_id = self.enqueue(command="true")
         self.wait_state(job_id, "completed")
 
-    def test_symlink_to_the_database_cannot_start_a_second_supervisor(self):
-        """worker start through a symlink to a busy database is refused: exit 1."""
-        proc = self.start_workers(1)
-        link = self.path("link.db")
-        os.symlink(self.db, link)
-        code, out, err = self.run_bounded("--db", link, "worker", "start", timeout=10)
-        self.assertOneErrorLine(1, code, out, err)
-        self.assertIn("already running", err)
-        self.assertIn(str(proc.pid), err)
-        self.assertFalse(os.path.exists(link + ".pid"))
-        self.assertIsNone(proc.poll())
-        self.wait_state(self.enqueue(command="true"), "completed")
-
     def test_a_deleted_pid_file_hides_no_supervisor(self):
         """With its PID file gone (a cleaner of old files), the live supervisor is
         still found by its record in the database: status shows it, a second
         worker start is refused, worker stop stops it."""
         proc = self.start_workers(1)
-        pid_file = self.db + ".pid"
+        pid_file = self.pid_file
         os.unlink(pid_file)
         os.mkdir(pid_file)                # and it cannot be written again there
         self.addCleanup(lambda: os.path.isdir(pid_file) and os.rmdir(pid_file))
@@ -68,6 +56,9 @@ class PidFileTest(QueueTestCase):
         self.assertTrue(os.path.isdir(pid_file))
         job_id = self.enqueue(command="true")
         self.wait_state(job_id, "completed")
+        # Its next look at the PID file (once a second) finds it cannot write it.
+        wait_until(lambda: "could not write its PID file again" in self.log_text(proc),
+                   5, "the supervisor to find its PID file gone")
         self.stop_workers(proc)
         self.assertEqual(self.run_cli("worker", "stop").stdout, "no workers running\n")
         log = self.log_text(proc)
@@ -77,18 +68,18 @@ class PidFileTest(QueueTestCase):
         """A supervisor whose PID file was deleted writes it again within about
         a second, so worker stop and enqueue's wake-up find it at once."""
         proc = self.start_workers(1)
-        os.unlink(self.db + ".pid")
+        os.unlink(self.pid_file)
         wait_until(lambda: self.worker_pids(proc.pid, 1), 5, "the PID file again")
         self.assertIn("PID file", self.log_text(proc))
         self.stop_workers(proc)
-        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertFalse(os.path.exists(self.pid_file))
 
     def test_stale_pid_file_of_a_live_process_is_replaced(self):
         """An unlocked PID file naming a live unrelated process does not block start."""
-        with open(self.db + ".pid", "w") as f:
+        with open(self.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n\n")
         proc = self.start_workers(1)
-        with open(self.db + ".pid") as f:
+        with open(self.pid_file) as f:
             self.assertEqual(f.readline().strip(), str(proc.pid))
         job_id = self.enqueue(command="true")
         self.wait_state(job_id, "completed")
@@ -97,10 +88,10 @@ class PidFileTest(QueueTestCase):
         """A PID file left by a dead process does not block worker start."""
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait(timeout=10)
-        with open(self.db + ".pid", "w") as f:
+        with open(self.pid_file, "w") as f:
             f.write(f"{dead.pid}\n{dead.pid}\n")
         proc = self.start_workers(2)
-        with open(self.db + ".pid") as f:
+        with open(self.pid_file) as f:
             self.assertEqual(f.readline().strip(), str(proc.pid))
         job_id = self.enqueue(command="true")
         self.wait_state(job_id, "completed")
@@ -112,7 +103,7 @@ class PidFileTest(QueueTestCase):
         bystander = subprocess.Popen(["sleep", "30"], start_new_session=True)
         self.addCleanup(lambda: bystander.poll() is None and (bystander.kill(),
                                                                bystander.wait()))
-        pidfile = self.db + ".pid"
+        pidfile = self.pid_file
         with open(pidfile, "w") as f:
             f.write(f"{bystander.pid}\n{bystander.pid}\n")
 
@@ -134,6 +125,23 @@ class PidFileTest(QueueTestCase):
         self.assertIsNone(bystander.poll(), "an unrelated process was signalled")
 
 
+class SQLitePidFileTest(QueueTestCase):
+    """A SQLite database's PID file is beside it: one per file, whatever its name."""
+
+    def test_symlink_to_the_database_cannot_start_a_second_supervisor(self):
+        """worker start through a symlink to a busy database is refused: exit 1."""
+        proc = self.start_workers(1)
+        link = self.path("link.db")
+        os.symlink(self.db, link)
+        code, out, err = self.run_bounded("--db", link, "worker", "start", timeout=10)
+        self.assertOneErrorLine(1, code, out, err)
+        self.assertIn("already running", err)
+        self.assertIn(str(proc.pid), err)
+        self.assertFalse(os.path.exists(link + ".pid"))
+        self.assertIsNone(proc.poll())
+        self.wait_state(self.enqueue(command="true"), "completed")
+
+
 class WorkerStopTest(QueueTestCase):
     """worker stop: warm (jobs finish), cold after --timeout (exit 7), or no answer
     (exit 8)."""
@@ -153,7 +161,7 @@ class WorkerStopTest(QueueTestCase):
         self.assertIn("stopped", result.stdout)
         self.assertEqual(len(result.stdout.splitlines()), 1, result.stdout)
         self.assertEqual(proc.wait(timeout=10), 0, self.log_text(proc))
-        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertFalse(os.path.exists(self.pid_file))
         self.assertNotIn("Traceback", self.log_text(proc))
 
     def test_stop_timeout_kills_the_job_and_gives_it_back(self):
@@ -217,7 +225,7 @@ class WorkerStopTest(QueueTestCase):
         result = self.run_cli("worker", "stop")
         self.assertEqual((result.returncode, result.stdout, result.stderr),
                          (0, "no workers running\n", ""))
-        with open(self.db + ".pid", "w") as f:      # stale: nobody holds its lock
+        with open(self.pid_file, "w") as f:      # stale: nobody holds its lock
             f.write(f"{os.getpid()}\n\n")
         result = self.run_cli("worker", "stop")
         self.assertEqual((result.returncode, result.stdout, result.stderr),
@@ -304,7 +312,7 @@ class StopSignalTest(QueueTestCase):
         os.killpg(proc.pid, signal.SIGHUP)
         self.assertEqual(proc.wait(timeout=20), 0, self.log_text(proc))
         self.assertEqual((self.state(job_id), self.read("f")), ("completed", "done\n"))
-        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertFalse(os.path.exists(self.pid_file))
         self.assertIn("supervisor: stopped", self.log_text(proc))
 
     @short_leases
@@ -325,7 +333,7 @@ class StopSignalTest(QueueTestCase):
         job = self.job(waiting)
         self.assertEqual((job["state"], job["attempts"], job["history"]),
                          ("pending", 0, []))
-        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertFalse(os.path.exists(self.pid_file))
         wait_until(lambda: not any(pid_alive(p) for p in workers), 5, "workers to exit")
         self.assertFalse(group_members(int(lines(starts)[0])))
         wait_until(lambda: not self.leftovers(), 5, "no process left on the database")
@@ -361,7 +369,7 @@ class StopSignalTest(QueueTestCase):
         self.assertEqual([h["outcome"] for h in job["history"]], ["interrupted"])
         self.assertFalse(group_members(group), "the job's processes survived")
         self.assertFalse(any(pid_alive(p) for p in workers), "a worker survived")
-        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertFalse(os.path.exists(self.pid_file))
         # multiprocessing's resource tracker exits a moment after the supervisor.
         wait_until(lambda: not self.leftovers(), 5, "no process left on the database")
         self.assertNotIn("did not stop in time", self.log_text(sup))
@@ -417,10 +425,10 @@ class DetachTest(QueueTestCase):
         stop = self.run_cli("worker", "stop", timeout=30)
         self.assertEqual(stop.returncode, 0, stop.stderr)
         self.assertIn(f"stopped workers (supervisor pid {pid})", stop.stdout)
-        self.assertFalse(os.path.exists(self.db + ".pid"))
+        self.assertFalse(os.path.exists(self.pid_file))
         wait_until(lambda: not pid_alive(pid), 10, "the detached supervisor to exit")
         wait_until(lambda: not group_members(pid), 10, "the detached workers to exit")
-        with open(self.db + ".log") as f:
+        with open(self.local + ".log") as f:
             self.assertNotIn("Traceback", f.read())
 
     def test_detached_log_is_rotated(self):
@@ -433,7 +441,7 @@ class DetachTest(QueueTestCase):
         ids = self.ok("enqueue", "-", stdin=lines).split()
         for job_id in ids:
             self.wait_state(job_id, "completed")
-        log = self.db + ".log"
+        log = self.local + ".log"
         wait_until(lambda: os.path.exists(log + ".1"), 10, "the log to be rotated")
         self.assertLess(os.path.getsize(log), 3000 + 1000)
         self.assertLess(os.path.getsize(log + ".1"), 3000 + 1000)
