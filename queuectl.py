@@ -231,6 +231,10 @@ class UsageError(QueueError):
     code = EXIT_USAGE
 
 
+class NoDatabase(QueueError):
+    """No database there yet (a command that does not create one)."""
+
+
 class NotFound(QueueError):
     """An id that names no job, or a run number that names no run."""
 
@@ -2674,7 +2678,7 @@ class SQLiteStore(Store):
                 header = f.read(len(SQLITE_HEADER))
         except FileNotFoundError:
             if not create:
-                raise QueueError(f"no database at {path} (enqueue, config set or "
+                raise NoDatabase(f"no database at {path} (enqueue, config set or "
                                  f"worker start creates it)") from None
             self._create_file()
             return False
@@ -2684,7 +2688,7 @@ class SQLiteStore(Store):
             raise QueueError(f"not a queuectl database (not a SQLite file): {path}")
         if not header:            # an empty file (mktemp): a new database, if allowed
             if not create:
-                raise QueueError(f"no database at {path} (the file is empty; enqueue, "
+                raise NoDatabase(f"no database at {path} (the file is empty; enqueue, "
                                  f"config set or worker start makes it one)")
             with contextlib.suppress(OSError):
                 os.chmod(path, 0o600)
@@ -3175,7 +3179,7 @@ class PostgresStore(Store):
         leaves no new schema behind."""
         if self.version == 0 and not create:
             # The same words as SQLite's; the URL names the schema, if not the default.
-            raise QueueError(f"no database at {self.path} (enqueue, config set or "
+            raise NoDatabase(f"no database at {self.path} (enqueue, config set or "
                              f"worker start creates it)")
 
     def make(self):
@@ -4095,9 +4099,10 @@ def reclaim_expired(store, who, recover=recover_claim, known=None, claims=None,
         # own workers hold unknown to it (a claim whose commit it never heard
         # of). Another host's holder cannot be looked at: its lease is all there
         # is to go by.
+        fenced = how.pop("fenced", False)
         if on_this_host(host) and holder in mine and not how:
             how = {"started": False}     # handed to no worker: it never ran
-        elif on_this_host(host) and holder != os.getpid() and \
+        elif on_this_host(host) and holder != os.getpid() and not fenced and \
                 holder_running(holder, holder_start):
             continue       # late with its renewal (a pause, a clock step), not lost
         if recover(store, job_id, token, who, only_expired=True, **how):
@@ -4129,6 +4134,9 @@ Unqueue = collections.namedtuple("Unqueue", "job_id token")
 Unqueue.__doc__ = "Give this claim back if its run has not started (a pause)."
 Recorded = collections.namedtuple("Recorded", "tokens")
 Recorded.__doc__ = "These reports (claim tokens) are written down: forget them."
+Leased = collections.namedtuple("Leased", "job_id token until")
+Leased.__doc__ = ("This claim's lease is this host's until UNTIL (time.monotonic()): "
+                  "a run still going a little before then is stopped (a shared store).")
 # Worker to supervisor:
 Ready = collections.namedtuple("Ready", "pid start")
 Ready.__doc__ = "The worker's loop runs; START is its start time (/proc ticks)."
@@ -4145,7 +4153,7 @@ Log = collections.namedtuple("Log", "line")
 Log.__doc__ = "A line for the supervisor's log."
 
 MESSAGES = (Assign, Abort, Unqueue, Recorded, Ready, Started, Beat, Done, Returned,
-            Log)
+            Log, Leased)
 _MESSAGE_CODES = {kind: code for code, kind in enumerate(MESSAGES)}
 
 
@@ -4276,6 +4284,9 @@ class Worker:
         # Reports sent but not yet written, by claim token: if the supervisor
         # dies before it writes them, this worker does.
         self.unconfirmed = {}
+        # On a shared store: claim token -> until when its lease is surely this
+        # host's (time.monotonic()), as its supervisor said (Leased).
+        self.leased = {}
         self.env = dict(os.environ)
         self.poller = select.poll()
         self.poller.register(conn.fileno(), select.POLLIN)
@@ -4343,6 +4354,8 @@ class Worker:
                 elif isinstance(message, Recorded):
                     for token in message.tokens:
                         self.unconfirmed.pop(token, None)
+                elif isinstance(message, Leased):
+                    self.leased[message.token] = message.until
                 else:
                     self.inbox.append(message)
             if self.conn.ended:
@@ -4418,6 +4431,9 @@ class Worker:
             wait = min(run.timeout_s(now), next_beat - now)
             if tell_start:
                 wait = min(wait, tell_start - now)
+            fence_at = self.fence_at(claim)
+            if fence_at is not None:
+                wait = min(wait, fence_at - now)
             for fd in self.poll(max(0.0, wait)):
                 run.readable(fd)
             now = time.monotonic()
@@ -4425,6 +4441,15 @@ class Worker:
             why = self.aborted(claim)
             if why is None and self.stop.level >= COLD:
                 why = ABORT_COLD
+            fence_at = self.fence_at(claim)
+            if why is None and fence_at is not None and now >= fence_at:
+                # Neither its supervisor nor this worker could renew the lease (the
+                # database is away, or the supervisor frozen): another host may take
+                # the job once it runs out, so this run must end before then.
+                why = ABORT_FENCED
+                self.log(f"{self.name}: job {claim.id}: its lease could not be renewed "
+                         f"in time; stopping its run, so that it never runs twice at "
+                         f"once")
             if why is not None:
                 run.stop(aborted=why)
             if run.exited:
@@ -4445,12 +4470,22 @@ class Worker:
                 next_beat = now + beat_s
         return run.finish()
 
+    def fence_at(self, claim):
+        """When a run of CLAIM must be stopped if its lease is not renewed by
+        then (a shared store), or None."""
+        until = self.leased.get(claim.token)
+        return None if until is None else until - fence_margin(claim.lease_s)
+
     def beat(self, claim):
         """Keep the claim's lease alive; False once the claim has been taken away."""
         if self.send(Beat(claim.id, claim.token)):
             return True
         try:
-            return self.open_store().renew(claim.id, claim.token, claim.lease_s)
+            asked = time.monotonic()
+            renewed = self.open_store().renew(claim.id, claim.token, claim.lease_s)
+            if renewed and claim.token in self.leased:
+                self.leased[claim.token] = asked + claim.lease_s
+            return renewed
         except QueueError as e:
             log(f"{self.name}: job {claim.id}: could not renew lease: {e}")
             return True      # try again at the next beat; the lease has slack
@@ -4697,10 +4732,14 @@ def find_supervisor(target, store=None):
         if store is not None:
             rows = store.supervisors()
         else:
-            with open_store(target, create=False) as opened:
+            with open_store(target, create=False, patient=False) as opened:
                 rows = opened.supervisors()
-    except QueueError:
+    except NoDatabase:
         return None                           # no database: no supervisor either
+    except QueueError:
+        if not is_postgres(target):
+            return None                       # a file it cannot read: nothing runs
+        raise                                 # a server away: nothing is known
     for row in rows:
         if supervisor_alive(row):
             return Supervised(row["pid"], [int(p) for p in row["workers"].split()],
@@ -4844,7 +4883,9 @@ class Supervisor:
         self.listener = None         # hears other hosts' wake-ups (LISTEN)
         self.leases = {}             # claim token -> when its lease may run out
                                      # (monotonic), as far as this host knows
-        self.fenced = set()          # tokens of runs killed for a lease not renewed
+        self.fenced = {}             # token of a run stopped for a lease not renewed
+                                     # -> when (monotonic)
+        self.fence_kills = []        # RunKill of those runs, in case their worker froze
         self.shared_output = {}      # run token -> the size of its output last stored
 
     def run(self):
@@ -4862,6 +4903,7 @@ class Supervisor:
             LogRotation.enable(self.local + LOG_SUFFIX)
             with open_store(self.db_path) as store:
                 self.shared = store.shared
+                shown_db = store.path          # a password in a URL masked
                 self.register(store)
                 recovered = reclaim_expired(store, "supervisor")
                 going = store.running_tokens()
@@ -4869,7 +4911,7 @@ class Supervisor:
                 log(f"supervisor: recovered {len(recovered)} job(s) of lost workers")
             sweep_spools(self.local, going)
             log(f"supervisor (pid {os.getpid()}): starting {self.count} worker(s) "
-                f"on {self.db_path}")
+                f"on {shown_db}")
             # Signals wake the loop through this pipe; their handlers set flags.
             self.wake_fds = os.pipe()
             for fd in self.wake_fds:
@@ -5116,21 +5158,33 @@ class Supervisor:
                      tails)
 
     def fence(self, now):
-        """Kill the runs whose lease this host could not renew in time (the
-        database is away): before it runs out, when another host may take the
-        job and run it again. Their jobs go back to pending once the database
-        answers (unless another host has taken them: then nothing is written)."""
+        """Stop the runs whose lease this host could not renew in time (the
+        database away, or their worker frozen), before it runs out and another
+        host may take the job and run it again: the worker is told to, and, in
+        case it is frozen, their processes here are killed too. Their jobs go
+        back to pending once the database answers, unless another host has
+        taken them (then nothing is written). A worker does the same for itself
+        when its supervisor says nothing (Leased)."""
         for slot in self.slots.values():
-            for claim in slot.claims:
+            for position, claim in enumerate(slot.claims):
                 until = self.leases.get(claim.token)
-                if until is None or claim.token in self.fenced:
+                if until is None or claim.token in self.fenced or \
+                        now < until - fence_margin(claim.lease_s):
                     continue
-                if now >= until - fence_margin(claim.lease_s):
-                    self.fenced.add(claim.token)
-                    log(f"supervisor: job {claim.id}: its lease could not be renewed "
-                        f"in time (the database does not answer); stopping its run, "
-                        f"so that it never runs twice at once")
-                    slot.send(Abort(claim.id, claim.token, ABORT_FENCED))
+                self.fenced[claim.token] = now
+                log(f"supervisor: job {claim.id}: its lease could not be renewed in "
+                    f"time; stopping its run, so that it never runs twice at once")
+                slot.send(Abort(claim.id, claim.token, ABORT_FENCED))
+                group = slot.running_group() if position == 0 else None
+                self.fence_kills.append(RunKill(claim.token, *(group or (None, None))))
+        self.fence_kills = [kill for kill in self.fence_kills if not kill.poll()]
+
+    def lease_kept(self, slot, claim, until):
+        """Note that CLAIM's lease holds until UNTIL (monotonic), and tell its
+        worker (a shared store)."""
+        self.leases[claim.token] = until
+        if self.shared:
+            slot.send(Leased(claim.id, claim.token, until))
 
     def listen(self):
         """Hear other hosts' wake-ups (a shared store), if it can."""
@@ -5191,8 +5245,12 @@ class Supervisor:
             times.append(self.record_at)
         if self.spent:
             times.append(self.spent[0][0])
-        if self.recoveries:
+        if self.recoveries or self.fence_kills:
             times.append(time.monotonic() + RECOVERY_POLL_S)
+        if self.shared:
+            times += [self.leases[claim.token] - fence_margin(claim.lease_s)
+                      for slot in self.slots.values() for claim in slot.claims
+                      if claim.token in self.leases and claim.token not in self.fenced]
         return max(0.0, min(times) - time.monotonic())
 
     def on_signal(self, fd):
@@ -5314,9 +5372,9 @@ class Supervisor:
         self.complaints.pop("claim jobs", None)
         lines = [f"supervisor: job {job_id} dead: {why}" for job_id, why in ended]
         for slot, claim in zip(slots, claims):
-            self.leases[claim.token] = asked + claim.lease_s
             slot.claims.append(claim)
             slot.send(Assign(claim))            # if it died, on_exit recovers the job
+            self.lease_kept(slot, claim, asked + claim.lease_s)
         if len(claims) < len(slots):
             self.look = False
             self.next_due = None
@@ -5335,6 +5393,9 @@ class Supervisor:
         # that was cancelled or taken over meanwhile.
         # A run this host stopped because it could not renew its lease goes back
         # as pending too, if no other host has taken its job meanwhile.
+        for slot, claim, result in finished:
+            if claim.token in self.fenced and result.aborted != ABORT_COLD:
+                result.aborted = ABORT_FENCED   # it may have been killed, not aborted
         ended = [(slot, claim, result) for slot, claim, result in finished
                  if result.aborted not in (ABORT_COLD, ABORT_FENCED)]
         lines, dead = [], []
@@ -5352,17 +5413,22 @@ class Supervisor:
                         lines.append(f"{slot.name}: job {claim.id} interrupted"
                                      + ("" if result.aborted == ABORT_COLD else
                                         f" ({result.aborted})") + "; back to pending")
+                    elif result.aborted == ABORT_FENCED:
+                        lines.append(result_line(slot.name, claim, result, None))
         except QueueError as e:
             self.record_at = time.monotonic() + IDLE_RECHECK_S / 4
             self.complain("write what workers reported; will retry", e)
             return []
         self.complaints.pop("write what workers reported; will retry", None)
-        for job_id, token, lease_s in renewed:
-            if token in self.leases:
-                self.leases[token] = asked + lease_s
+        lost_tokens = {token for _, token in lost}
+        for slot in self.slots.values():
+            for claim in slot.claims:
+                if any(token == claim.token for _, token, _ in renewed) and \
+                        claim.token not in lost_tokens:
+                    self.lease_kept(slot, claim, asked + claim.lease_s)
         for _, claim, _ in finished:
             self.leases.pop(claim.token, None)
-            self.fenced.discard(claim.token)
+            self.fenced.pop(claim.token, None)
         for _, claim in self.unstarted:
             self.leases.pop(claim.token, None)
         # Followers of those runs read the rest from their spools, for a while.
@@ -5501,11 +5567,16 @@ class Supervisor:
         slot.claims = []
 
     def run_facts(self, job_id, token):
-        """What is known of the run of a claim held by one of the workers."""
+        """What is known of the run of a claim held by one of the workers; with
+        fenced True if this supervisor stopped it (see fence) and its worker has
+        not answered since: then it is lost once its lease runs out, even if
+        its worker lives (frozen)."""
         for slot in self.slots.values():
             for claim in slot.claims:
                 if (claim.id, claim.token) == (job_id, token):
-                    return slot.run_facts(claim)
+                    fenced = self.fenced.get(claim.token)
+                    return dict(slot.run_facts(claim), fenced=fenced is not None and
+                                time.monotonic() - fenced > KILL_GRACE_S + 1)
         return {}
 
     def start_recovery(self, store, job_id, token, who, **how):

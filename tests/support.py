@@ -179,37 +179,59 @@ def pg_server():
 
 
 def _start_pg_server():
-    """Start a throw-away PostgreSQL cluster; its URL. As root it runs as the
-    postgres user, which PostgreSQL requires."""
-    bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True,
-                            text=True, check=True).stdout.strip()
-    if not os.path.exists(os.path.join(bindir, "initdb")):
-        raise RuntimeError(f"no initdb in {bindir} (apt-get install postgresql)")
-    top = tempfile.mkdtemp(prefix="queuectl-pg-")
-    atexit.register(shutil.rmtree, top, True)
-    as_user = []
-    if os.getuid() == 0:
-        import pwd
-        account = pwd.getpwnam("postgres")
-        os.chown(top, account.pw_uid, account.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    data, sock = os.path.join(top, "data"), os.path.join(top, "sock")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run(as_user + ["mkdir", "-m", "700", sock], check=True)
-    subprocess.run(as_user + [os.path.join(bindir, "initdb"), "-D", data, "-A", "trust",
-                              "-U", "postgres", "--no-sync", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    options = (f"-p {port} -k {sock} -c listen_addresses='' -c fsync=off "
-               f"-c max_connections=300 -c shared_buffers=64MB")
-    subprocess.run(as_user + [os.path.join(bindir, "pg_ctl"), "-D", data, "-w", "-o",
-                              options, "-l", os.path.join(top, "log"), "start"],
-                   check=True, capture_output=True)
-    atexit.register(subprocess.run, as_user + [os.path.join(bindir, "pg_ctl"), "-D",
-                                               data, "-m", "immediate", "stop"],
-                    capture_output=True)
-    return f"postgresql://postgres@/postgres?host={sock}&port={port}"
+    """Start a throw-away PostgreSQL cluster for the whole run; its URL."""
+    return PgServer().url
+
+
+class PgServer:
+    """A throw-away PostgreSQL cluster of Debian's postgresql package, in a temp
+    directory with a private socket directory and port, stopped at exit (or by
+    stop()). As root it runs as the postgres user, which PostgreSQL requires.
+    Raises RuntimeError, OSError or SubprocessError if it cannot start one."""
+
+    def __init__(self):
+        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        if not os.path.exists(os.path.join(bindir, "initdb")):
+            raise RuntimeError(f"no initdb in {bindir} (apt-get install postgresql)")
+        self.bindir = bindir
+        self.top = tempfile.mkdtemp(prefix="queuectl-pg-")
+        atexit.register(shutil.rmtree, self.top, True)
+        self.as_user = []
+        if os.getuid() == 0:
+            import pwd
+            account = pwd.getpwnam("postgres")
+            os.chown(self.top, account.pw_uid, account.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.data = os.path.join(self.top, "data")
+        sock = os.path.join(self.top, "sock")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        subprocess.run(self.as_user + ["mkdir", "-m", "700", sock], check=True)
+        subprocess.run(self.as_user + [os.path.join(bindir, "initdb"), "-D", self.data,
+                                       "-A", "trust", "-U", "postgres", "--no-sync",
+                                       "-E", "UTF8"], check=True, capture_output=True)
+        self.options = (f"-p {port} -k {sock} -c listen_addresses='' -c fsync=off "
+                        f"-c max_connections=300 -c shared_buffers=64MB")
+        self.url = f"postgresql://postgres@/postgres?host={sock}&port={port}"
+        self.pg_ctl("start", "-w", "-o", self.options, "-l",
+                    os.path.join(self.top, "log"))
+        atexit.register(self.stop)
+
+    def pg_ctl(self, *argv):
+        subprocess.run(self.as_user + [os.path.join(self.bindir, "pg_ctl"), "-D",
+                                       self.data, *argv], check=True,
+                       capture_output=True, timeout=60)
+
+    def restart(self):
+        """Restart it at once, dropping every connection (as a failover does)."""
+        self.pg_ctl("restart", "-m", "immediate", "-w", "-o", self.options, "-l",
+                    os.path.join(self.top, "log"))
+
+    def stop(self):
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self.pg_ctl("stop", "-m", "immediate")
 
 
 def pg_schema_url(base, schema):
@@ -482,11 +504,13 @@ class QueueTestCase(DatabaseTestCase):
             return None
         if self.postgres:
             schema = queuectl.pg_url(self.db)[1]
-            tables = [row[0] for row in self.sql(
-                "SELECT tablename FROM pg_tables WHERE schemaname = ? "
-                "ORDER BY tablename", (schema,))]
-            return {t: sorted(self.sql(f"SELECT * FROM {t}"), key=repr)
-                    for t in tables}
+            with contextlib.closing(pg_connect(self.db)) as conn:
+                tables = [row[0] for row in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = %s "
+                    "ORDER BY tablename", (schema,))]
+                return {t: sorted((tuple(row) for row in
+                                   conn.execute(f"SELECT * FROM {t}")), key=repr)
+                        for t in tables}
         conn = sqlite3.connect(self.db)
         try:
             tables = [row[0] for row in conn.execute(
