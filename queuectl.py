@@ -3373,9 +3373,10 @@ class _PgListener:
 
     def __init__(self, conn):
         self.conn = conn
+        self.fd = conn.pgconn.socket      # asked once: a lost connection has none
 
     def fileno(self):
-        return self.conn.pgconn.socket
+        return self.fd
 
     def drain(self):
         """Read the wake-ups that came; raise QueueError if the connection is lost."""
@@ -4432,7 +4433,7 @@ class Worker:
             if tell_start:
                 wait = min(wait, tell_start - now)
             fence_at = self.fence_at(claim)
-            if fence_at is not None:
+            if fence_at is not None and run.kill_at is None:
                 wait = min(wait, fence_at - now)
             for fd in self.poll(max(0.0, wait)):
                 run.readable(fd)
@@ -4442,7 +4443,8 @@ class Worker:
             if why is None and self.stop.level >= COLD:
                 why = ABORT_COLD
             fence_at = self.fence_at(claim)
-            if why is None and fence_at is not None and now >= fence_at:
+            if why is None and fence_at is not None and now >= fence_at and \
+                    run.kill_at is None:
                 # Neither its supervisor nor this worker could renew the lease (the
                 # database is away, or the supervisor frozen): another host may take
                 # the job once it runs out, so this run must end before then.
@@ -4832,6 +4834,13 @@ class Slot:
             return False
 
 
+# What a supervisor may fail to do when a shared store's server is away.
+DATABASE_TROUBLES = ("reach the database; jobs go on running, and what they report is "
+                     "kept until it is back", "claim jobs", "check the jobs workers hold",
+                     "write what workers reported; will retry",
+                     "recover expired claims or purge", "store the output of running jobs")
+
+
 class Supervisor:
     """Runs COUNT worker processes and writes for them.
 
@@ -4886,6 +4895,8 @@ class Supervisor:
         self.fenced = {}             # token of a run stopped for a lease not renewed
                                      # -> when (monotonic)
         self.fence_kills = []        # RunKill of those runs, in case their worker froze
+        self.unwritten = []          # ids of jobs whose recovery it could not begin
+        self.database_away = False   # a shared store did not answer: say when it does
         self.shared_output = {}      # run token -> the size of its output last stored
 
     def run(self):
@@ -4990,6 +5001,8 @@ class Supervisor:
 
     def complain(self, what, error):
         """Log that the supervisor could not do WHAT, unless it said so already."""
+        if what in DATABASE_TROUBLES:
+            self.database_away = self.shared
         error = error.strerror if isinstance(error, OSError) and error.strerror \
             else str(error)
         if self.complaints.get(what) != error:
@@ -5000,6 +5013,7 @@ class Supervisor:
         """Ids of jobs whose end this supervisor could not write down."""
         ids = [claim.id for _, claim, _ in self.finished]
         ids += [recovery.job_id for recovery in self.recoveries]
+        ids += self.unwritten
         return list(dict.fromkeys(ids))
 
     def wake(self, signum, frame):
@@ -5017,7 +5031,7 @@ class Supervisor:
             gone = self.store.not_held([(claim.id, claim.token) for _, claim in held])
             paused = self.store.paused()
         except QueueError as e:
-            log(f"supervisor: could not check the jobs workers hold: {e}")
+            self.complain("check the jobs workers hold", e)
             return
         self.abort(gone, ABORT_CANCELLED)
         if paused:
@@ -5104,8 +5118,11 @@ class Supervisor:
                           "report is kept until it is back", e)
             self.unlisten()
             return
-        if self.complaints.pop("reach the database; jobs go on running, and what "
-                               "they report is kept until it is back", None):
+        if self.database_away:
+            # Said once, as each trouble was: the next one is said again.
+            self.database_away = False
+            for what in DATABASE_TROUBLES:
+                self.complaints.pop(what, None)
             log("supervisor: the database answers again")
         if self.listener is None:
             self.listen()
@@ -5629,16 +5646,27 @@ class Supervisor:
             self.forget(slot)
             if self.store is not None:
                 for claim, how in known:
-                    self.start_recovery(self.store, claim.id, claim.token,
-                                        "supervisor", cold=True, **how)
+                    try:
+                        self.start_recovery(self.store, claim.id, claim.token,
+                                            "supervisor", cold=True, **how)
+                    except QueueError as e:
+                        # The database is away: the run goes all the same; its
+                        # claim is recovered once its lease runs out.
+                        self.complain("recover the jobs of its workers", e)
+                        group = how.get("group") or (None, None)
+                        self.fence_kills.append(RunKill(claim.token, *group))
+                        self.unwritten.append(claim.id)
         # Kill every run; then write what became of them, for a short while if the
         # database refuses (read-only, full): processes must go, records may wait.
         give_up = None
-        while self.store is not None and (self.recoveries or self.record_at):
+        while self.store is not None and (self.recoveries or self.record_at or
+                                          self.fence_kills):
+            self.fence_kills = [kill for kill in self.fence_kills if not kill.poll()]
             self.step_recoveries()
             if self.record_at is not None:
                 log(*(self.start_lines() + self.write_reports()))
-            if all(recovery.killed for recovery in self.recoveries):
+            if not self.fence_kills and all(recovery.killed
+                                            for recovery in self.recoveries):
                 give_up = give_up or time.monotonic() + STOP_RECORD_TRIES_S
                 if time.monotonic() > give_up:
                     break
