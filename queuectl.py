@@ -2187,6 +2187,73 @@ class Store:
             }
         return self._read(body)
 
+    # -- a whole queue, copied to another store (copy --to) -----------------------------
+
+    _JOB_TABLE = ("id", "command", "cwd", "state", "ready", "priority", "attempts",
+                  "max_retries", "timeout_s", "run_at", "created_at", "updated_at",
+                  "last_error", "unique_key", "claim_token", "run_token", "worker_pid",
+                  "worker_start", "claim_host", "run_pgid", "run_pg_start",
+                  "lease_until")
+    _RUN_TABLE = ("job_id", "number", "run_token", "worker_pid", "started_at",
+                  "finished_at", "outcome", "exit_code", "reason", "duration_s",
+                  "stdout", "stderr", "stdout_dropped", "stderr_dropped")
+    _EVERY_JOB = f"SELECT {', '.join(_JOB_TABLE)} FROM jobs ORDER BY rowid"
+    _EVERY_RUN = f"SELECT {', '.join(_RUN_TABLE)} FROM attempts ORDER BY id"
+    _EVERY_DEPENDENCY = "SELECT job_id, after_id FROM deps ORDER BY job_id, after_id"
+    _COPY_JOB = (f"INSERT INTO jobs ({', '.join(_JOB_TABLE)}) VALUES "
+                 f"({', '.join('?' * len(_JOB_TABLE))})")
+    _COPY_RUN = (f"INSERT INTO attempts ({', '.join(_RUN_TABLE)}) VALUES "
+                 f"({', '.join('?' * len(_RUN_TABLE))})")
+    _ADD_RUN_TOTAL = ("INSERT INTO run_totals (outcome, bucket, runs, seconds) "
+                      "VALUES (?, ?, ?, ?) ON CONFLICT (outcome, bucket) DO UPDATE "
+                      "SET runs = runs + excluded.runs, "
+                      "seconds = seconds + excluded.seconds")
+    _ADD_RUN_MINUTE = ("INSERT INTO run_minutes (minute, outcome, runs) VALUES "
+                       "(?, ?, ?) ON CONFLICT (minute, outcome) DO UPDATE "
+                       "SET runs = runs + excluded.runs")
+
+    def export(self):
+        """Everything of the queue, read in one transaction, to copy into another
+        store (import_queue): jobs, runs, dependencies, settings, run counts.
+        Refused while a job is processing: its run would go on in this queue."""
+        def body(conn):
+            jobs = [tuple(row) for row in conn.execute(self._EVERY_JOB)]
+            running = [job[0] for job in jobs if job[3] == PROCESSING]
+            if running:
+                raise Refused(f"{len(running)} job(s) are processing ({', '.join(running[:5])}"
+                              f"{', ...' if len(running) > 5 else ''}): stop the "
+                              f"workers first (worker stop), then copy")
+            return {"jobs": jobs,
+                    "runs": [tuple(row) for row in conn.execute(self._EVERY_RUN)],
+                    "deps": [tuple(row) for row in conn.execute(self._EVERY_DEPENDENCY)],
+                    "config": [tuple(row) for row in conn.execute(self._CONFIG)],
+                    "totals": [tuple(row) for row in conn.execute(self._TOTALS)],
+                    "minutes": [tuple(row) for row in conn.execute(self._MINUTES, ("",))]}
+        return self._read(body)
+
+    def import_queue(self, data):
+        """Add a queue that export() read, in one transaction; refuse (naming them)
+        jobs whose ids this queue has already. Its settings replace these."""
+        def body(conn):
+            clash = [job[0] for job in data["jobs"] if self._state_of(conn, job[0])]
+            if clash:
+                raise Refused(f"the destination has {len(clash)} job(s) of the same "
+                              f"id already ({', '.join(clash[:5])}"
+                              f"{', ...' if len(clash) > 5 else ''}): nothing copied")
+            conn.executemany(self._COPY_JOB, data["jobs"])
+            conn.executemany(self._COPY_RUN, data["runs"])
+            conn.executemany(self._ADD_DEPENDENCY, data["deps"])
+            for key, value in data["config"]:
+                conn.execute(self._SET_CONFIG, (key, value))
+            states = collections.Counter(job[3] for job in data["jobs"])
+            for state, count in states.items():
+                conn.execute(self._COUNT_ADDED, (count, state))
+            conn.executemany(self._ADD_RUN_TOTAL, data["totals"])
+            conn.executemany(self._ADD_RUN_MINUTE, data["minutes"])
+            self._notify(conn)
+        self._config_version = None
+        self._write(body)
+
     # -- supervisors -----------------------------------------------------------------
 
     _SUPERVISORS = "SELECT * FROM supervisors ORDER BY started_at"
@@ -3359,6 +3426,13 @@ class PostgresStore(Store):
                         "GROUP BY outcome")
     _MINUTES = ("SELECT minute, outcome, sum(runs)::bigint FROM run_minutes "
                 "WHERE minute >= ? GROUP BY minute, outcome")
+    _ADD_RUN_TOTAL = ("INSERT INTO run_totals (outcome, bucket, slot, runs, seconds) "
+                      "VALUES (?, ?, 0, ?, ?) ON CONFLICT (outcome, bucket, slot) DO "
+                      "UPDATE SET runs = run_totals.runs + excluded.runs, "
+                      "seconds = run_totals.seconds + excluded.seconds")
+    _ADD_RUN_MINUTE = ("INSERT INTO run_minutes (minute, outcome, slot, runs) VALUES "
+                       "(?, ?, 0, ?) ON CONFLICT (minute, outcome, slot) DO UPDATE "
+                       "SET runs = run_minutes.runs + excluded.runs")
     # Lock after filtering, and skip what another supervisor holds (Oban, River).
     _PROMOTE_DUE = (f"UPDATE jobs SET ready = 1 WHERE id IN (SELECT id FROM jobs "
                     f"WHERE {Store._SCHEDULED} AND run_at <= ? FOR UPDATE SKIP "
@@ -6983,6 +7057,35 @@ def cmd_config_set(args):
         text = store.set_config(key, value)
     note_created(store)
     print(f"{key} = {text}")
+
+
+@command("copy", "copy the queue into another database (to move it)",
+         arg("--to", required=True, metavar="DATABASE",
+             help="the database to copy into: a postgresql:// URL, or a SQLite file's "
+                  "path (created if need be)"),
+         epilog="copies every job with its runs, output, dependencies and unique key, "
+                "and the settings, in one transaction; refused while workers run on "
+                "this queue, or if the destination has a job of the same id")
+def cmd_copy(args):
+    target = database_target(args.to)
+    if target == args.db:
+        raise UsageError("--to names the database being copied")
+    with store_of(args) as source:
+        here = find_supervisor(args.db, source)
+        elsewhere = [row for row in source.supervisors() if source.shared and
+                     not row["lost"] and (row["host"], row["boot_id"]) != host_identity()]
+        if here or elsewhere:
+            where = f"supervisor pid {here.pid}" if here else \
+                f"on host {elsewhere[0]['host']}"
+            raise Refused(f"workers are running on this queue ({where}): stop them "
+                          f"first (worker stop), so that no job runs on both")
+        data = source.export()
+    with open_store(target) as destination:
+        destination.import_queue(data)
+    note_created(destination)
+    print(f"copied {len(data['jobs'])} job(s), {len(data['runs'])} run(s) and "
+          f"{len(data['config'])} setting(s) to {shown(destination.path)}")
+    return EXIT_OK
 
 
 @command("stats", "show throughput and run times", json=True)

@@ -174,6 +174,9 @@ def pg_server():
             except (OSError, subprocess.SubprocessError, RuntimeError) as e:
                 _PG_SERVER["skip"] = f"no PostgreSQL server: {e}"
     if "skip" in _PG_SERVER:
+        if os.environ.get("QUEUECTL_TEST_PG_REQUIRED") == "1":    # .ci/run
+            raise AssertionError(f"the PostgreSQL tests cannot run: "
+                                 f"{_PG_SERVER['skip']}")
         raise unittest.SkipTest(_PG_SERVER["skip"])
     return _PG_SERVER["url"]
 
@@ -261,6 +264,29 @@ def drop_pg_schema(url):
     with contextlib.closing(pg_connect(url)) as conn:
         schema = queuectl.pg_url(url)[1]
         conn.execute("DROP SCHEMA IF EXISTS " + schema + " CASCADE")
+
+
+def another_db(test, name):
+    """A second database of TEST's store, not made yet: the file NAME in its temp
+    directory, or a schema of its own on its PostgreSQL server (dropped at cleanup)."""
+    if not test.postgres:
+        return test.path(name)
+    url = pg_schema_url(pg_server(), "t" + os.urandom(6).hex())
+    test.addCleanup(drop_pg_schema, url)
+    return url
+
+
+def db_exists(db):
+    """Whether the database DB (a path or a postgresql:// URL) has been created."""
+    if queuectl.is_postgres(db):
+        return queuectl.PostgresStore.exists(db)
+    return os.path.exists(db)
+
+
+def created_note(db):
+    """The line a command that creates the database DB writes on stderr."""
+    where = queuectl.pg_url(db)[2] if queuectl.is_postgres(db) else os.path.realpath(db)
+    return f"queuectl: created a new database at {where}\n"
 
 
 def add_postgres_variants(namespace):

@@ -8,8 +8,11 @@ import shutil
 import subprocess
 import sys
 import unittest
+from urllib.parse import parse_qsl, quote, urlsplit
 
-from tests.support import add_postgres_variants, ROOT, QUEUECTL, QueueTestCase, claim_one, queuectl
+from tests.support import (QUEUECTL, ROOT, QueueTestCase, add_postgres_variants,
+                           another_db, claim_one, created_note, db_exists,
+                           pg_schema_url, pg_server, queuectl)
 
 PY39 = "/root/.pyenv/versions/3.9.18/bin/python3"
 
@@ -254,14 +257,14 @@ class DbOptionTest(QueueTestCase):
 
     def test_db_before_and_after_subcommand(self):
         """--db works before the subcommand and after it."""
-        before = os.path.join(self.dir, "before.db")
-        after = os.path.join(self.dir, "after.db")
+        before = another_db(self, "before.db")
+        after = another_db(self, "after.db")
         code, out, err = self.main_raw("--db", before, "enqueue",
                                        '{"id": "b", "command": "true"}')
-        self.assertEqual((code, out, err), (0, "b\n", self.created_note(before)))
+        self.assertEqual((code, out, err), (0, "b\n", created_note(before)))
         code, out, err = self.main_raw("enqueue", '{"id": "a", "command": "true"}',
                                        "--db", after)
-        self.assertEqual((code, out, err), (0, "a\n", self.created_note(after)))
+        self.assertEqual((code, out, err), (0, "a\n", created_note(after)))
         for path, job_id in ((before, "b"), (after, "a")):
             for argv in (("--db", path, "list", "--json"), ("list", "--json", "--db", path),
                          ("dlq", "list", "--db", path, "--json"),
@@ -276,14 +279,14 @@ class DbOptionTest(QueueTestCase):
                         self.assertEqual([j["id"] for j in doc], [job_id])
         code, out, err = self.main_raw("config", "get", "max_retries", "--db", after)
         self.assertEqual((code, out, err), (0, "3\n", ""))
-        self.assertFalse(os.path.exists(self.db))
+        self.assertFalse(self.db_exists())
 
     def test_db_env_var(self):
         """Without --db, $QUEUECTL_DB names the database (subprocess)."""
         result = self.run_cli("enqueue", '{"id": "envjob", "command": "true"}')
         self.assertEqual((result.returncode, result.stdout, result.stderr),
                          (0, "envjob\n", self.created_note()))
-        self.assertTrue(os.path.exists(self.db))
+        self.assertTrue(self.db_exists())
         result = self.run_cli("show", "envjob", "--json")
         self.assertEqual((result.returncode, result.stderr), (0, ""))
         self.assertEqual(json.loads(result.stdout)["id"], "envjob")
@@ -293,9 +296,9 @@ class DbOptionTest(QueueTestCase):
 
     def test_db_at_every_level(self):
         """--db works after a command group's name too, and every group lists it."""
-        other = self.path("other.db")
+        other = another_db(self, "other.db")
         code, out, err = self.cli("enqueue", "--db", other, '{"id": "o", "command": "x"}')
-        self.assertEqual((code, err), (0, self.created_note(other)))
+        self.assertEqual((code, err), (0, created_note(other)))
         for argv in (["dlq", "--db", other, "list", "--json"],
                      ["config", "--db", other, "show", "--json"],
                      ["worker", "--db", other, "stop"]):
@@ -313,23 +316,19 @@ class NewDatabaseTest(QueueTestCase):
 
     def test_a_command_that_creates_the_database_says_so_once(self):
         """enqueue, config set and worker start say on stderr when they created the
-        database (a relative --db from another directory makes a second queue)."""
-        other = self.path("elsewhere")
-        os.mkdir(other)
-        result = self.run_cli("--db", "q.db", "enqueue", "-c", "true", cwd=other)
-        path = os.path.join(other, "q.db")
-        self.assertEqual((result.returncode, result.stderr),
-                         (0, f"queuectl: created a new database at {path}\n"))
-        result = self.run_cli("--db", "q.db", "enqueue", "-c", "true", cwd=other)
+        database, and only then."""
+        queued = another_db(self, "queued.db")
+        result = self.run_cli("--db", queued, "enqueue", "-c", "true")
+        self.assertEqual((result.returncode, result.stderr), (0, created_note(queued)))
+        result = self.run_cli("--db", queued, "enqueue", "-c", "true")
         self.assertEqual((result.returncode, result.stderr), (0, ""))
         code, out, err = self.cli("config", "set", "max_retries", "1")
         self.assertEqual((code, out, err), (0, "max_retries = 1\n", self.created_note()))
         self.assertEqual(self.cli("config", "set", "max_retries", "2")[2], "")
-        fresh = self.path("fresh.db")
+        fresh = another_db(self, "fresh.db")
         result = self.run_cli("--db", fresh, "worker", "start", "--detach")
         self.addCleanup(lambda: self.run_cli("--db", fresh, "worker", "stop"))
-        self.assertEqual((result.returncode, result.stderr),
-                         (0, self.created_note(fresh)))
+        self.assertEqual((result.returncode, result.stderr), (0, created_note(fresh)))
         self.assertEqual(self.run_cli("--db", fresh, "worker", "stop").returncode, 0)
 
     def test_a_refused_or_reading_command_creates_nothing_and_says_nothing(self):
@@ -339,6 +338,7 @@ class NewDatabaseTest(QueueTestCase):
         self.assertEqual(self.cli("config", "show"), (0, "".join(
             f"{key} = {value}\n" for key, value in queuectl.CONFIG_DEFAULTS.items()), ""))
         self.assertEqual(os.listdir(self.dir), [])
+        self.assertFalse(self.db_exists())
 
     def test_missing_database(self):
         """Reading commands on a missing database fail and create no file."""
@@ -349,6 +349,25 @@ class NewDatabaseTest(QueueTestCase):
                 err = self.assertFailsCleanly(1, *argv)
                 self.assertIn(self.db, err)
                 self.assertEqual(os.listdir(self.dir), [])
+        self.assertFalse(self.db_exists())
+
+
+class SQLiteDbPathTest(QueueTestCase):
+    """--db as a SQLite file's path: relative to the current directory, in a
+    directory that is missing."""
+
+    def test_a_relative_db_names_a_file_in_the_current_directory(self):
+        """A relative --db from another directory makes a second queue there, and
+        the note names its absolute path."""
+        other = self.path("elsewhere")
+        os.mkdir(other)
+        result = self.run_cli("--db", "q.db", "enqueue", "-c", "true", cwd=other)
+        path = os.path.join(other, "q.db")
+        self.assertEqual((result.returncode, result.stderr),
+                         (0, f"queuectl: created a new database at {path}\n"))
+        result = self.run_cli("--db", "q.db", "enqueue", "-c", "true", cwd=other)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertFalse(os.path.exists(self.db))
 
     def test_missing_database_in_missing_directory(self):
         """A missing directory is not created by reading commands."""
@@ -485,14 +504,14 @@ class ExecutableTest(QueueTestCase):
         self.assertTrue(os.access(script, os.X_OK), "queuectl.py is not executable")
         with open(script) as f:                       # the scripting contract's #! line
             self.assertEqual(f.readline(), "#!/usr/bin/env python3\n")
-        missing = os.path.join(self.dir, "missing.db")
+        missing = another_db(self, "missing.db")
         result = subprocess.run(["./queuectl.py", "--db", missing, "status"], cwd=dest,
                                 env=self.env, capture_output=True, text=True, timeout=30)
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertEqual(result.stdout, "")
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
         self.assertTrue(result.stderr.startswith("queuectl: error: "), result.stderr)
-        self.assertFalse(os.path.exists(missing))
+        self.assertFalse(db_exists(missing))
         result = subprocess.run(["./queuectl.py", "--help"], cwd=dest, env=self.env,
                                 capture_output=True, text=True, timeout=30)
         self.assertEqual((result.returncode, result.stderr), (0, ""))
@@ -510,7 +529,7 @@ class ExecutableTest(QueueTestCase):
         os.symlink(copy, link)
         trap = self.path("cwd")
         os.mkdir(trap)
-        for name in ("json", "sqlite3", "argparse"):
+        for name in ("json", "sqlite3", "argparse", "psycopg"):
             with open(os.path.join(trap, f"{name}.py"), "w") as f:
                 f.write("raise SystemExit('imported from the current directory')\n")
         env = dict(self.env, PATH=os.path.dirname(sys.executable) + os.pathsep +
@@ -542,6 +561,112 @@ class ExecutableTest(QueueTestCase):
         """--version prints the program name and version."""
         code, out, err = self.cli("--version")
         self.assertEqual((code, out.strip()), (0, f"queuectl {queuectl.__version__}"))
+
+
+class PostgresUrlTest(QueueTestCase):
+    """--db as a postgresql:// URL: a server that is not there, a schema name that
+    is not one, a password that is never shown."""
+
+    store_kind = "postgres"
+    SECRET = "pw-Xq7-never-shown"
+
+    def test_a_server_that_is_not_there_is_one_error_line(self):
+        """Every command on a URL whose server cannot be reached (no socket; nothing
+        listening on the port) exits 1 with one line naming the URL, its password
+        masked, and leaves no file behind. (Each rides out a lost server for
+        PG_RETRY_S first, so the commands run at once, as processes.)"""
+        urls = (f"postgresql://queuectl@/postgres?host={quote(self.dir)}&port=1"
+                f"&password={self.SECRET}&schema=q",
+                f"postgresql://queuectl:{self.SECRET}@127.0.0.1:1/postgres")
+        verbs = (("status",), ("status", "--check"), ("list", "--json"), ("show", "x"),
+                 ("enqueue", "-c", "true"), ("config", "show"),
+                 ("config", "get", "max_retries"), ("config", "set", "max_retries", "1"))
+        runs = []
+        for url in urls:
+            for argv in verbs[:len(verbs) if url == urls[0] else 3]:
+                runs.append((url, argv, subprocess.Popen(
+                    [sys.executable, QUEUECTL, "--db", url, *argv], env=self.env,
+                    cwd=self.dir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True)))
+        for url, argv, proc in runs:
+            out, err = proc.communicate(timeout=queuectl.PG_RETRY_S + 30)
+            with self.subTest(url=url, argv=argv):
+                self.assertOneErrorLine(1, proc.returncode, out, err)
+                self.assertTrue(err.startswith(f"queuectl: error: cannot connect to "
+                                               f"{queuectl.pg_url(url)[2]}: "), err)
+                self.assertIn("***", err)
+                self.assertNotIn(self.SECRET, err)
+        self.assertEqual(self.tree(), [])
+
+    def test_a_schema_that_is_not_a_name_is_a_usage_error(self):
+        """?schema= must be a lower-case SQL name: anything else is a usage error
+        (exit 2, one line), before any connection, and creates nothing."""
+        for schema in ("Queue", "a;drop table jobs", "", "1x", "x" * 64, "a-b"):
+            url = pg_schema_url(pg_server(), quote(schema, safe=""))
+            for argv in (("status",), ("enqueue", "-c", "true"), ("config", "show"),
+                         ("config", "set", "max_retries", "1"), ("worker", "stop")):
+                with self.subTest(schema=schema, argv=argv):
+                    code, out, err = self.main_raw("--db", url, *argv)
+                    self.assertOneErrorLine(2, code, out, err)
+                    self.assertIn(f"schema must be a lower-case name of letters, "
+                                  f"digits and _: {schema!r}", err)
+        result = self.run_cli("enqueue", "-c", "true", env=dict(
+            self.env, QUEUECTL_DB=pg_schema_url(pg_server(), "Upper")))
+        self.assertOneErrorLine(2, result.returncode, result.stdout, result.stderr)
+        self.assertEqual(self.tree(), [])
+        self.assertFalse(self.db_exists())
+
+    def test_a_schema_of_another_programs_tables_is_refused_and_left_alone(self):
+        """A schema that holds tables not queuectl's is refused by every command
+        (exit 1, one line; config show does not take it for an empty queue) and
+        nothing is added to it."""
+        schema = queuectl.pg_url(self.db)[1]
+        self.sql(f"CREATE SCHEMA {schema}")
+        self.sql("CREATE TABLE stuff (x integer)")
+        for argv in (("status",), ("list",), ("config", "show"),
+                     ("config", "get", "max_retries"), ("config", "set", "max_retries", "1"),
+                     ("enqueue", "-c", "true")):
+            with self.subTest(argv=argv):
+                err = self.assertFailsCleanly(1, *argv)
+                self.assertIn(f"schema {schema} holds tables that are not queuectl's", err)
+        self.assertEqual(self.sql("SELECT tablename FROM pg_tables WHERE schemaname = ?",
+                                  (schema,)), [("stuff",)])
+
+    def test_a_password_in_the_url_is_never_shown(self):
+        """A password in the URL (user:password@ or ?password=) is masked wherever
+        the URL is shown: the new-database note, status, errors, and the names of
+        this host's files."""
+        parts = urlsplit(self.db)
+        if parts.password or "password" in dict(parse_qsl(parts.query)):
+            self.skipTest("the test server's URL has a password of its own")
+        by_query = self.db + "&password=" + self.SECRET
+        netloc = parts.netloc.replace("@", f":{self.SECRET}@", 1) \
+            if parts.username and "@" in parts.netloc else None
+        code, out, err = self.main_raw("--db", by_query, "enqueue", "-c", "true",
+                                       "--id", "j")
+        self.assertEqual((code, out, err), (0, "j\n", created_note(by_query)))
+        self.assertIn("password=***", err)
+        urls = [by_query] + ([parts._replace(netloc=netloc).geturl()] if netloc else [])
+        for url in urls:
+            for argv, want in ((("status",), 0), (("status", "--json"), 0), (("list",), 0),
+                               (("show", "j"), 0), (("stats",), 0), (("config", "show"), 0),
+                               (("worker", "stop"), 0), (("show", "nope"), 1),
+                               (("enqueue", "-c", "true", "--id", "j"), 1)):
+                with self.subTest(url=url, argv=argv):
+                    code, out, err = self.main_raw("--db", url, *argv)
+                    self.assertEqual(code, want, err)
+                    self.assertNotIn(self.SECRET, out + err)
+                    if argv[0] == "status":
+                        self.assertIn("***", out)
+            missing = url.replace(queuectl.pg_url(self.db)[1], "tmissing")
+            code, out, err = self.main_raw("--db", missing, "status")
+            self.assertOneErrorLine(1, code, out, err)
+            self.assertIn("***", err)
+            self.assertNotIn(self.SECRET, err)
+        result = self.run_cli("status", "--json", env=dict(self.env, QUEUECTL_DB=by_query))
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual(json.loads(result.stdout)["db"], queuectl.pg_url(by_query)[2])
+        self.assertFalse([path for path in self.tree() if self.SECRET in path])
 
 
 add_postgres_variants(globals())
