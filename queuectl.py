@@ -627,8 +627,11 @@ def parse_config_value(key, text):
         raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})") from None
     if kind != int and value == int(value):
         value = int(value)
-    if value < minimum or value >= INT_LIMIT:
+    if value < minimum:
         raise UsageError(f"bad value for {key}: {text!r} (expected {wanted})")
+    if value >= INT_LIMIT:
+        raise UsageError(f"bad value for {key}: {text!r} (too large: at most "
+                         f"{INT_LIMIT - 1}{'s' if kind == 'duration' else ''})")
     return value
 
 
@@ -4776,6 +4779,9 @@ def supervisor_alive(row):
     host and boot, and its pid still the process that started then."""
     if (row["host"], row["boot_id"]) != host_identity():
         return False
+    fields = _proc_stat(row["pid"])
+    if fields and fields[0] in "ZX":
+        return False                           # exited; its parent has not reaped it
     if row["pid_start"] is None or start_ticks(row["pid"]) is None:
         return _pid_exists(row["pid"])         # no /proc: the pid alone
     return start_ticks(row["pid"]) == row["pid_start"]
@@ -5951,6 +5957,11 @@ def status_report(store, max_age=None, max_dead=0):
         problems.append((EXIT_CHECK_NO_WORKERS,
                          f"{len(stuck)} job(s) held by a worker that is gone; start "
                          f"workers to recover them"))
+    fields = _proc_stat(here["pid"]) if here else None
+    if fields and fields[0] in "Tt":
+        problems.append((EXIT_CHECK_NO_WORKERS,
+                         f"the supervisor (pid {here['pid']}) is stopped (SIGSTOP?): no "
+                         f"job starts until it is continued (kill -CONT {here['pid']})"))
     lost = [s["host"] for s in supervisors if s["lost"]]
     if lost:
         problems.append((EXIT_CHECK_NO_WORKERS,
@@ -6279,6 +6290,8 @@ def cmd_enqueue(args):
         raise UsageError("give a job: JSON, - to read one per line from stdin, or "
                          "-c COMMAND")
     elif args.job == "-":
+        if sys.stdin is None:
+            raise UsageError("enqueue - reads jobs from standard input, which is closed")
         jobs = read_jobs(sys.stdin.buffer.read(), now)
         if not jobs:
             raise UsageError("no jobs on standard input")
@@ -6326,14 +6339,23 @@ def _job_flags(args):
 
 
 def read_jobs(data, now):
-    """Validate DATA, one JSON job per line (blank lines skipped), all or none."""
+    """Validate DATA, one JSON job per line (blank lines skipped), all or none. A
+    UTF-8 byte-order mark before the first line (Windows editors) is skipped."""
     stamp = iso(now)
-    jobs = []
+    jobs, lines_of = [], {}
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     for number, raw in enumerate(data.split(b"\n"), 1):
         try:
             line = raw.decode("utf-8")
             if line.strip():
-                jobs.append(validate_job(_parse_json(line), now, stamp))
+                job = validate_job(_parse_json(line), now, stamp)
+                jobs.append(job)
+                if job["id"] is not None:
+                    if job["id"] in lines_of:
+                        raise QueueError(f"line {number}: duplicate job id: {job['id']} "
+                                         f"(line {lines_of[job['id']]} has it too)")
+                    lines_of[job["id"]] = number
         except UnicodeDecodeError:
             raise UsageError(f"line {number}: not valid UTF-8") from None
         except UsageError as e:
@@ -8066,6 +8088,13 @@ def _enqueue_hint(args, extra):
     return ""
 
 
+def _drop_stdout():
+    """Send the rest of stdout (and what is buffered of it) nowhere, so that
+    Python's own flush at exit fails no more."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv=None):
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else argv):
@@ -8094,9 +8123,15 @@ def main(argv=None):
         return 130
     except BrokenPipeError:
         # The reader went away (queuectl list | head): not an error of ours.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         return EXIT_OK
+    except OSError as e:
+        # Its output could not be written (a full disk: > /dev/full); what it did
+        # is done, and says so, so that a script does not do it again blindly.
+        _drop_stdout()
+        print(f"{PROG}: error: could not write its output ({e.strerror or e}); any "
+              f"change it made to the queue stands", file=sys.stderr)
+        return EXIT_ERROR
 
 
 

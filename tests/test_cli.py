@@ -214,6 +214,21 @@ class UsageMessageTest(QueueTestCase):
 class ExitCodeTest(QueueTestCase):
     """0 success, 1 runtime error, 2 usage error, in-process and as processes."""
 
+    def test_output_that_cannot_be_written_is_one_error_line(self):
+        """stdout on a full disk (/dev/full): exit 1 and one line that says the
+        command's change stands (enqueue added its job), no traceback."""
+        for argv, jobs in ((["enqueue", "-c", "true"], 1), (["list"], 1)):
+            with open("/dev/full", "w") as full:
+                result = subprocess.run([sys.executable, QUEUECTL, *argv], env=self.env,
+                                        stdout=full, stderr=subprocess.PIPE, text=True,
+                                        timeout=30)
+            err = result.stderr.replace(self.created_note(), "")
+            self.assertEqual((result.returncode, err),
+                             (1, "queuectl: error: could not write its output (No "
+                                 "space left on device); any change it made to the "
+                                 "queue stands\n"), argv)
+            self.assertEqual(self.count("pending"), jobs)
+
     def test_unknown_job(self):
         """show, delete and dlq retry of an unknown id fail."""
         self.enqueue(id="j1", command="true")

@@ -60,6 +60,16 @@ class ConfigValueTest(QueueTestCase):
     """What config set stores and config show and get read back: plain decimals,
     defaults when nothing usable is stored."""
 
+    def test_a_value_too_large_says_the_largest(self):
+        """A value past the largest a key takes names that largest, not only the
+        smallest (which it satisfies)."""
+        for key, value, most in (("output_limit", "99999999999999", "2147483647"),
+                                 ("lease_timeout", "99999999999d", "2147483647s"),
+                                 ("max_retries", "99999999999999999999", "2147483647")):
+            err = self.assertFailsCleanly(2, "config", "set", key, value)
+            self.assertEqual(err, f"queuectl: error: bad value for {key}: {value!r} "
+                                  f"(too large: at most {most})\n")
+
     def test_a_tiny_duration_is_refused_and_values_are_stored_plainly(self):
         """config set refuses a job_timeout under 0.01 s (it used to store 1e-05,
         which the queue then could not read) and stores plain decimals."""
@@ -138,10 +148,18 @@ class ConfigValueTest(QueueTestCase):
                          "".join(f"{key} = {value}\n" for key, value in want.items()))
         self.assertEqual(self.ok("config", "get", "job-timeout"), "300\n")
         self.assertEqual(self.cli("config", "get", "bogus")[0], 2)
-        open(self.db, "w").close()                  # an empty file (mktemp) too
-        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
-        os.remove(self.db)
+        if self.postgres:                           # an empty schema, made by hand
+            schema = queuectl.pg_url(self.db)[1]
+            self.sql(f"CREATE SCHEMA {schema}")
+            self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
+            self.assertEqual(self.sql("SELECT count(*) FROM pg_tables WHERE "
+                                      "schemaname = ?", (schema,)), [(0,)])
+        else:
+            open(self.db, "w").close()              # an empty file (mktemp) too
+            self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
+            os.remove(self.db)
         self.assertEqual(os.listdir(self.dir), [])
+        self.assertFalse(self.db_exists())
 
 
 add_postgres_variants(globals())

@@ -5,9 +5,12 @@ waited for, shown, and ended dead with a dependency that dies)."""
 import json
 import os
 import shlex
+import subprocess
+import sys
 import unittest
 
-from tests.support import add_postgres_variants, QueueTestCase, failed, wait_until
+from tests.support import (QUEUECTL, QueueTestCase, add_postgres_variants, failed,
+                           wait_until)
 
 q = shlex.quote
 
@@ -52,6 +55,26 @@ class EnqueueTest(QueueTestCase):
 class EnqueueStdinTest(QueueTestCase):
     """enqueue -: a batch of JSON lines, added whole or not at all."""
 
+    def test_a_byte_order_mark_is_skipped_and_a_twice_given_id_is_located(self):
+        """A UTF-8 byte-order mark before the first line (a Windows editor) is
+        skipped; an id given on two lines is refused naming both lines."""
+        code, out, err = self.cli("enqueue", "-", stdin='\ufeff{"command": "x"}\n')
+        self.assertEqual((code, len(out.split())), (0, 1), err)
+        batch = '{"command": "a", "id": "d1"}\n{"command": "b", "id": "d1"}\n'
+        err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
+        self.assertEqual(err, "queuectl: error: line 2: duplicate job id: d1 (line 1 "
+                              "has it too)\n")
+
+    def test_a_closed_stdin_is_one_error_line(self):
+        """enqueue - with standard input closed (<&-): exit 2, one line."""
+        self.ok("enqueue", "-c", "true")
+        result = subprocess.run(["sh", "-c", 'exec "$0" "$1" enqueue - <&-',
+                                 sys.executable, QUEUECTL], env=self.env,
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (2, "", "queuectl: error: enqueue - reads jobs from standard "
+                                 "input, which is closed\n"))
+
     def test_stdin_batch(self):
         """enqueue - adds every line at once, prints one id per line, skips blanks."""
         stdin = ('{"id": "a", "command": "echo a"}\n\n   \n'
@@ -79,7 +102,7 @@ class EnqueueStdinTest(QueueTestCase):
     def test_stdin_bad_line_creates_no_database(self):
         """A refused batch does not create the database."""
         self.assertFailsCleanly(2, "enqueue", "-", stdin='{"command": "true"}\n[1]\n')
-        self.assertFalse(os.path.exists(self.db))
+        self.assertFalse(self.db_exists())
 
     def test_stdin_empty(self):
         """enqueue - with no jobs on stdin is a usage error."""
@@ -278,7 +301,7 @@ class CommandLengthTest(QueueTestCase):
                 self.assertIn(f"is {limit + 1} bytes long", err)
                 self.assertIn(f"at most {limit} bytes", err)
                 self.assertIn("script file", err)
-                self.assertFalse(os.path.exists(self.db))
+                self.assertFalse(self.db_exists())
         self.assertIn("-c is 131072 bytes long", self.cli("enqueue", "-c",
                                                           long_command)[2])
 
@@ -326,7 +349,7 @@ class UniqueKeyTest(QueueTestCase):
         err = self.assertFailsCleanly(1, "enqueue", "-", stdin=batch)
         self.assertEqual(err, "queuectl: error: line 3: job a1 (in 'after') was not "
                               "added: the job of line 1 holds its unique key 'k'\n")
-        self.assertFalse(os.path.exists(self.db))
+        self.assertFalse(self.db_exists())
         # In a database where a job holds the key.
         self.enqueue(id="x", command="true", unique_key="k")
         batch = line(id="c") + line(id="a1", unique_key="k") + line(id="b", after="a1")

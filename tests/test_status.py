@@ -1,9 +1,12 @@
 """status, status --check (its exit codes) and stats."""
 
+import os
+import signal
 import unittest
 from datetime import timedelta
 
-from tests.support import add_postgres_variants, QueueTestCase, queuectl, wait_until
+from tests.support import (QueueTestCase, add_postgres_variants, proc_fields, queuectl,
+                           wait_until)
 
 
 class StatusTest(QueueTestCase):
@@ -45,6 +48,36 @@ class StatusTest(QueueTestCase):
 
 class StatusCheckTest(QueueTestCase):
     """status --check: exit 0, or 3, 4, 5 naming the problem, for cron and monitors."""
+
+    def test_a_frozen_supervisor_is_a_problem(self):
+        """A supervisor stopped by SIGSTOP starts no job: --check exits 4 saying so."""
+        proc = self.start_workers(1)
+        self.freeze(proc.pid)
+        self.addCleanup(lambda: proc.poll() is None and os.kill(proc.pid, signal.SIGCONT))
+        self.enqueue(command="true")
+        code, out, err = self.cli("status", "--check")
+        self.assertEqual((code, err), (queuectl.EXIT_CHECK_NO_WORKERS, ""))
+        self.assertIn(f"problem:   the supervisor (pid {proc.pid}) is stopped (SIGSTOP?): "
+                      f"no job starts until it is continued (kill -CONT {proc.pid})", out)
+        os.kill(proc.pid, signal.SIGCONT)
+        wait_until(lambda: self.cli("status", "--check")[0] == 0, 10,
+                   "the queue to be healthy again")
+
+    def test_a_killed_supervisor_not_yet_reaped_is_gone(self):
+        """A supervisor killed but not reaped by its parent (a zombie, as under a
+        container's PID 1 without --init) runs nothing: status says no workers,
+        --check exits 4, and worker start is not refused."""
+        proc = self.start_workers(1)
+        os.kill(proc.pid, signal.SIGKILL)         # and not waited for: a zombie
+        wait_until(lambda: (proc_fields(proc.pid) or ["?"])[0] == "Z", 10,
+                   "the supervisor to be a zombie")
+        self.enqueue(command="true")
+        status = self.json_out("status", "--json")
+        self.assertIsNone(status["supervisor_pid"])
+        self.assertEqual(self.cli("status", "--check")[0],
+                         queuectl.EXIT_CHECK_NO_WORKERS)
+        again = self.start_workers(1)
+        self.assertEqual(self.json_out("status", "--json")["supervisor_pid"], again.pid)
 
     def check(self, *extra):
         """Run status --check as a process; return (exit code, stdout)."""
