@@ -8,8 +8,8 @@ import sys
 import time
 import unittest
 
-from tests.support import (add_postgres_variants, QUEUECTL, QueueTestCase, claim_one, failed, queuectl,
-                           wait_until)
+from tests.support import (add_postgres_variants, QUEUECTL, QueueTestCase, claim_one,
+                           failed, queuectl, wait_until)
 
 q = shlex.quote
 
@@ -238,7 +238,7 @@ class OutputSpoolTest(QueueTestCase):
         job_id = self.enqueue(command="yes spam", timeout=3, max_retries=0)
         job = self.wait_state(job_id, "processing", timeout=10)
         token = self.job(job_id)["history"][0]
-        spool = self.db + ".out"
+        spool = self.local + ".out"
         wait_until(lambda: os.path.isdir(spool) and os.listdir(spool), 5,
                    "the job's output to be spooled")
         follower = subprocess.run([sys.executable, QUEUECTL, "logs", job_id, "-f"],
@@ -262,7 +262,7 @@ class OutputSpoolTest(QueueTestCase):
         job_id = self.enqueue(command="for i in $(seq 2000); do echo line $i; done; "
                                       "sleep 2")
         self.wait_state(job_id, "processing", timeout=10)
-        spool = self.db + ".out"
+        spool = self.local + ".out"
         wait_until(lambda: os.path.isdir(spool) and len(os.listdir(spool)) == 2, 5,
                    "both streams to be spooled")
         sizes = [os.path.getsize(os.path.join(spool, name)) for name in os.listdir(spool)]

@@ -1,14 +1,18 @@
-"""The Store on a real temporary database: claims, fencing, retries, status, and
-SQLite's own file (pragmas, modes, foreign files, migrations)."""
+"""The Store on a real temporary database: claims, fencing, retries, status;
+SQLite's own file (pragmas, modes, foreign files, migrations); PostgreSQL's own
+schema (its version, its making under a lock, its place) and concurrent claims."""
 
 import os
+import re
 import sqlite3
 import stat
+import threading
 import unittest
 from datetime import timedelta
 from unittest import mock
 
-from tests.support import add_postgres_variants, T0, StoreTestCase, claim_one, queuectl
+from tests.support import (add_postgres_variants, T0, StoreTestCase, claim_one, pg_sql,
+                           queuectl)
 
 OK = queuectl.RunResult(exit_code=0, duration_s=0.5)
 
@@ -423,6 +427,145 @@ class StoreOpenTest(StoreTestCase):
         self.store.close()
         again = self.open(create=False)
         self.assertEqual(again.get_job(job_id)[0]["max_retries"], 9)
+
+
+def in_threads(count, body):
+    """Run body(i) for i in range(COUNT), each in a thread of its own, started
+    together; return their results in order, or raise the first error."""
+    barrier = threading.Barrier(count)
+    results, errors = [None] * count, []
+
+    def run(i):
+        try:
+            barrier.wait(timeout=30)
+            results[i] = body(i)
+        except BaseException as e:      # handed to the test's thread
+            errors.append(e)
+            barrier.abort()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+class PostgresSchemaTest(StoreTestCase):
+    """PostgreSQL's own ways: the schema's version in meta, made under an advisory
+    lock, in the ?schema= schema alone; claims with FOR UPDATE SKIP LOCKED."""
+
+    store_kind = "postgres"
+
+    def catalog(self, namespace):
+        """The names of the relations and functions in NAMESPACE."""
+        return sorted(tuple(row) for row in pg_sql(
+            self.db, "SELECT 'relation ' || relname FROM pg_class WHERE relnamespace = "
+            "(SELECT oid FROM pg_namespace WHERE nspname = ?) UNION ALL "
+            "SELECT 'function ' || proname FROM pg_proc WHERE pronamespace = "
+            "(SELECT oid FROM pg_namespace WHERE nspname = ?)", (namespace, namespace)))
+
+    def test_newer_schema_version_refused_unchanged(self):
+        """A schema from a newer queuectl is refused with one clear error line,
+        naming the URL, and not touched."""
+        self.add(id="kept")
+        self.raw("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                 (str(queuectl.PG_SCHEMA_VERSION + 1),))
+        before = self.dump()
+        for create in (True, False):
+            with self.subTest(create=create):
+                with self.assertRaises(queuectl.QueueError) as cm:
+                    queuectl.open_store(self.db, create=create)
+                self.assertEqual(
+                    str(cm.exception),
+                    f"database schema version {queuectl.PG_SCHEMA_VERSION + 1} is newer "
+                    f"than this queuectl understands ({queuectl.PG_SCHEMA_VERSION}); "
+                    f"upgrade queuectl: {queuectl.pg_url(self.db)[2]}")
+        self.assertEqual(self.dump(), before)
+        self.assertEqual(self.raw("SELECT value FROM meta WHERE key = 'schema_version'")
+                         [0][0], str(queuectl.PG_SCHEMA_VERSION + 1))
+
+    def test_foreign_tables_refused_unchanged(self):
+        """A schema that holds another program's tables is refused, not touched."""
+        schema = queuectl.pg_url(self.db)[1]
+        pg_sql(self.db, f"CREATE SCHEMA {schema}")
+        pg_sql(self.db, f"CREATE TABLE {schema}.notes (body text)")
+        pg_sql(self.db, f"INSERT INTO {schema}.notes VALUES ('keep me')")
+        for create in (True, False):
+            with self.subTest(create=create):
+                with self.assertRaises(queuectl.QueueError) as cm:
+                    queuectl.open_store(self.db, create=create)
+                self.assertIn("holds tables that are not queuectl's", str(cm.exception))
+        self.assertEqual(self.catalog(schema), [("relation notes",)])
+        self.assertEqual(pg_sql(self.db, f"SELECT body FROM {schema}.notes"),
+                         [("keep me",)])
+
+    def test_stores_making_a_fresh_schema_at_once_all_succeed(self):
+        """Stores that found no schema, writing at the same moment, all succeed:
+        the advisory lock lets one make the schema, and the others find it made."""
+        stores = [self.store] + [self.open() for _ in range(3)]
+        self.assertEqual({store.version for store in stores}, {0})
+
+        def enqueue(i):
+            job = queuectl.validate_job({"command": "true", "id": f"job{i}"}, T0)
+            return stores[i].enqueue([job], self.dir, T0)[0][0]
+        self.assertEqual(in_threads(len(stores), enqueue), ["job0", "job1", "job2", "job3"])
+        self.assertEqual([store.created for store in stores].count(True), 1)
+        self.assertEqual(sorted(j["id"] for j in self.store.list_jobs()),
+                         ["job0", "job1", "job2", "job3"])
+        self.assertEqual(self.raw("SELECT value FROM meta WHERE key = 'schema_version'")
+                         [0][0], str(queuectl.PG_SCHEMA_VERSION))
+        self.assertEqual(self.store.status(now=T0)[0]["pending"], 4)
+
+    def test_tables_live_in_the_urls_schema_alone(self):
+        """The queue's tables and functions are made in the ?schema= schema;
+        nothing is made in public, or in the default schema."""
+        public = self.catalog("public")
+        default = self.catalog(queuectl.PG_DEFAULT_SCHEMA)
+        schema = queuectl.pg_url(self.db)[1]
+        self.assertNotEqual(schema, queuectl.PG_DEFAULT_SCHEMA)
+        self.assertEqual(self.catalog(schema), [])
+        job_id = self.add()
+        claim = claim_one(self.store, 1, now=T0)
+        self.store.finish(job_id, claim.token, OK, now=at(1))
+        self.store.set_config("max_retries", 5)
+        tables = {f"relation {name}" for steps in queuectl.PG_MIGRATIONS
+                  for statement in steps
+                  for name in re.findall(r"CREATE TABLE (\w+)", statement)}
+        made = {row[0] for row in self.catalog(schema)}
+        self.assertLessEqual(tables | {"relation jobs", "relation attempts",
+                                       "relation config", "function count_jobs"}, made)
+        self.assertEqual(self.catalog("public"), public)
+        self.assertEqual(self.catalog(queuectl.PG_DEFAULT_SCHEMA), default)
+
+    def test_concurrent_claims_never_share_a_job(self):
+        """Stores claiming at once, on connections of their own, take every job
+        exactly once (FOR UPDATE SKIP LOCKED), and the counts agree."""
+        jobs = [queuectl.validate_job({"command": "true", "id": f"j{n:03}"}, T0)
+                for n in range(240)]
+        self.store.enqueue(jobs, self.dir, T0)
+        stores = [self.store] + [self.open() for _ in range(3)]
+
+        def claim_all(i):
+            taken = []
+            while True:
+                claims, _ = stores[i].claim([(100 + i, None)] * 3, now=at(1))
+                if not claims:
+                    return taken
+                taken.extend(claim.id for claim in claims)
+        taken = in_threads(len(stores), claim_all)
+        every = [job_id for ids in taken for job_id in ids]
+        self.assertEqual(sorted(every), [job["id"] for job in jobs])
+        # They did claim side by side (without SKIP LOCKED, one took them all).
+        self.assertGreaterEqual(len([ids for ids in taken if ids]), 2,
+                                [len(ids) for ids in taken])
+        owners = dict(self.raw("SELECT id, worker_pid FROM jobs"))
+        for i, ids in enumerate(taken):
+            self.assertEqual({owners[job_id] for job_id in ids}, {100 + i})
+        self.assertEqual(self.raw("SELECT count(*) FROM attempts")[0][0], len(jobs))
+        counts = self.store.status(now=at(1))[0]
+        self.assertEqual((counts["pending"], counts["processing"]), (0, len(jobs)))
 
 
 class SQLiteStoreTestCase(StoreTestCase):
