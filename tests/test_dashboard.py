@@ -2,6 +2,8 @@
 requests through http.client and sockets, and a real browser where one exists."""
 
 import contextlib
+import getpass
+import html
 import http.client
 import json
 import os
@@ -18,9 +20,10 @@ import tempfile
 import threading
 import time
 import unittest
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
-from tests.support import add_postgres_variants, QUEUECTL, QueueTestCase, cmdline, queuectl, wait_until
+from tests.support import (add_postgres_variants, QUEUECTL, QueueTestCase, cmdline,
+                           queuectl, wait_until)
 
 q = shlex.quote
 TOKEN = "s3cret-s3cret-s3cret"              # a token given by hand: 16 characters or more
@@ -55,7 +58,10 @@ class DashboardTestCase(QueueTestCase):
         self.addCleanup(self.stop_dashboard, proc)
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         self.assertTrue(ready, "the dashboard printed no URL within 20 s")
-        line = proc.stdout.readline().decode()
+        line = self.banner = proc.stdout.readline().decode()
+        if not line:                            # it ended at once: say why
+            proc.wait(timeout=10)
+            line = f"(exit {proc.returncode}) " + proc.stderr.read(2000).decode()
         match = re.search(r"http://([^/]+):(\d+)/(\?token=(\S+))? \((.*)Ctrl-C to "
                           r"stop\)$", line.strip())
         self.assertIsNotNone(match, f"no URL in {line!r}")
@@ -74,6 +80,27 @@ class DashboardTestCase(QueueTestCase):
     def cookie_line(self):
         """The session's Cookie header as a raw request line."""
         return f"Cookie: {self.session}\r\n".encode()
+
+    def remove_database(self):
+        """Take the queue away behind the dashboard's back: the SQLite file (and
+        its WAL), or the PostgreSQL schema."""
+        if self.postgres:
+            self.sql("DROP SCHEMA " + queuectl.pg_url(self.db)[1] + " CASCADE")
+            return
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.db + suffix)
+
+    def put_foreign_database(self):
+        """Put something that is no queue where the queue was: a file of text, or
+        a schema of another program's table."""
+        if self.postgres:
+            schema = queuectl.pg_url(self.db)[1]
+            self.sql(f"CREATE SCHEMA {schema}")
+            self.sql(f"CREATE TABLE {schema}.notes (line text)")
+            return
+        with open(self.db, "wb") as f:
+            f.write(b"this is not a database" * 100)
 
     def stop_dashboard(self, proc):
         if proc.poll() is None:
@@ -207,6 +234,7 @@ class DashboardApiTest(DashboardTestCase):
         found = self.get_json("/api/jobs?q=needle")
         self.assertEqual([job["id"] for job in found], ["job20", "job15", "job10", "job05",
                                                         "job00"])
+        self.assertEqual(self.get_json("/api/jobs?q=NeedLE"), found)   # blind to case
         self.assertEqual([job["id"] for job in self.get_json("/api/jobs?q=job1&limit=3")],
                          ["job19", "job18", "job17"])
         self.assertEqual([job["id"] for job in self.get_json("/api/jobs?state=cancelled")],
@@ -269,13 +297,10 @@ class DashboardApiTest(DashboardTestCase):
         self.assertEqual(self.request("DELETE", "/api/jobs/a").headers["allow"], "GET")
         self.assertEqual(self.state("a"), "pending")
 
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.db + suffix)
+        self.remove_database()
         self.assertError(self.get("/api/status"), 503, "no database at")
         self.assertError(self.get("/jobs/a"), 503, "no database at")
-        with open(self.db, "wb") as f:
-            f.write(b"this is not a database" * 100)
+        self.put_foreign_database()
         self.assertError(self.get("/api/jobs"), 503)
 
     def test_the_api_root_lists_every_endpoint_from_the_route_table(self):
@@ -583,7 +608,7 @@ class DashboardSignInTest(DashboardTestCase):
         a bookmark survives), and answers nothing, read or action, without it."""
         self.enqueue(id="a", command="echo secret", run_at="2999-01-01T00:00:00Z")
         proc = self.start_dashboard()
-        token_file = self.db + ".token"
+        token_file = self.local + ".token"
         with open(token_file) as f:
             self.assertEqual(f.read(), self.token + "\n")
         self.assertEqual(os.stat(token_file).st_mode & 0o777, 0o600)
@@ -652,7 +677,8 @@ class DashboardSignInTest(DashboardTestCase):
         """<db>.token as a symlink, a FIFO, readable by others, another user's, or
         holding no usable token: one line, exit 1, the file left as it was."""
         self.store()
-        token_file = self.db + ".token"
+        token_file = self.local + ".token"
+        os.makedirs(os.path.dirname(token_file), exist_ok=True)
         elsewhere = self.path("elsewhere")
         with open(elsewhere, "w") as f:
             f.write("a-token-nobody-should-use\n")
@@ -699,7 +725,7 @@ class DashboardSignInTest(DashboardTestCase):
             self.assertIn("at least 16 characters", proc.stderr)
             self.assertIn(queuectl.TOKEN_HOWTO, proc.stderr)
         self.assertEqual(self.rows(), before)
-        self.assertFalse(os.path.exists(self.db + ".token"))
+        self.assertFalse(os.path.exists(self.local + ".token"))
         self.start_dashboard(env=dict(self.env, QUEUECTL_TOKEN="sixteen-chars!!!"))
         self.assertEqual(self.get("/api/status", headers={
             "Authorization": "Bearer sixteen-chars!!!"}).status, 200)
@@ -862,6 +888,80 @@ class DashboardSafetyTest(DashboardTestCase):
                          {"error": "no such job: <b>"})           # JSON, not HTML
 
 
+class PostgresDashboardPasswordTest(DashboardTestCase):
+    """A password in the postgresql:// URL is shown to no one: not in the
+    dashboard's pages, API, /metrics or log, nor by status. PostgreSQL only (a
+    SQLite path holds no password); the server's trust authentication ignores
+    the password, unless the server's URL already had one: then that one."""
+
+    store_kind = "postgres"
+
+    def setUp(self):
+        super().setUp()
+        parts = urlsplit(self.db)
+        given = parts.password or dict(parse_qsl(parts.query)).get("password")
+        self.secrets = [given] if given else ["userinfo-pw-s3cret", "query-pw-s3cret"]
+        if not given:
+            user = quote(parts.username or getpass.getuser(), safe="")
+            netloc = f"{user}:{self.secrets[0]}@" + parts.netloc.rpartition("@")[2]
+            self.db = urlunsplit(parts._replace(
+                netloc=netloc, query=parts.query + "&password=" + self.secrets[1]))
+            self.env = dict(self.env, QUEUECTL_DB=self.db)
+        self.assertEqual(queuectl.local_base(self.db), self.local)   # the same files
+
+    def assertNoSecret(self, text, where):
+        for secret in self.secrets:
+            self.assertNotIn(secret, text, where)
+
+    def test_a_password_in_the_url_is_shown_nowhere(self):
+        """Every page, every GET endpoint of /api/, /metrics, an action's answer, an
+        error naming the database, the URL line and log of the dashboard, and
+        status (text and --json) show the URL with its password masked."""
+        self.enqueue(id="ok", command="echo hello")
+        self.enqueue(id="bad", command="false", max_retries=0)
+        self.start_workers(1)
+        self.wait_state("ok", "completed")
+        self.wait_state("bad", "dead")
+        proc = self.start_dashboard()
+        masked = self.json_out("status", "--json")["db"]
+        self.assertIn("***", masked)
+        if len(self.secrets) == 2:                  # both places are masked
+            self.assertRegex(masked, r"^postgresql://[^:/@]+:\*\*\*@[^?]*\?.*"
+                                     r"&password=\*\*\*")
+        self.assertIn(masked, self.banner)
+        seen = {"the dashboard's URL line": self.banner}
+        paths = ["/", "/jobs", "/jobs?q=ok", "/jobs/ok", "/dlq", "/metrics", "/api/"]
+        paths += [endpoint["path"].replace("{id}", "ok") for endpoint in
+                  self.get_json("/api/")["endpoints"] if endpoint["method"] == "GET"]
+        for path in paths:
+            response = self.get(path)
+            self.assertEqual(response.status, 200, path)
+            seen[path] = response.text
+        seen["/login"] = self.get("/login", auth=False).text
+        self.assertIn(html.escape(masked), seen["/jobs/ok"])
+        self.assertEqual(json.loads(seen["/api/status"])["db"], masked)
+        for path in ("/api/pause", "/api/resume"):
+            seen["POST " + path] = self.post(path).text
+        seen["status"] = self.ok("status")
+        seen["status --json"] = self.ok("status", "--json")
+        self.assertIn(masked, seen["status"])
+        self.remove_database()                    # an error names the database
+        missing = self.get("/api/status")
+        self.assertError(missing, 503, "no database at")
+        if len(self.secrets) == 2:
+            self.assertIn(":***@", missing.text)
+        seen["503"] = missing.text
+        code, out, err = self.cli("status")
+        self.assertEqual(code, 1)
+        self.assertIn(masked, err)
+        seen["status's error"] = out + err
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        seen["the dashboard's output"] = (out + err).decode()
+        for where, text in seen.items():
+            self.assertNoSecret(text, where)
+
+
 class DashboardServerTest(DashboardTestCase):
     """The server under odd, slow, vanishing or too many clients; start-up errors and
     stopping."""
@@ -976,7 +1076,7 @@ class DashboardServerTest(DashboardTestCase):
     def test_missing_database_and_busy_port_are_one_line_errors(self):
         code, out, err = self.run_bounded("dashboard", "--port", "0")
         self.assertOneErrorLine(1, code, out, err)
-        self.assertFalse(os.path.exists(self.db))
+        self.assertFalse(self.db_exists())
         self.store()
         taken = socket.socket()
         self.addCleanup(taken.close)
@@ -1028,21 +1128,30 @@ class DashboardBrowserTest(DashboardTestCase):
     def browse(self, path, *flags):
         """Open PATH as a user does: through the sign-in URL the dashboard printed,
         here followed from a local file (a link from elsewhere), which keeps the
-        token off Chromium's command line, where `ps` would show it."""
+        token off Chromium's command line, where `ps` would show it. None if
+        Chromium hung (seen on a loaded machine): it is killed, to be asked again."""
         profile = tempfile.mkdtemp(dir=self.dir)
         url = f"http://{self.host}:{self.port}{path}"
         url += ("&" if "?" in path else "?") + "token=" + quote(self.token, safe="")
         link = os.path.join(profile, "sign-in.html")
         with open(link, "w") as f:
             f.write(f'<meta http-equiv="refresh" content="0; url={url}">')
-        result = subprocess.run(
+        proc = subprocess.Popen(
             [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
              f"--user-data-dir={profile}", "--virtual-time-budget=3000", *flags,
              "file://" + link],
-            capture_output=True, timeout=90, cwd=self.dir)
-        return result
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.dir,
+            start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)         # and its helpers
+            proc.communicate(timeout=10)
+            return None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def dom(self, path):
         """The DOM of PATH once its script ran. Headless Chromium's virtual time
@@ -1050,11 +1159,13 @@ class DashboardBrowserTest(DashboardTestCase):
         then it is asked again."""
         def shown():
             result = self.browse(path, "--dump-dom")
+            if result is None:
+                return None
             self.assertEqual(result.returncode, 0, result.stderr[-2000:])
             text = result.stdout.decode("utf-8", "replace")
             return text if "<body" in text and 'data-page="signed_in"' not in text \
                 else None
-        return wait_until(shown, 60, f"Chromium to show {path}")
+        return wait_until(shown, 90, f"Chromium to show {path}")
 
     def test_the_browser_renders_counts_output_and_keeps_injected_script_inert(self):
         inject = ("<script>document.documentElement.setAttribute('data-pwned','1')"
@@ -1101,11 +1212,15 @@ class DashboardBrowserTest(DashboardTestCase):
         def screenshot():                               # as dom(): maybe twice
             result = self.browse("/", f"--screenshot={shot}", "--window-size=1200,800",
                                  "--hide-scrollbars")
+            if result is None:
+                return None
             self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+            if not os.path.exists(shot):                # no page to take yet
+                return None
             with open(shot, "rb") as f:
                 png = f.read()
             return png if len(png) > 20000 else None
-        png = wait_until(screenshot, 60, "Chromium to show the overview")
+        png = wait_until(screenshot, 90, "Chromium to show the overview")
         self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
         self.assertEqual(struct.unpack(">II", png[16:24]), (1200, 800))
         self.assertGreater(len(png), 20000)            # not a blank page

@@ -1,6 +1,8 @@
-"""The database's environment: files that are not a queuectl database, read-only
+"""The queue's environment: files that are not a queuectl database, read-only
 and full disks (tmpfs and ext4 mounts), and the modes of the files queuectl makes.
-All of it is about SQLite's file on a local disk."""
+The classes named SQLite... are about SQLite's own file on a local disk; the
+others are about this host's files of the queue (PID file, log, spools, token),
+which a PostgreSQL queue keeps on this host too (under self.local)."""
 
 import contextlib
 import hashlib
@@ -15,7 +17,8 @@ import sys
 import time
 import unittest
 
-from tests.support import add_postgres_variants, ROOT, QueueTestCase, lines, queuectl, short_leases, wait_until
+from tests.support import (add_postgres_variants, ROOT, QueueTestCase, lines, queuectl,
+                           short_leases, wait_until)
 
 q = shlex.quote
 
@@ -25,7 +28,7 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-class SQLiteEnvironmentTestCase(QueueTestCase):
+class EnvironmentTestCase(QueueTestCase):
     """Databases made in odd places, and queuectl's refusals of them."""
 
     def assertRefused(self, db, argv, contains=None):
@@ -56,7 +59,7 @@ class SQLiteEnvironmentTestCase(QueueTestCase):
         return result.stdout.strip()
 
 
-class SQLiteBadFileTest(SQLiteEnvironmentTestCase):
+class SQLiteBadFileTest(EnvironmentTestCase):
     """A database path that is not a queuectl database: refused in one line, left as it
     was."""
 
@@ -152,9 +155,26 @@ class SQLiteBadFileTest(SQLiteEnvironmentTestCase):
                 self.assertIn("not a regular file", err)
 
 
-class SQLiteDiskTest(SQLiteEnvironmentTestCase):
-    """Read-only and full disks, on tmpfs and ext4 mounts: honest one-line errors, no
-    acknowledged job lost."""
+class DiskTestCase(EnvironmentTestCase):
+    """Read-only and full disks, on tmpfs and ext4 mounts."""
+
+    def move_queue_files(self, folder):
+        """Keep this host's files of the queue in FOLDER from now on: on SQLite
+        the database with them, on PostgreSQL the user's state directory."""
+        if self.postgres:
+            state = os.path.join(folder, "state")
+            os.environ["XDG_STATE_HOME"] = state      # restored at cleanup
+            self.env = dict(self.env, XDG_STATE_HOME=state)
+        else:
+            self.db = os.path.join(folder, "q.db")
+            self.env = dict(self.env, QUEUECTL_DB=self.db)
+        self.local = queuectl.local_base(self.db)
+        self.assertTrue(self.local.startswith(folder + os.sep), self.local)
+
+    def files(self, folder):
+        """{path: sha256} of every file under FOLDER."""
+        return {os.path.join(top, name): sha256(os.path.join(top, name))
+                for top, _, names in os.walk(folder) for name in names}
 
     def mount_tmpfs(self, size):
         """Mount a fresh tmpfs of SIZE in the temp dir (unmounted at cleanup)."""
@@ -235,26 +255,11 @@ class SQLiteDiskTest(SQLiteEnvironmentTestCase):
         finally:
             os.close(fd)
 
-    @short_leases
-    def test_read_only_filesystem_gives_one_clear_line(self):
-        """A read-only filesystem: enqueue says read-only in one line, no change."""
-        folder = self.mount_tmpfs("1m")
-        db = os.path.join(folder, "q.db")
-        job_id = self.make_queue_db(db)
-        subprocess.run(["mount", "-o", "remount,ro", folder], check=True, timeout=10)
-        before = sha256(db)
-        self.assertRefused(db, ["enqueue", '{"command": "true"}'], contains="read-only")
-        status = self.run_cli("--db", db, "status", timeout=20)
-        self.assertNotIn("Traceback", status.stderr)
-        if status.returncode == 0:
-            self.assertEqual(status.stderr, "")
-            self.assertIn("pending 1", status.stdout)
-        else:
-            self.assertEqual(status.returncode, 1)
-            self.assertEqual(len(status.stderr.splitlines()), 1, status.stderr)
-            self.assertTrue(status.stderr.startswith("queuectl: error: "))
-        self.assertEqual(sha256(db), before)
-        self.assertTrue(job_id)
+
+
+class SQLiteDiskTest(DiskTestCase):
+    """SQLite's file on read-only and full disks: honest one-line errors, no
+    acknowledged job lost."""
 
     @short_leases
     def test_a_disk_turned_read_only_mid_run_is_reported_honestly(self):
@@ -267,6 +272,10 @@ class SQLiteDiskTest(SQLiteEnvironmentTestCase):
         marks = self.path("ran")
         lines_in = "".join(json.dumps({"command": f"echo x >> {q(marks)}; sleep 1"}) +
                            "\n" for _ in range(2))
+        # Short leases and backoff on this database, as @short_leases gave self.db:
+        # the claims the failing disk strands are recovered within a second.
+        for key in ("lease_timeout", "backoff_base"):
+            self.run_cli("config", "set", key, "1", env=env)
         ids = self.run_cli("enqueue", "-", stdin=lines_in, env=env).stdout.split()
         self.assertEqual(len(ids), 2)
         sup, log = self.supervise(env, 2)
@@ -290,7 +299,6 @@ class SQLiteDiskTest(SQLiteEnvironmentTestCase):
         # The disk back (mounted again): the jobs are recovered and run again.
         self.unmount(folder)
         subprocess.run(["mount", device, folder], check=True, timeout=10)
-        self.run_cli("config", "set", "lease_timeout", "1", env=env)
         self.supervise(env, 1)
         for job_id in ids:
             wait_until(lambda: json.loads(self.run_cli(
@@ -343,12 +351,123 @@ class SQLiteDiskTest(SQLiteEnvironmentTestCase):
         self.assertEqual({j["state"] for j in jobs}, {"pending"})
 
 
+class LocalFilesDiskTest(DiskTestCase):
+    """This host's files of the queue on a read-only disk: what must write there
+    refuses in one line, changing nothing. (On SQLite the database is there too.)"""
+
+    def test_read_only_filesystem_gives_one_clear_line(self):
+        """A read-only file system: enqueue (on SQLite, whose database is there
+        too), worker start, foreground or detached, and the dashboard, which
+        keeps its token there, each say read-only in one line and change
+        nothing; status answers, or (SQLite) says why not in one line; on
+        PostgreSQL the queue, elsewhere, still takes jobs."""
+        folder = self.mount_tmpfs("1m")
+        self.move_queue_files(folder)
+        job_id = self.enqueue(command="true")
+        queuectl.make_local_folder(self.local)     # as any earlier worker start had
+        subprocess.run(["mount", "-o", "remount,ro", folder], check=True, timeout=10)
+        before, rows = self.files(folder), self.rows() if self.postgres else None
+        if not self.postgres:
+            self.assertRefused(self.db, ["enqueue", '{"command": "true"}'],
+                               contains="read-only")
+        status = self.run_cli("status", timeout=20)
+        self.assertNotIn("Traceback", status.stderr)
+        if status.returncode == 0 or self.postgres:
+            self.assertEqual((status.returncode, status.stderr), (0, ""))
+            self.assertIn("pending 1", status.stdout)
+        else:
+            self.assertEqual(status.returncode, 1)
+            self.assertEqual(len(status.stderr.splitlines()), 1, status.stderr)
+            self.assertTrue(status.stderr.startswith("queuectl: error: "))
+        for argv in (["worker", "start"], ["worker", "start", "--detach"],
+                     ["dashboard", "--port", "0"]):
+            with self.subTest(command=" ".join(argv)):
+                code, out, err = self.run_bounded(*argv, timeout=20)
+                self.assertOneErrorLine(1, code, out, err)
+                self.assertIn("read-only", err.lower())
+                self.assertIn(self.local, err)            # the file it could not write
+        self.assertEqual(self.files(folder), before)
+        if self.postgres:
+            self.assertEqual(self.rows(), rows)
+            self.ok("enqueue", '{"command": "true"}')
+        self.assertTrue(job_id)
+
+
+class PostgresHostDiskTest(DiskTestCase):
+    """A PostgreSQL queue whose host's files (PID file, spools, token) are on a disk
+    that fills up or fails: the queue is elsewhere, so no run is spoiled."""
+
+    store_kind = "postgres"
+
+    def test_a_full_disk_spoils_no_run_and_the_dashboard_says_full(self):
+        """With this host's disk full, jobs are still taken, listed and run with
+        their output whole; status answers; the dashboard, which cannot keep its
+        token, says so in one line."""
+        folder = self.mount_tmpfs("256k")
+        self.move_queue_files(folder)
+        self.store()
+        sup = self.start_workers(1)                 # its PID file is written
+        self.fill(folder)
+        job_id = self.enqueue(command="echo one; sleep 0.3; echo two")
+        job = self.wait_state(job_id, "completed")
+        self.assertEqual(job["attempts"], 1)
+        self.assertEqual(self.json_out("logs", job_id, "--json")["stdout"], "one\ntwo\n")
+        self.assertIn("completed 1", self.ok("status"))
+        self.assertEqual(len(self.jobs()), 1)
+        code, out, err = self.run_bounded("dashboard", "--port", "0")
+        self.assertOneErrorLine(1, code, out, err)
+        self.assertIn("the disk is full", err)
+        self.assertIn(self.local + ".token", err)
+        self.stop_workers(sup)
+        self.assertCleanLog(sup)
+
+    def test_a_disk_turned_read_only_mid_run_spoils_no_run(self):
+        """This host's disk turns read-only while two jobs run: the database is
+        elsewhere, so both runs finish and are recorded; the supervisor logs each
+        OS error as one line and stops with 0; worker stop says they finished.
+        With the disk back, workers start again."""
+        folder, device = self.mount_ext4()
+        self.move_queue_files(folder)
+        marks = self.path("ran")
+        lines_in = "".join(json.dumps({"command": f"echo x >> {q(marks)}; sleep 1"}) +
+                           "\n" for _ in range(2))
+        ids = self.ok("enqueue", "-", stdin=lines_in).split()
+        self.assertEqual(len(ids), 2)
+        sup, log = self.supervise(self.env, 2)
+        wait_until(lambda: len(lines(marks)) == 2, 20, "both jobs to start")
+        self.fail_disk(device)
+        stop = self.run_cli("worker", "stop", timeout=60)
+        self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertNotIn("Traceback", stop.stderr)
+        self.assertIn("2 running job(s) finished", stop.stdout)
+        self.assertEqual(sup.wait(timeout=20), 0)
+        log.seek(0)
+        text = log.read()
+        self.assertNotIn("Traceback", text)
+        for line in text.splitlines():
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT[\d:.]+Z \S", text)
+        self.assertIn("Read-only file system", text)
+        self.assertEqual(text.count(" completed in "), 2, text)
+        self.assertTrue(text.endswith(" supervisor: stopped\n"), text)
+        for job_id in ids:
+            self.assertEqual(self.job(job_id)["state"], "completed")
+            self.assertEqual(self.job(job_id)["attempts"], 1)
+        # The disk back (mounted again): workers start and run jobs.
+        self.unmount(folder)
+        subprocess.run(["mount", device, folder], check=True, timeout=10)
+        self.supervise(self.env, 1)
+        job_id = self.enqueue(command=f"echo x >> {q(marks)}")
+        self.wait_state(job_id, "completed")
+        self.assertEqual(len(lines(marks)), 3)
+
+
 class SQLiteFileModeTest(QueueTestCase):
-    """The database, its WAL, the PID file and the log are the owner's only."""
+    """The database and its WAL are the owner's only."""
 
     @short_leases
-    def test_database_pid_and_log_files_are_owner_only(self):
-        """Database, WAL, PID and detached log files are 0600, even under umask 0."""
+    def test_database_files_are_owner_only(self):
+        """Database, WAL and SHM files, and a folder made for them, are the
+        owner's only, even under umask 0."""
         old = os.umask(0)
         self.addCleanup(os.umask, old)
         nested = os.path.join(self.dir, "new", "sub", "q.db")
@@ -371,9 +490,38 @@ class SQLiteFileModeTest(QueueTestCase):
         os.kill(sup.pid, signal.SIGTERM)
         self.assertEqual(sup.wait(timeout=20), 0)
 
+
+class FileModeTest(QueueTestCase):
+    """This host's files of the queue (PID file, log, spools, and the folder they
+    are in) are the owner's only."""
+
+    def test_pid_log_and_spool_files_are_owner_only(self):
+        """The PID file, live output spools, the detached log, and (PostgreSQL) the
+        folder made for them are owner-only, even under umask 0."""
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        job_id = self.enqueue(command="echo out; echo err >&2; sleep 1")
+        sup = self.start_workers(1)
+        self.wait_state(job_id, "processing")
+        spools = self.local + ".out"
+        wait_until(lambda: os.path.isdir(spools) and len(os.listdir(spools)) == 2, 10,
+                   "both streams to be spooled")
+        files = [self.local + ".pid", spools] + [os.path.join(spools, name)
+                                                  for name in os.listdir(spools)]
+        if self.postgres:
+            files.append(os.path.dirname(self.local))
+        for path in files:
+            with self.subTest(file=os.path.basename(path)):
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+                self.assertEqual(mode, 0o700 if os.path.isdir(path) else 0o600,
+                                 oct(mode))
+        os.kill(sup.pid, signal.SIGTERM)
+        self.assertEqual(sup.wait(timeout=20), 0)
+        self.assertEqual(self.state(job_id), "completed")
+
         result = self.run_cli("worker", "start", "--detach")
         self.assertEqual((result.returncode, result.stderr), (0, ""))
-        self.assertEqual(stat.S_IMODE(os.stat(self.db + ".log").st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(self.local + ".log").st_mode), 0o600)
         result = self.run_cli("worker", "stop")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue(result.stdout.startswith("stopped"), result.stdout)
