@@ -437,8 +437,14 @@ class QueueTestCase(DatabaseTestCase):
 
     def wait_state(self, job_id, states, timeout=20):
         states = (states,) if isinstance(states, str) else states
-        return wait_until(lambda: self.state(job_id) in states and self.job(job_id),
-                          timeout, f"job {job_id} to be {'/'.join(states)}")
+        try:
+            return wait_until(lambda: self.state(job_id) in states and self.job(job_id),
+                              timeout, f"job {job_id} to be {'/'.join(states)}")
+        except AssertionError as e:         # say where it stands instead
+            job = self.job(job_id)
+            raise AssertionError(f"{e}; it is {job['state']}, after "
+                                 f"{[(h['outcome'], h['reason']) for h in job['history']]}"
+                                 ) from None
 
     def jobs(self, state=None):
         argv = ["list", "--json"] + (["--state", state] if state else [])

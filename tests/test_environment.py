@@ -429,7 +429,8 @@ class PostgresHostDiskTest(DiskTestCase):
         folder, device = self.mount_ext4()
         self.move_queue_files(folder)
         marks = self.path("ran")
-        lines_in = "".join(json.dumps({"command": f"echo x >> {q(marks)}; sleep 1"}) +
+        # Runs long enough to be running still when worker stop comes.
+        lines_in = "".join(json.dumps({"command": f"echo x >> {q(marks)}; sleep 4"}) +
                            "\n" for _ in range(2))
         ids = self.ok("enqueue", "-", stdin=lines_in).split()
         self.assertEqual(len(ids), 2)

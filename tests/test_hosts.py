@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import unittest
+from datetime import timedelta
 
 from tests.support import (QUEUECTL, PgServer, QueueTestCase, lines, pg_schema_url,
                            queuectl, wait_until)
@@ -254,13 +255,13 @@ class LostHostTest(HostsTestCase):
         wait_until(lambda: len(runs_of(runs)) == 2, 10, "both runs to start")
         self.start_host("beta")
         supervisor = self.host("alpha")["pid"]
-        os.kill(self.root_pid(supervisor), signal.SIGSTOP)
+        os.kill(self.root_pid(alpha, supervisor), signal.SIGSTOP)
         try:
             for job_id in ids:
                 wait_until(lambda: len(runs_of(runs).get(job_id, [])) == 2, 15,
                            f"beta to run {job_id}")
         finally:
-            os.kill(self.root_pid(supervisor), signal.SIGCONT)
+            os.kill(self.root_pid(alpha, supervisor), signal.SIGCONT)
         for job_id in ids:
             first, second = runs_of(runs)[job_id]
             self.assertEqual((first[0], second[0]), ("alpha", "beta"))
@@ -274,9 +275,12 @@ class LostHostTest(HostsTestCase):
         self.assertCleanHostLog(alpha)
         self.ok("cancel", *ids)
 
-    def root_pid(self, pid_in_host):
-        """The pid, as this test sees it, of the process that is PID_IN_HOST in a
-        host's own PID namespace (status shows a host's pids as it sees them)."""
+    def root_pid(self, host, pid_in_host):
+        """The pid, as this test sees it, of the supervisor that is PID_IN_HOST in
+        the PID namespace of HOST (a start_host process): status shows a host's
+        pids as it sees them, and every host's supervisor has the same one, so
+        it is looked for among HOST's descendants alone (tests run side by side)."""
+        parents, found = {}, []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -285,11 +289,18 @@ class LostHostTest(HostsTestCase):
                     fields = dict(line.split(":", 1) for line in f if ":" in line)
             except OSError:
                 continue
+            parents[int(entry)] = int(fields.get("PPid", "0"))
             pids = fields.get("NSpid", "").split()
             if len(pids) > 1 and int(pids[-1]) == pid_in_host and \
                     fields["Name"].strip() == "queuectl-super":
-                return int(entry)
-        raise AssertionError(f"no supervisor of pid {pid_in_host} in a host")
+                found.append(int(entry))
+        for pid in found:
+            ancestor = pid
+            while ancestor > 1:
+                ancestor = parents.get(ancestor, 0)
+                if ancestor == host.pid:
+                    return pid
+        raise AssertionError(f"no supervisor of pid {pid_in_host} in host {host.name}")
 
 
 class CrossHostTest(HostsTestCase):
@@ -333,7 +344,8 @@ class CrossHostTest(HostsTestCase):
         runs = self.path("runs")
         alpha = self.start_host("alpha", count=1)
         beta = self.start_host("beta", count=1)
-        ids = self.batch([recorded(runs, "sleep 1")] * 2)
+        # Runs long enough to be running still when beta hears the stop.
+        ids = self.batch([recorded(runs, "sleep 4")] * 2)
         wait_until(lambda: len(runs_of(runs)) == 2, 10, "both runs to start")
         result = self.run_cli("worker", "stop", "--host", "beta", timeout=30)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -423,22 +435,27 @@ class ClockTest(HostsTestCase):
     def test_a_job_enqueued_by_a_skewed_host_is_due_by_the_database_clock(self):
         """enqueue from a host 1 hour behind or ahead: the job is due now (not in
         an hour), and --delay counts from the database's now."""
-        env = dict(self.env)
-        ahead = subprocess.run([*skewed("+1h"), sys.executable, QUEUECTL,
-                                "enqueue", "-c", "true"], env=env, capture_output=True,
-                               text=True, timeout=30)
-        behind = subprocess.run([*skewed("-1h"), sys.executable, QUEUECTL,
-                                 "enqueue", "-c", "true", "--delay", "1m"], env=env,
-                                capture_output=True, text=True, timeout=30)
-        self.assertEqual(ahead.returncode, 0, ahead.stderr)
-        self.assertEqual(behind.returncode, 0, behind.stderr)
-        now = self.sql("SELECT clock_timestamp()")[0][0]
-        for job_id, due in ((ahead.stdout.strip(), 0), (behind.stdout.strip(), 60)):
+        def enqueue(skew, *argv):
+            """Enqueue from a host SKEW off; the job's id, and the database's
+            clock just before and just after."""
+            before = self.sql("SELECT clock_timestamp()")[0][0]
+            result = subprocess.run([*skewed(skew), sys.executable, QUEUECTL,
+                                     "enqueue", "-c", "true", *argv], env=self.env,
+                                    capture_output=True, text=True, timeout=60)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            return result.stdout.strip(), before, self.sql("SELECT clock_timestamp()")[0][0]
+
+        for skew, argv, due in (("+1h", (), 0), ("-1h", ("--delay", "1m"), 60)):
+            job_id, before, after = enqueue(skew, *argv)
             job = self.job(job_id)
-            for key in ("run_at", "created_at"):
-                offset = (queuectl.parse_iso(job[key]) - now).total_seconds()
-                expected = due if key == "run_at" else 0
-                self.assertAlmostEqual(offset, expected, delta=5, msg=(key, job))
+            created = queuectl.parse_iso(job["created_at"])
+            slack = timedelta(milliseconds=1)            # stored to the millisecond
+            self.assertTrue(before - slack <= created <= after + slack,
+                            (skew, before, job, after))
+            # Due DUE s after the moment it was checked, just before it was added.
+            run_at = queuectl.parse_iso(job["run_at"])
+            self.assertTrue(before - slack <= run_at - timedelta(seconds=due) <= created,
+                            (skew, before, job))
 
 
 class ServerRestartTest(HostsTestCase):
@@ -494,6 +511,13 @@ class ManyHostsLoadTest(HostsTestCase):
         self.assertEqual(len(ids), count)
         wait_until(lambda: self.status()["counts"]["completed"] == count, 600,
                    f"{count} jobs to complete")
+        again = self.sql("SELECT job_id, number, outcome, reason, worker_pid FROM "
+                         "attempts WHERE job_id IN (SELECT job_id FROM attempts "
+                         "GROUP BY job_id HAVING count(*) > 1) ORDER BY job_id, number")
+        logs = "".join(line + "\n" for host in hosts for line in
+                       self.host_log(host).splitlines()
+                       if "completed in" not in line and " started" not in line)
+        self.assertEqual(again, [], "jobs ran more than once; the hosts' logs:\n" + logs)
         ran = lines(done)
         self.assertEqual(len(ran), count)
         self.assertEqual(sorted(ran), sorted(ids))
