@@ -435,7 +435,7 @@ class DashboardMetricsTest(DashboardTestCase):
     def test_metrics_keep_every_digit(self):
         text = queuectl.prometheus_metrics(
             {"counts": dict.fromkeys(queuectl.STATES, 0), "workers": [],
-             "paused": False, "oldest_runnable_age_s": 1234567.891, "healthy": True},
+             "supervisors": [], "paused": False, "oldest_runnable_age_s": 1234567.891, "healthy": True},
             {"completed": [(5, 3, 1234569.5)]})
         self.assertIn("queuectl_run_duration_seconds_sum 1234569.5\n", text)
         self.assertIn("queuectl_oldest_waiting_seconds 1234567.891\n", text)

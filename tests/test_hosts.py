@@ -22,6 +22,7 @@ import time
 import unittest
 from datetime import timedelta
 
+from tests.test_dashboard import DashboardTestCase
 from tests.support import (QUEUECTL, PgServer, QueueTestCase, lines, pg_schema_url,
                            queuectl, wait_until)
 
@@ -301,6 +302,42 @@ class LostHostTest(HostsTestCase):
                 if ancestor == host.pid:
                     return pid
         raise AssertionError(f"no supervisor of pid {pid_in_host} in host {host.name}")
+
+
+class HostsDashboardTest(HostsTestCase, DashboardTestCase):
+    """The dashboard, on a host that runs no workers, shows every host's."""
+
+    def test_metrics_and_the_api_show_every_host_and_a_lost_one(self):
+        """/metrics has each host's workers and whether it is lost; /api/status
+        lists both supervisors, the lost one as lost, and their workers' jobs."""
+        self.ok("config", "set", "lease_timeout", "2")
+        alpha = self.start_host("alpha", count=1)
+        self.start_host("beta", count=2)
+        job_id = self.enqueue(command="sleep 30")
+        self.wait_state(job_id, "processing")
+        self.power_cut(alpha)
+        wait_until(lambda: (self.host("alpha") or {}).get("lost"), 15,
+                   "alpha to be seen as lost")
+        self.start_dashboard()
+        metrics = self.get("/metrics").text.splitlines()
+        for line in ('queuectl_host_workers{host="alpha"} 1',
+                     'queuectl_host_workers{host="beta"} 2',
+                     'queuectl_host_lost{host="alpha"} 1',
+                     'queuectl_host_lost{host="beta"} 0',
+                     'queuectl_workers 0'):                  # none on this host
+            self.assertIn(line, metrics)
+        status = self.get_json("/api/status")
+        hosts = {s["host"]: s for s in status["supervisors"]}
+        self.assertEqual(sorted(hosts), ["alpha", "beta"])
+        self.assertEqual((hosts["alpha"]["lost"], hosts["beta"]["lost"]), (True, False))
+        self.assertEqual(len(hosts["beta"]["workers"]), 2)
+        # The job alpha ran, beta runs once alpha's lease ran out: beta's workers say so.
+        wait_until(lambda: self.job(job_id)["worker_host"] == "beta", 15,
+                   "beta to run the job")
+        beta = [s for s in self.get_json("/api/status")["supervisors"]
+                if s["host"] == "beta"][0]
+        self.assertIn(job_id, [w["job_id"] for w in beta["workers"]])
+        self.ok("cancel", job_id)
 
 
 class CrossHostTest(HostsTestCase):
