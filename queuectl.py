@@ -1118,6 +1118,11 @@ class Store:
         supervisor waiting for a delayed job's run_at)."""
         return now_utc()
 
+    def _clock_moment(self, before):
+        """When (time.monotonic()) the clock that _now just read was read, if
+        asking began at BEFORE: between the two."""
+        return (before + time.monotonic()) / 2
+
     def _notify(self, conn):
         """Tell every supervisor, in this transaction, that there is work or a
         change of claims (once a transaction). A SQLite supervisor is woken by
@@ -1159,7 +1164,7 @@ class Store:
         version = self._changes(conn)
         if version != self._config_version:
             values, problems, self._paused = dict(CONFIG_DEFAULTS), {}, None
-            for key, value in conn.execute(self._CONFIG):
+            for key, value in self._config_rows(conn):
                 if key in values:
                     problems[key] = config_problem(key, value)
                     if problems[key] is None:
@@ -1170,6 +1175,10 @@ class Store:
             self._config_cache, self._config_version = values, version
             self._config_problems = problems
         return dict(self._config_cache)
+
+    def _config_rows(self, conn):
+        """The (key, value) rows of the config table."""
+        return conn.execute(self._CONFIG)
 
     def config(self):
         return self._read(self._config)
@@ -1853,15 +1862,22 @@ class Store:
         pid, start = holder
         token = new_token()
         attempt = row["attempts"] + 1
-        if conn.execute(self._TAKE, (attempt, token, token, pid, start, host_id(),
-                                     lease, stamp, row["id"],
-                                     row["state"])).rowcount != 1:
+        if not self._take_job(conn, (attempt, token, token, pid, start, host_id(),
+                                     lease, stamp, row["id"], row["state"]),
+                              (row["id"], token, pid, stamp, row["id"])):
             return None
-        conn.execute(self._ADD_RUN, (row["id"], token, pid, stamp, row["id"]))
         return Claim(row["id"], row["command"], row["cwd"], token, attempt,
                      effective(row["max_retries"], config["max_retries"]),
                      effective(row["timeout_s"], config["job_timeout"]),
                      config["output_limit"], config["lease_timeout"])
+
+    def _take_job(self, conn, take, run):
+        """Move a job to processing (_TAKE with TAKE) and add its attempt
+        (_ADD_RUN with RUN); False if the job was not as read."""
+        if conn.execute(self._TAKE, take).rowcount != 1:
+            return False
+        conn.execute(self._ADD_RUN, run)
+        return True
 
     _STARTED = f"UPDATE jobs SET run_pgid = ?, run_pg_start = ? WHERE {_HELD}"
     _RUN_STARTED = ("UPDATE attempts SET started_at = ? WHERE run_token = ? "
@@ -1895,7 +1911,7 @@ class Store:
             # the best guess of when, by this host's monotonic clock.
             before = time.monotonic()
             at = self._now(conn, now)
-            mono = (before + time.monotonic()) / 2
+            mono = self._clock_moment(before)
             if ended is not None:
                 del ended[:]                  # a retried transaction starts afresh
             config = self._config(conn) if finished else None
@@ -1905,9 +1921,9 @@ class Store:
                 if result.started_mono is not None and now is None:
                     start = at - timedelta(seconds=max(0.0, mono - result.started_mono))
                     end = min(start + timedelta(seconds=result.duration_s or 0.0), at)
-                state = self._end_attempt(conn, job_id, token, end or at, result,
-                                          config, start)
-                if state in (COMPLETED, DEAD):
+                state, waited_on = self._end_attempt(conn, job_id, token, end or at,
+                                                     result, config, start)
+                if state in (COMPLETED, DEAD) and waited_on:
                     runnable += self._after_ended(conn, job_id, state, iso(end or at),
                                                   ended)
                 states.append(state)
@@ -1954,7 +1970,10 @@ class Store:
         """End a claimed attempt as failed with REASON (the run's result is lost)."""
         return self.finish(job_id, token, RunResult(exit_code=None, reason=reason), now)
 
-    _HELD_RUN = f"SELECT attempts, max_retries, run_at, run_token FROM jobs WHERE {_HELD}"
+    # waited_on: whether any job runs after it (read here, to save a query a job).
+    _HELD_RUN = (f"SELECT attempts, max_retries, run_at, run_token, EXISTS (SELECT 1 "
+                 f"FROM deps WHERE after_id = jobs.id) AS waited_on FROM jobs "
+                 f"WHERE {_HELD}")
     _KEEP_OUTPUT = ("UPDATE attempts SET exit_code = ?, stdout = ?, stderr = ?, "
                     "stdout_dropped = ?, stderr_dropped = ? WHERE run_token = ? AND "
                     "outcome = 'cancelled'")
@@ -1968,7 +1987,8 @@ class Store:
 
     def _end_attempt(self, conn, job_id, token, ended, result, config, started=None):
         """End the attempt of a claim with RESULT at ENDED (when the run ended);
-        STARTED, if known, is when its command started. Return the job's state."""
+        STARTED, if known, is when its command started. Return the job's state,
+        and whether any job runs after it (None if not known)."""
         row = conn.execute(self._HELD_RUN, (job_id, token)).fetchone()
         if row is None:
             # Fenced: someone else owns this job now, or it was cancelled, and then
@@ -1976,7 +1996,7 @@ class Store:
             kept = conn.execute(self._KEEP_OUTPUT, (
                 result.exit_code, result.stdout, result.stderr, result.stdout_dropped,
                 result.stderr_dropped, token)).rowcount
-            return CANCELLED if kept else None
+            return (CANCELLED if kept else None), None
         state, run_at = after_run(result.ok, row["attempts"], row["max_retries"],
                                   config, ended)
         stamp = iso(ended)
@@ -1994,7 +2014,7 @@ class Store:
             result.exit_code, result.reason, round(duration, 3), result.stdout,
             result.stderr, result.stdout_dropped, result.stderr_dropped,
             row["run_token"]))
-        return state
+        return state, bool(row["waited_on"])
 
     _GIVE_BACK = (f"UPDATE jobs SET state = 'pending', ready = 0, attempts = "
                   f"CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, {_NO_CLAIM}, "
@@ -3191,10 +3211,13 @@ class PostgresStore(Store):
         self.channel = f"{self.schema}_wake"
         self.retry_s = retry_s
         self.conn = None
+        self.prefetched = None           # see _PREFETCH
+        self.made = False                # its tables are known to be there
         self._begin = f"BEGIN; SET LOCAL search_path TO {self.schema}"
         self.version = PG_SCHEMA_VERSION       # so that this read migrates nothing
         try:
             self.version = self._read(self._version)
+            self.made = self.version == PG_SCHEMA_VERSION
             if not check_only:
                 self._prepare(create)
         except BaseException:
@@ -3316,18 +3339,27 @@ class PostgresStore(Store):
         while True:
             committing = False
             migrate = self.version != PG_SCHEMA_VERSION
+            prefetch = self.made and not migrate
+            self.prefetched = None
             try:
                 conn = self._connect()
-                conn.execute(("BEGIN" if migrate else (begin or self._begin)) +
-                             ("" if durable else "; SET LOCAL synchronous_commit = off"))
+                sent = time.monotonic()
+                cursor = conn.execute(
+                    ("BEGIN" if migrate else (begin or self._begin)) +
+                    ("" if durable else "; SET LOCAL synchronous_commit = off") +
+                    ("; " + self._PREFETCH if prefetch else ""))
+                if prefetch:
+                    self.prefetched = self._prefetch(cursor, sent)
                 wrapped = _PgConnection(conn)
                 if migrate:
                     was = self._migrate(wrapped)
                 result = body(wrapped)
                 committing = True
+                self.prefetched = None
                 conn.execute("COMMIT")
                 if migrate:
                     self.version, self.created = PG_SCHEMA_VERSION, was == 0
+                    self.made = True
                 return result
             except (psycopg.errors.SerializationFailure,
                     psycopg.errors.DeadlockDetected):
@@ -3362,7 +3394,34 @@ class PostgresStore(Store):
                 raise
             pause = min(pause * 2, 1.0)
 
+    # Read with BEGIN, in its round trip: what nearly every transaction reads
+    # first (_now, _config), a round trip less each. No transaction writes the
+    # config and then reads it, so its rows as of BEGIN are the rows it reads.
+    _PREFETCH = ("SELECT clock_timestamp(), (SELECT coalesce(json_agg(json_build_array("
+                 "key, value)), '[]'::json) FROM config)")
+
+    @staticmethod
+    def _prefetch(cursor, sent):
+        """(the clock, the config rows, when the clock was read by time.monotonic():
+        between SENT and now) from _PREFETCH's result, the last of those of
+        BEGIN's round trip."""
+        while cursor.description is None and cursor.nextset():
+            pass
+        at, rows = cursor.fetchone()
+        return at, [tuple(row) for row in rows], (sent + time.monotonic()) / 2
+
+    def _clock_moment(self, before):
+        if self.prefetched is not None:         # read with BEGIN: then
+            return self.prefetched[2]
+        return Store._clock_moment(self, before)
+
+    def _config_rows(self, conn):
+        if self.prefetched is not None:
+            return self.prefetched[1]
+        return conn.execute(self._CONFIG)
+
     def _rollback(self):
+        self.prefetched = None
         if self.conn is not None and not self.conn.closed:
             with contextlib.suppress(Exception):
                 self.conn.execute("ROLLBACK")
@@ -3380,8 +3439,12 @@ class PostgresStore(Store):
     def _now(self, conn, now=None):
         if now:
             return now
-        at = conn.execute(Native("SELECT clock_timestamp()")).fetchone()[0]
-        self.clock_read = (at, time.monotonic())
+        if self.prefetched is not None:
+            at, _, mono = self.prefetched
+        else:
+            at = conn.execute(Native("SELECT clock_timestamp()")).fetchone()[0]
+            mono = time.monotonic()
+        self.clock_read = (at, mono)
         return at
 
     def clock_estimate(self):
@@ -3427,6 +3490,16 @@ class PostgresStore(Store):
     # -- the statements PostgreSQL says otherwise ------------------------------------
 
     _COPY_JOBS = Native(f"COPY jobs ({', '.join(Store._INSERT_COLUMNS)}) FROM STDIN")
+
+    def _take_job(self, conn, take, run):
+        """As Store's, in one statement: a round trip less a job claimed."""
+        return conn.execute(self._TAKE_AND_ADD_RUN, take + run[1:4]).rowcount == 1
+
+    _TAKE_AND_ADD_RUN = Native(
+        f"WITH taken AS ({_pg_sql(Store._TAKE)} RETURNING id) INSERT INTO attempts "
+        f"(job_id, number, run_token, worker_pid, started_at, outcome) SELECT "
+        f"taken.id, (SELECT count(*) + 1 FROM attempts WHERE job_id = taken.id), "
+        f"%s, %s, %s, 'running' FROM taken")
 
     _NO_LIMIT = None
     _SET_CONFIG = Native("INSERT INTO config (key, value) VALUES (%s, %s) "

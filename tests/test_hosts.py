@@ -381,14 +381,24 @@ class CrossHostTest(HostsTestCase):
         runs = self.path("runs")
         alpha = self.start_host("alpha", count=1)
         beta = self.start_host("beta", count=1)
-        # Runs long enough to be running still when beta hears the stop.
-        ids = self.batch([recorded(runs, "sleep 4")] * 2)
+        # The runs go on until the gate opens: once beta has taken the stop.
+        gate = self.path("gate")
+        ids = self.batch([recorded(runs, f"while [ ! -e {q(gate)} ]; do sleep 0.05; "
+                                         f"done")] * 2)
         wait_until(lambda: len(runs_of(runs)) == 2, 10, "both runs to start")
-        result = self.run_cli("worker", "stop", "--host", "beta", timeout=30)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("asked the supervisors of beta", result.stderr)
-        self.assertRegex(result.stdout, r"^stopped the workers of beta \(pid \d+\): "
-                                        r"1 running job\(s\) finished\n$")
+        stop = subprocess.Popen([sys.executable, QUEUECTL, "worker", "stop", "--host",
+                                 "beta"], env=self.env, cwd=self.dir, text=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(lambda: stop.poll() is None and (stop.kill(), stop.wait()))
+        wait_until(lambda: (self.host("beta") or {}).get("state") == "stopping", 30,
+                   "beta to take the stop")
+        open(gate, "w").close()
+        out, err = stop.communicate(timeout=30)
+        self.assertEqual(stop.returncode, 0, err)
+        self.assertIn("asked the supervisors of beta", err)
+        self.assertRegex(out, r"^stopped the workers of beta \(pid \d+\): "
+                              r"1 running job\(s\) finished\n$")
         self.assertEqual(beta.wait(timeout=10), 0)
         self.assertIsNone(alpha.poll())
         self.assertIn("asked to stop by worker stop on another host", self.host_log(beta))
