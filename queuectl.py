@@ -2706,7 +2706,11 @@ class SQLiteStore(Store):
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None))
             self.conn.row_factory = sqlite3.Row
             # In WAL, NORMAL may lose the last commits on power loss; FULL does not.
-            self.conn.execute("PRAGMA synchronous=FULL")
+            # Every statement is retried while busy, this first one too: it reads
+            # the schema, which another process may hold a moment longer than the
+            # busy timeout (it did, on a loaded machine, as a supervisor reopened
+            # the file after starting a worker).
+            self._retrying(lambda: self.conn.execute("PRAGMA synchronous=FULL"))
             self._sync = "FULL"
             # Know whose file it is, and migrate it, before switching it to WAL: a
             # refused or failed open must leave the file as it was.
@@ -2850,7 +2854,7 @@ class SQLiteStore(Store):
         """
         sync = "FULL" if durable else "NORMAL"
         if sync != self._sync:
-            self.conn.execute(f"PRAGMA synchronous={sync}")
+            self._retrying(lambda: self.conn.execute(f"PRAGMA synchronous={sync}"))
             self._sync = sync
 
         def transaction():
@@ -5665,8 +5669,14 @@ class Supervisor:
             private += [slot.process.sentinel, *slot.conn.fds()]
         # fork, not spawn: a worker is up in a millisecond, not after a new
         # interpreter has started. It must not carry an open SQLite connection
-        # (SQLite's locks are per process), so the supervisor closes its own.
-        reopen = self.store is not None
+        # (SQLite's locks are per process), so the supervisor closes its own. A
+        # server's connection is a socket: the worker closes its copy, and the
+        # supervisor keeps its own, so that a worker's death while the server is
+        # away does not need the server.
+        reopen = self.store is not None and not self.store.shared
+        if self.store is not None and self.store.shared and self.store.conn is not None:
+            with contextlib.suppress(Exception):
+                private.append(self.store.conn.fileno())
         if reopen:
             self.store.close()
             self.store = None

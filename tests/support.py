@@ -227,6 +227,11 @@ class PgServer:
                                        self.data, *argv], check=True,
                        capture_output=True, timeout=60)
 
+    def start(self):
+        """Start it again after stop()."""
+        self.pg_ctl("start", "-w", "-o", self.options, "-l",
+                    os.path.join(self.top, "log"))
+
     def restart(self):
         """Restart it at once, dropping every connection (as a failover does)."""
         self.pg_ctl("restart", "-m", "immediate", "-w", "-o", self.options, "-l",

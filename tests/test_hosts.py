@@ -549,6 +549,23 @@ class ServerRestartTest(HostsTestCase):
                       self.host_log(alpha) + self.host_log(beta))
 
 
+    def test_a_worker_that_dies_while_the_server_is_down_is_replaced(self):
+        """The server stops; a worker is killed meanwhile: the supervisor starts
+        another without needing the server, goes on, and runs jobs once it is back."""
+        sup = self.start_workers(1)
+        [worker] = self.worker_pids(sup.pid, 1)
+        self.server.stop()
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: set(self.worker_pids(sup.pid, 1) or [worker]) - {worker}, 15,
+                   "a new worker")
+        self.assertIsNone(sup.poll(), self.log_text(sup))
+        self.server.start()
+        job_id = self.enqueue(command="true")
+        self.wait_state(job_id, "completed", 30)
+        self.assertIsNone(sup.poll())
+        self.assertNotIn("Traceback", self.log_text(sup))
+
+
 class ManyHostsLoadTest(HostsTestCase):
     """Four hosts of four workers and 20,000 jobs: each runs exactly once."""
 

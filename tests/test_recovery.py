@@ -113,7 +113,10 @@ class WorkerDeathTest(QueueTestCase):
         """A job running `kill -9 $PPID` with max_retries 1 dies after 2 lost workers."""
         job_id = self.enqueue(command="kill -9 $PPID", max_retries=1)
         sup = self.start_workers(1)
-        job = self.wait_state(job_id, "dead", 20)
+        try:
+            job = self.wait_state(job_id, "dead", 20)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.log_text(sup)}") from None
         self.assertEqual(job["attempts"], 2)
         self.assertEqual(job["last_error"], queuectl.WORKER_LOST)
         self.assertEqual(outcomes(job), [(1, "failed", queuectl.WORKER_LOST),
