@@ -2000,21 +2000,26 @@ class Store:
         state, run_at = after_run(result.ok, row["attempts"], row["max_retries"],
                                   config, ended)
         stamp = iso(ended)
-        conn.execute(self._END_JOB_RUN, (
-            state, iso(run_at) if run_at else row["run_at"], result.reason,
-            stamp, job_id, token))
         started_at = iso(started) if started else None
         duration = result.duration_s
         if duration is None:          # a lost run: it ran from its start until now
             since = started_at or conn.execute(
                 self._RUN_START, (row["run_token"],)).fetchone()[0]
             duration = max(0.0, (ended - parse_iso(since)).total_seconds())
-        conn.execute(self._RUN_ENDED, (
+        self._end_job_run(conn, (
+            state, iso(run_at) if run_at else row["run_at"], result.reason,
+            stamp, job_id, token), (
             COMPLETED if result.ok else FAILED, started_at, stamp,
             result.exit_code, result.reason, round(duration, 3), result.stdout,
             result.stderr, result.stdout_dropped, result.stderr_dropped,
             row["run_token"]))
         return state, bool(row["waited_on"])
+
+    def _end_job_run(self, conn, job, run):
+        """End a held job's claim (_END_JOB_RUN with JOB) and its run's attempt
+        (_RUN_ENDED with RUN)."""
+        conn.execute(self._END_JOB_RUN, job)
+        conn.execute(self._RUN_ENDED, run)
 
     _GIVE_BACK = (f"UPDATE jobs SET state = 'pending', ready = 0, attempts = "
                   f"CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, {_NO_CLAIM}, "
@@ -3498,6 +3503,13 @@ class PostgresStore(Store):
     def _take_job(self, conn, take, run):
         """As Store's, in one statement: a round trip less a job claimed."""
         return conn.execute(self._TAKE_AND_ADD_RUN, take + run[1:4]).rowcount == 1
+
+    def _end_job_run(self, conn, job, run):
+        """As Store's, in one statement: a round trip less a job finished."""
+        conn.execute(self._END_JOB_AND_RUN, job + run)
+
+    _END_JOB_AND_RUN = Native(f"WITH ended AS ({_pg_sql(Store._END_JOB_RUN)}) "
+                              f"{_pg_sql(Store._RUN_ENDED)}")
 
     _TAKE_AND_ADD_RUN = Native(
         f"WITH taken AS ({_pg_sql(Store._TAKE)} RETURNING id) INSERT INTO attempts "

@@ -291,13 +291,17 @@ class StopSignalTest(QueueTestCase):
         # Worker and supervisor share the group, so the signal reaches both.
         self.assertEqual(os.getpgid(proc.pid), proc.pid)
         self.assertEqual(os.getpgid(workers[0]), proc.pid)
-        job_id = self.enqueue(command=f"sleep 2; echo done >> {q(done)}")
-        self.wait_state(job_id, "processing", timeout=10)
+        started = self.path("started")
+        job_id = self.enqueue(command=f"touch {q(started)}; sleep 2; "
+                                      f"echo done >> {q(done)}")
+        # Started, not only claimed: a claim not yet started is given back.
+        wait_until(lambda: os.path.exists(started), 10, "the job to start")
 
         os.killpg(proc.pid, signal.SIGTERM)
         self.assertEqual(proc.wait(timeout=20), 0, self.log_text(proc))
         job = self.job(job_id)
-        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1),
+                         (job["history"], self.log_text(proc)))
         self.assertEqual([h["outcome"] for h in job["history"]], ["completed"])
         self.assertEqual(self.read("f"), "done\n")
         self.assertNotIn("cold stop", self.log_text(proc))
@@ -307,8 +311,10 @@ class StopSignalTest(QueueTestCase):
         """A closed terminal (SIGHUP to the group): the job finishes, no PID file left."""
         done = self.path("f")
         proc = self.start_workers(1)
-        job_id = self.enqueue(command=f"sleep 2; echo done >> {q(done)}")
-        self.wait_state(job_id, "processing", timeout=10)
+        started = self.path("started")
+        job_id = self.enqueue(command=f"touch {q(started)}; sleep 2; "
+                                      f"echo done >> {q(done)}")
+        wait_until(lambda: os.path.exists(started), 10, "the job to start")
         os.killpg(proc.pid, signal.SIGHUP)
         self.assertEqual(proc.wait(timeout=20), 0, self.log_text(proc))
         self.assertEqual((self.state(job_id), self.read("f")), ("completed", "done\n"))
