@@ -2929,6 +2929,7 @@ def pg_url(url):
                          f"_: {schema!r}")
     rest = [(key, value) for key, value in query if key != "schema"]
     conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
+    _check_conninfo(conninfo)
     netloc = parts.netloc
     if parts.password is not None:
         netloc = netloc.replace(":" + parts.password + "@", ":***@", 1)
@@ -2936,6 +2937,23 @@ def pg_url(url):
                              for key, value in query], safe="/*")
     return conninfo, schema, urlunsplit(parts._replace(netloc=netloc,
                                                        query=shown_query))
+
+
+def _check_conninfo(conninfo):
+    """Refuse, as a usage error, a URL that libpq cannot parse (an unknown
+    parameter, a port that is no number): at once, not after retrying it."""
+    try:
+        from psycopg import conninfo as parser
+    except ImportError:
+        return                              # said by _psycopg, when it is needed
+    try:
+        parser.conninfo_to_dict(conninfo)
+    except Exception as e:              # psycopg.ProgrammingError: its words
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+        raise UsageError(f"invalid database URL: {reason}") from None
+    port = parser.conninfo_to_dict(conninfo).get("port")
+    if port is not None and not all(p.isdigit() for p in str(port).split(",")):
+        raise UsageError(f"invalid database URL: port {port!r} is not a number")
 
 
 def pg_local_base(url):
@@ -5889,12 +5907,16 @@ def start_detached(db_path, count, log_path):
     try:
         offset = os.lseek(fd, 0, os.SEEK_END)
         # A new session and no inherited stdout: the caller's shell never waits on us.
+        # A URL goes in the environment, not on the command line, where `ps`
+        # would show a password it holds to every user of the machine.
+        postgres = is_postgres(db_path)
         proc = subprocess.Popen(
             # -I -S: start faster, and import nothing from where it was started;
             # but psycopg lives in site-packages.
-            [sys.executable, *([] if is_postgres(db_path) else ["-I", "-S"]), script,
-             "--db", db_path, "worker", "start",
+            [sys.executable, *([] if postgres else ["-I", "-S"]), script,
+             *([] if postgres else ["--db", db_path]), "worker", "start",
              "--count", str(count)],
+            env=dict(os.environ, **{ENV_DB: db_path}) if postgres else None,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
             start_new_session=True, close_fds=True)
     finally:
@@ -8078,8 +8100,9 @@ class Parser(argparse.ArgumentParser):
         super()._check_value(action, value)
 
 
-DB_HELP = (f"database file (default: ${ENV_DB}, else $XDG_DATA_HOME/queuectl/"
-           f"{DB_FILENAME}, else ~/.local/share/queuectl/{DB_FILENAME})")
+DB_HELP = (f"database: a SQLite file, or a postgresql:// URL (default: ${ENV_DB}, "
+           f"else $XDG_DATA_HOME/queuectl/{DB_FILENAME}, else ~/.local/share/queuectl/"
+           f"{DB_FILENAME})")
 EPILOG = ("exit codes: 0 ok, 1 runtime error (unknown job, wrong state, workers "
           "running, unusable database), 2 usage or validation error; status --check: "
           "3 dead jobs, 4 no workers, 5 a job waited too long; wait and logs "
@@ -8186,6 +8209,10 @@ def database_target(given):
     if is_postgres(given):
         pg_url(given)                         # a bad ?schema= is a usage error
         return given
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", given)
+    if scheme:                    # postgresq://..., postgres+psycopg://...: not a path
+        raise UsageError(f"unknown database URL scheme {scheme.group(1)}://: give a "
+                         f"postgresql:// URL, or a SQLite file's path")
     path = os.path.expanduser(given)
     if not os.path.isabs(path):
         path = os.path.join(current_dir(), path)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import unittest
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -628,6 +629,31 @@ class PostgresUrlTest(QueueTestCase):
         result = self.run_cli("enqueue", "-c", "true", env=dict(
             self.env, QUEUECTL_DB=pg_schema_url(pg_server(), "Upper")))
         self.assertOneErrorLine(2, result.returncode, result.stdout, result.stderr)
+        self.assertEqual(self.tree(), [])
+        self.assertFalse(self.db_exists())
+
+    def test_a_malformed_url_is_a_usage_error_at_once(self):
+        """A misspelt scheme is not taken for a file's path, and a URL libpq
+        cannot parse (an unknown parameter, a port that is no number) is not
+        retried as a server away: exit 2, one line, at once, nothing made."""
+        server = pg_server()
+        cases = [("postgresq://postgres@/postgres", "unknown database URL scheme "
+                  "postgresq://"),
+                 ("postgres+psycopg://postgres@/postgres", "unknown database URL "
+                  "scheme postgres+psycopg://"),
+                 (server + "&bogus=1", 'invalid database URL: invalid URI query '
+                  'parameter: "bogus"'),
+                 (server.replace("port=", "port=x"), "invalid database URL: port "),
+                 ("postgresql://postgres@localhost:abc/postgres",
+                  "invalid database URL: port 'abc' is not a number")]
+        for url, says in cases:
+            with self.subTest(url=url):
+                started = time.monotonic()
+                result = self.run_cli("--db", url, "enqueue", "-c", "true")
+                self.assertOneErrorLine(2, result.returncode, result.stdout,
+                                        result.stderr)
+                self.assertIn(says, result.stderr)
+                self.assertLess(time.monotonic() - started, queuectl.PG_RETRY_S / 2)
         self.assertEqual(self.tree(), [])
         self.assertFalse(self.db_exists())
 

@@ -965,6 +965,24 @@ class PostgresDashboardPasswordTest(DashboardTestCase):
             self.assertNoSecret(text, where)
 
 
+    def test_a_detached_supervisor_keeps_the_password_off_command_lines(self):
+        """worker start --detach passes the URL on in the environment: `ps` shows
+        no password on the command line of its supervisor or workers."""
+        code, out, err = self.cli("worker", "start", "--count", "2", "--detach")
+        self.assertEqual(code, 0, err)
+        self.addCleanup(self.cli, "worker", "stop")
+        supervisor = wait_until(lambda: self.worker_pids(count=2) and
+                                queuectl.PidFile.holder(self.pid_file).pid, 20,
+                                "the supervisor and its workers")
+        pids = [supervisor, *self.worker_pids(count=2)]
+        for pid in pids:
+            self.assertIn("worker start", cmdline(pid))
+            self.assertNoSecret(cmdline(pid), f"the command line of pid {pid}")
+        self.assertNoSecret(out + err, "worker start's output")
+        code, out, err = self.cli("worker", "stop")
+        self.assertEqual(code, 0, err)
+
+
 class DashboardServerTest(DashboardTestCase):
     """The server under odd, slow, vanishing or too many clients; start-up errors and
     stopping."""
