@@ -150,8 +150,11 @@ class WorkerStopTest(QueueTestCase):
         """worker stop returns only after the running job completed."""
         proc = self.start_workers(1)
         done = shlex.quote(self.path("f"))
-        job_id = self.enqueue(command=f"sleep 1.5; echo done >> {done}")
-        self.wait_state(job_id, "processing", timeout=10)
+        started = self.path("started")
+        job_id = self.enqueue(command=f"touch {q(started)}; sleep 1.5; "
+                                      f"echo done >> {done}")
+        # Started, not only claimed: a claim not yet started is given back.
+        wait_until(lambda: os.path.exists(started), 10, "the job to start")
         result = self.run_cli("worker", "stop", timeout=30)
         job = self.job(job_id)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -190,8 +193,9 @@ class WorkerStopTest(QueueTestCase):
         """worker stop's progress note ends its line before the report; a stop
         that had to kill running jobs exits 7."""
         proc = self.start_workers(1)
-        job_id = self.enqueue(command="sleep 30")
-        self.wait_state(job_id, "processing", timeout=10)
+        started = self.path("started")
+        self.enqueue(command=f"touch {q(started)}; sleep 30")
+        wait_until(lambda: os.path.exists(started), 10, "the job to start")
         result = self.run_cli("worker", "stop", "--timeout", "0.5s", timeout=30)
         self.assertEqual(result.returncode, queuectl.EXIT_INTERRUPTED, result.stderr)
         self.assertTrue(result.stderr.endswith("\n"))
@@ -235,7 +239,9 @@ class WorkerStopTest(QueueTestCase):
         """Pending jobs stay queued across worker stop and start, and all complete."""
         out_file = shlex.quote(self.path("out"))
         ids = [f"r{n}" for n in range(10)]
-        commands = {i: f"sleep 0.3; echo {i} >> {out_file}" for i in ids}
+        # Long enough that the stop, a command started on a busy machine, comes
+        # before all ten have run.
+        commands = {i: f"sleep 1; echo {i} >> {out_file}" for i in ids}
         lines = "".join(json.dumps({"id": i, "command": c}) + "\n"
                         for i, c in commands.items())
         self.ok("enqueue", "-", stdin=lines)
@@ -260,8 +266,11 @@ class WorkerStopTest(QueueTestCase):
         """worker stop --timeout 30 after a SIGTERM does not turn the stop cold."""
         done = self.path("f")
         proc = self.start_workers(1)
-        job_id = self.enqueue(command=f"sleep 2; echo done >> {q(done)}")
-        self.wait_state(job_id, "processing", timeout=10)
+        started = self.path("started")
+        job_id = self.enqueue(command=f"touch {q(started)}; sleep 2; "
+                                      f"echo done >> {q(done)}")
+        # Started, not only claimed: a claim not yet started is given back.
+        wait_until(lambda: os.path.exists(started), 10, "the job to start")
 
         os.kill(proc.pid, signal.SIGTERM)
         wait_until(lambda: "running jobs finish first" in self.log_text(proc), 5,
