@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -433,6 +434,15 @@ class QueueTestCase(DatabaseTestCase):
 
     def enqueue(self, **job):
         return self.ok("enqueue", json.dumps(job)).strip()
+
+    def enqueue_started(self, command, **fields):
+        """Enqueue COMMAND and wait until it has started, not only been claimed
+        (a claim not yet started is given back by a stop); its job's id."""
+        started = self.path(f"started-{time.monotonic_ns()}")
+        job_id = self.enqueue(command=f"touch {shlex.quote(started)}; {command}",
+                              **fields)
+        wait_until(lambda: os.path.exists(started), 10, f"job {job_id} to start")
+        return job_id
 
     def job(self, job_id):
         return json.loads(self.ok("show", job_id, "--json"))

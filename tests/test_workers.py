@@ -150,11 +150,7 @@ class WorkerStopTest(QueueTestCase):
         """worker stop returns only after the running job completed."""
         proc = self.start_workers(1)
         done = shlex.quote(self.path("f"))
-        started = self.path("started")
-        job_id = self.enqueue(command=f"touch {q(started)}; sleep 1.5; "
-                                      f"echo done >> {done}")
-        # Started, not only claimed: a claim not yet started is given back.
-        wait_until(lambda: os.path.exists(started), 10, "the job to start")
+        job_id = self.enqueue_started(f"sleep 1.5; echo done >> {done}")
         result = self.run_cli("worker", "stop", timeout=30)
         job = self.job(job_id)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -193,9 +189,7 @@ class WorkerStopTest(QueueTestCase):
         """worker stop's progress note ends its line before the report; a stop
         that had to kill running jobs exits 7."""
         proc = self.start_workers(1)
-        started = self.path("started")
-        self.enqueue(command=f"touch {q(started)}; sleep 30")
-        wait_until(lambda: os.path.exists(started), 10, "the job to start")
+        self.enqueue_started("sleep 30")
         result = self.run_cli("worker", "stop", "--timeout", "0.5s", timeout=30)
         self.assertEqual(result.returncode, queuectl.EXIT_INTERRUPTED, result.stderr)
         self.assertTrue(result.stderr.endswith("\n"))
@@ -266,11 +260,7 @@ class WorkerStopTest(QueueTestCase):
         """worker stop --timeout 30 after a SIGTERM does not turn the stop cold."""
         done = self.path("f")
         proc = self.start_workers(1)
-        started = self.path("started")
-        job_id = self.enqueue(command=f"touch {q(started)}; sleep 2; "
-                                      f"echo done >> {q(done)}")
-        # Started, not only claimed: a claim not yet started is given back.
-        wait_until(lambda: os.path.exists(started), 10, "the job to start")
+        job_id = self.enqueue_started(f"sleep 2; echo done >> {q(done)}")
 
         os.kill(proc.pid, signal.SIGTERM)
         wait_until(lambda: "running jobs finish first" in self.log_text(proc), 5,
@@ -300,11 +290,7 @@ class StopSignalTest(QueueTestCase):
         # Worker and supervisor share the group, so the signal reaches both.
         self.assertEqual(os.getpgid(proc.pid), proc.pid)
         self.assertEqual(os.getpgid(workers[0]), proc.pid)
-        started = self.path("started")
-        job_id = self.enqueue(command=f"touch {q(started)}; sleep 2; "
-                                      f"echo done >> {q(done)}")
-        # Started, not only claimed: a claim not yet started is given back.
-        wait_until(lambda: os.path.exists(started), 10, "the job to start")
+        job_id = self.enqueue_started(f"sleep 2; echo done >> {q(done)}")
 
         os.killpg(proc.pid, signal.SIGTERM)
         self.assertEqual(proc.wait(timeout=20), 0, self.log_text(proc))
@@ -320,10 +306,7 @@ class StopSignalTest(QueueTestCase):
         """A closed terminal (SIGHUP to the group): the job finishes, no PID file left."""
         done = self.path("f")
         proc = self.start_workers(1)
-        started = self.path("started")
-        job_id = self.enqueue(command=f"touch {q(started)}; sleep 2; "
-                                      f"echo done >> {q(done)}")
-        wait_until(lambda: os.path.exists(started), 10, "the job to start")
+        job_id = self.enqueue_started(f"sleep 2; echo done >> {q(done)}")
         os.killpg(proc.pid, signal.SIGHUP)
         self.assertEqual(proc.wait(timeout=20), 0, self.log_text(proc))
         self.assertEqual((self.state(job_id), self.read("f")), ("completed", "done\n"))
