@@ -138,7 +138,10 @@ class WorkerDeathTest(QueueTestCase):
         job_id = self.enqueue(command=f"echo $$ > {q(pidfile)}; exec env -i sleep 60")
         self.wait_state(job_id, "processing", timeout=10)
         pid = int(wait_until(lambda: self.read("pid").strip(), 10, "the job's pid"))
-        wait_until(lambda: "sleep" in cmdline(pid), 10, "the exec into env -i sleep")
+        # Until env has run sleep, the process is env, whose environment is not
+        # cleared yet ("env -i sleep 60" holds "sleep" too).
+        wait_until(lambda: cmdline(pid).split() == ["sleep", "60"], 10,
+                   "the exec into env -i sleep")
         with open(f"/proc/{pid}/environ", "rb") as f:
             self.assertNotIn(b"QUEUECTL_CLAIM", f.read())
         worker = self.worker_pids(proc.pid, 1)[0]
