@@ -80,7 +80,7 @@ class HostsTestCase(QueueTestCase):
                 wait_until(lambda: self.running_on(name, count), 30,
                            f"host {name} to run {count} worker(s)")
             except AssertionError as e:
-                raise AssertionError(f"{e}; its log: {self.host_log(proc)}; status: "
+                raise AssertionError(f"{e}; its log: {self.log_text(proc)}; status: "
                                      f"{self.status()['supervisors']}") from None
         return proc
 
@@ -108,13 +108,8 @@ class HostsTestCase(QueueTestCase):
         return self.ok("enqueue", "-", stdin="".join(
             json.dumps({"command": command}) + "\n" for command in commands)).split()
 
-    def host_log(self, proc):
-        proc.log.flush()
-        proc.log.seek(0)
-        return proc.log.read()
-
     def assertCleanHostLog(self, proc):
-        text = self.host_log(proc)
+        text = self.log_text(proc)         # a host's log: start_host gives it .log
         self.assertNotIn("Traceback", text)
 
 
@@ -268,7 +263,7 @@ class LostHostTest(HostsTestCase):
             self.assertEqual((first[0], second[0]), ("alpha", "beta"))
             self.assertIsNotNone(first[2], "alpha's run was not stopped")
             self.assertLess(first[2], second[1], "the two runs overlapped")
-        wait_until(lambda: "could not be renewed in time" in self.host_log(alpha), 10,
+        wait_until(lambda: "could not be renewed in time" in self.log_text(alpha), 10,
                    "alpha's workers to say why they stopped")
         for job_id in ids:
             history = self.history(job_id)
@@ -401,7 +396,7 @@ class CrossHostTest(HostsTestCase):
                               r"1 running job\(s\) finished\n$")
         self.assertEqual(beta.wait(timeout=10), 0)
         self.assertIsNone(alpha.poll())
-        self.assertIn("asked to stop by worker stop on another host", self.host_log(beta))
+        self.assertIn("asked to stop by worker stop on another host", self.log_text(beta))
         self.assertEqual(self.run_cli("worker", "stop").stdout, "no workers running\n")
         self.assertIsNone(alpha.poll())
         result = self.run_cli("worker", "stop", "--all-hosts", timeout=30)
@@ -546,7 +541,7 @@ class ServerRestartTest(HostsTestCase):
             self.assertIsNone(host.poll())
             self.assertCleanHostLog(host)
         self.assertIn("the database answers again",
-                      self.host_log(alpha) + self.host_log(beta))
+                      self.log_text(alpha) + self.log_text(beta))
 
 
     def test_a_worker_that_dies_while_the_server_is_down_is_replaced(self):
@@ -583,7 +578,7 @@ class ManyHostsLoadTest(HostsTestCase):
                          "attempts WHERE job_id IN (SELECT job_id FROM attempts "
                          "GROUP BY job_id HAVING count(*) > 1) ORDER BY job_id, number")
         logs = "".join(line + "\n" for host in hosts for line in
-                       self.host_log(host).splitlines()
+                       self.log_text(host).splitlines()
                        if "completed in" not in line and " started" not in line)
         self.assertEqual(again, [], "jobs ran more than once; the hosts' logs:\n" + logs)
         ran = lines(done)
@@ -594,7 +589,7 @@ class ManyHostsLoadTest(HostsTestCase):
         for host in hosts:
             self.assertIsNone(host.poll())
             self.assertCleanHostLog(host)
-            self.assertIn("completed in", self.host_log(host), "a host ran nothing")
+            self.assertIn("completed in", self.log_text(host), "a host ran nothing")
         self.assertEqual(self.status()["counts"]["processing"], 0)
 
 
