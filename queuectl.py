@@ -4454,6 +4454,44 @@ class Channel:
         self.read_fd = self.write_fd = None
 
 
+class RunMark:
+    """What a worker is running, in memory it shares with its supervisor: the
+    claim token of the run it is about to start, written before its command
+    starts, then the command's process group and its leader's start ticks.
+
+    So if the worker dies, even the instant its command starts (a command that
+    kills its worker: `kill -9 $PPID`), its supervisor knows which claim may have
+    run and counts it as a run, and finds its command, even if the command
+    cleared its environment. The worker clears it once the run's end is
+    reported, so a mark never names a claim that is not the worker's current one.
+    """
+
+    SIZE = 32                       # token (16 bytes), pgid (8), start ticks (8)
+
+    def __init__(self):
+        import mmap
+        self.memory = mmap.mmap(-1, self.SIZE)    # anonymous, shared with the fork
+
+    def starting(self, token):
+        self.memory[16:] = bytes(16)
+        self.memory[:16] = bytes.fromhex(token)
+
+    def running(self, pgid, ticks):
+        self.memory[16:] = pgid.to_bytes(8, "little") + (ticks or 0).to_bytes(8, "little")
+
+    def clear(self):
+        self.memory[:] = bytes(self.SIZE)
+
+    def read(self, token):
+        """(started, group) for the claim TOKEN: started False if the worker never
+        began it; group (pgid, start ticks), or None if not written yet."""
+        data = bytes(self.memory)
+        if data[:16] != bytes.fromhex(token):
+            return False, None
+        pgid = int.from_bytes(data[16:24], "little")
+        return True, ((pgid, int.from_bytes(data[24:], "little")) if pgid else None)
+
+
 class Worker:
     """A worker process: runs the jobs its supervisor sends, one at a time, and
     reports how each run ended. It does not touch the database while its
@@ -4467,9 +4505,9 @@ class Worker:
     current one has run STARTED_AFTER_S, or a stop comes, it gives it back.
     """
 
-    def __init__(self, conn, index, db_path, local, stop, wake_fd, command_group):
+    def __init__(self, conn, index, db_path, local, stop, wake_fd, mark):
         self.conn = conn
-        self.command_group = command_group    # shared with the supervisor: see Slot
+        self.mark = mark                   # shared with the supervisor: see RunMark
         self.index = index
         self.db_path = db_path
         self.local = local                 # where its runs' output is spooled
@@ -4609,15 +4647,16 @@ class Worker:
             env = dict(self.env, QUEUECTL_JOB_ID=claim.id,
                        QUEUECTL_ATTEMPT=str(claim.attempt), **{CLAIM_ENV: claim.token})
             run = Run(claim, env, self.poller)
+            self.mark.starting(claim.token)
             result = run.start()
             if result is None:
-                self.command_group[:] = _pack_group(run.pid, start_ticks(run.pid))
+                self.mark.running(run.pid, start_ticks(run.pid))
                 result = self.watch(run)
-                self.command_group[:] = _pack_group(0, 0)
         if self.send(Done(claim.id, claim.token, result)):
             self.unconfirmed[claim.token] = (claim, result)
         else:
             self.write_own(claim, result)
+        self.mark.clear()
 
     def watch(self, run):
         """Wait for RUN to end, minding its timeout, stops, aborts and lease."""
@@ -4720,11 +4759,7 @@ def _name_process(name):
             f.write(name[:15])
 
 
-def _pack_group(pgid, ticks):
-    return pgid.to_bytes(8, "little") + (ticks or 0).to_bytes(8, "little")
-
-
-def run_worker(conn, index, db_path, local, private_fds, command_group):
+def run_worker(conn, index, db_path, local, private_fds, mark):
     """Entry point of a worker process, forked by its supervisor."""
     # First drop what the fork copied from the supervisor: its signal wake-up
     # pipe, its PID file (whose lock must die with the supervisor, not with its
@@ -4747,7 +4782,7 @@ def run_worker(conn, index, db_path, local, private_fds, command_group):
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     _name_process(f"queuectl-w{index}")
-    worker = Worker(conn, index, db_path, local, stop, wake_r, command_group)
+    worker = Worker(conn, index, db_path, local, stop, wake_r, mark)
     try:
         worker.loop()
     except QueueError as e:        # an orphan could not reach the database
@@ -4972,15 +5007,11 @@ def wake_supervisor(local):
 class Slot:
     """The supervisor's view of one worker process."""
 
-    def __init__(self, index, process, conn, command_group):
+    def __init__(self, index, process, conn, mark):
         self.index = index
         self.process = process
         self.conn = conn
-        # Memory shared with the worker, where it writes the process group and
-        # start time of the command it runs, the moment it starts it: so that if
-        # the worker dies, its command is found even before a record of it is
-        # written, and even if the command cleared its environment.
-        self.command_group = command_group
+        self.mark = mark          # what the worker runs (see RunMark)
         self.pid = process.pid
         self.start = start_ticks(process.pid)
         self.name = f"worker {index} (pid {self.pid})"
@@ -4999,25 +5030,17 @@ class Slot:
             return 0
         return max(0, (2 if self.quick else 1) - len(self.claims))
 
-    def running_group(self):
-        """(pgid, start ticks) of the command the worker runs, or None: from the
-        memory they share or, if the worker stopped before writing it there
-        (frozen the moment it started the command), from its child."""
-        data = bytes(self.command_group)
-        pgid = int.from_bytes(data[:8], "little")
-        if pgid:
-            return pgid, int.from_bytes(data[8:], "little")
-        children = _children(self.pid)
-        return children[0] if children else None
-
     def run_facts(self, claim):
-        """What is known of the run of one of its claims: only the first can have
-        started, and only if its command has a process group (the worker starts
-        its next job only after reporting the first)."""
-        if not self.claims or self.claims[0] is not claim:
-            return {"started": False}
-        group = self.running_group()
-        return {"started": group is not None, "group": group}
+        """What is known of the run of one of its claims: whether the worker may
+        have started it (it marks a run before starting its command), and its
+        command's (pgid, start ticks) if known: from the mark or, if the worker
+        stopped before writing it there (frozen the moment it started the
+        command), from its child."""
+        started, group = self.mark.read(claim.token)
+        if started and group is None:
+            children = _children(self.pid)
+            group = children[0] if children else None
+        return {"started": started, "group": group}
 
     def holding(self, job_id, token):
         """The position of that claim among the ones it holds, or None."""
@@ -5384,7 +5407,7 @@ class Supervisor:
         taken them (then nothing is written). A worker does the same for itself
         when its supervisor says nothing (Leased)."""
         for slot in self.slots.values():
-            for position, claim in enumerate(slot.claims):
+            for claim in slot.claims:
                 until = self.leases.get(claim.token)
                 if until is None or claim.token in self.fenced or \
                         now < until - fence_margin(claim.lease_s):
@@ -5393,7 +5416,7 @@ class Supervisor:
                 log(f"supervisor: job {claim.id}: its lease could not be renewed in "
                     f"time; stopping its run, so that it never runs twice at once")
                 slot.send(Abort(claim.id, claim.token, ABORT_FENCED))
-                group = slot.running_group() if position == 0 else None
+                group = slot.run_facts(claim)["group"]
                 self.fence_kills.append(RunKill(claim.token, *(group or (None, None))))
         self.fence_kills = [kill for kill in self.fence_kills if not kill.poll()]
 
@@ -5684,12 +5707,11 @@ class Supervisor:
     # -- workers: start, exit, stop ------------------------------------------------------
 
     def start_worker(self, index):
-        import mmap
         import multiprocessing
         import selectors
         context = multiprocessing.get_context("fork")
         ours, theirs = Channel.pair()
-        command_group = mmap.mmap(-1, 16)   # anonymous and shared with the fork
+        mark = RunMark()
         private = [self.pidfile.fd, *self.wake_fds, *ours.fds()]
         with contextlib.suppress(AttributeError):
             private.append(self.selector.fileno())
@@ -5713,13 +5735,13 @@ class Supervisor:
         try:
             process = context.Process(target=run_worker, name=f"queuectl-worker-{index}",
                                       args=(theirs, index, self.db_path, self.local,
-                                            private, command_group))
+                                            private, mark))
             process.start()
         finally:
             theirs.close()
             if reopen:
                 self.store = open_store(self.db_path, patient=False)
-        slot = Slot(index, process, ours.nonblocking(), command_group)
+        slot = Slot(index, process, ours.nonblocking(), mark)
         self.slots[index] = slot
         self.selector.register(ours, selectors.EVENT_READ,
                                lambda _: self.on_message(slot))

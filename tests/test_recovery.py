@@ -151,6 +151,43 @@ class WorkerDeathTest(QueueTestCase):
         wait_until(lambda: not pid_alive(pid), 10, "the env-cleared command to die")
 
 
+class RunMarkTest(unittest.TestCase):
+    """A worker marks the claim it is about to run before its command starts, so a
+    worker killed by its command (`kill -9 $PPID`) before it could say more still
+    has that claim counted as a run, not given back to run again and again."""
+
+    def slot(self, mark, pid):
+        process = collections.namedtuple("Process", "pid")(pid)
+        return queuectl.Slot(1, process, None, mark)
+
+    def claim(self):
+        return collections.namedtuple("Claim", "id token")("j", queuectl.new_token())
+
+    def test_a_claim_marked_by_a_worker_that_died_counts_as_started(self):
+        mark = queuectl.RunMark()
+        claim, other = self.claim(), self.claim()
+        pid = os.fork()
+        if pid == 0:                       # the worker: marks, then dies at once
+            mark.starting(claim.token)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        slot = self.slot(mark, pid)
+        self.assertEqual(slot.run_facts(claim), {"started": True, "group": None})
+        # The other claim it held (sent ahead) never started.
+        self.assertEqual(slot.run_facts(other), {"started": False, "group": None})
+
+    def test_a_mark_holds_the_group_once_written_and_nothing_once_cleared(self):
+        mark = queuectl.RunMark()
+        claim = self.claim()
+        slot = self.slot(mark, os.getpid())
+        self.assertFalse(slot.run_facts(claim)["started"])
+        mark.starting(claim.token)
+        mark.running(4242, 17)
+        self.assertEqual(slot.run_facts(claim), {"started": True, "group": (4242, 17)})
+        mark.clear()
+        self.assertEqual(slot.run_facts(claim), {"started": False, "group": None})
+
+
 class SupervisorDeathTest(QueueTestCase):
     """The supervisor killed: its workers finish and write what they ran; a new
     supervisor runs the rest."""
