@@ -1001,6 +1001,9 @@ Supervised = collections.namedtuple("Supervised", "pid workers state start",
 # A job claimed for a worker, with the settings in force when it was claimed.
 Claim = collections.namedtuple(
     "Claim", "id command cwd token attempt max_retries timeout_s output_limit lease_s")
+# The end of a run, to write: its claim, when it ended (AT) and started (STARTED,
+# if known), and its RunResult.
+RunEnd = collections.namedtuple("RunEnd", "job_id token at result started")
 # What a supervisor of a shared store learns once a tick (Store.tick): the stop
 # asked of it (0, WARM, COLD), the (job id, token) of claims its workers hold
 # that are no longer theirs (cancelled), the expired claims of every host (as
@@ -1915,17 +1918,18 @@ class Store:
             if ended is not None:
                 del ended[:]                  # a retried transaction starts afresh
             config = self._config(conn) if finished else None
-            states, runnable = [], 0
+            states, runnable, ends = [], 0, []
             for job_id, token, result in finished:
                 start = end = None
                 if result.started_mono is not None and now is None:
                     start = at - timedelta(seconds=max(0.0, mono - result.started_mono))
                     end = min(start + timedelta(seconds=result.duration_s or 0.0), at)
-                state, waited_on = self._end_attempt(conn, job_id, token, end or at,
-                                                     result, config, start)
+                ends.append(RunEnd(job_id, token, end or at, result, start))
+            for end, (state, waited_on) in zip(ends, self._end_attempts(conn, ends,
+                                                                        config)):
                 if state in (COMPLETED, DEAD) and waited_on:
-                    runnable += self._after_ended(conn, job_id, state, iso(end or at),
-                                                  ended)
+                    runnable += self._after_ended(conn, end.job_id, state,
+                                                  iso(end.at), ended)
                 states.append(state)
             lost = []
             for job_id, token, pgid, pg_start, started_mono in started:
@@ -1984,6 +1988,12 @@ class Store:
                   "started_at), finished_at = ?, exit_code = ?, reason = ?, "
                   "duration_s = ?, stdout = ?, stderr = ?, stdout_dropped = ?, "
                   "stderr_dropped = ? WHERE run_token = ?")
+
+    def _end_attempts(self, conn, ends, config):
+        """End the attempts of ENDS (RunEnd); return (state, waited_on) of each,
+        as _end_attempt does."""
+        return [self._end_attempt(conn, end.job_id, end.token, end.at, end.result,
+                                  config, end.started) for end in ends]
 
     def _end_attempt(self, conn, job_id, token, ended, result, config, started=None):
         """End the attempt of a claim with RESULT at ENDED (when the run ended);
@@ -3176,13 +3186,14 @@ PG_MIGRATIONS = (
         f"""CREATE FUNCTION count_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
             DECLARE my_slot integer := pg_backend_pid() % {PG_COUNT_SLOTS};
             BEGIN
-                IF TG_OP IN ('UPDATE', 'DELETE') THEN
+                IF TG_OP = 'UPDATE' THEN          -- one statement: half the cost
+                    INSERT INTO counts VALUES (OLD.state, my_slot, -1),
+                                              (NEW.state, my_slot, 1)
+                    ON CONFLICT (state, slot) DO UPDATE
+                    SET jobs = counts.jobs + EXCLUDED.jobs;
+                ELSE
                     INSERT INTO counts VALUES (OLD.state, my_slot, -1)
                     ON CONFLICT (state, slot) DO UPDATE SET jobs = counts.jobs - 1;
-                END IF;
-                IF TG_OP = 'UPDATE' THEN
-                    INSERT INTO counts VALUES (NEW.state, my_slot, 1)
-                    ON CONFLICT (state, slot) DO UPDATE SET jobs = counts.jobs + 1;
                 END IF;
                 RETURN NULL;
             END $$""",
@@ -3518,9 +3529,157 @@ class PostgresStore(Store):
 
     _COPY_JOBS = Native(f"COPY jobs ({', '.join(Store._INSERT_COLUMNS)}) FROM STDIN")
 
+    def claim(self, holders, now=None, ended=None):
+        """As Store's, in four round trips however many jobs it takes: BEGIN's,
+        _PROMOTE_DUE, _CLAIM_BATCH (one statement that locks the best runnable
+        jobs, moves them to processing and adds their attempts) and COMMIT. A job
+        found with no retry left (max_retries was lowered while it waited) ends
+        dead as in Store's, and the rest are taken by another round."""
+        def body(conn):
+            at = self._now(conn, now)
+            stamp = iso(at)
+            config = self._config(conn)
+            if ended is not None:
+                del ended[:]                  # a retried transaction starts afresh
+            if self._paused:
+                return [], None
+            conn.execute(self._PROMOTE_DUE, (stamp,))
+            lease = iso(at + timedelta(seconds=config["lease_timeout"]))
+            claims = []
+            while len(claims) < len(holders):
+                wanted = holders[len(claims):]
+                rows = conn.execute(self._CLAIM_BATCH, {
+                    "n": len(wanted), "max_retries": config["max_retries"],
+                    "tokens": [new_token() for _ in wanted],
+                    "pids": [pid for pid, _ in wanted],
+                    "starts": [start for _, start in wanted],
+                    "host": host_id(), "lease": lease, "stamp": stamp}).fetchall()
+                taken = sorted((row for row in rows if row["n"] is not None),
+                               key=operator.itemgetter("n"))
+                claims += [Claim(row["id"], row["command"], row["cwd"], row["token"],
+                                 row["attempts"],
+                                 effective(row["max_retries"], config["max_retries"]),
+                                 effective(row["timeout_s"], config["job_timeout"]),
+                                 config["output_limit"], config["lease_timeout"])
+                           for row in taken]
+                spent = [row["id"] for row in rows if row["n"] is None]
+                for job_id in spent:
+                    conn.execute(self._NO_RETRY_LEFT, (stamp, job_id))
+                    if ended is not None:
+                        ended.append((job_id, f"no retry left (max_retries is now "
+                                              f"{config['max_retries']})"))
+                    self._after_ended(conn, job_id, DEAD, stamp, ended)
+                if not spent:
+                    break
+            next_due = None
+            if len(claims) < len(holders):
+                next_due = conn.execute(self._NEXT_DUE).fetchone()[0]
+            return claims, next_due
+        return self._write(body, durable=False)
+
+    # The best runnable jobs, locked (skipping those another supervisor locks),
+    # taken for the holders in turn, their attempts added: one statement. A job
+    # with no retry left is returned with n NULL, untouched.
+    _CLAIM_BATCH = Native(f"""
+        WITH picked AS MATERIALIZED (
+            SELECT id, state, attempts, max_retries, priority, run_at, created_at,
+                   rowid FROM jobs WHERE {Store._RUNNABLE}
+            ORDER BY priority DESC, run_at, created_at, rowid
+            LIMIT %(n)s FOR UPDATE SKIP LOCKED),
+        spent AS (
+            SELECT id FROM picked WHERE state = 'failed'
+            AND attempts > coalesce(max_retries, %(max_retries)s)),
+        ranked AS (
+            SELECT id, row_number() OVER (ORDER BY priority DESC, run_at, created_at,
+                                          rowid) AS n
+            FROM picked WHERE id NOT IN (SELECT id FROM spent)),
+        holders AS (
+            SELECT * FROM unnest(%(tokens)s::text[], %(pids)s::bigint[],
+                                 %(starts)s::bigint[]) WITH ORDINALITY
+                          AS h(token, pid, start_ticks, n)),
+        taken AS (
+            UPDATE jobs SET state = 'processing', ready = 0,
+                attempts = jobs.attempts + 1, claim_token = holders.token,
+                run_token = holders.token, worker_pid = holders.pid,
+                worker_start = holders.start_ticks, claim_host = %(host)s,
+                run_pgid = NULL, run_pg_start = NULL, lease_until = %(lease)s,
+                updated_at = %(stamp)s
+            FROM ranked JOIN holders USING (n) WHERE jobs.id = ranked.id
+            RETURNING holders.n, jobs.id, jobs.command, jobs.cwd,
+                      holders.token, jobs.attempts, jobs.max_retries, jobs.timeout_s,
+                      holders.pid),
+        runs AS (
+            INSERT INTO attempts (job_id, number, run_token, worker_pid, started_at,
+                                  outcome)
+            SELECT id, (SELECT count(*) + 1 FROM attempts WHERE job_id = taken.id),
+                   token, pid, %(stamp)s, 'running' FROM taken)
+        SELECT n, id, command, cwd, token, attempts, max_retries, timeout_s
+        FROM taken
+        UNION ALL
+        SELECT NULL, id, NULL, NULL, NULL, NULL, NULL, NULL FROM spent""")
+
     def _take_job(self, conn, take, run):
         """As Store's, in one statement: a round trip less a job claimed."""
         return conn.execute(self._TAKE_AND_ADD_RUN, take + run[1:4]).rowcount == 1
+
+    def _end_attempts(self, conn, ends, config):
+        """As Store's; but the runs that completed, the common case, are ended
+        together in one statement that reads and writes: _END_COMPLETED."""
+        quick = [end for end in ends if end.result.ok and
+                 end.result.duration_s is not None]
+        done = {}
+        if quick:
+            results = [end.result for end in quick]
+            done = {(row[0], row[1]): bool(row[2]) for row in conn.execute(
+                self._END_COMPLETED, {
+                    "ids": [end.job_id for end in quick],
+                    "tokens": [end.token for end in quick],
+                    "stamps": [iso(end.at) for end in quick],
+                    "starts": [iso(end.started) if end.started else None
+                               for end in quick],
+                    "codes": [r.exit_code for r in results],
+                    "durations": [round(r.duration_s, 3) for r in results],
+                    "outs": [r.stdout for r in results],
+                    "errs": [r.stderr for r in results],
+                    "outs_dropped": [r.stdout_dropped for r in results],
+                    "errs_dropped": [r.stderr_dropped for r in results]})}
+        return [(COMPLETED, done[end.job_id, end.token])
+                if (end.job_id, end.token) in done else
+                self._end_attempt(conn, end.job_id, end.token, end.at, end.result,
+                                  config, end.started) for end in ends]
+
+    # Store._end_attempt of runs that completed, all at once. The jobs' rows are
+    # locked as they are read (and skipped if their claim moved meanwhile), as by
+    # _HELD_RUN here.
+    _END_COMPLETED = Native(f"""
+        WITH ends AS (
+            SELECT * FROM unnest(%(ids)s::text[], %(tokens)s::text[],
+                %(stamps)s::text[], %(starts)s::text[], %(codes)s::integer[],
+                %(durations)s::double precision[], %(outs)s::text[], %(errs)s::text[],
+                %(outs_dropped)s::bigint[], %(errs_dropped)s::bigint[])
+            AS e(id, token, stamp, started, exit_code, duration, stdout, stderr,
+                 stdout_dropped, stderr_dropped)),
+        held AS (
+            SELECT ends.*, jobs.run_token,
+                   EXISTS (SELECT 1 FROM deps WHERE after_id = jobs.id) AS waited_on
+            FROM jobs JOIN ends ON jobs.id = ends.id AND jobs.claim_token = ends.token
+            WHERE jobs.state = 'processing' FOR UPDATE OF jobs),
+        ended AS (
+            UPDATE jobs SET state = 'completed', ready = 0, last_error = NULL,
+                {Store._NO_CLAIM}, updated_at = held.stamp
+            FROM held WHERE jobs.id = held.id),
+        run AS (
+            UPDATE attempts SET outcome = 'completed',
+                started_at = coalesce(held.started, attempts.started_at),
+                finished_at = held.stamp, exit_code = held.exit_code, reason = NULL,
+                duration_s = held.duration, stdout = held.stdout,
+                stderr = held.stderr, stdout_dropped = held.stdout_dropped,
+                stderr_dropped = held.stderr_dropped
+            FROM held WHERE attempts.run_token = held.run_token)
+        SELECT id, token, waited_on FROM held""")
+    # Locked as read: a claim taken over meanwhile by another host is not ended
+    # by a run that no longer holds it.
+    _HELD_RUN = Native(_pg_sql(Store._HELD_RUN) + " FOR UPDATE")
 
     def _end_job_run(self, conn, job, run):
         """As Store's, in one statement: a round trip less a job finished."""

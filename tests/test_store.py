@@ -40,6 +40,24 @@ class ClaimTest(StoreTestCase):
         self.assertEqual(order, ["E", "A", "B", "C", "D", "F"])
         self.assertIsNone(claim_one(self.store, 200, now=T0))
 
+    def test_one_claim_takes_a_job_for_each_holder_in_turn(self):
+        """A claim for three holders takes the three best jobs, the best for the
+        first holder, each with its own token and attempt; a fourth waits."""
+        for job_id, priority in (("low", 0), ("top", 9), ("mid", 5), ("last", -1)):
+            self.add(id=job_id, priority=priority)
+        claims, _ = self.store.claim([(11, 1), (12, 2), (13, 3)], now=T0)
+        self.assertEqual([c.id for c in claims], ["top", "mid", "low"])
+        self.assertEqual(len({c.token for c in claims}), 3)
+        rows = self.raw("SELECT id, worker_pid, worker_start, claim_token FROM jobs "
+                        "WHERE state = 'processing' ORDER BY worker_pid")
+        self.assertEqual([tuple(r) for r in rows],
+                         [(c.id, 11 + i, 1 + i, c.token) for i, c in enumerate(claims)])
+        for claim in claims:
+            _, attempts = self.store.get_job(claim.id)
+            self.assertEqual([(a["number"], a["outcome"]) for a in attempts],
+                             [(1, queuectl.RUN_GOING)])
+        self.assertEqual(self.get("last")["state"], queuectl.PENDING)
+
     def test_future_run_at_not_claimed(self):
         """A job whose run_at is in the future waits until then."""
         job_id = self.add(delay=60)
@@ -236,6 +254,22 @@ class RetryTest(StoreTestCase):
         job, attempts = self.store.get_job(job_id)
         self.assertEqual((job["state"], job["attempts"], len(attempts)),
                          (queuectl.DEAD, 1, 1))
+
+    def test_a_claim_ends_jobs_with_no_retry_left_and_takes_the_next(self):
+        """Failed jobs ahead in line whose retries a lowered max_retries used up go
+        dead, and the same claim takes the job behind them."""
+        for job_id in ("a", "b"):
+            self.add(id=job_id, priority=5)
+            claim = claim_one(self.store, 1, now=T0)
+            self.store.finish(job_id, claim.token, failed(), now=at(1))
+        self.add(id="c")
+        self.store.set_config("max_retries", 0)
+        ended = []
+        claims, _ = self.store.claim([(1, None), (2, None)], now=at(100), ended=ended)
+        self.assertEqual([c.id for c in claims], ["c"])
+        self.assertEqual(sorted(job_id for job_id, _ in ended), ["a", "b"])
+        self.assertEqual([self.get(j)["state"] for j in "abc"],
+                         [queuectl.DEAD, queuectl.DEAD, queuectl.PROCESSING])
 
     def test_requeue_makes_the_job_runnable_from_now(self):
         """A cold-stopped job's run_at is the requeue time, so it has not 'waited'."""
