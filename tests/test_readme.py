@@ -165,3 +165,28 @@ class ReadmeTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PackagingTest(unittest.TestCase):
+    """pyproject.toml is what `pip install .` reads: a key in the wrong table
+    fails the install outright."""
+
+    def setUp(self):
+        try:
+            import tomllib
+        except ImportError:
+            self.skipTest("tomllib is in Python 3.11 and later")
+        with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+            self.project = tomllib.load(f)["project"]
+
+    def test_each_key_is_in_its_table(self):
+        self.assertIn("Environment :: Console", self.project["classifiers"])
+        self.assertEqual(self.project["scripts"], {"queuectl": "queuectl:main"})
+        self.assertEqual(self.project["dependencies"], [])
+        requirement = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[\w,]+\])?"
+                                 r"\s*([<>=!~]=?\s*[\w.*]+\s*,?\s*)*")
+        for extra, requirements in self.project["optional-dependencies"].items():
+            for text in requirements:
+                self.assertRegex(text, requirement.pattern + "$", extra)
+        self.assertEqual(self.project["optional-dependencies"]["postgres"],
+                         ["psycopg[binary]>=3.1"])
