@@ -1079,7 +1079,10 @@ class Store:
     path = None              # where its database is (what messages name)
     local = None             # where this host's files of it start (local_base)
     created = False          # whether opening it created a new database
-    shared = False           # whether supervisors on many hosts share it
+    # Whether supervisors on many hosts share it. Then its server can crash while
+    # a host's runs go on, so what a host is told (a claim, a lease renewed) is
+    # committed durably: were it lost, the job could run twice at once.
+    shared = False
 
     def __init__(self):
         self._config_cache = self._config_version = self._paused = None
@@ -1818,9 +1821,9 @@ class Store:
 
         One EXCLUSIVE transaction selects the jobs and moves each to processing
         with a fresh claim token, so no two holders can ever hold the same job.
-        It acknowledges nothing, so it is not synced: a power cut that loses it
-        leaves the jobs as they were, waiting, and their runs (if any started) are
-        at-least-once runs like any other.
+        It acknowledges nothing, so on SQLite it is not synced: a power cut that
+        loses it leaves the jobs as they were, waiting, and their runs (if any
+        started) died in it too. On a shared store it is (see Store.shared).
         """
         def body(conn):
             at = self._now(conn, now)    # read the clock once the lock is ours
@@ -1857,7 +1860,7 @@ class Store:
             if len(claims) < len(holders):
                 next_due = conn.execute(self._NEXT_DUE).fetchone()[0]
             return claims, next_due
-        return self._write(body, "EXCLUSIVE", durable=False)
+        return self._write(body, "EXCLUSIVE", durable=self.shared)
 
     def _take(self, conn, row, holder, config, stamp, lease):
         """Move one runnable job ROW to processing for HOLDER; its Claim, or None
@@ -1906,8 +1909,9 @@ class Store:
         ran after died.
 
         Durable before it returns if anything finished: a recorded result
-        survives a power cut. Starts and renewals alone are not synced; losing
-        one only delays the recovery of a run that is lost anyway.
+        survives a power cut. On SQLite, starts and renewals alone are not
+        synced; losing one only delays the recovery of a run that the same power
+        cut ended. On a shared store they are (see Store.shared).
         """
         def body(conn):
             # The clock is read between these two moments: the middle of them is
@@ -1946,7 +1950,7 @@ class Store:
             for job_id, token in unstarted:
                 self._give_back(conn, job_id, token, at)
             return states, lost, runnable
-        return self._write(body, durable=bool(finished or unstarted))
+        return self._write(body, durable=bool(finished or unstarted) or self.shared)
 
     _SHARE_OUTPUT = ("UPDATE attempts SET stdout = ?, stdout_dropped = ?, stderr = ?, "
                      "stderr_dropped = ? WHERE run_token = ? AND outcome = 'running'")
@@ -3575,7 +3579,7 @@ class PostgresStore(Store):
             if len(claims) < len(holders):
                 next_due = conn.execute(self._NEXT_DUE).fetchone()[0]
             return claims, next_due
-        return self._write(body, durable=False)
+        return self._write(body)
 
     # The best runnable jobs, locked (skipping those another supervisor locks),
     # taken for the holders in turn, their attempts added: one statement. A job

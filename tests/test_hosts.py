@@ -531,18 +531,51 @@ class ServerRestartTest(HostsTestCase):
             self.server.restart()
         self.ok("wait", "--timeout", "60s", *ids)
         done = runs_of(runs)
-        for job_id in ids:
-            ended = [run for run in done[job_id] if run[2] is not None]
-            self.assertEqual(len(ended), 1, (job_id, done[job_id]))
-            spans = sorted((run[1], run[2] or run[1]) for run in done[job_id])
-            for (_, end), (start, _) in zip(spans, spans[1:]):
-                self.assertLessEqual(end, start, f"{job_id} ran twice at once")
+        try:
+            for job_id in ids:
+                ended = [run for run in done[job_id] if run[2] is not None]
+                self.assertEqual(len(ended), 1, (job_id, done[job_id]))
+                spans = sorted((run[1], run[2] or run[1]) for run in done[job_id])
+                for (_, end), (start, _) in zip(spans, spans[1:]):
+                    self.assertLessEqual(end, start, f"{job_id} ran twice at once: "
+                                                     f"{done[job_id]}")
+        except AssertionError as e:
+            # What each host did, and the job's history, say how it came about.
+            history = self.sql("SELECT job_id, number, outcome, reason, worker_pid, "
+                               "started_at, finished_at FROM attempts WHERE job_id = ?",
+                               (job_id,))
+            raise AssertionError(f"{e}\nattempts: {history}\n" + "".join(
+                f"--- {host.name}:\n{self.log_text(host)}" for host in (alpha, beta))
+            ) from None
         for host in (alpha, beta):
             self.assertIsNone(host.poll())
             self.assertCleanHostLog(host)
         self.assertIn("the database answers again",
                       self.log_text(alpha) + self.log_text(beta))
 
+
+    def test_what_a_host_was_told_survives_a_crash_of_the_server(self):
+        """A claim and a lease renewal, once acknowledged, survive the server's
+        crash: the host's run goes on, so losing either would let the job run
+        twice at once (a claim lost: taken again; a renewal lost: taken over
+        before its time)."""
+        for _ in range(3):
+            job_id = self.enqueue(command="true")
+            store = self.store()
+            claims, _ = store.claim([(4242, None)])
+            [claim] = claims
+            self.server.restart()                  # at once: a crash
+            store = self.store()
+            job = self.job(job_id)
+            self.assertEqual((job["state"], job["attempts"], len(job["history"])),
+                             ("processing", 1, 1), job)
+            self.assertTrue(store.renew(job_id, claim.token, 3600))
+            lease = self.sql("SELECT lease_until FROM jobs WHERE id = ?", (job_id,))
+            self.server.restart()
+            self.assertEqual(self.sql("SELECT lease_until FROM jobs WHERE id = ?",
+                                      (job_id,)), lease)
+            self.store().finish(job_id, claim.token, queuectl.RunResult(
+                exit_code=0, duration_s=0.1))
 
     def test_a_worker_that_dies_while_the_server_is_down_is_replaced(self):
         """The server stops; a worker is killed meanwhile: the supervisor starts
