@@ -3534,11 +3534,12 @@ class PostgresStore(Store):
     _COPY_JOBS = Native(f"COPY jobs ({', '.join(Store._INSERT_COLUMNS)}) FROM STDIN")
 
     def claim(self, holders, now=None, ended=None):
-        """As Store's, in four round trips however many jobs it takes: BEGIN's,
-        _PROMOTE_DUE, _CLAIM_BATCH (one statement that locks the best runnable
-        jobs, moves them to processing and adds their attempts) and COMMIT. A job
-        found with no retry left (max_retries was lowered while it waited) ends
-        dead as in Store's, and the rest are taken by another round."""
+        """As Store's, in three round trips however many jobs it takes: BEGIN's,
+        one for _PROMOTE_DUE and _CLAIM_BATCH (one statement that locks the best
+        runnable jobs, moves them to processing and adds their attempts), sent
+        together in a pipeline, and COMMIT. A job found with no retry left
+        (max_retries was lowered while it waited) ends dead as in Store's, and
+        the rest are taken by another round."""
         def body(conn):
             at = self._now(conn, now)
             stamp = iso(at)
@@ -3547,17 +3548,21 @@ class PostgresStore(Store):
                 del ended[:]                  # a retried transaction starts afresh
             if self._paused:
                 return [], None
-            conn.execute(self._PROMOTE_DUE, (stamp,))
             lease = iso(at + timedelta(seconds=config["lease_timeout"]))
-            claims = []
+            claims, promote = [], True
             while len(claims) < len(holders):
                 wanted = holders[len(claims):]
-                rows = conn.execute(self._CLAIM_BATCH, {
-                    "n": len(wanted), "max_retries": config["max_retries"],
-                    "tokens": [new_token() for _ in wanted],
-                    "pids": [pid for pid, _ in wanted],
-                    "starts": [start for _, start in wanted],
-                    "host": host_id(), "lease": lease, "stamp": stamp}).fetchall()
+                with self._pipeline():        # both statements in one round trip
+                    if promote:
+                        conn.execute(self._PROMOTE_DUE, (stamp,))
+                        promote = False
+                    taking = conn.execute(self._CLAIM_BATCH, {
+                        "n": len(wanted), "max_retries": config["max_retries"],
+                        "tokens": [new_token() for _ in wanted],
+                        "pids": [pid for pid, _ in wanted],
+                        "starts": [start for _, start in wanted],
+                        "host": host_id(), "lease": lease, "stamp": stamp})
+                rows = taking.fetchall()
                 taken = sorted((row for row in rows if row["n"] is not None),
                                key=operator.itemgetter("n"))
                 claims += [Claim(row["id"], row["command"], row["cwd"], row["token"],
@@ -3625,6 +3630,14 @@ class PostgresStore(Store):
     def _take_job(self, conn, take, run):
         """As Store's, in one statement: a round trip less a job claimed."""
         return conn.execute(self._TAKE_AND_ADD_RUN, take + run[1:4]).rowcount == 1
+
+    def _pipeline(self):
+        """A block whose statements go to the server together, their results read
+        after it (psycopg's pipeline mode); an ordinary block where libpq is
+        older than 14 and has none."""
+        if self.psycopg.Pipeline.is_supported():
+            return self.conn.pipeline()
+        return contextlib.nullcontext()
 
     def _end_attempts(self, conn, ends, config):
         """As Store's; but the runs that completed, the common case, are ended
