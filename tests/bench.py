@@ -337,7 +337,10 @@ class Bench:
         script = os.path.join(venv, "bin", "queuectl")
         if not os.path.exists(script):
             source = os.path.dirname(self.queuectl)
-            subprocess.run([PY, "-m", "venv", venv], check=True, timeout=300)
+            # On PostgreSQL the venv sees this interpreter's packages, psycopg
+            # among them (as `pip install "queuectl[postgres]"` would give it).
+            shared = ["--system-site-packages"] if self.postgres else []
+            subprocess.run([PY, "-m", "venv", *shared, venv], check=True, timeout=300)
             result = subprocess.run([os.path.join(venv, "bin", "pip"), "install",
                                      "--quiet", "--no-deps", source],
                                     capture_output=True, text=True, timeout=600,
