@@ -1247,6 +1247,7 @@ class Store:
     _KEY_HOLDER = (f"SELECT id FROM jobs INDEXED BY jobs_unique "
                    f"WHERE unique_key = ? AND {_UNFINISHED}")
     _STATE_OF = "SELECT state FROM jobs WHERE id = ?"
+    _DEPENDENCY_STATE = _STATE_OF          # of a job that a new one runs after
 
     def enqueue(self, jobs, cwd, now=None, validated_at=None):
         """Insert validated jobs (validate_job's) in one transaction. Return (ids,
@@ -1354,7 +1355,8 @@ class Store:
                         skipped[job["id"]] = (named or f"job {holder}", key)
                     row["id"] = holder
                     continue
-            found = {dep: states.get(dep) or self._state_of(conn, dep)
+            found = {dep: states.get(dep) or self._state_of(conn, dep,
+                                                            self._DEPENDENCY_STATE)
                      for dep in job["after"]}
             unknown = [dep for dep, state in found.items() if state is None]
             if unknown:
@@ -1379,8 +1381,8 @@ class Store:
         row = conn.execute(self._KEY_HOLDER, (key,)).fetchone()
         return row[0] if row else None
 
-    def _state_of(self, conn, job_id):
-        row = conn.execute(self._STATE_OF, (job_id,)).fetchone()
+    def _state_of(self, conn, job_id, statement=None):
+        row = conn.execute(statement or self._STATE_OF, (job_id,)).fetchone()
         return row[0] if row else None
 
     # -- jobs: reading ---------------------------------------------------------------
@@ -2997,6 +2999,11 @@ def _psycopg():
     except ImportError:
         raise UsageError(f"a postgresql:// database needs psycopg 3: "
                          f"{PG_INSTALL}") from None
+    # psycopg logs a warning of its own when a pipeline is left after an error
+    # (one that _run handles): it must not reach a supervisor's log as noise.
+    import logging
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
+    logging.getLogger("psycopg").propagate = False
     return psycopg
 
 
@@ -3294,6 +3301,17 @@ class PostgresStore(Store):
             raise QueueError(f"cannot connect to {self.path}: "
                              f"{_pg_reason(e)}") from None
         conn.row_factory = _pg_rows
+        try:
+            # What must be durable must not be made otherwise by a server, database
+            # or role whose default is synchronous_commit off (see Store.shared);
+            # a stronger one (remote_apply) is kept.
+            if conn.execute("SHOW synchronous_commit").fetchone()[0] == "off":
+                conn.execute("SET synchronous_commit = on")
+        except self.psycopg.Error as e:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise QueueError(f"cannot connect to {self.path}: "
+                             f"{_pg_reason(e)}") from None
         self.conn = conn
         return conn
 
@@ -3373,8 +3391,8 @@ class PostgresStore(Store):
         """Run body(conn) in one transaction. A lost connection is made again and
         the transaction run again, for up to retry_s, unless it was lost while
         committing: then whether the change was made is unknown, and it says so.
-        A commit that acknowledges nothing is not waited for on disk
-        (synchronous_commit off), as SQLite's claims are not synced."""
+        A commit that durable=False says nothing relies on (a tick, shared output)
+        is not waited for on disk (synchronous_commit off)."""
         psycopg = self.psycopg
         deadline = time.monotonic() + self.retry_s
         pause = 0.05
@@ -3534,12 +3552,12 @@ class PostgresStore(Store):
     _COPY_JOBS = Native(f"COPY jobs ({', '.join(Store._INSERT_COLUMNS)}) FROM STDIN")
 
     def claim(self, holders, now=None, ended=None):
-        """As Store's, in three round trips however many jobs it takes: BEGIN's,
-        one for _PROMOTE_DUE and _CLAIM_BATCH (one statement that locks the best
-        runnable jobs, moves them to processing and adds their attempts), sent
-        together in a pipeline, and COMMIT. A job found with no retry left
-        (max_retries was lowered while it waited) ends dead as in Store's, and
-        the rest are taken by another round."""
+        """As Store's, in three round trips however many jobs it takes: BEGIN's;
+        one for _PROMOTE_DUE, _CLAIM_BATCH (one statement that locks the best
+        runnable jobs, moves them to processing and adds their attempts) and
+        _NEXT_DUE, sent together in a pipeline; and COMMIT. A job found with no
+        retry left (max_retries was lowered while it waited) ends dead as in
+        Store's, and the rest are taken by another round."""
         def body(conn):
             at = self._now(conn, now)
             stamp = iso(at)
@@ -3562,6 +3580,7 @@ class PostgresStore(Store):
                         "pids": [pid for pid, _ in wanted],
                         "starts": [start for _, start in wanted],
                         "host": host_id(), "lease": lease, "stamp": stamp})
+                    due = conn.execute(self._NEXT_DUE)
                 rows = taking.fetchall()
                 taken = sorted((row for row in rows if row["n"] is not None),
                                key=operator.itemgetter("n"))
@@ -3582,7 +3601,7 @@ class PostgresStore(Store):
                     break
             next_due = None
             if len(claims) < len(holders):
-                next_due = conn.execute(self._NEXT_DUE).fetchone()[0]
+                next_due = due.fetchone()[0]
             return claims, next_due
         return self._write(body)
 
@@ -3627,27 +3646,28 @@ class PostgresStore(Store):
         UNION ALL
         SELECT NULL, id, NULL, NULL, NULL, NULL, NULL, NULL FROM spent""")
 
-    def _take_job(self, conn, take, run):
-        """As Store's, in one statement: a round trip less a job claimed."""
-        return conn.execute(self._TAKE_AND_ADD_RUN, take + run[1:4]).rowcount == 1
-
     def _pipeline(self):
         """A block whose statements go to the server together, their results read
         after it (psycopg's pipeline mode); an ordinary block where libpq is
         older than 14 and has none."""
-        if self.psycopg.Pipeline.is_supported():
+        pipeline = getattr(self.psycopg, "Pipeline", None)     # psycopg 3.1 on
+        if pipeline is not None and pipeline.is_supported():
             return self.conn.pipeline()
         return contextlib.nullcontext()
 
     def _end_attempts(self, conn, ends, config):
         """As Store's; but the runs that completed, the common case, are ended
-        together in one statement that reads and writes: _END_COMPLETED."""
+        together in one statement that reads and writes: _END_COMPLETED. Whether
+        jobs run after those that ended is read after they are locked, in a
+        statement of its own: a job enqueued after one of them meanwhile (which
+        waits for that lock, _DEPENDENCY_STATE) has committed by then, and is
+        seen."""
         quick = [end for end in ends if end.result.ok and
                  end.result.duration_s is not None]
         done = {}
         if quick:
             results = [end.result for end in quick]
-            done = {(row[0], row[1]): bool(row[2]) for row in conn.execute(
+            done = {tuple(row) for row in conn.execute(
                 self._END_COMPLETED, {
                     "ids": [end.job_id for end in quick],
                     "tokens": [end.token for end in quick],
@@ -3660,10 +3680,16 @@ class PostgresStore(Store):
                     "errs": [r.stderr for r in results],
                     "outs_dropped": [r.stdout_dropped for r in results],
                     "errs_dropped": [r.stderr_dropped for r in results]})}
-        return [(COMPLETED, done[end.job_id, end.token])
-                if (end.job_id, end.token) in done else
-                self._end_attempt(conn, end.job_id, end.token, end.at, end.result,
-                                  config, end.started) for end in ends]
+        states = [COMPLETED if (end.job_id, end.token) in done else
+                  self._end_attempt(conn, end.job_id, end.token, end.at, end.result,
+                                    config, end.started)[0] for end in ends]
+        over = [end.job_id for end, state in zip(ends, states)
+                if state in (COMPLETED, DEAD)]
+        waited_on = {row[0] for row in conn.execute(self._WAITED_ON, (over,))} \
+            if over else set()
+        return [(state, end.job_id in waited_on) for end, state in zip(ends, states)]
+
+    _WAITED_ON = Native("SELECT DISTINCT after_id FROM deps WHERE after_id = ANY(%s)")
 
     # Store._end_attempt of runs that completed, all at once. The jobs' rows are
     # locked as they are read (and skipped if their claim moved meanwhile), as by
@@ -3677,8 +3703,7 @@ class PostgresStore(Store):
             AS e(id, token, stamp, started, exit_code, duration, stdout, stderr,
                  stdout_dropped, stderr_dropped)),
         held AS (
-            SELECT ends.*, jobs.run_token,
-                   EXISTS (SELECT 1 FROM deps WHERE after_id = jobs.id) AS waited_on
+            SELECT ends.*, jobs.run_token
             FROM jobs JOIN ends ON jobs.id = ends.id AND jobs.claim_token = ends.token
             WHERE jobs.state = 'processing' FOR UPDATE OF jobs),
         ended AS (
@@ -3693,7 +3718,7 @@ class PostgresStore(Store):
                 stderr = held.stderr, stdout_dropped = held.stdout_dropped,
                 stderr_dropped = held.stderr_dropped
             FROM held WHERE attempts.run_token = held.run_token)
-        SELECT id, token, waited_on FROM held""")
+        SELECT id, token FROM held""")
     # Locked as read: a claim taken over meanwhile by another host is not ended
     # by a run that no longer holds it.
     _HELD_RUN = Native(_pg_sql(Store._HELD_RUN) + " FOR UPDATE")
@@ -3704,12 +3729,6 @@ class PostgresStore(Store):
 
     _END_JOB_AND_RUN = Native(f"WITH ended AS ({_pg_sql(Store._END_JOB_RUN)}) "
                               f"{_pg_sql(Store._RUN_ENDED)}")
-
-    _TAKE_AND_ADD_RUN = Native(
-        f"WITH taken AS ({_pg_sql(Store._TAKE)} RETURNING id) INSERT INTO attempts "
-        f"(job_id, number, run_token, worker_pid, started_at, outcome) SELECT "
-        f"taken.id, (SELECT count(*) + 1 FROM attempts WHERE job_id = taken.id), "
-        f"%s, %s, %s, 'running' FROM taken")
 
     _NO_LIMIT = None
     _SET_CONFIG = Native("INSERT INTO config (key, value) VALUES (%s, %s) "
@@ -3737,9 +3756,9 @@ class PostgresStore(Store):
     _PROMOTE_DUE = (f"UPDATE jobs SET ready = 1 WHERE id IN (SELECT id FROM jobs "
                     f"WHERE {Store._SCHEDULED} AND run_at <= ? FOR UPDATE SKIP "
                     f"LOCKED)")
-    _NEXT_RUNNABLE = (f"SELECT * FROM jobs WHERE {Store._RUNNABLE} "
-                      f"ORDER BY priority DESC, run_at, created_at, rowid LIMIT ? "
-                      f"FOR UPDATE SKIP LOCKED")
+    # Locked as read: a job that a new job runs after, and that a run is ending
+    # meanwhile, is read once that end is committed (see _end_attempts).
+    _DEPENDENCY_STATE = Native(_pg_sql(Store._DEPENDENCY_STATE) + " FOR SHARE")
 
 
 class _PgListener:
@@ -4639,7 +4658,8 @@ class RunMark:
     kills its worker: `kill -9 $PPID`), its supervisor knows which claim may have
     run and counts it as a run, and finds its command, even if the command
     cleared its environment. The worker clears it once the run's end is
-    reported, so a mark never names a claim that is not the worker's current one.
+    reported; the supervisor reads a dead worker's last reports before its mark,
+    so a mark left between the two names a claim already ended.
     """
 
     SIZE = 32                       # token (16 bytes), pgid (8), start ticks (8)
@@ -5213,8 +5233,8 @@ class Slot:
         stopped before writing it there (frozen the moment it started the
         command), from its child."""
         started, group = self.mark.read(claim.token)
-        if started and group is None:
-            children = _children(self.pid)
+        if started and group is None and start_ticks(self.pid) == self.start:
+            children = _children(self.pid)      # of this worker, not of a reused pid
             group = children[0] if children else None
         return {"started": started, "group": group}
 

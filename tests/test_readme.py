@@ -163,9 +163,6 @@ class ReadmeTest(unittest.TestCase):
                          "dlq-retry-resets-attempts-to-0")
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class PackagingTest(unittest.TestCase):
     """pyproject.toml is what `pip install .` reads: a key in the wrong table
@@ -190,3 +187,7 @@ class PackagingTest(unittest.TestCase):
                 self.assertRegex(text, requirement.pattern + "$", extra)
         self.assertEqual(self.project["optional-dependencies"]["postgres"],
                          ["psycopg[binary]>=3.1"])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -11,8 +11,8 @@ import unittest
 from datetime import timedelta
 from unittest import mock
 
-from tests.support import (add_postgres_variants, T0, StoreTestCase, claim_one, pg_sql,
-                           queuectl)
+from tests.support import (add_postgres_variants, T0, StoreTestCase, claim_one,
+                           pg_connect, pg_sql, queuectl, wait_until)
 
 OK = queuectl.RunResult(exit_code=0, duration_s=0.5)
 
@@ -572,6 +572,65 @@ class PostgresSchemaTest(StoreTestCase):
                                        "relation config", "function count_jobs"}, made)
         self.assertEqual(self.catalog("public"), public)
         self.assertEqual(self.catalog(queuectl.PG_DEFAULT_SCHEMA), default)
+
+    def sql_rows(self, query):
+        return [tuple(row) for row in pg_sql(self.db, query)]
+
+    def blocked_behind(self, conn, action):
+        """Run ACTION in a thread; return the thread once ACTION waits on a lock
+        that CONN (a psycopg connection in a transaction) holds."""
+        thread = threading.Thread(target=action)
+        thread.start()
+        holder = conn.info.backend_pid
+
+        def waiting():
+            rows = pg_sql(self.db, "SELECT count(*) FROM pg_stat_activity WHERE "
+                          "? = ANY(pg_blocking_pids(pid))", (holder,))
+            return rows[0][0] > 0
+        wait_until(waiting, 10, "the other transaction to wait for the lock")
+        return thread
+
+    def test_a_job_enqueued_after_one_that_is_completing_is_not_left_waiting(self):
+        """`enqueue --after X` while a run of X is being ended: the enqueue waits
+        for that end, sees X completed, and its job is runnable at once."""
+        first = self.add(id="x")
+        claim = claim_one(self.store, 1, now=T0)
+        ending = pg_connect(self.db)
+        self.addCleanup(ending.close)
+        ending.autocommit = False
+        # A run's end, as _END_COMPLETED writes it, not committed yet.
+        ending.execute("UPDATE jobs SET state = 'completed', claim_token = NULL "
+                       "WHERE id = %s AND claim_token = %s", (first, claim.token))
+        other = self.open()
+        job = queuectl.validate_job({"command": "true", "id": "y", "after": ["x"]}, T0)
+        thread = self.blocked_behind(ending, lambda: other.enqueue([job], self.dir, T0))
+        ending.commit()
+        thread.join(timeout=30)
+        self.assertEqual(self.sql_rows("SELECT state, ready FROM jobs WHERE id = 'y'"),
+                         [("pending", 1)])
+
+    def test_a_run_that_ends_while_a_job_is_enqueued_after_it_releases_that_job(self):
+        """A run of X ends while `enqueue --after X` is committing: the end waits
+        for it, then finds the new job and makes it runnable."""
+        first = self.add(id="x")
+        claim = claim_one(self.store, 1, now=T0)
+        enqueuing = pg_connect(self.db)
+        self.addCleanup(enqueuing.close)
+        enqueuing.autocommit = False
+        # What enqueue writes for a job after x, x locked as it read it.
+        enqueuing.execute("SELECT state FROM jobs WHERE id = 'x' FOR SHARE")
+        enqueuing.execute(
+            "INSERT INTO jobs (id, command, cwd, state, ready, run_at, created_at, "
+            "updated_at) VALUES ('y', 'true', '/', 'pending', -1, %s, %s, %s)",
+            (queuectl.iso(T0),) * 3)
+        enqueuing.execute("INSERT INTO deps (job_id, after_id) VALUES ('y', 'x')")
+        thread = self.blocked_behind(enqueuing, lambda: self.store.finish(
+            first, claim.token, OK, now=at(1)))
+        enqueuing.commit()
+        thread.join(timeout=30)
+        self.assertEqual(self.sql_rows("SELECT state FROM jobs WHERE id = 'x'"),
+                         [("completed",)])
+        self.assertEqual(claim_one(self.store, 2, now=at(2)).id, "y")
 
     def test_concurrent_claims_never_share_a_job(self):
         """Stores claiming at once, on connections of their own, take every job
