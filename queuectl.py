@@ -2917,7 +2917,8 @@ class SQLiteStore(Store):
 
 PG_SCHEMES = ("postgresql://", "postgres://")
 PG_DEFAULT_SCHEMA = "queuectl"
-PG_INSTALL = 'pip install "queuectl[postgres]" (or pip install "psycopg[binary]")'
+PG_INSTALL = ('pip install "psycopg[binary]" (from a clone of queuectl: pip install '
+              '".[postgres]")')
 PG_CONNECT_TIMEOUT_S = 10
 PG_IMPATIENT_CONNECT_S = 2  # a supervisor's loop waits at most this for a connection
 PG_TCP_TIMEOUT_MS = 10000  # unacknowledged data this long: the connection is lost
@@ -2938,11 +2939,13 @@ def pg_url(url):
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    schema = next((value for key, value in query if key == "schema"),
-                  PG_DEFAULT_SCHEMA)
-    if not PG_SCHEMA_NAME.fullmatch(schema):
+    schemas = [value for key, value in query if key == "schema"]
+    if len(schemas) > 1:
+        raise UsageError(f"the URL names a schema {len(schemas)} times: give one")
+    schema = schemas[0] if schemas else PG_DEFAULT_SCHEMA
+    if not PG_SCHEMA_NAME.fullmatch(schema) or schema.startswith("pg_"):
         raise UsageError(f"schema must be a lower-case name of letters, digits and "
-                         f"_: {schema!r}")
+                         f"_, not starting with pg_ (PostgreSQL's own): {schema!r}")
     rest = [(key, value) for key, value in query if key != "schema"]
     conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
     _check_conninfo(conninfo)
@@ -2953,6 +2956,20 @@ def pg_url(url):
                              for key, value in query], safe="/*")
     return conninfo, schema, urlunsplit(parts._replace(netloc=netloc,
                                                        query=shown_query))
+
+
+def without_password(url):
+    """A postgresql:// URL with no password in it: what a job's environment gets
+    as $QUEUECTL_DB, so that a command that prints its environment shows none
+    (one that enqueues finds it where libpq looks: ~/.pgpass, $PGPASSWORD)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(":" + parts.password + "@", "@", 1)
+    query = urlencode([(key, value) for key, value in parse_qsl(
+        parts.query, keep_blank_values=True) if key != "password"], safe="/")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _check_conninfo(conninfo):
@@ -4721,6 +4738,8 @@ class Worker:
         # host's (time.monotonic()), as its supervisor said (Leased).
         self.leased = {}
         self.env = dict(os.environ)
+        if is_postgres(self.env.get(ENV_DB)):
+            self.env[ENV_DB] = without_password(self.env[ENV_DB])
         self.poller = select.poll()
         self.poller.register(conn.fileno(), select.POLLIN)
         self.poller.register(wake_fd, select.POLLIN)
@@ -8427,6 +8446,9 @@ def database_target(given):
     if is_postgres(given):
         pg_url(given)                         # a bad ?schema= is a usage error
         return given
+    if re.match(r"postgres(ql)?:", given):          # postgres:/db, postgresql:db
+        raise UsageError("a PostgreSQL URL starts postgresql:// or postgres:// "
+                         "(two slashes); this one does not")
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", given)
     if scheme:                    # postgresq://..., postgres+psycopg://...: not a path
         raise UsageError(f"unknown database URL scheme {scheme.group(1)}://: give a "

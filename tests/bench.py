@@ -338,7 +338,7 @@ class Bench:
         if not os.path.exists(script):
             source = os.path.dirname(self.queuectl)
             # On PostgreSQL the venv sees this interpreter's packages, psycopg
-            # among them (as `pip install "queuectl[postgres]"` would give it).
+            # among them (as `pip install ".[postgres]"` would give it).
             shared = ["--system-site-packages"] if self.postgres else []
             subprocess.run([PY, "-m", "venv", *shared, venv], check=True, timeout=300)
             result = subprocess.run([os.path.join(venv, "bin", "pip"), "install",

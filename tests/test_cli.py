@@ -625,7 +625,8 @@ class PostgresUrlTest(QueueTestCase):
                     code, out, err = self.main_raw("--db", url, *argv)
                     self.assertOneErrorLine(2, code, out, err)
                     self.assertIn(f"schema must be a lower-case name of letters, "
-                                  f"digits and _: {schema!r}", err)
+                                  f"digits and _, not starting with pg_ "
+                                  f"(PostgreSQL's own): {schema!r}", err)
         result = self.run_cli("enqueue", "-c", "true", env=dict(
             self.env, QUEUECTL_DB=pg_schema_url(pg_server(), "Upper")))
         self.assertOneErrorLine(2, result.returncode, result.stdout, result.stderr)
@@ -645,7 +646,12 @@ class PostgresUrlTest(QueueTestCase):
                   'parameter: "bogus"'),
                  (server.replace("port=", "port=x"), "invalid database URL: port "),
                  ("postgresql://postgres@localhost:abc/postgres",
-                  "invalid database URL: port 'abc' is not a number")]
+                  "invalid database URL: port 'abc' is not a number"),
+                 ("postgres:/postgres@/postgres", "starts postgresql:// or "
+                  "postgres:// (two slashes)"),
+                 (pg_schema_url(server, "pg_queue"), "not starting with pg_"),
+                 (pg_schema_url(pg_schema_url(server, "a"), "b"),
+                  "names a schema 2 times")]
         for url, says in cases:
             with self.subTest(url=url):
                 started = time.monotonic()
@@ -709,6 +715,20 @@ class PostgresUrlTest(QueueTestCase):
         self.assertEqual(json.loads(result.stdout)["db"], queuectl.pg_url(by_query)[2])
         self.assertFalse([path for path in self.tree() if self.SECRET in path])
 
+
+    def test_a_jobs_environment_has_the_url_without_its_password(self):
+        """A job sees $QUEUECTL_DB (to enqueue more), but not the URL's password:
+        a command that prints its environment shows none to logs or dashboard."""
+        if "password" in dict(parse_qsl(urlsplit(self.db).query)):
+            self.skipTest("the test server's URL has a password of its own")
+        by_query = self.db + "&password=" + self.SECRET
+        self.env = dict(self.env, QUEUECTL_DB=by_query)
+        job_id = self.enqueue(command='echo "$QUEUECTL_DB"')
+        self.start_workers(1)
+        self.wait_state(job_id, "completed", 20)
+        shown = self.ok("logs", job_id).strip()
+        self.assertNotIn(self.SECRET, shown)
+        self.assertEqual(queuectl.pg_url(shown)[1], queuectl.pg_url(self.db)[1])
 
 add_postgres_variants(globals())
 
