@@ -5273,10 +5273,11 @@ class Slot:
             return False
 
 
+WRITE_TROUBLE = "write what workers reported; will retry"
 # What a supervisor may fail to do when a shared store's server is away.
 DATABASE_TROUBLES = ("reach the database; jobs go on running, and what they report is "
                      "kept until it is back", "claim jobs", "check the jobs workers hold",
-                     "write what workers reported; will retry",
+                     WRITE_TROUBLE,
                      "recover expired claims or purge", "store the output of running jobs")
 
 
@@ -5783,14 +5784,21 @@ class Supervisor:
         """Hand jobs to idle workers, then write what workers reported.
 
         Claims come first: they need no fsync, so a worker that just finished
-        gets its next job at once. Reports are written in batches, at most
+        gets its next job at once (but after a job given back, see below). Reports are written in batches, at most
         RECORD_EVERY_S after the first of them, so one fsync covers many
         results; a worker never waits for that. The log says it the other way
         round, as a reader expects.
         """
         if self.check:
             self.check_claims()
-        lines = self.dispatch()
+        lines = []
+        if self.unstarted and WRITE_TROUBLE not in self.complaints:
+            # A job given back unstarted (sent ahead behind one that ran long) is
+            # written back before the next claim, so that it goes first again,
+            # not after the jobs queued behind it. (While writes fail, they are
+            # retried at their own pace.)
+            lines = self.write_reports()
+        lines += self.dispatch()
         if self.record_at is not None and (time.monotonic() >= self.record_at
                                            or self.stop.level):
             lines = self.write_reports() + lines
@@ -5873,9 +5881,9 @@ class Supervisor:
                         lines.append(result_line(slot.name, claim, result, None))
         except QueueError as e:
             self.record_at = time.monotonic() + IDLE_RECHECK_S / 4
-            self.complain("write what workers reported; will retry", e)
+            self.complain(WRITE_TROUBLE, e)
             return []
-        self.complaints.pop("write what workers reported; will retry", None)
+        self.complaints.pop(WRITE_TROUBLE, None)
         lost_tokens = {token for _, token in lost}
         for slot in self.slots.values():
             for claim in slot.claims:
