@@ -372,8 +372,9 @@ class Bench:
                 f.write(FLOOR_SCRIPT)
             forms.append(("one `queuectl enqueue JSON` process, installed by pip",
                           [installed], [python, "-c", "pass"]))
+        if installed and not self.postgres:
             # What no queue can do without: start, import what queuectl needs of
-            # the standard library, and make one synced insert.
+            # the standard library, and make one synced insert (into SQLite).
             forms.append(("floor: the imports queuectl needs and one synced insert",
                           [python, floor], [python, "-c", "pass"]))
 
