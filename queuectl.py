@@ -1828,14 +1828,10 @@ class Store:
         started) died in it too. On a shared store it is (see Store.shared).
         """
         def body(conn):
-            at = self._now(conn, now)    # read the clock once the lock is ours
-            stamp = iso(at)
-            config = self._config(conn)
-            if ended is not None:
-                del ended[:]                  # a retried transaction starts afresh
-            if self._paused:
+            terms = self._claim_terms(conn, now, ended)
+            if terms is None:
                 return [], None
-            lease = iso(at + timedelta(seconds=config["lease_timeout"]))
+            stamp, config, lease = terms
             conn.execute(self._PROMOTE_DUE, (stamp,))
             claims = []
             while len(claims) < len(holders):
@@ -1846,12 +1842,7 @@ class Store:
                 for row in rows:
                     if row["state"] == FAILED and no_retry_left(
                             row["attempts"], row["max_retries"], config):
-                        # max_retries was lowered while it waited: no retry left.
-                        conn.execute(self._NO_RETRY_LEFT, (stamp, row["id"]))
-                        if ended is not None:
-                            ended.append((row["id"], f"no retry left (max_retries is "
-                                                     f"now {config['max_retries']})"))
-                        self._after_ended(conn, row["id"], DEAD, stamp, ended)
+                        self._end_spent(conn, row["id"], stamp, config, ended)
                         continue
                     claim = self._take(conn, row, holders[len(claims)], config,
                                        stamp, lease)
@@ -1864,6 +1855,34 @@ class Store:
             return claims, next_due
         return self._write(body, "EXCLUSIVE", durable=self.shared)
 
+    def _claim_terms(self, conn, now, ended):
+        """What a claim reads first, once the lock is its own: (the time stamp,
+        the config, the lease's end), or None while the queue is paused."""
+        at = self._now(conn, now)
+        config = self._config(conn)
+        if ended is not None:
+            del ended[:]                  # a retried transaction starts afresh
+        if self._paused:
+            return None
+        return iso(at), config, iso(at + timedelta(seconds=config["lease_timeout"]))
+
+    def _end_spent(self, conn, job_id, stamp, config, ended):
+        """A job a claim found with no retry left (max_retries was lowered while
+        it waited) ends dead, and what runs after it with it."""
+        conn.execute(self._NO_RETRY_LEFT, (stamp, job_id))
+        if ended is not None:
+            ended.append((job_id, f"no retry left (max_retries is now "
+                                  f"{config['max_retries']})"))
+        self._after_ended(conn, job_id, DEAD, stamp, ended)
+
+    @staticmethod
+    def _claim_of(row, token, attempt, config):
+        """The Claim of a job ROW taken with TOKEN for its run number ATTEMPT."""
+        return Claim(row["id"], row["command"], row["cwd"], token, attempt,
+                     effective(row["max_retries"], config["max_retries"]),
+                     effective(row["timeout_s"], config["job_timeout"]),
+                     config["output_limit"], config["lease_timeout"])
+
     def _take(self, conn, row, holder, config, stamp, lease):
         """Move one runnable job ROW to processing for HOLDER; its Claim, or None
         if it was not as read."""
@@ -1874,10 +1893,7 @@ class Store:
                                      lease, stamp, row["id"], row["state"]),
                               (row["id"], token, pid, stamp, row["id"])):
             return None
-        return Claim(row["id"], row["command"], row["cwd"], token, attempt,
-                     effective(row["max_retries"], config["max_retries"]),
-                     effective(row["timeout_s"], config["job_timeout"]),
-                     config["output_limit"], config["lease_timeout"])
+        return self._claim_of(row, token, attempt, config)
 
     def _take_job(self, conn, take, run):
         """Move a job to processing (_TAKE with TAKE) and add its attempt
@@ -3576,14 +3592,10 @@ class PostgresStore(Store):
         retry left (max_retries was lowered while it waited) ends dead as in
         Store's, and the rest are taken by another round."""
         def body(conn):
-            at = self._now(conn, now)
-            stamp = iso(at)
-            config = self._config(conn)
-            if ended is not None:
-                del ended[:]                  # a retried transaction starts afresh
-            if self._paused:
+            terms = self._claim_terms(conn, now, ended)
+            if terms is None:
                 return [], None
-            lease = iso(at + timedelta(seconds=config["lease_timeout"]))
+            stamp, config, lease = terms
             claims, promote = [], True
             while len(claims) < len(holders):
                 wanted = holders[len(claims):]
@@ -3601,19 +3613,11 @@ class PostgresStore(Store):
                 rows = taking.fetchall()
                 taken = sorted((row for row in rows if row["n"] is not None),
                                key=operator.itemgetter("n"))
-                claims += [Claim(row["id"], row["command"], row["cwd"], row["token"],
-                                 row["attempts"],
-                                 effective(row["max_retries"], config["max_retries"]),
-                                 effective(row["timeout_s"], config["job_timeout"]),
-                                 config["output_limit"], config["lease_timeout"])
+                claims += [self._claim_of(row, row["token"], row["attempts"], config)
                            for row in taken]
                 spent = [row["id"] for row in rows if row["n"] is None]
                 for job_id in spent:
-                    conn.execute(self._NO_RETRY_LEFT, (stamp, job_id))
-                    if ended is not None:
-                        ended.append((job_id, f"no retry left (max_retries is now "
-                                              f"{config['max_retries']})"))
-                    self._after_ended(conn, job_id, DEAD, stamp, ended)
+                    self._end_spent(conn, job_id, stamp, config, ended)
                 if not spent:
                     break
             next_due = None
