@@ -3599,7 +3599,7 @@ class PostgresStore(Store):
             claims, promote = [], True
             while len(claims) < len(holders):
                 wanted = holders[len(claims):]
-                with self._pipeline():        # both statements in one round trip
+                with self._pipeline():        # one round trip for the three
                     if promote:
                         conn.execute(self._PROMOTE_DUE, (stamp,))
                         promote = False
